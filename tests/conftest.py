@@ -1,0 +1,60 @@
+"""Shared fixtures. Heavy ones (Ray, engines, models) are session-scoped so the suite starts each once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mapoco.cli import CONF_DIR
+from mapoco.config import RunConfig, from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+def compose_config(*overrides: str) -> RunConfig:
+    """The RunConfig `mapoco` would build from these command-line overrides."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=["output_dir=unused", *overrides])
+    return from_dict(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    from mapoco.models import build_tiny_model
+
+    return {name: build_tiny_model(name) for name in ("tiny-qwen", "tiny-llama")}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session; tests kill only the actors they start."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hetero_team(ray_session, tiny_models):
+    """A heterogeneous 2-agent team (Qwen2 + Llama, different tokenizers) with real vLLM engines in Ray actors."""
+    from mapoco.discussion import Team
+
+    cfg = compose_config("team=tiny_hetero")
+    team = Team(cfg.team, seed=0)
+    yield team
+    team.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rule_verifier(ray_session):
+    from mapoco.config import VerifierConfig
+    from mapoco.verifier import VerifierClient
+
+    client = VerifierClient(VerifierConfig())
+    yield client
+    client.shutdown()

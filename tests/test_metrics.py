@@ -1,0 +1,21 @@
+import numpy as np
+
+from mapoco.metrics import agent_turn_accuracy, majority_credit, transitions, turn_accuracy
+
+
+def test_majority_credit_ties_are_fractional():
+    assert majority_credit(["3", "4"], [True, False]) == 0.5
+    assert majority_credit(["3", "3", "4"], [True, True, False]) == 1.0
+    assert majority_credit(["4", "4", "3"], [False, False, True]) == 0.0
+    assert majority_credit([None, "3"], [False, True]) == 1.0  # no answer, no vote
+    assert majority_credit([None, None], [False, False]) == 0.0
+
+
+def test_turn_accuracy_and_transitions():
+    answers = np.array([[["1", "2"], ["1", "2"]], [["5", "7"], ["6", "7"]]], dtype=object)  # [q, agent, turn]
+    correct = np.array([[[False, True], [False, True]], [[False, True], [True, True]]])
+    assert turn_accuracy(answers, correct) == [0.25, 1.0]
+    assert agent_turn_accuracy(correct) == [[0.0, 1.0], [0.5, 1.0]]
+    flips = transitions(correct)[0]
+    assert flips["turn"] == 2 and flips["wrong_to_right"] == 3 and flips["right_to_wrong"] == 0
+    assert flips["wrong_to_right_rate"] == 1.0

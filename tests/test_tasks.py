@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from mapoco.answers import extract_answer, is_correct
+from mapoco.tasks import TaskConfig, arithmetic_problems, load_task, straight_line_program_answer
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+
+def test_arithmetic_is_seeded_and_splits_differ():
+    cfg = TaskConfig()
+    first, again = arithmetic_problems(cfg, "test", 20), arithmetic_problems(cfg, "test", 20)
+    assert first == again
+    train = {p.question for p in arithmetic_problems(cfg, "train", 20)}
+    assert train != {p.question for p in first}
+    for p in first:
+        assert is_correct(p.gold, p.gold, "math")
+
+
+def test_gsm8k_local_file_matches_hub_format():
+    data = load_task(TaskConfig(name="gsm8k", path=str(GSM8K / "test.jsonl"), limit=5))
+    assert len(data.problems) == 5 and data.skipped == 0
+    assert data.problems[0].gold == "18"
+
+
+def test_rows_without_gold_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q1", "answer": "x #### 3"}\n{"question": "q2", "answer": "no marker"}\n'
+                    '{"question": "q3"}\n')
+    data = load_task(TaskConfig(name="gsm8k", path=str(path)))
+    assert [p.gold for p in data.problems] == ["3"] and data.skipped == 2
+
+
+def test_empty_or_missing_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_task(TaskConfig(name="gsm8k", path=str(empty)))
+    with pytest.raises(FileNotFoundError, match="task.path"):
+        load_task(TaskConfig(name="gsm8k", path=str(tmp_path / "nope.jsonl")))
+
+
+def test_anli_labels_local(tmp_path):
+    path = tmp_path / "anli.jsonl"
+    path.write_text('{"uid": "a", "premise": "P", "hypothesis": "H", "label": 2}\n'
+                    '{"uid": "b", "premise": "P", "hypothesis": "H", "label": 7}\n')
+    data = load_task(TaskConfig(name="anli", path=str(path)))
+    assert data.problems[0].gold == "contradiction" and data.problems[0].kind == "nli" and data.skipped == 1
+    assert extract_answer("I think it is a Contradiction.", "nli") == "contradiction"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("so \\boxed{1,234}", "1234"), ("#### 42", "42"), ("it is 7 then 9.", "9"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+     ("nothing", None)],
+)
+def test_extract_math(text, expected):
+    assert extract_answer(text, "math") == expected
+
+
+def test_math_verify_equivalence():
+    assert is_correct("\\frac{1}{2}", "0.5", "math")
+    assert not is_correct("3", "4", "math")
+    assert not is_correct(None, "4", "math")
+
+
+def test_tinygsm_programs_are_interpreted_not_executed():
+    code = "def simple_math_problem():\n    '''doc'''\n    a = 5\n    b = a * 3 + 1\n    return b / 2\n"
+    assert straight_line_program_answer(code) == "8"
+    assert straight_line_program_answer("def f():\n    return __import__('os').system('echo hi')") is None
+    assert straight_line_program_answer("def f():\n    x = 2 ** 1000\n    return x") is None
