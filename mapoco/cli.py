@@ -1,6 +1,6 @@
 """`mapoco <command> [hydra overrides]`.
 
-Commands: eval, train-verifier (Hydra configs under conf/), build-models (tiny models and SmolLM2 into the cache).
+Commands: eval, train, train-verifier (Hydra configs under conf/), build-models (tiny models and SmolLM2 into the cache).
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-HYDRA_COMMANDS = ("eval", "train-verifier")
+HYDRA_COMMANDS = ("eval", "train", "train-verifier")
 USAGE = (
-    "usage: mapoco {eval,train-verifier,build-models} [key=value ...]\n"
+    "usage: mapoco {eval,train,train-verifier,build-models} [key=value ...]\n"
+    "  mapoco train team=tiny2 train.steps=20 output_dir=outputs/train\n"
     "  mapoco eval team=tiny2 task=arithmetic task.limit=100 turns=3 output_dir=outputs/eval\n"
     "  mapoco train-verifier team=tiny2 output_dir=outputs/verifier\n"
     "  mapoco build-models [tiny-qwen tiny-llama smollm2]"
@@ -34,6 +35,10 @@ def _run(cfg) -> None:
         from mapoco.evaluate import evaluate
 
         evaluate(run_cfg, out)
+    elif run_cfg.command == "train":
+        from mapoco.trainer import train
+
+        train(run_cfg, out)
     elif run_cfg.command == "train-verifier":
         from mapoco.learned_verifier import train_verifier
 

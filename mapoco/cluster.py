@@ -12,13 +12,26 @@ import ray
 from mapoco.config import ConfigError, RunConfig
 
 
+def _learning_agents(cfg: RunConfig) -> list:
+    if cfg.command != "train":
+        return []
+    trained = [a for a in cfg.team.agents if a.trainable]
+    return trained[:1] if cfg.team.shared_policy else trained
+
+
+def _engine_agents(cfg: RunConfig) -> list:
+    return cfg.team.agents[:1] if cfg.team.shared_policy else cfg.team.agents
+
+
 def required_cpus(cfg: RunConfig) -> float:
-    engines = sum(a.engine.num_cpus * a.engine.replicas for a in cfg.team.agents)
-    return engines + cfg.verifier.num_cpus
+    engines = sum(a.engine.num_cpus * a.engine.replicas for a in _engine_agents(cfg))
+    learners = sum(a.learner.num_cpus * a.learner.num_learners for a in _learning_agents(cfg))
+    return engines + learners + cfg.verifier.num_cpus
 
 
 def required_gpus(cfg: RunConfig) -> float:
-    return sum(a.engine.num_gpus * a.engine.replicas for a in cfg.team.agents)
+    engines = sum(a.engine.num_gpus * a.engine.replicas for a in _engine_agents(cfg))
+    return engines + sum(a.learner.num_gpus * a.learner.num_learners for a in _learning_agents(cfg))
 
 
 def init_ray(cfg: RunConfig) -> None:

@@ -48,17 +48,66 @@ class EngineConfig:
 
 
 @dataclass
+class LearnerConfig:
+    num_learners: int = 1  # DeepSpeed ranks in this agent's learner group
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    micro_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: int = 16
+    dtype: str = "float32"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
 class AgentConfig:
     name: str
     model: str
+    trainable: bool = True  # false: a frozen partner (MAPoRL's single-agent-trained baseline)
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
 
 @dataclass
 class TeamConfig:
     name: str
     agents: list[AgentConfig]
+    shared_policy: bool = False  # one policy (engines + learner) plays every seat; agents must share a model
+
+
+@dataclass
+class AlgorithmConfig:
+    estimator: str = "gae"  # gae (MAPoRL) | grpo | rloo | reinforce_pp
+    samples_per_question: int = 2  # independent discussions per question (group baselines need >= 2)
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.01
+    kl_estimator: str = "k1"  # k1 | k2 | k3
+    kl_in_reward: bool = True  # false: KL is a loss term instead
+    whiten_advantages: bool = True
+    ppo_epochs: int = 2
+    mini_batches: int = 1  # optimizer steps per PPO epoch
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    batch_questions: int = 16  # training questions per step (each discussed samples_per_question times)
+    eval_every: int = 10  # 0: no evaluation during training
+    eval_limit: int = 100  # held-out questions per evaluation
+    save_every: int = 10  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    resume: str | None = None  # auto: the last complete checkpoint of output_dir; or a checkpoint directory
+    logprob_tolerance: float = 0.05  # max |engine - learner| logprob after a sync that counts as in sync
 
 
 @dataclass
@@ -110,6 +159,8 @@ class RunConfig:
     turns: int = 3
     output_dir: str = "outputs/run"
     discussion: DiscussionConfig = field(default_factory=DiscussionConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -193,6 +244,57 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
     _require(sampling.temperature >= 0, f"{key}.sampling.temperature", sampling.temperature, "must be >= 0")
     _require(0 < sampling.top_p <= 1, f"{key}.sampling.top_p", sampling.top_p, "must be in (0, 1]")
     _require(sampling.max_new_tokens >= 1, f"{key}.sampling.max_new_tokens", sampling.max_new_tokens, "must be >= 1")
+    learner = agent.learner
+    _require(learner.num_learners >= 1, f"{key}.learner.num_learners", learner.num_learners, "must be >= 1")
+    _require(learner.zero_stage in (0, 1, 2, 3), f"{key}.learner.zero_stage", learner.zero_stage, "one of 0, 1, 2, 3")
+    _require(learner.lr > 0, f"{key}.learner.lr", learner.lr, "must be > 0")
+    _require(learner.weight_decay >= 0, f"{key}.learner.weight_decay", learner.weight_decay, "must be >= 0")
+    _require(learner.warmup_steps >= 0, f"{key}.learner.warmup_steps", learner.warmup_steps, "must be >= 0")
+    _require(learner.micro_batch_size >= 1, f"{key}.learner.micro_batch_size", learner.micro_batch_size,
+             "must be >= 1")
+    _require(learner.max_grad_norm > 0, f"{key}.learner.max_grad_norm", learner.max_grad_norm, "must be > 0")
+    _require(learner.lora_rank >= 0, f"{key}.learner.lora_rank", learner.lora_rank, "must be >= 0 (0: no LoRA)")
+    _require(learner.dtype in DTYPES[1:], f"{key}.learner.dtype", learner.dtype, f"one of {DTYPES[1:]}")
+    _require(learner.num_cpus >= 0, f"{key}.learner.num_cpus", learner.num_cpus, "must be >= 0")
+    _require(learner.num_gpus >= 0, f"{key}.learner.num_gpus", learner.num_gpus, "must be >= 0")
+
+
+def _validate_training(cfg: RunConfig) -> None:
+    from mapoco.algorithms import ESTIMATORS
+
+    algo, train = cfg.algorithm, cfg.train
+    _require(algo.estimator in ESTIMATORS, "algorithm.estimator", algo.estimator, f"one of {sorted(ESTIMATORS)}")
+    _require(algo.samples_per_question >= 1, "algorithm.samples_per_question", algo.samples_per_question,
+             "must be >= 1")
+    _require(algo.estimator not in ("grpo", "rloo") or algo.samples_per_question >= 2,
+             "algorithm.samples_per_question", algo.samples_per_question,
+             f"{algo.estimator} baselines compare samples of the same question: use >= 2")
+    for name in ("gamma", "lam"):
+        _require(0 <= getattr(algo, name) <= 1, f"algorithm.{name}", getattr(algo, name), "must be in [0, 1]")
+    for name in ("kl_coef", "vf_coef", "entropy_coef"):
+        _require(getattr(algo, name) >= 0, f"algorithm.{name}", getattr(algo, name), "must be >= 0")
+    _require(algo.kl_estimator in ("k1", "k2", "k3"), "algorithm.kl_estimator", algo.kl_estimator, "one of k1, k2, k3")
+    _require(algo.ppo_epochs >= 1, "algorithm.ppo_epochs", algo.ppo_epochs, "must be >= 1")
+    _require(algo.mini_batches >= 1, "algorithm.mini_batches", algo.mini_batches, "must be >= 1")
+    _require(algo.clip_eps > 0, "algorithm.clip_eps", algo.clip_eps, "must be > 0")
+    _require(algo.value_clip_eps > 0, "algorithm.value_clip_eps", algo.value_clip_eps, "must be > 0")
+    _require(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
+    _require(train.batch_questions >= 1, "train.batch_questions", train.batch_questions, "must be >= 1")
+    for name in ("eval_every", "save_every"):
+        _require(getattr(train, name) >= 0, f"train.{name}", getattr(train, name), "must be >= 0 (0: never)")
+    _require(train.eval_limit >= 1, "train.eval_limit", train.eval_limit, "must be >= 1")
+    _require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
+    _require(train.logprob_tolerance > 0, "train.logprob_tolerance", train.logprob_tolerance, "must be > 0")
+    models = {a.model for a in cfg.team.agents}
+    _require(not cfg.team.shared_policy or len(models) == 1, "team.shared_policy", True,
+             f"one policy for every seat needs one model, got {sorted(models)}")
+    seats = len(cfg.team.agents) if cfg.team.shared_policy else 1
+    rows = train.batch_questions * algo.samples_per_question * cfg.turns * seats
+    for i, agent in enumerate(cfg.team.agents):
+        n = agent.learner.num_learners
+        _require(rows % n == 0, f"team.agents[{i}].learner.num_learners", n,
+                 f"must divide the {rows} answers per step (train.batch_questions x "
+                 f"algorithm.samples_per_question x turns{' x agents' if seats > 1 else ''})")
 
 
 def _validate_model(i: int, agent: AgentConfig) -> None:
@@ -230,20 +332,24 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("alpha0", "alpha1", "beta0", "beta1"):
         value = getattr(cfg.rewards, name)
         _require(value >= 0, f"rewards.{name}", value, "must be >= 0 (signs come from rewards.incentives)")
+    _validate_training(cfg)
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
              "one of offline, online, disabled")
     return cfg
 
 
+AGENT_DEFAULT_GROUPS = ("engine", "sampling", "learner")
+
+
 def _merge_agent_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """Top-level ``engine``/``sampling`` are defaults that each agent's own keys override."""
-    engine, sampling = raw.pop("engine", {}) or {}, raw.pop("sampling", {}) or {}
+    """Top-level ``engine``/``sampling``/``learner`` are defaults that each agent's own keys override."""
+    defaults = {group: raw.pop(group, {}) or {} for group in AGENT_DEFAULT_GROUPS}
     team = dict(raw.get("team") or {})
     agents = []
     for agent in team.get("agents") or []:
         agent = dict(agent)
-        agent["engine"] = {**engine, **(agent.get("engine") or {})}
-        agent["sampling"] = {**sampling, **(agent.get("sampling") or {})}
+        for group, values in defaults.items():
+            agent[group] = {**values, **(agent.get(group) or {})}
         agents.append(agent)
     team["agents"] = agents
     raw["team"] = team

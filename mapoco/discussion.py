@@ -8,6 +8,7 @@ generated token ids and logprobs the engine produced: training consumes those, n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,20 +62,27 @@ class Team:
         self.cfg = cfg
         self.agents = []
         for i, agent in enumerate(cfg.agents):
+            if cfg.shared_policy and self.agents:  # one policy plays every seat: the same engines serve all
+                first = self.agents[0]
+                self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
+                continue
             path = resolve_model(agent.model)
             self.agents.append(
                 AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path),
                              AgentEngines(str(path), agent.engine, seed + 1000 * i))
             )
-        for agent in self.agents:
-            agent.engines.wait_ready()
+        for engines in self.distinct_engines():
+            engines.wait_ready()
+
+    def distinct_engines(self) -> list[AgentEngines]:
+        return list({id(a.engines): a.engines for a in self.agents}.values())
 
     def __len__(self) -> int:
         return len(self.agents)
 
     def shutdown(self) -> None:
-        for agent in self.agents:
-            agent.engines.shutdown()
+        for engines in self.distinct_engines():
+            engines.shutdown()
 
 
 @dataclass
@@ -101,6 +109,7 @@ class DiscussionResult:
     num_agents: int
     num_turns: int
     records: dict[tuple[int, int, int], Record] = field(default_factory=dict)  # (question idx, agent, turn 0-based)
+    seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
 
     def grid(self, attr: str, dtype: object = object) -> np.ndarray:
         out = np.empty((len(self.problems), self.num_agents, self.num_turns), dtype=dtype)
@@ -135,6 +144,7 @@ def run_discussion(
     result = DiscussionResult(list(problems), len(team), turns)
     threads = [[[] for _ in team.agents] for _ in problems]
     for turn in range(turns):
+        start = time.perf_counter()
         refs = {}
         for agent in team.agents:  # submit every agent before collecting any: all requests in flight together
             prompts = []
@@ -146,7 +156,10 @@ def run_discussion(
             seeds = [request_seed(seed, p.id, agent.index, turn) for p in problems]
             refs[agent.index] = agent.engines.submit(prompts, agent.cfg.sampling, seeds)
         generations = {a: AgentEngines.collect(r) for a, r in refs.items()}
+        result.seconds["generate"] += time.perf_counter() - start
+        start = time.perf_counter()
         _record_turn(result, threads, generations, turn, verifier)
+        result.seconds["verify"] += time.perf_counter() - start
     return result
 
 

@@ -24,6 +24,8 @@ def discuss_in_batches(
     for start in tqdm(range(0, len(problems), size), desc=desc, unit="batch", disable=len(problems) <= size):
         part = run_discussion(team, problems[start : start + size], cfg.turns, cfg.discussion, verifier, cfg.seed)
         merged.records.update({(q + start, a, t): r for (q, a, t), r in part.records.items()})
+        for phase, seconds in part.seconds.items():
+            merged.seconds[phase] += seconds
     return merged
 
 

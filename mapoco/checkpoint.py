@@ -1,0 +1,98 @@
+"""Checkpoints: ``<output_dir>/checkpoints/step_<n>/`` with one folder per trained agent and the controller state.
+
+A checkpoint is written into ``step_<n>.tmp`` and renamed into place only after its ``COMPLETE`` marker is written,
+so a job killed mid-write leaves a ``.tmp`` folder that is never resumed from (and is removed by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mapoco.config import ConfigError
+
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / STATE).is_file()
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    root = checkpoints_dir(out)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint to resume from, checked before any actor starts. ``auto`` with none yet starts fresh."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(out)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError("train.resume", resume, "no such checkpoint directory (use auto, or a step_<n> folder)")
+    if not is_complete(path):
+        raise ConfigError("train.resume", resume, f"incomplete or corrupted checkpoint (no {COMPLETE} marker or "
+                                                  f"{STATE}); resume from an earlier step_<n> or use auto")
+    try:
+        read_state(path)
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ConfigError("train.resume", resume, f"corrupted {STATE}: {exc}") from None
+    return path
+
+
+def begin(out: Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (an earlier interrupted attempt is discarded)."""
+    root = checkpoints_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"step_{step:06d}.tmp"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write the controller state and the marker, fsync, rename into place, then prune old checkpoints."""
+    (tmp / STATE).write_text(json.dumps(state, indent=2))
+    (tmp / COMPLETE).write_text("")
+    _fsync_tree(tmp)
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(tmp.parent.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    state = json.loads((path / STATE).read_text())
+    state["step"]  # a state without a step is corrupted
+    return state
+
+
+def agent_dir(checkpoint: Path, agent: int) -> Path:
+    return checkpoint / f"agent_{agent}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,409 @@
+"""Learner groups: per trained agent, Ray actors running the policy (+ per-turn value head) under DeepSpeed.
+
+Ranks of one group form their own process group (gloo on CPU, NCCL on GPU); DeepSpeed averages gradients across
+them. Each group has its own model, optimizer, learning rate, ZeRO stage and LoRA setting. A frozen reference
+policy (the base model with adapters disabled under LoRA) gives the KL term.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from mapoco.algorithms import entropy_from_logits, kl_penalty, masked_mean, masked_sum, policy_loss, value_loss
+from mapoco.config import AlgorithmConfig, LearnerConfig
+from mapoco.state_io import load_state, save_state
+
+
+@dataclass
+class Rollout:
+    """One agent answer to learn from: exact engine token ids; ``turn`` is 0-based."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    turn: int
+
+
+@dataclass
+class RolloutStats:
+    logprobs: list[float]
+    ref_logprobs: list[float]
+    values: list[float]
+
+
+class PolicyWithValue(nn.Module):
+    """The causal LM plus a linear value head with one output per discussion turn (MAPoRL: V per agent and turn)."""
+
+    def __init__(self, policy: nn.Module, num_turns: int):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, num_turns)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype))
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, S] prompt + response, right-padded
+    attention_mask: torch.Tensor
+    positions: torch.Tensor  # [B, R] index of the logit that predicts each response token
+    targets: torch.Tensor  # [B, R] response token ids
+    mask: torch.Tensor  # [B, R] 1 on real response tokens
+    turns: torch.Tensor  # [B]
+
+
+def collate(rows: list[Rollout], pad_id: int) -> MicroBatch:
+    seqs = [r.prompt_ids + r.response_ids for r in rows]
+    width, resp = max(map(len, seqs)), max(len(r.response_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), resp), dtype=torch.long)
+    targets = torch.zeros((len(rows), resp), dtype=torch.long)
+    mask = torch.zeros((len(rows), resp), dtype=torch.float32)
+    for i, (row, seq) in enumerate(zip(rows, seqs)):
+        n, p = len(row.response_ids), len(row.prompt_ids)
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
+        targets[i, :n] = torch.tensor(row.response_ids)
+        mask[i, :n] = 1
+    turns = torch.tensor([r.turn for r in rows], dtype=torch.long)
+    return MicroBatch(input_ids, attention, positions, targets, mask, turns)
+
+
+def response_outputs(logits: torch.Tensor, values: torch.Tensor | None, mb: MicroBatch):
+    """Logprobs of the response tokens (and their values and entropies), aligned to ``mb.mask``."""
+    index = mb.positions.unsqueeze(-1)
+    picked = logits.gather(1, index.expand(-1, -1, logits.size(-1))).float()
+    logprobs = torch.log_softmax(picked, dim=-1).gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
+    token_values = None
+    if values is not None:
+        per_turn = values.gather(1, index.expand(-1, -1, values.size(-1)))
+        token_values = per_turn.gather(-1, mb.turns.view(-1, 1, 1).expand(-1, per_turn.size(1), 1)).squeeze(-1)
+    return logprobs, token_values, picked
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Learner:
+    """One rank of an agent's learner group (the Ray actor body)."""
+
+    def __init__(self, rank: int, world_size: int, master: tuple[str, int], model_path: str, cfg: LearnerConfig,
+                 algo: AlgorithmConfig, num_turns: int, seed: int):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        torch.manual_seed(seed)
+        self.rank, self.cfg, self.algo = rank, cfg, algo
+        self.on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.dtype = getattr(torch, cfg.dtype)
+        self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        self.reference = None
+        if cfg.lora_rank > 0:
+            policy = self._with_lora(policy)
+        else:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+            self.reference.requires_grad_(False)
+            self.reference.to(self.device)
+        model = PolicyWithValue(policy, num_turns).to(self.device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(cfg.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config()
+        )
+
+    def _with_lora(self, policy: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(policy, lora)
+
+    def _ds_config(self) -> dict[str, Any]:
+        return {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand (see ``update``)
+            "gradient_clipping": self.cfg.max_grad_norm,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "steps_per_print": 10**9,
+        }
+
+    # ------------------------------------------------------------------ forward passes
+    def _micro_batches(self, rows: list[Rollout]) -> list[tuple[int, MicroBatch]]:
+        size = self.cfg.micro_batch_size
+        return [(i, collate(rows[i : i + size], self.pad_id)) for i in range(0, len(rows), size)]
+
+    def _to_device(self, mb: MicroBatch) -> MicroBatch:
+        return MicroBatch(*(t.to(self.device) for t in vars(mb).values()))
+
+    @torch.no_grad()
+    def score(self, rows: list[Rollout]) -> list[RolloutStats]:
+        """Old-policy logprobs and values, and reference logprobs, of each rollout (no gradient)."""
+        self.engine.eval()
+        out: list[RolloutStats] = []
+        for _, mb in self._micro_batches(rows):
+            mb = self._to_device(mb)
+            logits, values = self.engine(mb.input_ids, mb.attention_mask)
+            logprobs, token_values, _ = response_outputs(logits, values, mb)
+            ref = self._reference_logprobs(mb)
+            for i in range(mb.mask.size(0)):
+                n = int(mb.mask[i].sum())
+                out.append(RolloutStats(logprobs[i, :n].tolist(), ref[i, :n].tolist(), token_values[i, :n].tolist()))
+        return out
+
+    def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        if self.reference is not None:
+            logits = self.reference(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        else:
+            with self.engine.module.policy.disable_adapter():
+                logits = self.engine.module.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        return response_outputs(logits, None, mb)[0]
+
+    # ------------------------------------------------------------------ PPO update
+    def update(self, rows: list[Rollout], batch: dict[str, list[list[float]]], normalizer: float) -> dict[str, float]:
+        """PPO epochs over this rank's shard. ``batch`` holds per-row token lists: old_logprobs, ref_logprobs,
+        advantages, returns (gae only), old_values (gae only). Losses are summed per token and divided by
+        ``normalizer`` (the masked tokens of the whole agent batch across ranks), times the world size because
+        DeepSpeed averages gradients over ranks: the result is the token mean over the whole batch."""
+        self.engine.train()
+        world = torch.distributed.get_world_size()
+        stats: dict[str, list[float]] = {}
+        for _ in range(self.algo.ppo_epochs):
+            for minibatch in self._minibatch_slices(len(rows)):
+                micro = self._micro_batches([rows[i] for i in minibatch])
+                for j, (start, mb) in enumerate(micro):
+                    # Gradients are reduced across ranks, and the optimizer steps, only at the last micro-batch.
+                    self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+                    picked = [minibatch[start + k] for k in range(mb.mask.size(0))]
+                    self._accumulate(self._to_device(mb), self._tensors(batch, picked, mb.mask.size(1)),
+                                     normalizer / world, stats)
+                self.engine.step()
+                stats.setdefault("grad_norm", []).append(float(self.engine.get_global_grad_norm() or 0.0))
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def _minibatch_slices(self, n: int) -> list[list[int]]:
+        order = list(range(n))
+        chunks = max(1, min(self.algo.mini_batches, n))
+        return [order[i::chunks] for i in range(chunks)]
+
+    def _tensors(self, batch: dict[str, list[list[float]]], rows: list[int], width: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, values in batch.items():
+            t = torch.zeros((len(rows), width), dtype=torch.float32)
+            for i, r in enumerate(rows):
+                t[i, : len(values[r])] = torch.tensor(values[r], dtype=torch.float32)
+            out[key] = t.to(self.device)
+        return out
+
+    def _accumulate(self, mb: MicroBatch, t: dict[str, torch.Tensor], normalizer: float,
+                    stats: dict[str, list[float]]) -> None:
+        logits, values = self.engine(mb.input_ids, mb.attention_mask)
+        logprobs, token_values, picked = response_outputs(logits, values, mb)
+        loss, pstats = policy_loss(logprobs, t["old_logprobs"], t["advantages"], mb.mask,
+                                   clip_eps=self.algo.clip_eps, normalizer=normalizer)
+        if "returns" in t:
+            vloss, vstats = value_loss(token_values, t["old_values"], t["returns"], mb.mask,
+                                       clip_eps=self.algo.value_clip_eps, normalizer=normalizer)
+            loss = loss + self.algo.vf_coef * vloss
+            stats.setdefault("value_loss", []).append(vloss.item())
+        entropy = masked_mean(entropy_from_logits(picked), mb.mask)
+        if self.algo.entropy_coef:
+            loss = loss - self.algo.entropy_coef * entropy
+        if not self.algo.kl_in_reward and self.algo.kl_coef:
+            kl_tokens = kl_penalty(logprobs, t["ref_logprobs"], self.algo.kl_estimator)
+            loss = loss + self.algo.kl_coef * masked_sum(kl_tokens, mb.mask) / normalizer
+        self.engine.backward(loss, scale_wrt_gas=False)
+        for key, value in (("policy_loss", loss.item()), ("clip_frac", pstats["clip_frac"]),
+                           ("entropy", entropy.item())):
+            stats.setdefault(key, []).append(float(value))
+
+    # ------------------------------------------------------------------ weights out, checkpoints
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's weights under the engine's (HF) names; LoRA adapters merged in."""
+        policy = self.engine.module.policy
+        if self.cfg.lora_rank > 0:
+            policy.merge_adapter()
+            state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
+                     for k, v in policy.state_dict().items() if "lora_" not in k}
+            policy.unmerge_adapter()
+            return state
+        return {k: v.detach() for k, v in policy.state_dict().items()}
+
+    @staticmethod
+    def _without_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tied weights (lm_head = embeddings) are one tensor under two names: send it once."""
+        seen: set[int] = set()
+        out = {}
+        for name, tensor in state.items():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                out[name] = tensor
+        return out
+
+    def weights_bytes(self, dtype: str) -> bytes | None:
+        """Serialized weights for the engines (rank 0; every rank must call for ZeRO-3's gather)."""
+        from safetensors.torch import save
+
+        params = list(self.engine.module.parameters())
+        with _gathered(params, self.cfg.zero_stage):
+            state = self._policy_state() if self.rank == 0 else None
+        if state is None:
+            return None
+        target = getattr(torch, dtype)
+        return save({k: v.to("cpu", target).contiguous() for k, v in self._without_tied(state).items()})
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Trainable weights (incl. value head, LoRA adapters) as safetensors; optimizer, scheduler, RNG per rank."""
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        params = list(self.engine.module.parameters())
+        with _gathered(params, self.cfg.zero_stage):
+            if self.rank == 0:
+                state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+                save_file(state, str(path / "model.safetensors"))
+        save_state(
+            {
+                "optimizer": self._base_optimizer().state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": _numpy_rng_state(),
+                "python_rng": _python_rng_state(),
+            },
+            path / f"trainer_rank{self.rank}",
+        )
+
+    def load_checkpoint(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        params = list(self.engine.module.parameters())
+        state = load_file(str(path / "model.safetensors"))
+        with _gathered(params, self.cfg.zero_stage, modify=True):
+            self.engine.module.load_state_dict(state)
+        if hasattr(self.optimizer, "_restore_from_bit16_weights"):  # ZeRO keeps fp32 master copies: refresh them
+            self.optimizer._restore_from_bit16_weights()
+        extra = load_state(path / f"trainer_rank{self.rank}")
+        self._base_optimizer().load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        np.random.set_state(_numpy_rng_tuple(extra["numpy_rng"]))
+        random.setstate(_python_rng_tuple(extra["python_rng"]))
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer inside DeepSpeed's ZeRO wrapper: its state is plain tensors and numbers (Adam
+        moments of this rank's flat partition), which a checkpoint can hold without pickling."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _gathered(params: list[nn.Parameter], zero_stage: int, modify: bool = False):
+    """ZeRO-3 shards parameters: gather them for a full view (and re-shard edits when ``modify``)."""
+    import contextlib
+
+    import deepspeed
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _numpy_rng_tuple(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["gauss"])
+
+
+def _python_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _python_rng_tuple(state: dict[str, Any]) -> tuple:
+    return (state["version"], tuple(state["internal"]), state["gauss"])
+
+
+class LearnerGroup:
+    """All ranks of one agent's learner group; calls fan out to every rank and are gathered."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
+                 env: dict[str, str] | None = None):
+        self.cfg = cfg
+        master = ("127.0.0.1", free_port()) if cfg.num_gpus == 0 else (ray.util.get_node_ip_address(), free_port())
+        actor_cls = ray.remote(Learner).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu", **(env or {})}},
+        )
+        self.actors = [actor_cls.remote(r, cfg.num_learners, master, model_path, cfg, algo, num_turns, seed)
+                       for r in range(cfg.num_learners)]
+
+    def shard(self, items: list[Any]) -> list[list[Any]]:
+        n = len(self.actors)
+        return [items[r::n] for r in range(n)]
+
+    def score(self, rows: list[Rollout]) -> list[RolloutStats]:
+        shards = ray.get([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
+        return _unshard(shards, len(rows))
+
+    def update(self, rows: list[Rollout], batch: dict[str, list[list[float]]], normalizer: float) -> dict[str, float]:
+        index_shards = self.shard(list(range(len(rows))))
+        refs = [
+            actor.update.remote([rows[i] for i in idx], {k: [v[i] for i in idx] for k, v in batch.items()}, normalizer)
+            for actor, idx in zip(self.actors, index_shards)
+        ]
+        results = ray.get(refs)
+        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+    def weights_bytes(self, dtype: str) -> bytes:
+        return ray.get([a.weights_bytes.remote(dtype) for a in self.actors])[0]
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _unshard(shards: list[list[Any]], n: int) -> list[Any]:
+    out: list[Any] = [None] * n
+    for r, shard in enumerate(shards):
+        for j, item in enumerate(shard):
+            out[r + j * len(shards)] = item
+    return out

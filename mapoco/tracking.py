@@ -1,0 +1,52 @@
+"""Metrics out: wandb (offline unless ``logger.wandb.mode=online``) and the same rows in ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from mapoco.config import RunConfig
+
+
+class Tracker:
+    def __init__(self, cfg: RunConfig, out: Path, resumed: bool):
+        self.path = out / "metrics.jsonl"
+        self.run = None
+        if cfg.logger.wandb.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.logger.wandb.project,
+                group=cfg.logger.wandb.group,
+                mode=cfg.logger.wandb.mode,
+                dir=str(out),
+                config=dataclasses.asdict(cfg),
+                name=out.name,
+                resume="allow" if resumed else None,
+                id=_run_id(out),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _run_id(out: Path) -> str:
+    """A stable id per output directory, so a resumed job continues the same wandb run."""
+    import hashlib
+
+    return hashlib.blake2b(str(out.resolve()).encode(), digest_size=6).hexdigest()

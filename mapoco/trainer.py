@@ -1,0 +1,318 @@
+"""`mapoco train`: the controller of multi-agent PPO co-training. One step, top to bottom:
+
+rollout (discussions, verifier inside) -> MAPoRL rewards -> advantages -> update -> weight sync -> eval / checkpoint.
+
+Each trained policy has its own learner group and pushes its weights to its own engines. With
+``team.shared_policy`` one policy plays every seat; untrainable agents stay frozen partners.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mapoco import checkpoint
+from mapoco.algorithms import AdvantageBatch, AdvantageConfig, compute_advantages, kl_penalty, masked_mean
+from mapoco.cluster import init_ray
+from mapoco.config import RunConfig
+from mapoco.discussion import DiscussionResult, Team, run_discussion
+from mapoco.engine import AgentEngines, request_seed, resolve_dtype
+from mapoco.evaluate import discuss_in_batches
+from mapoco.learner import LearnerGroup, Rollout, RolloutStats
+from mapoco.report import plot_turns, summarize, turn_table, write_json
+from mapoco.rewards import maporl_rewards
+from mapoco.tasks import Problem, load_task
+from mapoco.tracking import Tracker
+from mapoco.verifier import VerifierClient
+
+
+@dataclass
+class Policy:
+    """One trained policy: the seats it plays, its learner group and the engines its weights go to."""
+
+    seats: list[int]
+    group: LearnerGroup
+    engines: AgentEngines
+    engine_dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"agent_{self.seats[0]}"
+
+
+@dataclass
+class AgentBatch:
+    rows: list[Rollout]
+    keys: list[tuple[str, int, int]]  # (question id, seat, turn): group baselines are keyed by ids, not positions
+    rewards: list[float]
+    engine_logprobs: list[list[float]]
+
+
+def training_pool(cfg: RunConfig, held_out: list[Problem]) -> list[Problem]:
+    """Training questions in a fixed order; generated tasks never reuse a held-out question."""
+    size = cfg.train.steps * cfg.train.batch_questions
+    task = dataclasses.replace(cfg.task, limit=None if cfg.task.name != "arithmetic" else size + len(held_out))
+    held = {p.question for p in held_out}
+    pool = [p for p in load_task(task, split="train").problems if p.question not in held]
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    return [pool[i] for i in order]
+
+
+def stack(lists: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(lists), width), dtype=torch.float32)
+    for i, values in enumerate(lists):
+        out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)  # before any actor starts
+        self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
+        self.pool = training_pool(cfg, self.eval_problems)
+        if not self.pool:
+            raise ValueError(f"task {cfg.task.name} has no training questions")
+        init_ray(cfg)
+        self.team = Team(cfg.team, cfg.seed)
+        self.verifier = VerifierClient(cfg.verifier)
+        self.policies = self._start_learners()
+        self.step = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
+
+    def _start_learners(self) -> list[Policy]:
+        seats_of: dict[int, list[int]] = {}
+        for agent in self.team.agents:
+            if agent.cfg.trainable:
+                owner = 0 if self.cfg.team.shared_policy else agent.index
+                seats_of.setdefault(owner, []).append(agent.index)
+        policies = []
+        for owner, seats in seats_of.items():
+            agent = self.team.agents[owner]
+            group = LearnerGroup(str(agent.model_path), agent.cfg.learner, self.cfg.algorithm, self.cfg.turns,
+                                 self.cfg.seed + owner)
+            policies.append(Policy(seats, group, agent.engines, resolve_dtype(agent.cfg.engine.dtype)))
+        for policy in policies:
+            policy.group.call_all("pid")  # wait until every learner is up
+        return policies
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        before = self.evaluate("before") if self.step == 0 else None
+        if before is not None:
+            self.tracker.log(self._eval_metrics(before), 0)
+        while self.step < self.cfg.train.steps:
+            metrics = self.train_step()
+            self.step += 1
+            if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
+            self.tracker.log(metrics, self.step)
+            if self.cfg.train.save_every and (self.step % self.cfg.train.save_every == 0
+                                              or self.step == self.cfg.train.steps):
+                self.save()
+        after = self.evaluate("after")
+        self.tracker.log(self._eval_metrics(after), self.step)
+        return self._write_summary(before, after)
+
+    def train_step(self) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+        result = self.rollout(self.batch(self.step))
+        timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
+        metrics: dict[str, float] = {}
+        batches = self.agent_batches(result)
+        for policy in self.policies:
+            metrics.update(self.update_policy(policy, batches[policy.name], timings))
+        start = time.perf_counter()
+        self.sync_weights()
+        timings["sync"] = time.perf_counter() - start
+        timings["step"] = time.perf_counter() - step_start
+        metrics.update({f"timing/{k}": v for k, v in timings.items()})
+        metrics.update(self._rollout_metrics(result))
+        self._log_samples(result)
+        return metrics
+
+    def batch(self, step: int) -> list[Problem]:
+        """The questions of ``step``: a pure function of the step (the data position), so a resumed run draws
+        exactly the batch the uninterrupted run would have."""
+        n = self.cfg.train.batch_questions
+        return [self.pool[(step * n + i) % len(self.pool)] for i in range(n)]
+
+    def rollout(self, problems: list[Problem]) -> DiscussionResult:
+        samples = [
+            dataclasses.replace(p, id=f"{p.id}#{s}")
+            for p in problems
+            for s in range(self.cfg.algorithm.samples_per_question)
+        ]
+        seed = request_seed(self.cfg.seed, "step", self.step)
+        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier, seed)
+
+    def agent_batches(self, result: DiscussionResult) -> dict[str, AgentBatch]:
+        """Per policy: its rows (flagged samples excluded) with MAPoRL rewards, keyed by (question, seat, turn)."""
+        scores = np.nan_to_num(result.grid("score", float), nan=0.0)
+        correct = result.grid("correct", bool)
+        rewards = np.stack([maporl_rewards(scores[q], correct[q], self.cfg.rewards)
+                            for q in range(len(result.problems))])
+        batches = {}
+        for policy in self.policies:
+            batch = AgentBatch([], [], [], [])
+            for (q, a, t), record in sorted(result.records.items()):
+                if a not in policy.seats or record.score is None or not record.token_ids:
+                    continue
+                batch.rows.append(Rollout(record.prompt_ids, record.token_ids, t))
+                batch.keys.append((record.question_id.rsplit("#", 1)[0], a, t))
+                batch.rewards.append(float(rewards[q, a, t]))
+                batch.engine_logprobs.append(record.logprobs)
+            batches[policy.name] = batch
+        return batches
+
+    def update_policy(self, policy: Policy, batch: AgentBatch, timings: dict[str, float]) -> dict[str, float]:
+        prefix = f"train/{policy.name}"
+        if not batch.rows:
+            return {f"{prefix}/skipped_update": 1.0}
+        start = time.perf_counter()
+        stats = policy.group.score(batch.rows)
+        advantages, returns, tensors = self.advantages(batch, stats)
+        timings["advantages"] = timings.get("advantages", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        payload = self._update_payload(batch, stats, advantages, returns)
+        update = policy.group.update(batch.rows, payload, normalizer=float(tensors["mask"].sum()))
+        timings["update"] = timings.get("update", 0.0) + time.perf_counter() - start
+        mask = tensors["mask"]
+        kl = masked_mean(kl_penalty(tensors["logprobs"], tensors["ref_logprobs"], self.cfg.algorithm.kl_estimator),
+                         mask)
+        drift = (tensors["logprobs"] - stack(batch.engine_logprobs, mask.size(1))).abs() * mask
+        metrics = {f"{prefix}/{k}": v for k, v in update.items()}
+        metrics.update({
+            f"{prefix}/reward": float(np.mean(batch.rewards)),
+            f"{prefix}/kl": float(kl),
+            f"{prefix}/logprob_max_diff": float(drift.max()),  # engine vs learner on the sampled tokens
+            f"{prefix}/lr": policy.group.call_all("learning_rate")[0],
+        })
+        return metrics
+
+    def advantages(self, batch: AgentBatch, stats: list[RolloutStats]):
+        width = max(len(r.response_ids) for r in batch.rows)
+        mask = stack([[1.0] * len(r.response_ids) for r in batch.rows], width)
+        tensors = {
+            "mask": mask,
+            "logprobs": stack([s.logprobs for s in stats], width),
+            "ref_logprobs": stack([s.ref_logprobs for s in stats], width),
+            "values": stack([s.values for s in stats], width),
+        }
+        algo = self.cfg.algorithm
+        acfg = AdvantageConfig(estimator=algo.estimator, gamma=algo.gamma, lam=algo.lam, kl_coef=algo.kl_coef,
+                               kl_estimator=algo.kl_estimator, kl_in_reward=algo.kl_in_reward,
+                               whiten_advantages=algo.whiten_advantages)
+        adv_batch = AdvantageBatch(keys=batch.keys, seq_rewards=torch.tensor(batch.rewards), mask=mask,
+                                   logprobs=tensors["logprobs"], ref_logprobs=tensors["ref_logprobs"],
+                                   values=tensors["values"] if algo.estimator == "gae" else None)
+        advantages, returns = compute_advantages(adv_batch, acfg)
+        return advantages, returns, tensors
+
+    @staticmethod
+    def _update_payload(batch: AgentBatch, stats: list[RolloutStats], advantages: torch.Tensor,
+                        returns: torch.Tensor | None) -> dict[str, list[list[float]]]:
+        lengths = [len(r.response_ids) for r in batch.rows]
+        payload = {
+            "old_logprobs": [s.logprobs for s in stats],
+            "ref_logprobs": [s.ref_logprobs for s in stats],
+            "advantages": [advantages[i, :n].tolist() for i, n in enumerate(lengths)],
+        }
+        if returns is not None:
+            payload["returns"] = [returns[i, :n].tolist() for i, n in enumerate(lengths)]
+            payload["old_values"] = [s.values for s in stats]
+        return payload
+
+    def sync_weights(self) -> None:
+        """Every policy's new weights reach its own engines before the next rollout."""
+        for policy in self.policies:
+            policy.engines.push_weights(policy.group.weights_bytes(policy.engine_dtype))
+
+    # ------------------------------------------------------------------ evaluation, logging, checkpoints
+    def evaluate(self, label: str) -> dict[str, Any]:
+        result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
+        summary = summarize(result, 0, self.cfg.rewards)
+        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"))
+        return summary
+
+    @staticmethod
+    def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+        metrics = {f"eval/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
+        for i, per_turn in enumerate(summary["agent_turn_accuracy"]):
+            metrics.update({f"eval/agent_{i}/turn_{t + 1}/acc": acc for t, acc in enumerate(per_turn)})
+        return metrics
+
+    def _rollout_metrics(self, result: DiscussionResult) -> dict[str, float]:
+        summary = summarize(result, 0, self.cfg.rewards)
+        seconds = max(result.seconds["generate"], 1e-9)
+        metrics = {f"rollout/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
+        metrics.update({
+            "perf/gen_tokens": summary["gen_tokens"],
+            "perf/prompt_tokens": summary["prompt_tokens"],
+            "perf/tokens_per_s": summary["gen_tokens"] / seconds,
+            "rollout/flagged": summary["flagged"],
+        })
+        return metrics
+
+    def _log_samples(self, result: DiscussionResult, questions: int = 2) -> None:
+        rows = [
+            [self.step, result.problems[q].question, result.problems[q].gold, a + 1, t + 1, r.text, r.correct, r.score]
+            for (q, a, t), r in sorted(result.records.items())
+            if q < questions
+        ]
+        self.tracker.table("samples/discussions", ["step", "question", "gold", "agent", "turn", "answer", "correct",
+                                                   "score"], rows, self.step + 1)
+
+    def _write_summary(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+        summary = {"steps": self.step, "before": before, "after": after}
+        if before is not None:
+            summary["collaboration_gain_after"] = after["turn_accuracy"][-1] - after["turn_accuracy"][0]
+            summary["last_turn_gain"] = after["turn_accuracy"][-1] - before["turn_accuracy"][-1]
+            plot_turns(self.out / "before_after.png",
+                       {"before training": before["turn_accuracy"], "after training": after["turn_accuracy"]},
+                       f"{self.cfg.team.name}: team accuracy per turn")
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    def save(self) -> Path:
+        tmp = checkpoint.begin(self.out, self.step)
+        for policy in self.policies:
+            directory = checkpoint.agent_dir(tmp, policy.seats[0])
+            directory.mkdir()
+            policy.group.call_all("save_checkpoint", str(directory))
+        state = {"step": self.step, "seed": self.cfg.seed,
+                 "data_position": self.step * self.cfg.train.batch_questions}
+        return checkpoint.commit(tmp, state, self.cfg.train.keep_checkpoints)
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoint.read_state(path)
+        for policy in self.policies:
+            policy.group.call_all("load_checkpoint", str(checkpoint.agent_dir(path, policy.seats[0])))
+        self.sync_weights()
+        self.step = int(state["step"])
+        print(f"resumed from {path} at step {self.step}")
+
+    def close(self) -> None:
+        self.tracker.finish()
+        for policy in self.policies:
+            policy.group.shutdown()
+        self.team.shutdown()
+        self.verifier.shutdown()
+
+
+def train(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    trainer = Trainer(cfg, out)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
