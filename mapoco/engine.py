@@ -94,6 +94,19 @@ class Engine:
         self.llm.reset_prefix_cache()
         return loaded
 
+    def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """GPU weight sync: join this agent's NCCL broadcast group (see ``mapoco.weight_sync``)."""
+        from mapoco.weight_sync import init_group_in_worker
+
+        self.llm.collective_rpc(init_group_in_worker, args=(host, port, rank_offset, world_size))
+
+    def receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
+        from mapoco.weight_sync import receive_in_worker
+
+        loaded = self.llm.collective_rpc(receive_in_worker, args=(specs,))[0]
+        self.llm.reset_prefix_cache()
+        return loaded
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -8,6 +8,7 @@ AUC on held-out questions.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -16,8 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mapoco.cluster import init_ray
 from mapoco.config import RunConfig
+from mapoco.discussion import Team
+from mapoco.evaluate import discuss_in_batches
+from mapoco.models import resolve_model
 from mapoco.report import write_json
+from mapoco.tasks import load_task
+from mapoco.verifier import VerifierClient
 
 MAX_TOKENS = 512
 
@@ -137,21 +144,19 @@ def fit(verifier: LearnedVerifier, examples: list[Example], epochs: int, lr: flo
     return losses
 
 
-def sample_examples(cfg: RunConfig) -> list[Example]:
-    """Every answer of a team discussion on training questions, labelled against the gold answer."""
-    from mapoco.cluster import init_ray
-    from mapoco.discussion import Team
-    from mapoco.evaluate import discuss_in_batches
-    from mapoco.tasks import load_task
-    from mapoco.verifier import VerifierClient
-
+def sample_examples(cfg: RunConfig, team: Team | None = None) -> list[Example]:
+    """Every answer of a team discussion on training questions, labelled against the gold answer (by the rule
+    verifier: the learned one is what is being trained)."""
     data = load_task(cfg.task, split="train")
     init_ray(cfg)
-    team, checker = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
+    own_team = team is None
+    team = team or Team(cfg.team, cfg.seed)
+    checker = VerifierClient(dataclasses.replace(cfg.verifier, kind="rule"))
     try:
         result = discuss_in_batches(team, data.problems, cfg, checker, desc="sampling answers")
     finally:
-        team.shutdown()
+        if own_team:
+            team.shutdown()
         checker.shutdown()
     seen, examples = set(), []
     for (q, _, _), record in sorted(result.records.items()):
@@ -171,12 +176,11 @@ def split_by_question(examples: list[Example], held_out: float, seed: int) -> tu
     return [e for e in examples if e.question_id not in test_ids], [e for e in examples if e.question_id in test_ids]
 
 
-def train_verifier(cfg: RunConfig, out: Path) -> dict[str, object]:
-    from mapoco.models import resolve_model
-
+def train_verifier(cfg: RunConfig, out: Path, team: Team | None = None) -> dict[str, object]:
+    """``team``: already running engines to sample from (tests share them); by default a new team is started."""
     vcfg = cfg.verifier
     start = time.time()
-    examples = balance(sample_examples(cfg), cfg.seed)
+    examples = balance(sample_examples(cfg, team), cfg.seed)
     train, test = split_by_question(examples, vcfg.held_out, cfg.seed)
     if not train or not test:
         raise RuntimeError(f"only {len(examples)} balanced examples: raise task.limit so some questions have "

@@ -278,6 +278,30 @@ class Learner:
         target = getattr(torch, dtype)
         return save({k: v.to("cpu", target).contiguous() for k, v in self._without_tied(state).items()})
 
+    def rendezvous_address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_sync_group(self, host: str, port: int, world_size: int) -> None:
+        """GPU weight sync: rank 0 is rank 0 of this agent's NCCL broadcast group with its engines."""
+        from mapoco.weight_sync import create_communicator
+
+        self.sync_comm = create_communicator(host, port, 0, world_size, self.device)
+
+    def weight_specs(self, dtype: str) -> list[tuple[str, str, list[int]]]:
+        with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
+            state = self._without_tied(self._policy_state())
+        return [(name, dtype, list(t.shape)) for name, t in state.items()]
+
+    def broadcast_weights(self, dtype: str) -> None:
+        """Every rank enters (ZeRO-3 gathers collectively); rank 0 broadcasts tensor by tensor."""
+        target = getattr(torch, dtype)
+        with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
+            if self.rank == 0:
+                stream = torch.cuda.current_stream()
+                for tensor in self._without_tied(self._policy_state()).values():
+                    self.sync_comm.broadcast(tensor.to(target).contiguous(), src=0, stream=stream)
+                stream.synchronize()
+
     def save_checkpoint(self, directory: str) -> None:
         """Trainable weights (incl. value head, LoRA adapters) as safetensors; optimizer, scheduler, RNG per rank."""
         from safetensors.torch import save_file

@@ -32,7 +32,8 @@ class TaskConfig:
     name: str = "arithmetic"
     split: str = "test"
     limit: int | None = None
-    path: str | None = None  # local file; None -> hub (or the generator)
+    path: str | None = None  # local file of the evaluation split; None -> hub (or the generator)
+    train_path: str | None = None  # local file of the training split (`mapoco train`, `train-verifier`)
     hub: str | None = None
     hub_config: str | None = None
     seed: int = 0
@@ -71,7 +72,7 @@ ARITHMETIC_DEFAULTS: dict[str, Any] = {
     "min_terms": 2,
     "max_terms": 2,
     "min_digits": 1,
-    "max_digits": 2,
+    "max_digits": 1,
     "operators": ["+", "-"],
     "allow_parentheses": False,
     "allow_negation": False,
@@ -208,12 +209,13 @@ def _file_format(path: Path) -> str:
 def _load_rows(cfg: TaskConfig, split: str) -> Iterable[dict[str, Any]]:
     from datasets import load_dataset
 
-    if cfg.path:
-        path = Path(cfg.path).expanduser()
+    key, local = ("task.train_path", cfg.train_path) if split == "train" else ("task.path", cfg.path)
+    if local:
+        path = Path(local).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"task.path={cfg.path}: no such file")
+            raise FileNotFoundError(f"{key}={local}: no such file")
         if path.stat().st_size == 0:
-            raise ValueError(f"task.path={cfg.path}: the file is empty")
+            raise ValueError(f"{key}={local}: the file is empty")
         return load_dataset(_file_format(path), data_files=str(path), split="train")
     hub, hub_config = HUB_DEFAULTS.get(cfg.name, (None, None))
     hub, hub_config = cfg.hub or hub, cfg.hub_config or hub_config

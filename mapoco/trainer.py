@@ -22,7 +22,7 @@ from mapoco.algorithms import AdvantageBatch, AdvantageConfig, compute_advantage
 from mapoco.cluster import init_ray
 from mapoco.config import RunConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
-from mapoco.engine import AgentEngines, request_seed, resolve_dtype
+from mapoco.engine import request_seed, resolve_dtype
 from mapoco.evaluate import discuss_in_batches
 from mapoco.learner import LearnerGroup, Rollout, RolloutStats
 from mapoco.report import plot_turns, summarize, turn_table, write_json
@@ -30,16 +30,16 @@ from mapoco.rewards import maporl_rewards
 from mapoco.tasks import Problem, load_task
 from mapoco.tracking import Tracker
 from mapoco.verifier import VerifierClient
+from mapoco.weight_sync import BytesSync, NcclSync, make_sync
 
 
 @dataclass
 class Policy:
-    """One trained policy: the seats it plays, its learner group and the engines its weights go to."""
+    """One trained policy: the seats it plays, its learner group and the channel to its own engines."""
 
     seats: list[int]
     group: LearnerGroup
-    engines: AgentEngines
-    engine_dtype: str
+    sync: BytesSync | NcclSync
 
     @property
     def name(self) -> str:
@@ -54,12 +54,16 @@ class AgentBatch:
     engine_logprobs: list[list[float]]
 
 
-def training_pool(cfg: RunConfig, held_out: list[Problem]) -> list[Problem]:
-    """Training questions in a fixed order; generated tasks never reuse a held-out question."""
+def training_pool(cfg: RunConfig) -> list[Problem]:
+    """Training questions (the task's train split) in a fixed, seeded order.
+
+    Dataset splits (GSM8K, ANLI) are disjoint from the test split. Generated arithmetic draws its splits from
+    different seeds over the same space: with one-digit operands that space is small (~200 problems), so
+    evaluation measures how well the task is learnt rather than generalisation to unseen questions.
+    """
     size = cfg.train.steps * cfg.train.batch_questions
-    task = dataclasses.replace(cfg.task, limit=None if cfg.task.name != "arithmetic" else size + len(held_out))
-    held = {p.question for p in held_out}
-    pool = [p for p in load_task(task, split="train").problems if p.question not in held]
+    task = dataclasses.replace(cfg.task, limit=size if cfg.task.name == "arithmetic" else None)
+    pool = load_task(task, split="train").problems
     order = np.random.default_rng(cfg.seed).permutation(len(pool))
     return [pool[i] for i in order]
 
@@ -72,20 +76,24 @@ def stack(lists: list[list[float]], width: int) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, out: Path):
+    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None):
+        """``team``: already running engines to train (tests share them); by default the trainer starts its own."""
         self.cfg, self.out = cfg, out
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)  # before any actor starts
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
-        self.pool = training_pool(cfg, self.eval_problems)
+        self.pool = training_pool(cfg)
         if not self.pool:
             raise ValueError(f"task {cfg.task.name} has no training questions")
         init_ray(cfg)
-        self.team = Team(cfg.team, cfg.seed)
+        self.owns_team = team is None
+        self.team = team or Team(cfg.team, cfg.seed)
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        else:
+            self.sync_weights()  # engines serve exactly the learners' weights from the first rollout on
         out.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
 
@@ -100,9 +108,10 @@ class Trainer:
             agent = self.team.agents[owner]
             group = LearnerGroup(str(agent.model_path), agent.cfg.learner, self.cfg.algorithm, self.cfg.turns,
                                  self.cfg.seed + owner)
-            policies.append(Policy(seats, group, agent.engines, resolve_dtype(agent.cfg.engine.dtype)))
-        for policy in policies:
-            policy.group.call_all("pid")  # wait until every learner is up
+            group.call_all("pid")  # wait until every learner is up
+            sync = make_sync(self.cfg.train.weight_sync, group, agent.engines, resolve_dtype(agent.cfg.engine.dtype),
+                             agent.cfg.engine.tensor_parallel_size, agent.cfg.engine.num_gpus > 0)
+            policies.append(Policy(seats, group, sync))
         return policies
 
     # ------------------------------------------------------------------ the loop
@@ -236,7 +245,7 @@ class Trainer:
     def sync_weights(self) -> None:
         """Every policy's new weights reach its own engines before the next rollout."""
         for policy in self.policies:
-            policy.engines.push_weights(policy.group.weights_bytes(policy.engine_dtype))
+            policy.sync.push()
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def evaluate(self, label: str) -> dict[str, Any]:
@@ -306,7 +315,8 @@ class Trainer:
         self.tracker.finish()
         for policy in self.policies:
             policy.group.shutdown()
-        self.team.shutdown()
+        if self.owns_team:
+            self.team.shutdown()
         self.verifier.shutdown()
 
 

@@ -94,16 +94,29 @@ class VerifierClient:
 
     def __init__(self, cfg: VerifierConfig):
         self.cfg = cfg
-        self.actor = ray.remote(Verifier).options(num_cpus=cfg.num_cpus).remote(cfg)
+        self.restarts = 0
+        self.actor = self._start()
+
+    def _start(self) -> ray.actor.ActorHandle:
+        return ray.remote(Verifier).options(num_cpus=self.cfg.num_cpus).remote(self.cfg)
+
+    def _restart(self) -> None:
+        """A timed-out check may still be spinning in an abandoned thread: replace the whole actor."""
+        ray.kill(self.actor)
+        self.actor = self._start()
+        self.restarts += 1
 
     def score(self, items: list[VerifyItem]) -> list[Verdict]:
         if not items:
             return []
         deadline = self.cfg.timeout_s * (1 + len(items) / 4) + 60
         try:
-            return ray.get(self.actor.score.remote(items), timeout=deadline)
+            verdicts = ray.get(self.actor.score.remote(items), timeout=deadline)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
-            return [Verdict(None, False, f"verifier call failed: {type(exc).__name__}") for _ in items]
+            verdicts = [Verdict(None, False, f"verifier call failed: {type(exc).__name__}") for _ in items]
+        if any(v.flagged and "timed out" in (v.error or "") or "call failed" in (v.error or "") for v in verdicts):
+            self._restart()
+        return verdicts
 
     def shutdown(self) -> None:
         ray.kill(self.actor)

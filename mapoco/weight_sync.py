@@ -1,0 +1,79 @@
+"""Weight sync: after each update an agent's new weights reach its own engines before the next rollout.
+
+``bytes`` (CPU, and anywhere): learner rank 0 serializes the weights to safetensors bytes and every engine
+reloads them in place; vLLM's ``collective_rpc`` cannot carry raw tensors on CPU, bytes it can.
+``nccl`` (GPU): one NCCL broadcast group per agent (learner rank 0 plus every engine worker, a TCP rendezvous of its
+own, so agents never share a group); each sync broadcasts tensor by tensor into buffers the engines reload from.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from mapoco.engine import AgentEngines
+from mapoco.learner import LearnerGroup
+
+SYNC_METHODS = ("auto", "bytes", "nccl")
+
+
+class BytesSync:
+    def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str):
+        self.group, self.engines, self.dtype = group, engines, dtype
+
+    def push(self) -> None:
+        self.engines.push_weights(self.group.weights_bytes(self.dtype))
+
+
+class NcclSync:
+    def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str, tensor_parallel_size: int):
+        self.group, self.engines, self.dtype = group, engines, dtype
+        leader = group.actors[0]
+        host, port = ray.get(leader.rendezvous_address.remote())
+        world = 1 + len(engines.actors) * tensor_parallel_size
+        refs = [engine.init_sync_group.remote(host, port, 1 + i * tensor_parallel_size, world)
+                for i, engine in enumerate(engines.actors)]
+        refs.append(leader.init_sync_group.remote(host, port, world))
+        ray.get(refs)
+
+    def push(self) -> None:
+        specs = self.group.call_all("weight_specs", self.dtype)[0]
+        receiving = [engine.receive_weights.remote(specs) for engine in self.engines.actors]
+        sending = [actor.broadcast_weights.remote(self.dtype) for actor in self.group.actors]  # all: ZeRO-3 gather
+        ray.get(receiving + sending)
+
+
+def make_sync(method: str, group: LearnerGroup, engines: AgentEngines, dtype: str, tensor_parallel_size: int,
+              engines_on_gpu: bool) -> BytesSync | NcclSync:
+    if method == "auto":  # decided from the placement, not from the driver, which may sit on a CPU-only head
+        method = "nccl" if group.cfg.num_gpus > 0 and engines_on_gpu else "bytes"
+    if method == "nccl":
+        return NcclSync(group, engines, dtype, tensor_parallel_size)
+    return BytesSync(group, engines, dtype)
+
+
+# ---------------------------------------------------------------- the two ends of the NCCL group
+def create_communicator(host: str, port: int, rank: int, world_size: int, device: torch.device):
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    return PyNcclCommunicator(StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size),
+                              device=device)
+
+
+def init_group_in_worker(worker, host: str, port: int, rank_offset: int, world_size: int) -> None:
+    """Runs in each vLLM worker (collective_rpc): join the agent's broadcast group after the learner."""
+    worker.mapoco_sync = create_communicator(host, port, rank_offset + worker.rank, world_size, worker.device)
+
+
+def receive_in_worker(worker, specs: list[tuple[str, str, list[int]]]) -> int:
+    """Runs in each vLLM worker: receive every tensor from learner rank 0, then reload the model in place."""
+    stream = torch.cuda.current_stream()
+    received = []
+    for name, dtype, shape in specs:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=worker.device)
+        worker.mapoco_sync.broadcast(tensor, src=0, stream=stream)
+        received.append((name, tensor))
+    stream.synchronize()
+    worker.reload_weights(weights_iterator=iter(received))
+    return len(received)

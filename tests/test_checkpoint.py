@@ -1,0 +1,60 @@
+"""Checkpoint bookkeeping and the safetensors+JSON state format (no actors)."""
+
+import json
+
+import pytest
+import torch
+
+from mapoco import checkpoint
+from mapoco.config import ConfigError
+from mapoco.state_io import load_state, save_state
+
+
+def _complete(out, step):
+    tmp = checkpoint.begin(out, step)
+    return checkpoint.commit(tmp, {"step": step}, keep=5)
+
+
+def test_auto_resume_skips_a_checkpoint_interrupted_mid_write(tmp_path):
+    _complete(tmp_path, 1)
+    done = _complete(tmp_path, 2)
+    interrupted = checkpoint.begin(tmp_path, 3)  # the kill landed here: no marker, still .tmp
+    (interrupted / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    assert checkpoint.resolve_resume("auto", tmp_path) == done
+    assert checkpoint.resolve_resume(None, tmp_path) is None
+
+
+def test_auto_resume_without_checkpoints_starts_fresh(tmp_path):
+    assert checkpoint.resolve_resume("auto", tmp_path) is None
+
+
+def test_missing_or_corrupted_resume_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.resume"):
+        checkpoint.resolve_resume(str(tmp_path / "nope"), tmp_path)
+    done = _complete(tmp_path, 1)
+    (done / checkpoint.COMPLETE).unlink()
+    with pytest.raises(ConfigError, match="incomplete or corrupted"):
+        checkpoint.resolve_resume(str(done), tmp_path)
+    done = _complete(tmp_path, 2)
+    (done / checkpoint.STATE).write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupted"):
+        checkpoint.resolve_resume(str(done), tmp_path)
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    for step in range(1, 5):
+        tmp = checkpoint.begin(tmp_path, step)
+        checkpoint.commit(tmp, {"step": step}, keep=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+
+
+def test_state_round_trips_without_pickle(tmp_path):
+    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+                           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]},
+             "python_rng": {"internal": [1, 2, 3], "gauss": None}}
+    save_state(state, tmp_path / "s")
+    back = load_state(tmp_path / "s")
+    assert back["optimizer"]["state"][0]["exp_avg"].equal(state["optimizer"]["state"][0]["exp_avg"])
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert 0 in back["optimizer"]["state"]  # integer keys survive
+    assert back["python_rng"] == state["python_rng"]
