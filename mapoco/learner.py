@@ -348,6 +348,18 @@ class Learner:
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def describe(self) -> dict[str, Any]:
+        """What this rank actually runs with (tests check that each agent's settings reached its actors)."""
+        return {
+            "rank": self.rank,
+            "world_size": torch.distributed.get_world_size(),
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "lr": self.learning_rate(),
+            "lora": self.cfg.lora_rank > 0 and hasattr(self.engine.module.policy, "peft_config"),
+            "trainable_params": sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad),
+            "model_type": self.engine.module.policy.config.model_type,
+        }
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -98,20 +98,23 @@ class Trainer:
         self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
 
     def _start_learners(self) -> list[Policy]:
+        """A learner group per trained policy, settings from this run's config (the engines may be shared)."""
         seats_of: dict[int, list[int]] = {}
-        for agent in self.team.agents:
-            if agent.cfg.trainable:
-                owner = 0 if self.cfg.team.shared_policy else agent.index
-                seats_of.setdefault(owner, []).append(agent.index)
+        for index, agent_cfg in enumerate(self.cfg.team.agents):
+            if agent_cfg.trainable:
+                seats_of.setdefault(0 if self.cfg.team.shared_policy else index, []).append(index)
+        groups = {
+            owner: LearnerGroup(str(self.team.agents[owner].model_path), self.cfg.team.agents[owner].learner,
+                                self.cfg.algorithm, self.cfg.turns, self.cfg.seed + owner)
+            for owner in seats_of
+        }
         policies = []
-        for owner, seats in seats_of.items():
-            agent = self.team.agents[owner]
-            group = LearnerGroup(str(agent.model_path), agent.cfg.learner, self.cfg.algorithm, self.cfg.turns,
-                                 self.cfg.seed + owner)
-            group.call_all("pid")  # wait until every learner is up
-            sync = make_sync(self.cfg.train.weight_sync, group, agent.engines, resolve_dtype(agent.cfg.engine.dtype),
-                             agent.cfg.engine.tensor_parallel_size, agent.cfg.engine.num_gpus > 0)
-            policies.append(Policy(seats, group, sync))
+        for owner, group in groups.items():
+            group.call_all("pid")  # every group starts at once; wait here until all ranks are up
+            engines, engine_cfg = self.team.agents[owner].engines, self.team.agents[owner].cfg.engine
+            sync = make_sync(self.cfg.train.weight_sync, group, engines, resolve_dtype(engine_cfg.dtype),
+                             engine_cfg.tensor_parallel_size, engine_cfg.num_gpus > 0)
+            policies.append(Policy(seats_of[owner], group, sync))
         return policies
 
     # ------------------------------------------------------------------ the loop

@@ -18,7 +18,8 @@ SMALL = ["turns=2", "train.batch_questions=4", "algorithm.samples_per_question=2
 def hetero_training(hetero_team, tmp_path_factory):
     """Two steps on the heterogeneous team, each agent with its own learning rate."""
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=0",
-                         "+team.agents.0.learner.lr=2e-5", "+team.agents.1.learner.lr=7e-5")
+                         "+team.agents.0.learner.lr=2e-5", "+team.agents.0.learner.num_learners=2",
+                         "+team.agents.1.learner.lr=7e-5", "+team.agents.1.learner.zero_stage=3")
     trainer = Trainer(cfg, tmp_path_factory.mktemp("hetero"), team=hetero_team)
     before = {p.name: load(p.group.weights_bytes("float32")) for p in trainer.policies}
     metrics = [trainer.train_step()]
@@ -32,7 +33,11 @@ def hetero_training(hetero_team, tmp_path_factory):
 def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training):
     trainer, metrics, before, after = hetero_training
     assert [p.name for p in trainer.policies] == ["agent_0", "agent_1"]
-    assert [p.group.call_all("learning_rate")[0] for p in trainer.policies] == pytest.approx([2e-5, 7e-5])
+    qwen, llama = (p.group.call_all("describe") for p in trainer.policies)
+    assert [(d["rank"], d["world_size"], d["zero_stage"], d["model_type"]) for d in qwen] == [
+        (0, 2, 2, "qwen2"), (1, 2, 2, "qwen2")]
+    assert [(d["world_size"], d["zero_stage"], d["model_type"]) for d in llama] == [(1, 3, "llama")]
+    assert [d["lr"] for d in qwen + llama] == pytest.approx([2e-5, 2e-5, 7e-5])
     for name in ("agent_0", "agent_1"):
         for key in ("policy_loss", "value_loss", "kl", "reward", "entropy", "grad_norm", "clip_frac"):
             assert np.isfinite(metrics[-1][f"train/{name}/{key}"])

@@ -1,0 +1,149 @@
+"""Model builds: tokenizers and chat templates, special-token ids, idempotent/atomic builds, warm-start accuracy.
+
+The tiny models are built once into the cache (``make models``); the session fixture is a no-op after that.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from mapoco import models
+from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.tasks import TaskConfig, arithmetic_problems
+
+TINY = sorted(models.TINY_MODELS)
+GENERATION_PROMPT = {"tiny-qwen": "<|im_start|>assistant\n", "tiny-llama": "<|assistant|>\n"}
+VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs() -> dict[str, Path]:
+    return {name: models.build_tiny_model(name) for name in TINY}
+
+
+@pytest.fixture(scope="session")
+def problem():
+    return arithmetic_problems(TaskConfig(), "test", 1)[0]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tokenizer_round_trip(tiny_dirs, problem, name):
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    text = later_turn_message(problem, [PeerAnswer(agent=1, text="\\boxed{-79}", score=1.0)])
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert tok.unk_token_id not in ids
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_chat_template_ends_with_generation_prompt(tiny_dirs, problem, name):
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    messages = [{"role": "user", "content": first_turn_message(problem)}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.endswith(GENERATION_PROMPT[name]) and not text.endswith(" ")
+    assert first_turn_message(problem) + tok.eos_token in text  # a finished turn ends with the stop token
+    no_prompt = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert not no_prompt.endswith(GENERATION_PROMPT[name])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_special_token_ids_agree(tiny_dirs, name):
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    config = AutoConfig.from_pretrained(tiny_dirs[name])
+    generation = GenerationConfig.from_pretrained(tiny_dirs[name])
+    assert tok.eos_token_id == config.eos_token_id == generation.eos_token_id
+    assert tok.pad_token_id == config.pad_token_id == generation.pad_token_id
+    assert config.bos_token_id == generation.bos_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id  # padding must never read as end of turn
+    assert config.vocab_size == len(tok)
+    assert config.max_position_embeddings == 1024
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_head_dim_supported_by_vllm_cpu(tiny_dirs, name):
+    config = AutoConfig.from_pretrained(tiny_dirs[name])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert head_dim == models.TINY_MODELS[name].head_dim
+    assert head_dim in VLLM_CPU_HEAD_DIMS
+
+
+def test_tiny_models_are_heterogeneous(tiny_dirs, problem):
+    qwen, llama = (AutoTokenizer.from_pretrained(tiny_dirs[n]) for n in ("tiny-qwen", "tiny-llama"))
+    assert qwen.get_vocab() != llama.get_vocab()
+    assert qwen.eos_token != llama.eos_token
+    text = first_turn_message(problem)
+    assert qwen.encode(text, add_special_tokens=False) != llama.encode(text, add_special_tokens=False)
+    types = {AutoConfig.from_pretrained(tiny_dirs[n]).model_type for n in TINY}
+    assert types == {"qwen2", "llama"}
+
+
+def test_build_is_idempotent(tiny_dirs):
+    marker = tiny_dirs["tiny-qwen"] / models.MARKER
+    before = marker.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert models.build_tiny_model("tiny-qwen") == tiny_dirs["tiny-qwen"]
+    assert time.perf_counter() - start < 1.0
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_safetensors_weights(tiny_dirs):
+    for path in tiny_dirs.values():
+        assert list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    final = tmp_path / "models" / "broken"
+
+    def build(out: Path) -> dict:
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        models._atomic_build(final, "fp", build, force=False)
+    assert not final.exists()
+    assert list(final.parent.iterdir()) == []
+
+
+def test_resolve_model(tiny_dirs, tmp_path, monkeypatch):
+    assert models.resolve_model("tiny-llama") == tiny_dirs["tiny-llama"]
+    assert models.resolve_model(str(tmp_path)) == tmp_path
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        models.resolve_model("no-such-model")
+    monkeypatch.setenv("MAPOCO_CACHE", str(tmp_path / "empty"))
+    assert models.cache_dir() == tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match=r"model 'tiny-qwen' is not built; run `make models`"):
+        models.resolve_model("tiny-qwen")
+
+
+def test_default_dtype_follows_hardware():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native_bf16 = torch.cuda.is_available() or "avx512_bf16" in flags or "amx_bf16" in flags
+    assert models.default_dtype() == (torch.bfloat16 if native_bf16 else torch.float32)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_warm_start_accuracy(tiny_dirs, name):
+    record = json.loads((tiny_dirs[name] / models.WARMSTART_FILE).read_text())
+    assert record["num_eval"] == 200
+    assert 0.2 <= record["turn1_accuracy"] <= 0.8
+    # Re-measured, not just read: greedy HF generation on the first 50 of those test problems.
+    assert 0.1 <= models.evaluate_turn1(tiny_dirs[name], num=50) <= 0.9
+
+
+def test_smollm2_checkpoint():
+    path = models.model_dir(models.SMOLLM2)
+    if not (path / models.MARKER).is_file():
+        pytest.skip("SmolLM2 is not converted; run `make models`")
+    tok = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    assert tok.eos_token == "<|im_end|>" and config.eos_token_id == tok.eos_token_id
+    assert getattr(config, "quantization_config", None) is None
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert list(path.glob("*.safetensors"))
