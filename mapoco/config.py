@@ -123,12 +123,14 @@ class VerifierConfig:
     kind: str = "rule"
     path: str | None = None  # learned verifier checkpoint (written by `mapoco train-verifier`)
     timeout_s: float = 30.0  # per sample
+    workers: int = 2  # gold-check processes; a hung check costs one of them until the pool is rebuilt
     batch_size: int = 64
     num_cpus: float = 0.5
     # `mapoco train-verifier` only:
     base: str | None = None  # backbone model (None: the first agent's model)
     epochs: int = 3
     lr: float = 3e-4
+    train_batch_size: int = 8
     held_out: float = 0.2  # share of questions kept out of training for the report
 
 
@@ -328,7 +330,10 @@ def validate(cfg: RunConfig) -> RunConfig:
              "verifier.path", cfg.verifier.path,
              "a learned verifier needs a checkpoint path (train one with `mapoco train-verifier`)")
     _require(cfg.verifier.timeout_s > 0, "verifier.timeout_s", cfg.verifier.timeout_s, "must be > 0")
+    _require(cfg.verifier.workers >= 1, "verifier.workers", cfg.verifier.workers, "an integer >= 1")
     _require(cfg.verifier.batch_size >= 1, "verifier.batch_size", cfg.verifier.batch_size, "must be >= 1")
+    _require(cfg.verifier.train_batch_size >= 1, "verifier.train_batch_size", cfg.verifier.train_batch_size,
+             "an integer >= 1")
     _require(cfg.verifier.epochs >= 1, "verifier.epochs", cfg.verifier.epochs, "must be >= 1")
     _require(cfg.verifier.lr > 0, "verifier.lr", cfg.verifier.lr, "must be > 0")
     _require(0 < cfg.verifier.held_out < 1, "verifier.held_out", cfg.verifier.held_out, "must be in (0, 1)")

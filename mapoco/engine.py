@@ -52,8 +52,13 @@ class Engine:
     """The actor body. Environment variables vLLM reads at import are set by ``start_engine`` via runtime_env."""
 
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int):
+        import torch
         from vllm import LLM
 
+        # A request whose prefill is split across steps rewinds its seeded generator, which only CUDA's
+        # generator supports ("CPU Generator does not use offset"): on CPU, prefills run whole.
+        whole_prefills = {} if torch.cuda.is_available() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
         self.llm = LLM(
             model=model_path,
             dtype=resolve_dtype(cfg.dtype),
@@ -63,6 +68,7 @@ class Engine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=True,
+            **whole_prefills,
         )
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:

@@ -187,7 +187,7 @@ def train_verifier(cfg: RunConfig, out: Path, team: Team | None = None) -> dict[
                            "both right and wrong answers")
     verifier = LearnedVerifier.from_base(resolve_model(vcfg.base or cfg.team.agents[0].model))
     before = evaluate_verifier(verifier, test, vcfg.batch_size)
-    losses = fit(verifier, train, vcfg.epochs, vcfg.lr, vcfg.batch_size, cfg.seed)
+    losses = fit(verifier, train, vcfg.epochs, vcfg.lr, vcfg.train_batch_size, cfg.seed)
     after = evaluate_verifier(verifier, test, vcfg.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     verifier.save(out / "verifier")

@@ -1,13 +1,15 @@
 """Verifier actor: scores (question, answer) pairs in [0, 1] with rules (gold answer) or a learned model.
 
 Calls are batched. A sample that raises or runs past ``timeout_s`` gets no score and an error string instead:
-it is flagged, reported and excluded, while the rest of the batch goes on.
+it is flagged, reported and excluded, while the rest of the batch goes on. Gold checks run in worker processes,
+not threads: a pathological answer (``9^{9^{9^{9}}}``) sends sympy into C code that holds the GIL, so only
+killing the process frees the verifier.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
+import multiprocessing as mp
 from dataclasses import dataclass
 
 import ray
@@ -41,11 +43,79 @@ def check_gold(item: VerifyItem) -> bool:
     return is_correct(extract_answer(item.response, item.kind), item.gold, item.kind)
 
 
+class GoldChecker:
+    """A pool of worker processes for gold checks. A check past its timeout gets the pool killed and rebuilt.
+
+    Workers are forked (spawn/forkserver children would re-import Ray's worker ``__main__``), after the
+    checkers are imported and warmed here, so a rebuild costs milliseconds. The children never touch Ray.
+    """
+
+    def __init__(self, workers: int, timeout_s: float):
+        self.workers, self.timeout_s = workers, timeout_s
+        self.restarts = 0
+        self.context = mp.get_context("fork")
+        _warm_up(0)
+        self.pool = self._start()
+
+    def _start(self) -> mp.pool.Pool:
+        pool = self.context.Pool(self.workers)
+        pool.map(_warm_up, range(self.workers))  # the first timed check must not pay for process start-up
+        return pool
+
+    def check(self, items: list[VerifyItem]) -> list[tuple[bool, str | None]]:
+        results: dict[int, tuple[bool, str | None]] = {}
+        pending = list(range(len(items)))
+        while pending:  # each pass settles at least one item, so this ends
+            running = {i: self.pool.apply_async(check_gold, (items[i],)) for i in pending}
+            pending = []
+            for i, job in running.items():
+                if i in results:
+                    continue
+                try:
+                    results[i] = (job.get(timeout=self.timeout_s), None)
+                except mp.TimeoutError:
+                    results[i] = (False, f"timed out after {self.timeout_s}s")
+                    pending = self._salvage(running, results)
+                    self.restart()
+                    break
+                except Exception as exc:
+                    results[i] = (False, f"{type(exc).__name__}: {exc}")
+        return [results[i] for i in range(len(items))]
+
+    @staticmethod
+    def _salvage(running: dict, results: dict) -> list[int]:
+        """Keep the finished checks of a pool about to be killed; return the ones to run again."""
+        again = []
+        for i, job in running.items():
+            if i in results:
+                continue
+            if not job.ready():
+                again.append(i)
+            elif job.successful():
+                results[i] = (job.get(), None)
+            else:
+                again.append(i)  # its error is re-raised, and reported, on the next pass
+        return again
+
+    def restart(self) -> None:
+        self.pool.terminate()
+        self.pool = self._start()
+        self.restarts += 1
+
+    def close(self) -> None:
+        self.pool.terminate()
+
+
+def _warm_up(_: int) -> None:
+    check_gold(VerifyItem("", "\\boxed{1}", "1"))
+
+
 class Verifier:
-    """The actor body. Gold checks run per sample in worker threads so one hung sample times out alone."""
+    """The actor body: rule checks against the gold answer, and the learned model's score when configured."""
 
     def __init__(self, cfg: VerifierConfig):
         self.cfg = cfg
+        self.gold = GoldChecker(cfg.workers, cfg.timeout_s)
         self.model = None
         if cfg.kind == "learned":
             from mapoco.learned_verifier import LearnedVerifier
@@ -53,7 +123,7 @@ class Verifier:
             self.model = LearnedVerifier.load(cfg.path)
 
     def score(self, items: list[VerifyItem]) -> list[Verdict]:
-        checks = self._check_gold(items)
+        checks = self.gold.check(items)
         learned = self._score_learned(items) if self.model is not None else None
         verdicts = []
         for i, (correct, error) in enumerate(checks):
@@ -63,6 +133,9 @@ class Verifier:
                 score = None if error else float(correct)
             verdicts.append(Verdict(score, bool(correct), error))
         return verdicts
+
+    def restarts(self) -> int:
+        return self.gold.restarts
 
     def _score_learned(self, items: list[VerifyItem]) -> list[tuple[float | None, str | None]]:
         scores: list[tuple[float | None, str | None]] = []
@@ -74,49 +147,37 @@ class Verifier:
                 scores += [(None, f"{type(exc).__name__}: {exc}") for _ in batch]
         return scores
 
-    def _check_gold(self, items: list[VerifyItem]) -> list[tuple[bool, str | None]]:
-        pool = cf.ThreadPoolExecutor(max_workers=4)
-        futures = [pool.submit(check_gold, item) for item in items]
-        checks: list[tuple[bool, str | None]] = []
-        for future in futures:
-            try:
-                checks.append((future.result(timeout=self.cfg.timeout_s), None))
-            except cf.TimeoutError:
-                checks.append((False, f"timed out after {self.cfg.timeout_s}s"))
-            except Exception as exc:
-                checks.append((False, f"{type(exc).__name__}: {exc}"))
-        pool.shutdown(wait=False, cancel_futures=True)  # hung threads are abandoned, not awaited
-        return checks
-
 
 class VerifierClient:
-    """Controller-side handle: one call per batch, bounded by a deadline proportional to the batch."""
+    """Controller-side handle: one call per batch, bounded by a deadline proportional to the batch.
+
+    Timed-out samples are handled inside the actor; the client replaces the actor only when a whole call fails
+    (the actor died or missed the deadline), flagging that batch.
+    """
 
     def __init__(self, cfg: VerifierConfig):
         self.cfg = cfg
-        self.restarts = 0
+        self.actor_restarts = 0
         self.actor = self._start()
 
     def _start(self) -> ray.actor.ActorHandle:
         return ray.remote(Verifier).options(num_cpus=self.cfg.num_cpus).remote(self.cfg)
 
-    def _restart(self) -> None:
-        """A timed-out check may still be spinning in an abandoned thread: replace the whole actor."""
-        ray.kill(self.actor)
-        self.actor = self._start()
-        self.restarts += 1
-
     def score(self, items: list[VerifyItem]) -> list[Verdict]:
         if not items:
             return []
-        deadline = self.cfg.timeout_s * (1 + len(items) / 4) + 60
+        deadline = self.cfg.timeout_s * (1 + len(items) / self.cfg.workers) + 60
         try:
-            verdicts = ray.get(self.actor.score.remote(items), timeout=deadline)
+            return ray.get(self.actor.score.remote(items), timeout=deadline)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
-            verdicts = [Verdict(None, False, f"verifier call failed: {type(exc).__name__}") for _ in items]
-        if any(v.flagged and "timed out" in (v.error or "") or "call failed" in (v.error or "") for v in verdicts):
-            self._restart()
-        return verdicts
+            ray.kill(self.actor)
+            self.actor = self._start()
+            self.actor_restarts += 1
+            return [Verdict(None, False, f"verifier call failed: {type(exc).__name__}") for _ in items]
+
+    def checker_restarts(self) -> int:
+        """How many times a hung gold check got the worker pool killed (since the actor started)."""
+        return ray.get(self.actor.restarts.remote())
 
     def shutdown(self) -> None:
         ray.kill(self.actor)

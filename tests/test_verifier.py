@@ -24,7 +24,8 @@ def test_hung_or_failing_samples_are_flagged_and_the_batch_goes_on(ray_session):
         assert verdicts[1].flagged and "timed out" in verdicts[1].error
         assert (verdicts[2].score, verdicts[2].correct) == (0.0, False)
         assert verdicts[3].flagged and "TypeError" in verdicts[3].error  # a row with a broken gold answer
-        assert client.restarts == 1  # the actor with the spinning thread was replaced
+        assert client.checker_restarts() == 1  # the process stuck on the hung sample was killed
+        assert client.actor_restarts == 0
         assert client.score(items[:1])[0].score == 1.0
     finally:
         client.shutdown()
@@ -44,17 +45,41 @@ def test_auc():
     assert auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
 
 
-def test_learned_verifier_separates_right_from_wrong(hetero_team, tmp_path):
-    from mapoco.learned_verifier import train_verifier
+def test_fit_learns_a_label_the_backbone_can_see():
+    """The training loop itself works: a label the last answer token decides (parity) is learned to AUC ~1."""
+    import numpy as np
+
+    from mapoco.learned_verifier import LearnedVerifier, evaluate_verifier, fit
+    from mapoco.models import resolve_model
+
+    examples = [Example(f"{a}{b}", f"Calculate {a} + {b}.", f"\\boxed{{{n}}}", int(n % 2 == 0))
+                for a in range(10) for b in range(10) for n in (a + b, a + b + 1)]
+    verifier = LearnedVerifier.from_base(resolve_model("tiny-qwen"))
+    untrained = evaluate_verifier(verifier, examples, batch_size=64)
+    losses = fit(verifier, examples, epochs=10, lr=1e-3, batch_size=8, seed=0)
+    trained = evaluate_verifier(verifier, examples, batch_size=64)
+    assert losses[-1] < 0.1 < losses[0] and not np.isnan(untrained["auc"])
+    assert trained["auc"] > 0.95 > untrained["auc"]
+
+
+def test_train_verifier_end_to_end(hetero_team, tmp_path):
+    """Sample from the team, balance, split by question, fit, save; the verifier actor then serves the saved model.
+
+    Held-out quality is reported, not asserted: the tiny models cannot judge arithmetic (AUC ~0.5, README).
+    """
+    from mapoco.learned_verifier import LearnedVerifier, train_verifier
 
     cfg = compose_config("team=tiny_hetero", "command=train-verifier", "verifier=learned", "task.limit=200",
-                         "turns=2", "verifier.epochs=4")
+                         "turns=2", "verifier.epochs=1")
     report = train_verifier(cfg, tmp_path, team=hetero_team)
-    assert report["held_out_examples"] >= 40
-    assert report["held_out"]["auc"] > 0.6, report
+    assert report["held_out_examples"] >= 40 and report["train_examples"] >= 4 * report["held_out_examples"] // 2
+    assert 0.0 <= report["held_out"]["auc"] <= 1.0 and len(report["losses"]) == 1
+    items = [VerifyItem("Calculate 2 + 3.", "\\boxed{5}", "5"), VerifyItem("Calculate 2 + 3.", "\\boxed{7}", "5")]
+    local = LearnedVerifier.load(report["path"]).score([(i.question, i.response) for i in items])
     client = VerifierClient(VerifierConfig(kind="learned", path=report["path"]))
     try:
-        verdict = client.score([VerifyItem("Calculate 2 + 3.", "\\boxed{5}", "5")])[0]
-        assert 0 < verdict.score < 1 and verdict.correct
+        verdicts = client.score(items)
     finally:
         client.shutdown()
+    assert [v.score for v in verdicts] == pytest.approx(local, abs=1e-5)
+    assert all(0 < v.score < 1 for v in verdicts) and [v.correct for v in verdicts] == [True, False]
