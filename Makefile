@@ -33,7 +33,7 @@ test: models
 	$(RUN_ENV) $(BIN)/python -m pytest -q
 
 demo: models
-	$(RUN_ENV) $(BIN)/mapoco eval team=tiny2 task=arithmetic task.limit=200 turns=3 output_dir=outputs/demo
+	$(RUN_ENV) $(BIN)/mapoco train +experiment=demo
 
 clean:
 	rm -rf outputs multirun wandb

@@ -128,6 +128,7 @@ class Trainer:
             if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                 metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
             self.tracker.log(metrics, self.step)
+            print(self._progress(metrics), flush=True)
             if self.cfg.train.save_every and (self.step % self.cfg.train.save_every == 0
                                               or self.step == self.cfg.train.steps):
                 self.save()
@@ -254,8 +255,18 @@ class Trainer:
     def evaluate(self, label: str) -> dict[str, Any]:
         result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
         summary = summarize(result, 0, self.cfg.rewards)
-        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"))
+        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"),
+              flush=True)
         return summary
+
+    def _progress(self, metrics: dict[str, float]) -> str:
+        """One line per step, readable in `ray job logs`: rollout accuracy per turn, reward and KL per agent."""
+        turns = " ".join(f"{metrics[f'rollout/turn_{t + 1}/acc']:.2f}" for t in range(self.cfg.turns))
+        agents = " | ".join(f"{p.name}: reward {metrics[f'train/{p.name}/reward']:.3f} "
+                            f"kl {metrics[f'train/{p.name}/kl']:.4f}"
+                            for p in self.policies if f"train/{p.name}/reward" in metrics)
+        return (f"step {self.step}/{self.cfg.train.steps}  rollout acc per turn [{turns}]  {agents}  "
+                f"{metrics['timing/step']:.1f}s")
 
     @staticmethod
     def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
