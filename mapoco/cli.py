@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mapoco.config import RunConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_COMMANDS = ("eval", "train", "train-verifier")
@@ -24,13 +28,20 @@ def _run(cfg) -> None:
     from omegaconf import OmegaConf
 
     from mapoco.config import ConfigError, from_dict
+    from mapoco.tasks import TaskDataError
 
     try:
         run_cfg = from_dict(OmegaConf.to_container(cfg, resolve=True))
+        _dispatch(run_cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    out = Path(HydraConfig.get().runtime.output_dir)
+    except TaskDataError as exc:  # raised while loading data, before any actor starts
+        print(f"data error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(run_cfg: RunConfig, out: Path) -> None:
     if run_cfg.command == "eval":
         from mapoco.evaluate import evaluate
 

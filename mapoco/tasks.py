@@ -7,6 +7,7 @@ Sources are either generated (``arithmetic`` through reasoning-gym) or loaded wi
 from __future__ import annotations
 
 import ast
+import json
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,7 +44,11 @@ class TaskConfig:
 @dataclass
 class TaskData:
     problems: list[Problem]
-    skipped: int = 0
+    skipped: int = 0  # rows without a usable question or gold answer, and malformed lines
+
+
+class TaskDataError(ValueError):
+    """A dataset source that cannot give a single problem; the message names the config key and the file."""
 
 
 RowParser = Callable[[dict[str, Any], int], Problem | None]
@@ -206,22 +211,50 @@ def _file_format(path: Path) -> str:
     return {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(suffix, "json")
 
 
-def _load_rows(cfg: TaskConfig, split: str) -> Iterable[dict[str, Any]]:
-    from datasets import load_dataset
+def _read_json_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a JSON-lines file; a line that is not a JSON object is counted, not fatal (one bad line in a
+    100k-row file should not cost the run). ``datasets``' own JSON reader aborts on the first one."""
+    rows, bad = [], 0
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
+
+
+def _load_rows(cfg: TaskConfig, split: str) -> tuple[Iterable[dict[str, Any]], int, str]:
+    """(rows, malformed rows, a description of the source for error messages)."""
+    from datasets import Dataset, load_dataset
 
     key, local = ("task.train_path", cfg.train_path) if split == "train" else ("task.path", cfg.path)
     if local:
         path = Path(local).expanduser()
+        source = f"{key}={local}"
         if not path.is_file():
-            raise FileNotFoundError(f"{key}={local}: no such file")
+            raise TaskDataError(f"{source}: no such file")
         if path.stat().st_size == 0:
-            raise ValueError(f"{key}={local}: the file is empty")
-        return load_dataset(_file_format(path), data_files=str(path), split="train")
+            raise TaskDataError(f"{source}: the file is empty")
+        if path.suffix.lower() == ".jsonl":
+            rows, bad = _read_json_lines(path)
+            return Dataset.from_list(rows), bad, source
+        try:
+            return load_dataset(_file_format(path), data_files=str(path), split="train"), 0, source
+        except Exception as exc:  # pyarrow/datasets errors say little about which setting to fix
+            raise TaskDataError(f"{source}: cannot be read as {_file_format(path)} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]})") from exc
     hub, hub_config = HUB_DEFAULTS.get(cfg.name, (None, None))
     hub, hub_config = cfg.hub or hub, cfg.hub_config or hub_config
     if cfg.name == "anli":
         split = f"{split if split != 'validation' else 'dev'}_r{cfg.params.get('round', 1)}"
-    return load_dataset(hub, hub_config, split=split)
+    return load_dataset(hub, hub_config, split=split), 0, f"task.hub={hub} split={split}"
 
 
 def load_task(cfg: TaskConfig, split: str | None = None) -> TaskData:
@@ -230,8 +263,9 @@ def load_task(cfg: TaskConfig, split: str | None = None) -> TaskData:
     if cfg.name in _GENERATORS:
         return _GENERATORS[cfg.name](cfg, split)
     parser = _PARSERS[cfg.name]
-    problems, skipped = [], 0
-    for index, row in enumerate(_load_rows(cfg, split)):
+    rows, skipped, source = _load_rows(cfg, split)
+    problems = []
+    for index, row in enumerate(rows):
         problem = parser(row, index)
         if problem is None:
             skipped += 1
@@ -239,4 +273,7 @@ def load_task(cfg: TaskConfig, split: str | None = None) -> TaskData:
         problems.append(problem)
         if cfg.limit is not None and len(problems) >= cfg.limit:
             break
+    if not problems:
+        raise TaskDataError(f"{source}: no usable {cfg.name} problem in it ({skipped} rows skipped: malformed, or "
+                            f"missing the fields task={cfg.name} reads)")
     return TaskData(problems, skipped)

@@ -82,8 +82,6 @@ class Trainer:
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)  # before any actor starts
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
         self.pool = training_pool(cfg)
-        if not self.pool:
-            raise ValueError(f"task {cfg.task.name} has no training questions")
         init_ray(cfg)
         self.owns_team = team is None
         self.team = team or Team(cfg.team, cfg.seed)

@@ -48,11 +48,25 @@ def test_unknown_team_is_rejected():
         compose_config("team=no_such_team")
 
 
-def test_cli_reports_config_errors_without_starting_ray(tiny_models, tmp_path):
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_cli_reports_config_errors_without_starting_ray(tiny_models, tmp_path, command):
     proc = subprocess.run(
-        [sys.executable, "-m", "mapoco", "eval", "turns=0", f"output_dir={tmp_path}"],
+        [sys.executable, "-m", "mapoco", command, "turns=0", f"output_dir={tmp_path}"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert "turns=0" in proc.stderr and "must be an integer >= 1" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_cli_reports_unusable_data_without_starting_ray(tiny_models, tmp_path):
+    data = tmp_path / "anli_rows.jsonl"
+    data.write_text('{"premise": "P", "hypothesis": "H", "label": 0}\n')  # no gsm8k fields
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapoco", "train", "task=gsm8k", f"task.path={data}", f"task.train_path={data}",
+         f"output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"data error: task.path={data}: no usable gsm8k problem" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr

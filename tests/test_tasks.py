@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 
 from mapoco.answers import extract_answer, is_correct
-from mapoco.tasks import TaskConfig, arithmetic_problems, load_task, straight_line_program_answer
+from mapoco.tasks import TaskConfig, TaskDataError, arithmetic_problems, load_task, straight_line_program_answer
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 
@@ -32,13 +33,30 @@ def test_rows_without_gold_are_skipped_and_counted(tmp_path):
     assert [p.gold for p in data.problems] == ["3"] and data.skipped == 2
 
 
-def test_empty_or_missing_file_is_a_clear_error(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="empty"):
-        load_task(TaskConfig(name="gsm8k", path=str(empty)))
-    with pytest.raises(FileNotFoundError, match="task.path"):
-        load_task(TaskConfig(name="gsm8k", path=str(tmp_path / "nope.jsonl")))
+def test_malformed_json_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"question": "q1", "answer": "x #### 3"}\n{"question": "q2", "answer": \n[1, 2]\n\n'
+                    '{"question": "q3", "answer": "y #### 4"}\n')
+    data = load_task(TaskConfig(name="gsm8k", path=str(path)))
+    assert [p.gold for p in data.problems] == ["3", "4"] and data.skipped == 2
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.jsonl", "", "the file is empty"),
+    ("garbage.jsonl", "not json\n{broken\n", "no usable gsm8k problem in it (2 rows skipped"),
+    ("other_task.jsonl", '{"premise": "P", "hypothesis": "H", "label": 0}\n', "no usable gsm8k problem"),
+    ("bad.parquet", "not parquet", "cannot be read as parquet"),
+])
+def test_unusable_files_are_a_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TaskDataError, match=re.escape(f"task.path={path}: {message}")):
+        load_task(TaskConfig(name="gsm8k", path=str(path)))
+
+
+def test_missing_file_names_the_key(tmp_path):
+    with pytest.raises(TaskDataError, match="task.train_path=.*nope.jsonl: no such file"):
+        load_task(TaskConfig(name="gsm8k", train_path=str(tmp_path / "nope.jsonl")), split="train")
 
 
 def test_anli_labels_local(tmp_path):
