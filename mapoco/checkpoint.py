@@ -48,7 +48,7 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
         raise ConfigError("train.resume", resume, "no such checkpoint directory (use auto, or a step_<n> folder)")
     if not is_complete(path):
         raise ConfigError("train.resume", resume, f"incomplete or corrupted checkpoint (no {COMPLETE} marker or "
-                                                  f"{STATE}); resume from an earlier step_<n> or use auto")
+                                                  f"{STATE}); resume from an earlier step_<n> folder or use auto")
     try:
         read_state(path)
     except (json.JSONDecodeError, KeyError) as exc:
