@@ -40,18 +40,22 @@ def ray_head(tiny_models):
     from mapoco.models import cache_dir
 
     temp_dir = Path("/tmp") / f"ray-job-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths have a length limit
-    port, dashboard_port = free_port(), free_port()
+    # Every port this head opens is its own: defaults (the dashboard agent's 52365, the client server's 10001)
+    # would collide with the suite's other Ray instance and leave the job server without an agent.
+    ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "metrics-export-port", "ray-client-server-port")}
     # Jobs inherit the head's environment: the venv's `mapoco` on PATH, the already built tiny models.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MAPOCO_CACHE": str(cache_dir()),
            "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # token auth, as Ray 2.60 heads default to
     # --block keeps `ray start` in the foreground as the parent of this head's processes: stopping it (and its
     # process group) stops exactly this head. `ray stop` would kill every Ray instance on the machine.
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         *[f"--{flag}={port}" for flag, port in ports.items()], "--dashboard-host=127.0.0.1", "--num-cpus=4",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         wait_for_job_server(address, env, head)
         yield address, env
@@ -98,8 +102,14 @@ def submit_and_wait(address: str, env: dict[str, str], entrypoint: list[str], ti
     """Submit from the project root, poll until the job ends, return its logs (asserting it SUCCEEDED)."""
     job_id = f"mapoco-test-{uuid.uuid4().hex[:8]}"
     ray = str(BIN / "ray")
-    run([ray, "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--working-dir=.",
-         "--runtime-env=cluster/runtime_env.yaml", "--no-wait", "--", *entrypoint], cwd=ROOT, env=env, timeout=120)
+    submit = [ray, "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--working-dir=.",
+              "--runtime-env=cluster/runtime_env.yaml", "--no-wait", "--", *entrypoint]
+    for _ in range(30):  # a busy machine may bring the head's job agent up after its job server
+        proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(4)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     deadline, status = time.time() + timeout_s, ""
     while time.time() < deadline:
         status = run([ray, "job", "status", f"--address={address}", job_id], env=env, timeout=60).lower()
