@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,36 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
     except (json.JSONDecodeError, KeyError) as exc:
         raise ConfigError("train.resume", resume, f"corrupted {STATE}: {exc}") from None
     return path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the partial folder is gone and earlier checkpoints are untouched."""
+
+
+def write(out: Path, step: int, state: dict[str, Any], keep: int, write_parts: Callable[[Path], None]) -> Path:
+    """Write a whole checkpoint: ``write_parts(folder)`` fills the temporary folder (every agent's files), then
+    the state and marker make it complete. Any failure (disk full, unwritable folder, an actor that raised)
+    removes the partial folder and raises CheckpointError naming the cause and the checkpoint still intact."""
+    tmp = None
+    try:
+        tmp = begin(out, step)
+        write_parts(tmp)
+        return commit(tmp, state, keep)
+    except Exception as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        intact = complete_checkpoints(out)
+        raise CheckpointError(
+            f"could not write the step {step} checkpoint under {checkpoints_dir(out)} ({_cause(exc)}); "
+            f"the last complete checkpoint is {intact[-1] if intact else 'none'} and is intact"
+        ) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error: an actor's OSError arrives wrapped in Ray's task error."""
+    while getattr(exc, "cause", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def begin(out: Path, step: int) -> Path:

@@ -1,6 +1,7 @@
 """`mapoco <command> [hydra overrides]`.
 
-Commands: eval, train, train-verifier (Hydra configs under conf/), build-models (tiny models and SmolLM2 into the cache).
+Commands: eval, train, train-verifier (Hydra configs under conf/; `-m` sweeps), build-models (tiny models and SmolLM2
+into the cache), sweep-summary (final per-turn accuracy per configuration of a sweep).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ if TYPE_CHECKING:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_COMMANDS = ("eval", "train", "train-verifier")
 USAGE = (
-    "usage: mapoco {eval,train,train-verifier,build-models} [key=value ...]\n"
+    "usage: mapoco {eval,train,train-verifier,build-models,sweep-summary} [key=value ...]\n"
     "  mapoco train team=tiny2 train.steps=20 output_dir=outputs/train\n"
+    "  mapoco train -m rewards.alpha1=0,1,2 seed=0,1 hydra.sweep.dir=outputs/sweep\n"
+    "  mapoco sweep-summary outputs/sweep\n"
     "  mapoco eval team=tiny2 task=arithmetic task.limit=100 turns=3 output_dir=outputs/eval\n"
     "  mapoco train-verifier team=tiny2 output_dir=outputs/verifier\n"
     "  mapoco build-models [tiny-qwen tiny-llama smollm2]"
@@ -27,18 +30,39 @@ def _run(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from mapoco.checkpoint import CheckpointError
     from mapoco.config import ConfigError, from_dict
     from mapoco.tasks import TaskDataError
+    from mapoco.trainer import TrainingInterrupted
 
     try:
         run_cfg = from_dict(OmegaConf.to_container(cfg, resolve=True))
-        _dispatch(run_cfg, Path(HydraConfig.get().runtime.output_dir))
+        out = Path(HydraConfig.get().runtime.output_dir)
+        _name_sweep_job(run_cfg, out)
+        _dispatch(run_cfg, out)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
     except TaskDataError as exc:  # raised while loading data, before any actor starts
         print(f"data error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingInterrupted, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _name_sweep_job(run_cfg: RunConfig, out: Path) -> None:
+    """A multirun job (its own directory under hydra.sweep.dir) is one wandb run, named by its overrides, in a
+    group named after the sweep directory, so a sweep's runs sit together in wandb."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    wandb = run_cfg.logger.wandb
+    wandb.group = wandb.group or Path(hydra_cfg.sweep.dir).name
+    wandb.name = wandb.name or hydra_cfg.job.override_dirname or out.name
 
 
 def _dispatch(run_cfg: RunConfig, out: Path) -> None:
@@ -59,8 +83,44 @@ def _dispatch(run_cfg: RunConfig, out: Path) -> None:
 def _hydra_main(command: str, overrides: list[str]) -> None:
     import hydra
 
+    _check_run_dir([*overrides, f"command={command}"])
     sys.argv = [f"mapoco {command}", *overrides, f"command={command}"]
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_run)()
+
+
+def _check_run_dir(overrides: list[str]) -> None:
+    """Hydra creates the run directory before mapoco's code runs: an unusable one must be a one-line config
+    error, not Hydra's traceback. (A sweep's directories are Hydra's to make.)"""
+    if "-m" in overrides or "--multirun" in overrides:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from mapoco.config import ConfigError
+    from mapoco.report import check_output_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            run_dir = compose("config", overrides=overrides, return_hydra_config=True).hydra.run.dir
+        check_output_dir(Path(run_dir))
+    except HydraException:
+        return  # a bad override: Hydra itself reports it, with the options
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _sweep_summary(args: list[str]) -> None:
+    from mapoco.sweep import NoRunsError, sweep_summary
+
+    if len(args) != 1:
+        print("usage: mapoco sweep-summary DIR", file=sys.stderr)
+        sys.exit(2)
+    try:
+        sweep_summary(Path(args[0]))
+    except NoRunsError as exc:
+        print(f"sweep-summary: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
@@ -73,6 +133,8 @@ def main() -> None:
         from mapoco.models import build_models
 
         build_models(rest or None)
+    elif command == "sweep-summary":
+        _sweep_summary(rest)
     elif command in HYDRA_COMMANDS:
         _hydra_main(command, rest)
     else:

@@ -1,6 +1,7 @@
 """Connecting to Ray: join an existing cluster (``ray job submit`` sets RAY_ADDRESS) or start a local instance.
 
-The resources every actor will ask for are added up first, so a run that cannot fit fails before any actor starts.
+Every placement bundle the run will reserve is listed first, so a run that cannot fit (in total, or because one
+bundle is larger than any node) fails with the numbers before any actor starts.
 """
 
 from __future__ import annotations
@@ -9,34 +10,43 @@ import os
 
 import ray
 
-from mapoco.config import ConfigError, RunConfig
+from mapoco.config import AgentConfig, ConfigError, RunConfig
+from mapoco.placement import check_bundles_fit, engine_bundle, learner_bundle
 
 
-def _learning_agents(cfg: RunConfig) -> list:
+def _learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
     if cfg.command != "train":
         return []
-    trained = [a for a in cfg.team.agents if a.trainable]
+    trained = [(i, a) for i, a in enumerate(cfg.team.agents) if a.trainable]
     return trained[:1] if cfg.team.shared_policy else trained
 
 
-def _engine_agents(cfg: RunConfig) -> list:
-    return cfg.team.agents[:1] if cfg.team.shared_policy else cfg.team.agents
+def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
+    agents = list(enumerate(cfg.team.agents))
+    return agents[:1] if cfg.team.shared_policy else agents
 
 
-def required_cpus(cfg: RunConfig) -> float:
-    engines = sum(a.engine.num_cpus * a.engine.replicas for a in _engine_agents(cfg))
-    learners = sum(a.learner.num_cpus * a.learner.num_learners for a in _learning_agents(cfg))
-    return engines + learners + cfg.verifier.num_cpus
+def run_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
+    """Placement bundles per group of actors, keyed by the config key that sizes them."""
+    learning = dict(_learning_agents(cfg))
+    bundles = {}
+    for i, agent in _engine_agents(cfg):
+        colocated = i in learning and agent.learner.colocate
+        bundles[f"team.agents[{i}].engine"] = [engine_bundle(agent, colocated)] * agent.engine.replicas
+    for i, agent in learning.items():
+        if not agent.learner.colocate:
+            bundles[f"team.agents[{i}].learner"] = [learner_bundle(agent.learner)] * agent.learner.num_learners
+    bundles["verifier"] = [{"CPU": cfg.verifier.num_cpus}]
+    return bundles
 
 
-def required_gpus(cfg: RunConfig) -> float:
-    engines = sum(a.engine.num_gpus * a.engine.replicas for a in _engine_agents(cfg))
-    return engines + sum(a.learner.num_gpus * a.learner.num_learners for a in _learning_agents(cfg))
+def required(cfg: RunConfig, resource: str) -> float:
+    return sum(b.get(resource, 0.0) for group in run_bundles(cfg).values() for b in group)
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Start or join Ray, then check that the cluster has the CPUs and GPUs the run's actors ask for."""
-    need_cpus, need_gpus = required_cpus(cfg), required_gpus(cfg)
+    """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
+    need_cpus, need_gpus = required(cfg, "CPU"), required(cfg, "GPU")
     if not ray.is_initialized():
         address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -44,7 +54,8 @@ def init_ray(cfg: RunConfig) -> None:
         else:
             if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
                 raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus,
-                                  f"the run's actors need {need_cpus:g} CPUs (engines x replicas + verifier)")
+                                  f"the run's actors need {need_cpus:g} CPUs (engines x replicas + learners + "
+                                  f"verifier)")
             ray.init(
                 num_cpus=cfg.cluster.num_cpus or max(int(need_cpus + 0.999), os.cpu_count() or 1),
                 include_dashboard=False,
@@ -53,6 +64,10 @@ def init_ray(cfg: RunConfig) -> None:
             )
     have = ray.cluster_resources()
     if have.get("CPU", 0) < need_cpus:
-        raise ConfigError("engine.num_cpus", need_cpus, f"the cluster has only {have.get('CPU', 0):g} CPUs")
+        raise ConfigError("engine.num_cpus", need_cpus, f"the run's actors need {need_cpus:g} CPUs in all; the "
+                                                        f"cluster has {have.get('CPU', 0):g}")
     if have.get("GPU", 0) < need_gpus:
-        raise ConfigError("engine.num_gpus", need_gpus, f"the cluster has only {have.get('GPU', 0):g} GPUs")
+        raise ConfigError("engine.num_gpus", need_gpus, f"the run's actors need {need_gpus:g} GPUs in all "
+                                                        f"(engines x tensor parallel x replicas + learners); the "
+                                                        f"cluster has {have.get('GPU', 0):g}")
+    check_bundles_fit(run_bundles(cfg))

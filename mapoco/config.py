@@ -61,6 +61,7 @@ class LearnerConfig:
     dtype: str = "float32"
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    colocate: bool = False  # GPU: rank k shares engine replica k's GPU; the engines sleep while it updates
 
 
 @dataclass
@@ -145,7 +146,8 @@ class ClusterConfig:
 class WandbConfig:
     mode: str = "offline"
     project: str = "mapoco"
-    group: str | None = None
+    group: str | None = None  # a multirun defaults it to the sweep directory's name
+    name: str | None = None  # default: the run directory's name (a multirun job: its overrides)
 
 
 @dataclass
@@ -260,6 +262,29 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
     _require(learner.dtype in DTYPES[1:], f"{key}.learner.dtype", learner.dtype, f"one of {DTYPES[1:]}")
     _require(learner.num_cpus >= 0, f"{key}.learner.num_cpus", learner.num_cpus, "must be >= 0")
     _require(learner.num_gpus >= 0, f"{key}.learner.num_gpus", learner.num_gpus, "must be >= 0")
+    _validate_placement(key, agent)
+
+
+def _validate_placement(key: str, agent: AgentConfig) -> None:
+    """The GPU arithmetic of one agent's actors (see mapoco.placement), checked before anything starts."""
+    engine, learner = agent.engine, agent.learner
+    for part, cfg in (("engine", engine), ("learner", learner)):
+        _require(cfg.num_cpus + cfg.num_gpus > 0, f"{key}.{part}.num_cpus", cfg.num_cpus,
+                 f"with {part}.num_gpus=0 it must be > 0: every actor reserves some CPU or GPU")
+    tp = engine.tensor_parallel_size
+    _require(tp == 1 or engine.num_gpus == tp, f"{key}.engine.num_gpus", engine.num_gpus,
+             f"tensor_parallel_size={tp} runs {tp} GPU workers in each engine replica: set it to {tp}")
+    if not learner.colocate:
+        return
+    _require(engine.num_gpus > 0 and learner.num_gpus > 0, f"{key}.learner.colocate", True,
+             f"colocation shares GPUs: needs engine.num_gpus > 0 and learner.num_gpus > 0 (got "
+             f"{engine.num_gpus:g} and {learner.num_gpus:g})")
+    _require(tp == 1, f"{key}.learner.colocate", True, f"needs engine.tensor_parallel_size=1 (got {tp})")
+    _require(learner.num_learners == engine.replicas, f"{key}.learner.num_learners", learner.num_learners,
+             f"colocated ranks pair with engine replicas one to one: set it to engine.replicas={engine.replicas}")
+    _require(engine.num_gpus + learner.num_gpus <= 1, f"{key}.learner.num_gpus", learner.num_gpus,
+             f"a shared GPU holds engine.num_gpus + learner.num_gpus = {engine.num_gpus + learner.num_gpus:g} > 1; "
+             f"use fractions such as 0.5 and 0.5")
 
 
 def _validate_training(cfg: RunConfig) -> None:
@@ -306,12 +331,16 @@ def _validate_training(cfg: RunConfig) -> None:
 
 
 def _validate_model(i: int, agent: AgentConfig) -> None:
-    from mapoco.models import resolve_model
+    from mapoco.models import has_chat_template, resolve_model
 
+    key = f"team.agents[{i}].model"
     try:
-        resolve_model(agent.model)
+        path = resolve_model(agent.model)
     except FileNotFoundError as exc:
-        raise ConfigError(f"team.agents[{i}].model", agent.model, str(exc)) from None
+        raise ConfigError(key, agent.model, str(exc)) from None
+    _require(has_chat_template(path), key, agent.model,
+             "its tokenizer has no chat template (chat_template.jinja or tokenizer_config.json 'chat_template'): "
+             "agents talk in chat threads, so use an instruct model or add a template")
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -19,6 +19,7 @@ from mapoco.answers import extract_answer
 from mapoco.config import AgentConfig, DiscussionConfig, TeamConfig
 from mapoco.engine import AgentEngines, Generation, request_seed
 from mapoco.models import resolve_model
+from mapoco.placement import engine_bundle, reserve
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import Problem
 from mapoco.verifier import VerifierClient, VerifyItem
@@ -54,25 +55,39 @@ class AgentRuntime:
 
 
 class Team:
-    """Every agent's model, tokenizer and engines. Agents may differ in family, tokenizer and settings."""
+    """Every agent's model, tokenizer and engines. Agents may differ in family, tokenizer and settings.
 
-    def __init__(self, cfg: TeamConfig, seed: int):
+    ``colocate_learners`` (training): agents with ``learner.colocate`` reserve room for their learner ranks in
+    their engines' bundles, and their engines can sleep while the learner updates.
+    """
+
+    def __init__(self, cfg: TeamConfig, seed: int, colocate_learners: bool = False):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
         self.agents = []
-        for i, agent in enumerate(cfg.agents):
-            if cfg.shared_policy and self.agents:  # one policy plays every seat: the same engines serve all
-                first = self.agents[0]
-                self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
-                continue
-            path = resolve_model(agent.model)
-            self.agents.append(
-                AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path),
-                             AgentEngines(str(path), agent.engine, seed + 1000 * i))
-            )
-        for engines in self.distinct_engines():
-            engines.wait_ready()
+        try:
+            for i, agent in enumerate(cfg.agents):
+                if cfg.shared_policy and self.agents:  # one policy plays every seat: the same engines serve all
+                    first = self.agents[0]
+                    self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
+                    continue
+                path = resolve_model(agent.model)
+                colocated = colocate_learners and agent.trainable and agent.learner.colocate
+                placement = reserve([engine_bundle(agent, colocated)] * agent.engine.replicas,
+                                    f"team.agents[{i}].engine")
+                engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated)
+                self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
+            for engines in self.distinct_engines():
+                engines.wait_ready()
+        except BaseException:
+            self.shutdown()  # engines already started must not outlive a team that failed to start
+            raise
+
+    def engine_restarts(self) -> dict[int, int]:
+        """Engine replica restarts so far, per agent that owns engines (seats sharing a policy share them)."""
+        owners = {id(a.engines): a for a in reversed(self.agents)}  # reversed: the first seat owns shared engines
+        return {a.index: a.engines.restarts for a in owners.values()}
 
     def distinct_engines(self) -> list[AgentEngines]:
         return list({id(a.engines): a.engines for a in self.agents}.values())
@@ -145,7 +160,7 @@ def run_discussion(
     threads = [[[] for _ in team.agents] for _ in problems]
     for turn in range(turns):
         start = time.perf_counter()
-        refs = {}
+        shards = {}
         for agent in team.agents:  # submit every agent before collecting any: all requests in flight together
             prompts = []
             for q in range(len(problems)):
@@ -154,8 +169,8 @@ def run_discussion(
                 )
                 prompts.append(agent.render(threads[q][agent.index]))
             seeds = [request_seed(seed, p.id, agent.index, turn) for p in problems]
-            refs[agent.index] = agent.engines.submit(prompts, agent.cfg.sampling, seeds)
-        generations = {a: AgentEngines.collect(r) for a, r in refs.items()}
+            shards[agent.index] = agent.engines.submit(prompts, agent.cfg.sampling, seeds)
+        generations = {a.index: a.engines.collect(shards[a.index], a.cfg.sampling) for a in team.agents}
         result.seconds["generate"] += time.perf_counter() - start
         start = time.perf_counter()
         _record_turn(result, threads, generations, turn, verifier)

@@ -2,17 +2,25 @@
 
 New weights arrive as safetensors bytes: vLLM's ``collective_rpc`` cannot carry raw tensors on CPU (the pickle of
 a memoryview fails), serialized bytes can, and the same path works everywhere.
+
+A replica that dies (killed, out of memory) is restarted in its placement bundle, gets the trained weights back
+through ``AgentEngines.on_restart``, and the requests it was serving are sent again: sampling seeds are per request,
+so the retried shard samples what the lost one would have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
+from mapoco.placement import Placement
+
+MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
 
 
 @dataclass
@@ -51,7 +59,7 @@ def _load_weights_from_bytes(worker, blob: bytes) -> int:
 class Engine:
     """The actor body. Environment variables vLLM reads at import are set by ``start_engine`` via runtime_env."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int):
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, sleep_mode: bool = False):
         import torch
         from vllm import LLM
 
@@ -59,6 +67,8 @@ class Engine:
         # generator supports ("CPU Generator does not use offset"): on CPU, prefills run whole.
         whole_prefills = {} if torch.cuda.is_available() else {
             "enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
+        # Tensor-parallel workers live inside this actor, which holds all their GPUs (see mapoco.placement).
+        executor = {"distributed_executor_backend": "mp"} if cfg.tensor_parallel_size > 1 else {}
         self.llm = LLM(
             model=model_path,
             dtype=resolve_dtype(cfg.dtype),
@@ -68,7 +78,9 @@ class Engine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=True,
+            enable_sleep_mode=sleep_mode,
             **whole_prefills,
+            **executor,
         )
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
@@ -113,8 +125,21 @@ class Engine:
         self.llm.reset_prefix_cache()
         return loaded
 
+    def sleep(self) -> None:
+        """Colocated learner's turn: offload the weights and free the KV cache (level 1 keeps a CPU copy)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
     def pid(self) -> int:
         return os.getpid()
+
+    def describe(self) -> dict[str, str | int | None]:
+        """Where this replica runs and with what (tests check placement and settings reached it)."""
+        group = ray.get_runtime_context().get_placement_group_id()
+        return {"pid": os.getpid(), "placement_group": group,
+                "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")}
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
@@ -126,40 +151,102 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
     }
 
 
-def start_engine(model_path: str, cfg: EngineConfig, seed: int) -> ray.actor.ActorHandle:
+def start_engine(model_path: str, cfg: EngineConfig, seed: int, placement: Placement, bundle: int,
+                 sleep_mode: bool) -> ray.actor.ActorHandle:
     actor_cls = ray.remote(Engine).options(
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
+        scheduling_strategy=placement.strategy(bundle),
         runtime_env={"env_vars": engine_env(cfg)},
     )
-    return actor_cls.remote(model_path, cfg, seed)
+    return actor_cls.remote(model_path, cfg, seed, sleep_mode)
+
+
+@dataclass
+class Shard:
+    """The requests one replica is serving, kept so they can be sent again if it dies."""
+
+    replica: int
+    prompts: list[list[int]]
+    seeds: list[int]
+    ref: ray.ObjectRef
 
 
 class AgentEngines:
-    """The engine replicas of one agent; a batch is split evenly across replicas."""
+    """The engine replicas of one agent, replica r in bundle r of the agent's placement group; a batch is split
+    evenly across replicas. ``on_restart(r)`` (set by the trainer) puts the trained weights into a restarted one."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int):
-        self.actors = [start_engine(model_path, cfg, seed + r) for r in range(cfg.replicas)]
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, placement: Placement, sleep_mode: bool = False):
+        self.model_path, self.cfg, self.seed, self.placement = model_path, cfg, seed, placement
+        self.sleep_mode = sleep_mode
+        self.restarts = 0
+        self.on_restart: Callable[[int], None] | None = None
+        self.actors = [self._start(r) for r in range(cfg.replicas)]
+
+    def _start(self, replica: int) -> ray.actor.ActorHandle:
+        return start_engine(self.model_path, self.cfg, self.seed + replica, self.placement, replica, self.sleep_mode)
 
     def wait_ready(self) -> None:
         ray.get([a.pid.remote() for a in self.actors])
 
-    def submit(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[ray.ObjectRef]:
-        """Start generation on every replica at once; returns one ref per non-empty shard, in order."""
+    def restart(self, replica: int) -> None:
+        """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights."""
+        ray.kill(self.actors[replica], no_restart=True)
+        self.actors[replica] = self._start(replica)
+        ray.get(self.actors[replica].pid.remote())
+        if self.on_restart is not None:
+            self.on_restart(replica)
+        self.restarts += 1
+        print(f"engine replica {replica} of {self.model_path} restarted ({self.restarts} so far)", flush=True)
+
+    def submit(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Shard]:
+        """Start generation on every replica at once; one shard per non-empty slice, in order."""
         n = len(self.actors)
         size = -(-len(prompts) // n) if prompts else 0
         return [
-            actor.generate.remote(prompts[i : i + size], sampling, seeds[i : i + size])
-            for actor, i in zip(self.actors, range(0, len(prompts), size or 1))
+            Shard(r, prompts[i : i + size], seeds[i : i + size],
+                  self.actors[r].generate.remote(prompts[i : i + size], sampling, seeds[i : i + size]))
+            for r, i in enumerate(range(0, len(prompts), size or 1))
         ]
 
-    @staticmethod
-    def collect(refs: list[ray.ObjectRef]) -> list[Generation]:
-        return [g for shard in ray.get(refs) for g in shard]
+    def collect(self, shards: list[Shard], sampling: SamplingConfig) -> list[Generation]:
+        """Every shard's generations in order; a shard whose replica died is served again by its restart."""
+        out: list[Generation] = []
+        for shard in shards:
+            resend = lambda actor: actor.generate.remote(shard.prompts, sampling, shard.seeds)  # noqa: E731
+            out += self._call(shard.replica, resend, shard.ref)
+        return out
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
+        return self.collect(self.submit(prompts, sampling, seeds), sampling)
 
     def push_weights(self, blob: bytes) -> None:
-        ray.get([a.update_weights.remote(blob) for a in self.actors])
+        self.call_all(lambda actor: actor.update_weights.remote(blob))
+
+    def sleep(self) -> None:
+        self.call_all(lambda actor: actor.sleep.remote())
+
+    def wake_up(self) -> None:
+        self.call_all(lambda actor: actor.wake_up.remote())
+
+    def call_all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]) -> list:
+        refs = [call(actor) for actor in self.actors]
+        return [self._call(r, call, ref) for r, ref in enumerate(refs)]
+
+    def _call(self, replica: int, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef], ref: ray.ObjectRef):
+        """``ray.get(ref)``; if the replica died, restart it and make the call again on the new one."""
+        restarts = 0
+        while True:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError:
+                restarts += 1
+                if restarts > MAX_RESTARTS_PER_CALL:
+                    raise
+                self.restart(replica)
+                ref = call(self.actors[replica])
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+        self.placement.remove()

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from mapoco.cluster import init_ray
 from mapoco.config import RunConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
-from mapoco.report import plot_turns, summarize, turn_curves, turn_table, write_json, write_transcripts
+from mapoco.report import plot_turns, prepare_output_dir, summarize, turn_curves, turn_table, write_json, write_transcripts
 from mapoco.tasks import Problem, load_task
 from mapoco.verifier import VerifierClient
 
@@ -37,7 +37,8 @@ def write_outputs(out: Path, result: DiscussionResult, summary: dict[str, Any], 
 
 
 def evaluate(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    data = load_task(cfg.task)  # before any actor: a bad dataset fails fast
+    data = load_task(cfg.task)  # before any actor: a bad dataset or output directory fails fast
+    prepare_output_dir(out)
     init_ray(cfg)
     team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
     try:

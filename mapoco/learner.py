@@ -21,6 +21,7 @@ from torch import nn
 
 from mapoco.algorithms import entropy_from_logits, kl_penalty, masked_mean, masked_sum, policy_loss, value_loss
 from mapoco.config import AlgorithmConfig, LearnerConfig
+from mapoco.placement import Placement, learner_bundle, reserve
 from mapoco.state_io import load_state, save_state
 
 
@@ -396,18 +397,24 @@ def _python_rng_tuple(state: dict[str, Any]) -> tuple:
 
 
 class LearnerGroup:
-    """All ranks of one agent's learner group; calls fan out to every rank and are gathered."""
+    """All ranks of one agent's learner group; calls fan out to every rank and are gathered.
+
+    Rank r runs in bundle r of ``placement``: the group's own (reserved here) or, when colocated, its engines'.
+    """
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
-                 env: dict[str, str] | None = None):
+                 what: str, placement: Placement | None = None):
         self.cfg = cfg
+        self.owned_placement = None if placement else reserve([learner_bundle(cfg)] * cfg.num_learners, what)
+        placement = placement or self.owned_placement
         master = ("127.0.0.1", free_port()) if cfg.num_gpus == 0 else (ray.util.get_node_ip_address(), free_port())
-        actor_cls = ray.remote(Learner).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu", **(env or {})}},
-        )
-        self.actors = [actor_cls.remote(r, cfg.num_learners, master, model_path, cfg, algo, num_turns, seed)
-                       for r in range(cfg.num_learners)]
+        self.actors = [
+            ray.remote(Learner).options(
+                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
+                runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu"}},
+            ).remote(r, cfg.num_learners, master, model_path, cfg, algo, num_turns, seed)
+            for r in range(cfg.num_learners)
+        ]
 
     def shard(self, items: list[Any]) -> list[list[Any]]:
         n = len(self.actors)
@@ -435,6 +442,8 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+        if self.owned_placement is not None:
+            self.owned_placement.remove()
 
 
 def _unshard(shards: list[list[Any]], n: int) -> list[Any]:

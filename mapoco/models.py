@@ -565,6 +565,9 @@ def convert_smollm2(force: bool = False) -> Path:
     return _atomic_build(model_dir(SMOLLM2), _fingerprint(gguf.name), _convert_smollm2, force)
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+
+
 def resolve_model(ref: str) -> Path:
     """A known model name -> its built folder; an existing local path -> that path."""
     if ref in MODEL_DIRS:
@@ -575,7 +578,30 @@ def resolve_model(ref: str) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    raise FileNotFoundError(f"model '{ref}' is neither a known model ({', '.join(MODEL_DIRS)}) nor a local path")
+    if HUB_ID.fullmatch(ref):
+        return _from_hub(ref)
+    raise FileNotFoundError(f"model '{ref}' is neither a known model ({', '.join(MODEL_DIRS)}), a local path, "
+                            f"nor a hub id (org/name)")
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub model's local snapshot (downloaded once into the HF cache; HF_HUB_OFFLINE=1 uses the cache only)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
+                                                                "*.model"]))
+    except Exception as exc:  # offline without a cached copy, no such repo, no access
+        raise FileNotFoundError(f"model '{repo_id}' could not be fetched from the hub ({type(exc).__name__}); "
+                                f"download it where there is network, or give a local path") from None
+
+
+def has_chat_template(path: Path) -> bool:
+    """Discussions are chat threads: the tokenizer must carry a chat template (file or tokenizer_config key)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
 def build_models(names: list[str] | None = None) -> dict[str, Path]:

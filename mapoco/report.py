@@ -54,6 +54,34 @@ def turn_table(summary: dict[str, Any], title: str = "") -> str:
     return "\n".join(([title] if title else []) + body + [suffix])
 
 
+def check_output_dir(out: Path) -> None:
+    """Fail fast, creating nothing, if ``out`` cannot become a writable directory (its nearest existing ancestor
+    must be a writable directory)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        _unwritable(out, f"{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _unwritable(out, f"{existing} is not writable")
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Create the run directory and prove it takes a file, before any actor starts (not after an hour)."""
+    check_output_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        _unwritable(out, f"{type(exc).__name__}: {exc.strerror or exc}")
+
+
+def _unwritable(out: Path, why: str) -> None:
+    from mapoco.config import ConfigError
+
+    raise ConfigError("output_dir", str(out), f"is not a writable directory ({why})")
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write then rename, so a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

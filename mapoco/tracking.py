@@ -1,4 +1,7 @@
-"""Metrics out: wandb (offline unless ``logger.wandb.mode=online``) and the same rows in ``metrics.jsonl``."""
+"""Metrics out: wandb (offline unless ``logger.wandb.mode=online``) and the same rows in ``metrics.jsonl``.
+
+``wandb_run.json`` in the run directory names the wandb run (id, name, group), so a sweep's runs can be found.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +17,23 @@ class Tracker:
     def __init__(self, cfg: RunConfig, out: Path, resumed: bool):
         self.path = out / "metrics.jsonl"
         self.run = None
-        if cfg.logger.wandb.mode != "disabled":
+        wandb_cfg = cfg.logger.wandb
+        if wandb_cfg.mode != "disabled":
             import wandb
 
             self.run = wandb.init(
-                project=cfg.logger.wandb.project,
-                group=cfg.logger.wandb.group,
-                mode=cfg.logger.wandb.mode,
+                project=wandb_cfg.project,
+                group=wandb_cfg.group,
+                mode=wandb_cfg.mode,
                 dir=str(out),
                 config=dataclasses.asdict(cfg),
-                name=out.name,
+                name=wandb_cfg.name or out.name,
                 resume="allow" if resumed else None,
                 id=_run_id(out),
             )
+            run_info = {"id": self.run.id, "name": self.run.name, "group": self.run.group, "mode": wandb_cfg.mode,
+                        "project": wandb_cfg.project}
+            (out / "wandb_run.json").write_text(json.dumps(run_info, indent=2))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:

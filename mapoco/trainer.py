@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from mapoco import checkpoint
@@ -25,12 +26,16 @@ from mapoco.discussion import DiscussionResult, Team, run_discussion
 from mapoco.engine import request_seed, resolve_dtype
 from mapoco.evaluate import discuss_in_batches
 from mapoco.learner import LearnerGroup, Rollout, RolloutStats
-from mapoco.report import plot_turns, summarize, turn_table, write_json
+from mapoco.report import plot_turns, prepare_output_dir, summarize, turn_table, write_json
 from mapoco.rewards import maporl_rewards
 from mapoco.tasks import Problem, load_task
 from mapoco.tracking import Tracker
 from mapoco.verifier import VerifierClient
 from mapoco.weight_sync import BytesSync, NcclSync, make_sync
+
+
+class TrainingInterrupted(RuntimeError):
+    """A learner actor died: the run stops, and ``train.resume=auto`` continues from the last checkpoint."""
 
 
 @dataclass
@@ -79,12 +84,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None):
         """``team``: already running engines to train (tests share them); by default the trainer starts its own."""
         self.cfg, self.out = cfg, out
-        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)  # before any actor starts
+        # Everything that can be wrong with the inputs fails here, before any actor starts.
+        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
+        prepare_output_dir(out)
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
         self.pool = training_pool(cfg)
         init_ray(cfg)
         self.owns_team = team is None
-        self.team = team or Team(cfg.team, cfg.seed)
+        self.team = team or Team(cfg.team, cfg.seed, colocate_learners=True)
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
@@ -92,7 +99,6 @@ class Trainer:
             self._restore(self.resume_from)
         else:
             self.sync_weights()  # engines serve exactly the learners' weights from the first rollout on
-        out.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
 
     def _start_learners(self) -> list[Policy]:
@@ -101,11 +107,7 @@ class Trainer:
         for index, agent_cfg in enumerate(self.cfg.team.agents):
             if agent_cfg.trainable:
                 seats_of.setdefault(0 if self.cfg.team.shared_policy else index, []).append(index)
-        groups = {
-            owner: LearnerGroup(str(self.team.agents[owner].model_path), self.cfg.team.agents[owner].learner,
-                                self.cfg.algorithm, self.cfg.turns, self.cfg.seed + owner)
-            for owner in seats_of
-        }
+        groups = {owner: self._start_group(owner) for owner in seats_of}
         policies = []
         for owner, group in groups.items():
             group.call_all("pid")  # every group starts at once; wait here until all ranks are up
@@ -115,13 +117,23 @@ class Trainer:
             policies.append(Policy(seats_of[owner], group, sync))
         return policies
 
+    def _start_group(self, owner: int) -> LearnerGroup:
+        agent = self.cfg.team.agents[owner]
+        engines = self.team.agents[owner].engines
+        return LearnerGroup(str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm,
+                            self.cfg.turns, self.cfg.seed + owner, what=f"team.agents[{owner}].learner",
+                            placement=engines.placement if engines.sleep_mode else None)
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         before = self.evaluate("before") if self.step == 0 else None
         if before is not None:
             self.tracker.log(self._eval_metrics(before), 0)
         while self.step < self.cfg.train.steps:
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except ray.exceptions.RayActorError as exc:  # engines restart themselves; a learner cannot
+                raise TrainingInterrupted(self._interruption(exc)) from exc
             self.step += 1
             if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                 metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
@@ -142,7 +154,12 @@ class Trainer:
         metrics: dict[str, float] = {}
         batches = self.agent_batches(result)
         for policy in self.policies:
+            engines = self.team.agents[policy.seats[0]].engines
+            if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
+                engines.sleep()
             metrics.update(self.update_policy(policy, batches[policy.name], timings))
+            if engines.sleep_mode:
+                engines.wake_up()
         start = time.perf_counter()
         self.sync_weights()
         timings["sync"] = time.perf_counter() - start
@@ -257,6 +274,12 @@ class Trainer:
               flush=True)
         return summary
 
+    def _interruption(self, exc: BaseException) -> str:
+        found = checkpoint.complete_checkpoints(self.out)
+        where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        return (f"an actor died at step {self.step + 1} ({type(exc).__name__}); {where}: run the same command "
+                f"with train.resume=auto to continue from it")
+
     def _progress(self, metrics: dict[str, float]) -> str:
         """One line per step, readable in `ray job logs`: rollout accuracy per turn, reward and KL per agent."""
         turns = " ".join(f"{metrics[f'rollout/turn_{t + 1}/acc']:.2f}" for t in range(self.cfg.turns))
@@ -282,7 +305,11 @@ class Trainer:
             "perf/prompt_tokens": summary["prompt_tokens"],
             "perf/tokens_per_s": summary["gen_tokens"] / seconds,
             "rollout/flagged": summary["flagged"],
+            "faults/verifier_restarts": self.verifier.actor_restarts,
         })
+        restarts = self.team.engine_restarts()
+        metrics.update({f"faults/agent_{i}/engine_restarts": n for i, n in restarts.items()})
+        metrics["faults/engine_restarts"] = sum(restarts.values())
         return metrics
 
     def _log_samples(self, result: DiscussionResult, questions: int = 2) -> None:
@@ -306,14 +333,15 @@ class Trainer:
         return summary
 
     def save(self) -> Path:
-        tmp = checkpoint.begin(self.out, self.step)
-        for policy in self.policies:
-            directory = checkpoint.agent_dir(tmp, policy.seats[0])
-            directory.mkdir()
-            policy.group.call_all("save_checkpoint", str(directory))
+        def write_agents(folder: Path) -> None:
+            for policy in self.policies:
+                directory = checkpoint.agent_dir(folder, policy.seats[0])
+                directory.mkdir()
+                policy.group.call_all("save_checkpoint", str(directory))
+
         state = {"step": self.step, "seed": self.cfg.seed,
                  "data_position": self.step * self.cfg.train.batch_questions}
-        return checkpoint.commit(tmp, state, self.cfg.train.keep_checkpoints)
+        return checkpoint.write(self.out, self.step, state, self.cfg.train.keep_checkpoints, write_agents)
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.read_state(path)
@@ -326,6 +354,7 @@ class Trainer:
     def close(self) -> None:
         self.tracker.finish()
         for policy in self.policies:
+            policy.sync.engines.on_restart = None  # a shared team's engines outlive this trainer's learners
             policy.group.shutdown()
         if self.owns_team:
             self.team.shutdown()

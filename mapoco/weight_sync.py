@@ -20,21 +20,37 @@ SYNC_METHODS = ("auto", "bytes", "nccl")
 class BytesSync:
     def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str):
         self.group, self.engines, self.dtype = group, engines, dtype
+        engines.on_restart = self.restore
 
     def push(self) -> None:
         self.engines.push_weights(self.group.weights_bytes(self.dtype))
+
+    def restore(self, replica: int) -> None:
+        """A restarted replica loaded the base model: give it the trained weights."""
+        ray.get(self.engines.actors[replica].update_weights.remote(self.group.weights_bytes(self.dtype)))
 
 
 class NcclSync:
     def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str, tensor_parallel_size: int):
         self.group, self.engines, self.dtype = group, engines, dtype
-        leader = group.actors[0]
+        self.tensor_parallel_size = tensor_parallel_size
+        self._init_group()
+        engines.on_restart = self.restore
+
+    def _init_group(self) -> None:
+        """A fresh rendezvous (new port) every time, so a rebuilt group never meets a dead member's sockets."""
+        leader, tp = self.group.actors[0], self.tensor_parallel_size
         host, port = ray.get(leader.rendezvous_address.remote())
-        world = 1 + len(engines.actors) * tensor_parallel_size
-        refs = [engine.init_sync_group.remote(host, port, 1 + i * tensor_parallel_size, world)
-                for i, engine in enumerate(engines.actors)]
+        world = 1 + len(self.engines.actors) * tp
+        refs = [engine.init_sync_group.remote(host, port, 1 + i * tp, world)
+                for i, engine in enumerate(self.engines.actors)]
         refs.append(leader.init_sync_group.remote(host, port, world))
         ray.get(refs)
+
+    def restore(self, replica: int) -> None:
+        """A restarted replica is not in the broadcast group: rebuild the group with it, then push."""
+        self._init_group()
+        self.push()
 
     def push(self) -> None:
         specs = self.group.call_all("weight_specs", self.dtype)[0]

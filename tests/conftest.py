@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests never reach the hub or wandb servers, also when run without `make test` (which sets these too).
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -58,3 +58,39 @@ def test_state_round_trips_without_pickle(tmp_path):
     assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert 0 in back["optimizer"]["state"]  # integer keys survive
     assert back["python_rng"] == state["python_rng"]
+
+
+def _write_under_file_size_limit(out, queue):
+    """In a child process: a kernel file-size limit (RLIMIT_FSIZE) makes the checkpoint's big write fail the way
+    a full disk does, with a real OSError from write(2)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write(2) instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    def write_agents(folder):
+        (folder / "agent_0").mkdir()
+        save_state({"weights": torch.zeros(1 << 20)}, folder / "agent_0" / "trainer_rank0")  # 4 MiB
+
+    try:
+        checkpoint.write(out, 2, {"step": 2}, keep=2, write_parts=write_agents)
+        queue.put(("written", ""))
+    except checkpoint.CheckpointError as exc:
+        queue.put(("error", str(exc)))
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    import multiprocessing as mp
+
+    done = _complete(tmp_path, 1)
+    queue = mp.get_context("fork").Queue()
+    child = mp.get_context("fork").Process(target=_write_under_file_size_limit, args=(tmp_path, queue))
+    child.start()
+    child.join(60)
+    outcome, message = queue.get(timeout=5)
+    assert outcome == "error"
+    assert "could not write the step 2 checkpoint" in message and "File too large" in message
+    assert f"the last complete checkpoint is {done} and is intact" in message
+    assert not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))  # the partial folder is gone
+    assert checkpoint.resolve_resume("auto", tmp_path) == done and checkpoint.is_complete(done)

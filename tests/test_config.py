@@ -1,10 +1,13 @@
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
 from hydra.errors import MissingConfigException
 
+from mapoco.checkpoint import resolve_resume
 from mapoco.config import ConfigError
 
 from conftest import compose_config
@@ -34,18 +37,56 @@ def test_agent_keys_override_global_defaults(tiny_models):
         ("team.agents.0.model=/no/such/model", "team.agents[0].model"),
         ("+engine.bogus=1", "team.agents[0].engine.bogus"),
         ("verifier=learned", "verifier.path"),
+        ("algorithm.estimator=ppo2", "algorithm.estimator"),
+        ("learner.lr=-1e-5", "team.agents[0].learner.lr"),
+        ("learner.lr=nan", "team.agents[0].learner.lr"),
+        ("algorithm.kl_coef=-0.1", "algorithm.kl_coef"),
+        ("engine.num_cpus=0", "team.agents[0].engine.num_cpus"),
+        ("team.agents.0.model=no-such-org/no-such-model", "team.agents[0].model"),  # hub id, offline
+        ("train.resume=/no/such/checkpoint", "train.resume"),
     ],
 )
 def test_bad_config_names_the_key(tiny_models, override, key):
     with pytest.raises(ConfigError) as err:
-        compose_config(override)
+        cfg = compose_config(override)
+        resolve_resume(cfg.train.resume, Path("unused"))  # the trainer's first check, before any actor
     assert err.value.key == key
     assert not ray.is_initialized()  # failed before any actor could start
 
 
-def test_unknown_team_is_rejected():
-    with pytest.raises(MissingConfigException, match="team"):
-        compose_config("team=no_such_team")
+@pytest.mark.parametrize(
+    "overrides,key,says",
+    [
+        (["learner.num_learners=2", "train.batch_questions=3", "algorithm.samples_per_question=1", "turns=1"],
+         "team.agents[0].learner.num_learners", "must divide the 3 answers per step"),
+        (["engine.tensor_parallel_size=2", "engine.num_gpus=1"], "team.agents[0].engine.num_gpus",
+         "tensor_parallel_size=2 runs 2 GPU workers"),
+        (["learner.colocate=true"], "team.agents[0].learner.colocate", "needs engine.num_gpus > 0"),
+        (["learner.colocate=true", "engine.num_gpus=0.5", "learner.num_gpus=0.75"], "team.agents[0].learner.num_gpus",
+         "engine.num_gpus + learner.num_gpus = 1.25 > 1"),
+        (["learner.colocate=true", "engine.num_gpus=0.5", "learner.num_gpus=0.5", "learner.num_learners=2",
+          "train.batch_questions=4"], "team.agents[0].learner.num_learners", "set it to engine.replicas=1"),
+    ],
+)
+def test_bad_placement_arithmetic_names_the_numbers(tiny_models, overrides, key, says):
+    with pytest.raises(ConfigError) as err:
+        compose_config(*overrides)
+    assert err.value.key == key and says in str(err.value)
+
+
+def test_model_without_chat_template_is_rejected(tiny_models, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_models["tiny-qwen"], plain)
+    (plain / "chat_template.jinja").unlink()
+    with pytest.raises(ConfigError, match="no chat template") as err:
+        compose_config(f"team.agents.0.model={plain}")
+    assert err.value.key == "team.agents[0].model"
+
+
+@pytest.mark.parametrize("group", ["team", "task"])
+def test_unknown_team_or_task_is_rejected(group):
+    with pytest.raises(MissingConfigException, match=group):
+        compose_config(f"{group}=no_such_{group}")
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
@@ -56,6 +97,18 @@ def test_cli_reports_config_errors_without_starting_ray(tiny_models, tmp_path, c
     )
     assert proc.returncode == 2
     assert "turns=0" in proc.stderr and "must be an integer >= 1" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_cli_reports_an_unwritable_output_dir_without_starting_ray(tiny_models, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapoco", "train", f"output_dir={blocker / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"config error: output_dir='{blocker / 'run'}': is not a writable directory" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
 
 def _generate(agent, prompts):
-    return [g.token_ids for g in agent.engines.collect(agent.engines.submit(prompts, GREEDY, [0] * len(prompts)))]
+    return [g.token_ids for g in agent.engines.generate(prompts, GREEDY, [0] * len(prompts))]
 
 def test_pushed_weights_change_generations(hetero_team):
     agent = hetero_team.agents[0]

@@ -1,10 +1,14 @@
 """Co-training with real vLLM engines, DeepSpeed learners (ZeRO-2, gloo) and Ray."""
 
+import threading
+
 import numpy as np
 import pytest
+import ray
+from ray.util.placement_group import placement_group_table
 from safetensors.torch import load
 
-from mapoco.trainer import Trainer
+from mapoco.trainer import Trainer, TrainingInterrupted
 
 from conftest import compose_config
 
@@ -38,6 +42,9 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
         (0, 2, 2, "qwen2"), (1, 2, 2, "qwen2")]
     assert [(d["world_size"], d["zero_stage"], d["model_type"]) for d in llama] == [(1, 3, "llama")]
     assert [d["lr"] for d in qwen + llama] == pytest.approx([2e-5, 2e-5, 7e-5])
+    for policy, ranks in zip(trainer.policies, (2, 1)):  # each learner group in a placement group of its own
+        table = placement_group_table(policy.group.owned_placement.group)
+        assert table["state"] == "CREATED" and list(table["bundles"].values()) == [{"CPU": 1.0}] * ranks
     for name in ("agent_0", "agent_1"):
         for key in ("policy_loss", "value_loss", "kl", "reward", "entropy", "grad_norm", "clip_frac"):
             assert np.isfinite(metrics[-1][f"train/{name}/{key}"])
@@ -79,6 +86,9 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
     expected = first.rollout(first.batch(1))
     first.train_step()
     uninterrupted = {p.name: load(p.group.weights_bytes("float32")) for p in first.policies}
+    ray.kill(first.policies[1].group.actors[0])  # a learner dies: the run stops and says how to resume
+    with pytest.raises(TrainingInterrupted, match="step_000001: run the same command with train.resume=auto"):
+        first.fit()
     first.close()
 
     resumed = Trainer(compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.resume=auto"), tmp_path,
@@ -96,11 +106,36 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
         resumed.close()
 
 
+def test_an_engine_killed_mid_rollout_is_restarted_and_training_goes_on(hetero_team, tmp_path):
+    """The dead replica is restarted in its bundle, gets the learner's weights back, and serves its requests
+    again; the run's metrics count the restart."""
+    cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=0")
+    trainer = Trainer(cfg, tmp_path, team=hetero_team)
+    engines = hetero_team.agents[1].engines
+    victim, restarts_before = engines.actors[0], engines.restarts
+    old_pid = ray.get(victim.pid.remote())
+    try:
+        killer = threading.Timer(0.3, ray.kill, args=(victim,))  # lands during step 1's rollout or update
+        killer.start()
+        trainer.train_step()
+        killer.join()
+        trainer.step += 1
+        second = trainer.train_step()
+    finally:
+        trainer.close()
+    assert engines.restarts == restarts_before + 1
+    assert second["faults/agent_1/engine_restarts"] == restarts_before + 1 and second["faults/engine_restarts"] >= 1
+    assert ray.get(engines.actors[0].pid.remote()) != old_pid
+    assert np.isfinite(second["train/agent_1/policy_loss"])
+    # The restarted engine samples with the trained weights, not the base model it loaded at start.
+    assert second["train/agent_1/logprob_max_diff"] < cfg.train.logprob_tolerance
+
+
 def _greedy(agent, prompts):
     from mapoco.config import SamplingConfig
 
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
-    return [g.token_ids for g in agent.engines.collect(agent.engines.submit(prompts, greedy, [0] * len(prompts)))]
+    return [g.token_ids for g in agent.engines.generate(prompts, greedy, [0] * len(prompts))]
 
 
 def test_lora_agent_trains_against_a_frozen_partner(hetero_team, tmp_path):
@@ -127,29 +162,44 @@ def test_lora_agent_trains_against_a_frozen_partner(hetero_team, tmp_path):
         trainer.close()
 
 
-def test_train_cli_homogeneous_team(tmp_path):
-    """`mapoco train` end to end in its own Ray instance: two steps of a homogeneous team, checkpoint, metrics."""
+def test_train_cli_multirun_sweep(tmp_path):
+    """`mapoco train -m` end to end in its own Ray instance: two jobs of a homogeneous team in one process, each
+    with its own directory, checkpoint, metrics and wandb run in one group; then `mapoco sweep-summary`."""
+    import csv
     import json
     import subprocess
     import sys
 
-    out = tmp_path / "run"
+    sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "mapoco", "train", "team=tiny2", *[a for a in SMALL if "wandb" not in a],
-         "train.steps=2", "train.save_every=2", "train.eval_limit=8", f"output_dir={out}"],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "mapoco", "train", "-m", "rewards.alpha1=0,1", f"hydra.sweep.dir={sweep}",
+         "team=tiny2", *[a for a in SMALL if "wandb" not in a], "train.steps=2", "train.save_every=2",
+         "train.eval_limit=8"],
+        capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["before"]["turn_accuracy"]) == 2 and len(summary["after"]["turn_accuracy"]) == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = set().union(*rows)
-    for key in ("train/agent_0/policy_loss", "train/agent_1/kl", "eval/turn_2/acc", "eval/agent_1/turn_1/acc",
-                "timing/sync", "perf/tokens_per_s", "train/agent_0/logprob_max_diff"):
-        assert key in keys
-    assert (out / "checkpoints" / "step_000002" / "COMPLETE").exists()
-    assert (out / "before_after.png").stat().st_size > 0
-    assert list((out / "wandb").glob("offline-run-*"))  # wandb offline run written
+    runs = [json.loads((sweep / job / "wandb_run.json").read_text()) for job in ("0", "1")]
+    assert {r["group"] for r in runs} == {"sweep"} and {r["mode"] for r in runs} == {"offline"}
+    assert "rewards.alpha1=0" in runs[0]["name"] and "rewards.alpha1=1" in runs[1]["name"]
+    for job in ("0", "1"):
+        out = sweep / job
+        summary = json.loads((out / "summary.json").read_text())
+        assert len(summary["before"]["turn_accuracy"]) == 2 and len(summary["after"]["turn_accuracy"]) == 2
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        keys = set().union(*rows)
+        for key in ("train/agent_0/policy_loss", "train/agent_1/kl", "eval/turn_2/acc", "eval/agent_1/turn_1/acc",
+                    "timing/sync", "perf/tokens_per_s", "train/agent_0/logprob_max_diff"):
+            assert key in keys
+        assert (out / "checkpoints" / "step_000002" / "COMPLETE").exists()
+        assert (out / "before_after.png").stat().st_size > 0
+        assert list((out / "wandb").glob(f"offline-run-*-{runs[int(job)]['id']}"))  # its own offline wandb run
+
+    proc = subprocess.run([sys.executable, "-m", "mapoco", "sweep-summary", str(sweep)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rewards.alpha1=0" in proc.stdout and "rewards.alpha1=1" in proc.stdout
+    with (sweep / "sweep_summary.csv").open() as f:
+        assert [r["config"] for r in csv.DictReader(f)] == ["rewards.alpha1=0", "rewards.alpha1=1"]
 
 
 def test_smollm2_shared_policy_smoke(ray_session, tmp_path):
