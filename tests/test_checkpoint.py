@@ -84,11 +84,14 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     import multiprocessing as mp
 
     done = _complete(tmp_path, 1)
-    queue = mp.get_context("fork").Queue()
-    child = mp.get_context("fork").Process(target=_write_under_file_size_limit, args=(tmp_path, queue))
+    spawn = mp.get_context("spawn")  # a fresh interpreter: torch's thread pool does not survive a fork
+    queue = spawn.Queue()
+    child = spawn.Process(target=_write_under_file_size_limit, args=(tmp_path, queue), daemon=True)
     child.start()
-    child.join(60)
-    outcome, message = queue.get(timeout=5)
+    try:
+        outcome, message = queue.get(timeout=120)
+    finally:
+        child.kill()
     assert outcome == "error"
     assert "could not write the step 2 checkpoint" in message and "File too large" in message
     assert f"the last complete checkpoint is {done} and is intact" in message
