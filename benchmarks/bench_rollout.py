@@ -1,0 +1,147 @@
+"""rollout_vs_engine and rollout_vs_hf_generate: a full MAPoRL discussion (A SmolLM2-135M agents, each on its own
+engine, T turns over GSM8K questions, natural stopping, at most 256 new tokens) in generated tokens per second,
+against
+
+* the raw vLLM engine (the ceiling): one ``LLM`` given exactly the discussion's requests (prompt token ids, sampling
+  parameters, seeds) in a single ``generate`` call, with the whole team's KV-cache budget;
+* the MAPoRL reference code's way: HF ``generate`` on the same model and dtype, one agent after another, each turn
+  one left-padded batch of that agent's prompts (the same prompts), sampling until every row stopped.
+
+Prompts of later turns depend on earlier answers, so the baselines replay the prompts mapoco's discussion built:
+all three sides generate for the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import ray
+import torch
+
+from benchmarks.common import Figure, Result
+from mapoco.cli import compose
+from mapoco.config import DiscussionConfig, SamplingConfig
+from mapoco.discussion import DiscussionResult, Team, run_discussion
+from mapoco.engine import engine_env, request_seed, resolve_dtype
+from mapoco.tasks import load_task
+from mapoco.verifier import VerifierClient
+
+
+@dataclasses.dataclass
+class Request:
+    agent: int
+    turn: int
+    prompt_ids: list[int]
+    seed: int
+
+
+class RawEngine:
+    """The ceiling: a plain vLLM ``LLM`` serving a list of requests in one call."""
+
+    def __init__(self, model_path: str, dtype: str, max_model_len: int):
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0, enforce_eager=True)
+
+    def generate(self, requests: list[Request], sampling: SamplingConfig) -> int:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, seed=r.seed) for r in requests]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params,
+                                    use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+class HFGenerate:
+    """MAPoRL's reference rollout: transformers ``generate``, agent after agent, a padded batch per turn."""
+
+    def __init__(self, model_path: str, dtype: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], sampling: SamplingConfig) -> int:
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id or 0
+        generated = 0
+        order = sorted({(r.turn, r.agent) for r in requests})
+        for turn, agent in order:
+            batch = [r.prompt_ids for r in requests if (r.turn, r.agent) == (turn, agent)]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                      temperature=sampling.temperature, top_p=sampling.top_p,
+                                      max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            for row in out[:, width:].tolist():
+                generated += row.index(eos) + 1 if eos in row else len(row)
+        return generated
+
+
+def requests_of(result: DiscussionResult, seed: int) -> list[Request]:
+    return [Request(a, t, r.prompt_ids, request_seed(seed, result.problems[q].id, a, t))
+            for (q, a, t), r in sorted(result.records.items())]
+
+
+def team_overrides(agents: int, max_new_tokens: int) -> list[str]:
+    names = ",".join(f"{{name: smol_{i}, model: smollm2}}" for i in range(agents))
+    return ["team=smollm2x2", f"team.agents=[{names}]", "engine.max_model_len=4096", "sampling.temperature=0.7",
+            f"sampling.max_new_tokens={max_new_tokens}", "task=gsm8k", "task.path=../shared/data/gsm8k/test.jsonl"]
+
+
+def run(agents: int, questions: int = 32, turns: int = 3, max_new_tokens: int = 256, repeats: int = 1
+        ) -> tuple[Result, Result]:
+    cfg = compose(*team_overrides(agents, max_new_tokens), f"task.limit={questions}", f"turns={turns}")
+    problems = load_task(cfg.task).problems
+    agent = cfg.team.agents[0]
+    dtype = resolve_dtype(agent.engine.dtype)
+    team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
+    raw = ray.remote(RawEngine).options(
+        num_cpus=agent.engine.num_cpus,
+        runtime_env={"env_vars": {**engine_env(agent.engine),
+                                  "VLLM_CPU_KVCACHE_SPACE": str(agent.engine.kv_cache_gib * agents)}},
+    ).remote(str(team.agents[0].model_path), dtype, agent.engine.max_model_len)
+    hf = ray.remote(HFGenerate).options(num_cpus=agent.engine.num_cpus).remote(str(team.agents[0].model_path), dtype)
+    try:
+        ray.get([raw.__ray_ready__.remote(), hf.__ray_ready__.remote()])
+        discussions: list[tuple[int, float, list[Request]]] = []
+
+        def ours() -> float:
+            seed = len(discussions)
+            result = run_discussion(team, problems, turns, DiscussionConfig(), verifier, seed)
+            tokens = sum(len(r.token_ids) for r in result.records.values())
+            discussions.append((tokens, result.seconds["generate"], requests_of(result, seed)))
+            return tokens / result.seconds["generate"]
+
+        def replay(actor: Any) -> float:
+            requests = discussions[-1][2]  # the latest discussion's requests (ours runs first in odd repeats too)
+            start = time.perf_counter()
+            tokens = ray.get(actor.generate.remote(requests, agent.sampling))
+            return tokens / (time.perf_counter() - start)
+
+        engine_ours, engine_raw, engine_ratios = [], [], []
+        hf_ratios, hf_figures = [], []
+        for _ in range(repeats):  # ours must run before its replays: no alternation inside a repeat
+            engine_ours.append(ours())
+            engine_raw.append(replay(raw))
+            hf_figures.append(replay(hf))
+            engine_ratios.append(engine_ours[-1] / engine_raw[-1])
+            hf_ratios.append(engine_ours[-1] / hf_figures[-1])
+    finally:
+        team.shutdown()
+        verifier.shutdown()
+        ray.kill(raw)
+        ray.kill(hf)
+    sizes = {"model": "smollm2 (SmolLM2-135M-Instruct)", "agents": agents, "turns": turns, "questions": questions,
+             "max_new_tokens": max_new_tokens, "dtype": dtype, "generated_tokens": [d[0] for d in discussions]}
+    ours_figure = Figure(f"mapoco discussion ({agents} engines)", "tok/s", engine_ours)
+    return (Result("rollout_vs_engine", ours_figure, Figure("raw vLLM, one batch", "tok/s", engine_raw), sizes,
+                   target=0.9, ratios=engine_ratios),
+            Result("rollout_vs_hf_generate", ours_figure, Figure("HF generate, agent by agent", "tok/s", hf_figures),
+                   sizes, target=2.0, ratios=hf_ratios))
