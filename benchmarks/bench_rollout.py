@@ -25,7 +25,8 @@ from benchmarks.common import Figure, Result
 from mapoco.cli import compose
 from mapoco.config import DiscussionConfig, SamplingConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
-from mapoco.engine import engine_env, request_seed, resolve_dtype
+from mapoco.engine import engine_env, request_seed
+from mapoco.models import resolve_dtype
 from mapoco.tasks import load_task
 from mapoco.verifier import VerifierClient
 

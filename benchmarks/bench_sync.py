@@ -15,9 +15,9 @@ from safetensors.torch import load
 
 from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig
-from mapoco.engine import AgentEngines, resolve_dtype
+from mapoco.engine import AgentEngines
 from mapoco.learner import LearnerGroup
-from mapoco.models import resolve_model
+from mapoco.models import resolve_dtype, resolve_model
 from mapoco.placement import engine_bundle, reserve
 from mapoco.weight_sync import make_sync
 

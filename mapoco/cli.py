@@ -26,6 +26,19 @@ USAGE = (
 )
 
 
+def compose(*overrides: str) -> RunConfig:
+    """The validated RunConfig that `mapoco` builds from these overrides (tests, benchmarks and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mapoco.config import from_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose("config", overrides=["output_dir=unused", *overrides])
+    return from_dict(OmegaConf.to_container(cfg, resolve=True))
+
+
 def _run(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf

@@ -58,7 +58,7 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bf16 on GPUs and CPUs with native bf16, float32 elsewhere
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     colocate: bool = False  # GPU: rank k shares engine replica k's GPU; the engines sleep while it updates
@@ -259,7 +259,7 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
              "must be >= 1")
     _require(learner.max_grad_norm > 0, f"{key}.learner.max_grad_norm", learner.max_grad_norm, "must be > 0")
     _require(learner.lora_rank >= 0, f"{key}.learner.lora_rank", learner.lora_rank, "must be >= 0 (0: no LoRA)")
-    _require(learner.dtype in DTYPES[1:], f"{key}.learner.dtype", learner.dtype, f"one of {DTYPES[1:]}")
+    _require(learner.dtype in DTYPES, f"{key}.learner.dtype", learner.dtype, f"one of {DTYPES}")
     _require(learner.num_cpus >= 0, f"{key}.learner.num_cpus", learner.num_cpus, "must be >= 0")
     _require(learner.num_gpus >= 0, f"{key}.learner.num_gpus", learner.num_gpus, "must be >= 0")
     _validate_placement(key, agent)

@@ -8,9 +8,10 @@ generated token ids and logprobs the engine produced: training consumes those, n
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,14 @@ class Team:
         """Engine replica restarts so far, per agent that owns engines (seats sharing a policy share them)."""
         owners = {id(a.engines): a for a in reversed(self.agents)}  # reversed: the first seat owns shared engines
         return {a.index: a.engines.restarts for a in owners.values()}
+
+    def subset(self, agents: int) -> Team:
+        """The first ``agents`` seats on these same engines (benchmarks grow a team without restarting engines).
+        The view owns nothing: shut down the full team, not the view."""
+        view = copy.copy(self)
+        view.cfg = replace(self.cfg, agents=self.cfg.agents[:agents])
+        view.agents = self.agents[:agents]
+        return view
 
     def distinct_engines(self) -> list[AgentEngines]:
         return list({id(a.engines): a.engines for a in self.agents}.values())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
+from mapoco.models import resolve_dtype
 from mapoco.placement import Placement
 
 MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
@@ -36,14 +37,6 @@ def request_seed(run_seed: int, *keys: object) -> int:
     """A sampling seed fixed by explicit ids, so a request samples the same tokens however it is batched."""
     digest = hashlib.blake2b(repr((run_seed, *keys)).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-def resolve_dtype(dtype: str) -> str:
-    if dtype != "auto":
-        return dtype
-    from mapoco.models import default_dtype
-
-    return str(default_dtype()).removeprefix("torch.")
 
 
 def _load_weights_from_bytes(worker, blob: bytes) -> int:

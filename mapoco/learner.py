@@ -21,6 +21,7 @@ from torch import nn
 
 from mapoco.algorithms import entropy_from_logits, kl_penalty, masked_mean, masked_sum, policy_loss, value_loss
 from mapoco.config import AlgorithmConfig, LearnerConfig
+from mapoco.models import resolve_dtype
 from mapoco.placement import Placement, learner_bundle, reserve
 from mapoco.state_io import load_state, save_state
 
@@ -118,7 +119,7 @@ class Learner:
         self.on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        self.dtype = getattr(torch, cfg.dtype)
+        self.dtype = getattr(torch, resolve_dtype(cfg.dtype))  # auto: bf16 on GPUs, float32 on most CPUs
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         self.reference = None

@@ -222,6 +222,11 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def resolve_dtype(dtype: str) -> str:
+    """A config dtype ("auto" or a torch dtype name) -> the torch dtype name to run in."""
+    return str(default_dtype()).removeprefix("torch.") if dtype == "auto" else dtype
+
+
 # ---------------------------------------------------------------- warm-start data
 def _boxed(value: int | str) -> str:
     return f"\\boxed{{{value}}}"

@@ -23,9 +23,10 @@ from mapoco.algorithms import AdvantageBatch, AdvantageConfig, compute_advantage
 from mapoco.cluster import init_ray
 from mapoco.config import RunConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
-from mapoco.engine import request_seed, resolve_dtype
+from mapoco.engine import request_seed
 from mapoco.evaluate import discuss_in_batches
 from mapoco.learner import LearnerGroup, Rollout, RolloutStats
+from mapoco.models import resolve_dtype
 from mapoco.report import plot_turns, prepare_output_dir, summarize, turn_table, write_json
 from mapoco.rewards import maporl_rewards
 from mapoco.tasks import Problem, load_task

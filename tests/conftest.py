@@ -11,21 +11,14 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from mapoco.cli import CONF_DIR
-from mapoco.config import RunConfig, from_dict
+from mapoco.cli import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
-def compose_config(*overrides: str) -> RunConfig:
-    """The RunConfig `mapoco` would build from these command-line overrides."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["output_dir=unused", *overrides])
-    return from_dict(OmegaConf.to_container(cfg, resolve=True))
+compose_config = compose  # the RunConfig `mapoco` would build from these command-line overrides
 
 
 @pytest.fixture(scope="session")
