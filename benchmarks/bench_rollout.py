@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import torch
 
-from benchmarks.common import Figure, Result
+from benchmarks.common import Figure, Result, peak_rss_mib
 from mapoco.cli import compose
 from mapoco.config import DiscussionConfig, SamplingConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
@@ -45,7 +45,12 @@ class RawEngine:
     def __init__(self, model_path: str, dtype: str, max_model_len: int):
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0, enforce_eager=True)
+        # vLLM's CPU sampler cannot rewind a seeded generator for a prefill split across steps: whole prefills,
+        # as mapoco's engine runs them (a requirement of seeded sampling on CPU, not a tuning).
+        whole_prefills = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False,
+                                                               "max_num_batched_tokens": max(max_model_len, 8192)}
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0, enforce_eager=True,
+                       **whole_prefills)
 
     def generate(self, requests: list[Request], sampling: SamplingConfig) -> int:
         from vllm import SamplingParams, TokensPrompt
@@ -90,15 +95,18 @@ def requests_of(result: DiscussionResult, seed: int) -> list[Request]:
             for (q, a, t), r in sorted(result.records.items())]
 
 
-def team_overrides(agents: int, max_new_tokens: int) -> list[str]:
-    names = ",".join(f"{{name: smol_{i}, model: smollm2}}" for i in range(agents))
-    return ["team=smollm2x2", f"team.agents=[{names}]", "engine.max_model_len=4096", "sampling.temperature=0.7",
-            f"sampling.max_new_tokens={max_new_tokens}", "task=gsm8k", "task.path=../shared/data/gsm8k/test.jsonl"]
+def team_overrides(agents: int, model: str, max_new_tokens: int) -> list[str]:
+    """A team of ``agents`` copies of ``model``, each on its own engine: SmolLM2 on GSM8K, tiny models on the
+    arithmetic they were warm-started on (their 1024-token context and tokenizer do not fit GSM8K)."""
+    names = ",".join(f"{{name: agent_{i}, model: {model}}}" for i in range(agents))
+    task = (["task=gsm8k", "task.path=../shared/data/gsm8k/test.jsonl", "engine.max_model_len=4096"]
+            if model == "smollm2" else ["task=arithmetic"])
+    return [f"team.agents=[{names}]", "sampling.temperature=0.7", f"sampling.max_new_tokens={max_new_tokens}", *task]
 
 
-def run(agents: int, questions: int = 32, turns: int = 3, max_new_tokens: int = 256, repeats: int = 1
-        ) -> tuple[Result, Result]:
-    cfg = compose(*team_overrides(agents, max_new_tokens), f"task.limit={questions}", f"turns={turns}")
+def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3, max_new_tokens: int = 256,
+        repeats: int = 1) -> tuple[Result, Result]:
+    cfg = compose(*team_overrides(agents, model, max_new_tokens), f"task.limit={questions}", f"turns={turns}")
     problems = load_task(cfg.task).problems
     agent = cfg.team.agents[0]
     dtype = resolve_dtype(agent.engine.dtype)
@@ -132,17 +140,21 @@ def run(agents: int, questions: int = 32, turns: int = 3, max_new_tokens: int = 
             engine_ours.append(ours())
             engine_raw.append(replay(raw))
             hf_figures.append(replay(hf))
+            print(f"rollout {agents} agents: mapoco {engine_ours[-1]:.1f}, raw vLLM {engine_raw[-1]:.1f}, "
+                  f"HF generate {hf_figures[-1]:.1f} tok/s ({discussions[-1][0]} tokens)", flush=True)
             engine_ratios.append(engine_ours[-1] / engine_raw[-1])
             hf_ratios.append(engine_ours[-1] / hf_figures[-1])
+        engine_pid = team.agents[0].engines.call_all(lambda e: e.pid.remote())[0]
+        memory = {f"engine {model}" + (f" ({agents} agents)" if agents > 2 else ""): peak_rss_mib(engine_pid)}
     finally:
         team.shutdown()
         verifier.shutdown()
         ray.kill(raw)
         ray.kill(hf)
-    sizes = {"model": "smollm2 (SmolLM2-135M-Instruct)", "agents": agents, "turns": turns, "questions": questions,
+    sizes = {"model": model, "agents": agents, "turns": turns, "questions": questions,
              "max_new_tokens": max_new_tokens, "dtype": dtype, "generated_tokens": [d[0] for d in discussions]}
     ours_figure = Figure(f"mapoco discussion ({agents} engines)", "tok/s", engine_ours)
     return (Result("rollout_vs_engine", ours_figure, Figure("raw vLLM, one batch", "tok/s", engine_raw), sizes,
-                   target=0.9, ratios=engine_ratios),
+                   target=0.9, ratios=engine_ratios, extra={"peak_rss_mib": memory}),
             Result("rollout_vs_hf_generate", ours_figure, Figure("HF generate, agent by agent", "tok/s", hf_figures),
                    sizes, target=2.0, ratios=hf_ratios))

@@ -17,7 +17,7 @@ import torch
 from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.learner import LearnerGroup, Rollout, collate, free_port
-from mapoco.models import resolve_model
+from mapoco.models import resolve_dtype, resolve_model
 
 GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 
@@ -45,12 +45,14 @@ class PlainDeepSpeed:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
+        dtype = getattr(torch, resolve_dtype(cfg.dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.max_grad_norm, "zero_optimization": {"stage": cfg.zero_stage},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+            "zero_allow_untested_optimizer": True, "bf16": {"enabled": dtype == torch.bfloat16},
+            "steps_per_print": 10**9})
 
     def step(self, rows: list[Rollout], pad_id: int) -> int:
         mb = collate(rows, pad_id)
@@ -112,6 +114,6 @@ def run(model: str = "smollm2", rows: int = 8, response_tokens: int = 128, repea
         Figure("mapoco PPO update (policy + value head, 1 epoch)", "tok/s", a),
         Figure("plain DeepSpeed fwd+bwd+step", "tok/s", b),
         sizes={"model": model, "rows": rows, "response_tokens": response_tokens, "tokens_per_batch": tokens,
-               "zero_stage": cfg.zero_stage, "dtype": cfg.dtype},
+               "zero_stage": cfg.zero_stage, "dtype": resolve_dtype(cfg.dtype)},
         target=0.8, ratios=ratios, extra={"peak_rss_mib": memory},
     )
