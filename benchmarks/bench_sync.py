@@ -57,7 +57,7 @@ def run(model: str, repeats: int = 5) -> Result:
 
         a, b, ratios = side_by_side(push, copy, repeats)
         memory = {f"engine {model}": peak_rss_mib(engines.call_all(lambda e: e.pid.remote())[0]),
-                  f"learner {model}": peak_rss_mib(group.call_all("pid")[0])}
+                  f"learner {model} (sync only)": peak_rss_mib(group.call_all("pid")[0])}
     finally:
         engines.shutdown()
         group.shutdown()

@@ -104,7 +104,7 @@ def run(model: str = "smollm2", rows: int = 8, response_tokens: int = 128, repea
             return tokens / (time.perf_counter() - start)
 
         a, b, ratios = side_by_side(ours, theirs, repeats)
-        memory = {f"learner {model}": peak_rss_mib(group.call_all("pid")[0]),
+        memory = {f"learner {model} (PPO update)": peak_rss_mib(group.call_all("pid")[0]),
                   f"plain DeepSpeed {model}": peak_rss_mib(ray.get(plain.pid.remote()))}
     finally:
         group.shutdown()

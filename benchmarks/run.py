@@ -44,8 +44,10 @@ def run_sync() -> list[Result]:
 
 
 def memory(results: list[Result]) -> Result:
-    """Peak resident memory of every engine and learner the other benchmarks ran, per model."""
-    peaks: dict[str, float] = {}
+    """Peak resident memory of every engine and learner the other benchmarks ran, per model (figures of
+    benchmarks not run this time are kept from results.json)."""
+    previous = json.loads(RESULTS.read_text()).get("memory", {}) if RESULTS.exists() else {}
+    peaks: dict[str, float] = dict(previous.get("peak_rss_mib", {}))
     for result in results:
         peaks.update(result.extra.get("peak_rss_mib", {}))
         for nested in ("tiny_model", "agents_4"):

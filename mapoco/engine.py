@@ -213,7 +213,8 @@ class AgentEngines:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         return self.collect(self.submit(prompts, sampling, seeds), sampling)
 
-    def push_weights(self, blob: bytes) -> None:
+    def push_weights(self, blob: bytes | ray.ObjectRef) -> None:
+        """Serialized weights, or a reference to them in the object store (each replica fetches it itself)."""
         self.call_all(lambda actor: actor.update_weights.remote(blob))
 
     def sleep(self) -> None:
@@ -232,10 +233,12 @@ class AgentEngines:
         while True:
             try:
                 return ray.get(ref)
-            except ray.exceptions.RayActorError:
-                restarts += 1
-                if restarts > MAX_RESTARTS_PER_CALL:
+            except ray.exceptions.RayActorError as exc:
+                # Another actor's death (the learner whose weights were the argument) is not this replica's fault.
+                mine = exc.actor_id in (None, self.actors[replica]._actor_id.hex())
+                if not mine or restarts == MAX_RESTARTS_PER_CALL:
                     raise
+                restarts += 1
                 self.restart(replica)
                 ref = call(self.actors[replica])
 

@@ -23,11 +23,11 @@ class BytesSync:
         engines.on_restart = self.restore
 
     def push(self) -> None:
-        self.engines.push_weights(self.group.weights_bytes(self.dtype))
+        self.engines.push_weights(self.group.weights_ref(self.dtype))
 
     def restore(self, replica: int) -> None:
         """A restarted replica loaded the base model: give it the trained weights."""
-        ray.get(self.engines.actors[replica].update_weights.remote(self.group.weights_bytes(self.dtype)))
+        ray.get(self.engines.actors[replica].update_weights.remote(self.group.weights_ref(self.dtype)))
 
 
 class NcclSync:
