@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, Result, timed
+from benchmarks.common import Figure, Result, side_by_side, timed
 from mapoco.cli import compose
 from mapoco.config import DiscussionConfig
 from mapoco.discussion import Team, run_discussion
@@ -53,7 +53,7 @@ def rollout_seconds(team: Team, verifier: VerifierClient, agents: int, turns: in
     return seconds
 
 
-def run(steps: int = 2, questions: int = 32) -> Result:
+def run(steps: int = 2, questions: int = 32, repeats: int = 3) -> Result:
     cfg = compose(*BASE)
     cached = Team(cfg.team, seed=0)
     uncached_cfg = compose(*BASE, "engine.enable_prefix_caching=false").team
@@ -63,9 +63,15 @@ def run(steps: int = 2, questions: int = 32) -> Result:
     try:
         grid = {f"agents={a},turns=3": step_breakdown(cached, a, 3, steps) for a in (1, 2, 4)}
         grid.update({f"agents=2,turns={t}": step_breakdown(cached, 2, t, steps) for t in (1, 2, 4)})
-        caching = {f"turns={t}": {"prefix_caching_s": rollout_seconds(cached, verifier, 2, t, questions),
-                                  "no_prefix_caching_s": rollout_seconds(uncached, verifier, 2, t, questions)}
-                   for t in (1, 2, 3, 4)}
+        for team in (cached, uncached):  # warm-up: the first discussion of a team pays one-off costs
+            rollout_seconds(team, verifier, 2, 1, questions)
+        caching = {}
+        for t in (1, 2, 3, 4):
+            on, off, _ = side_by_side(lambda: rollout_seconds(cached, verifier, 2, t, questions),
+                                      lambda: rollout_seconds(uncached, verifier, 2, t, questions), repeats,
+                                      higher_is_better=False)
+            caching[f"turns={t}"] = {"prefix_caching_s": statistics.median(on),
+                                     "no_prefix_caching_s": statistics.median(off)}
     finally:
         for team in (cached, uncached):
             team.shutdown()
@@ -78,7 +84,7 @@ def run(steps: int = 2, questions: int = 32) -> Result:
         Figure("step time, 2 agents x 3 turns", "s", [grid["agents=2,turns=3"]["step"]]),
         None,
         sizes={"model": "tiny-qwen", "batch_questions": 8, "samples_per_question": 2, "measured_steps": steps,
-               "prefix_caching_questions": questions},
+               "prefix_caching_questions": questions, "prefix_caching_repeats": repeats},
         extra={"grid": _rounded(grid), "prefix_caching": _rounded(caching),
                "prefix_caching_speedup": round(sum(without) / sum(with_cache), 3), "plot": "benchmarks/scaling.png"},
     )
@@ -98,9 +104,10 @@ def plot(grid: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, keys, xlabel in ((axes[0], [f"agents={a},turns=3" for a in (1, 2, 4)], "agents (3 turns)"),
-                             (axes[1], [f"agents=2,turns={t}" for t in (1, 2, 3, 4)], "turns (2 agents)")):
-        xs = [int(k.split(",")[0 if "agents" in xlabel else 1].split("=")[1]) for k in keys]
+    panels = ((axes[0], {a: f"agents={a},turns=3" for a in (1, 2, 4)}, "agents (3 turns)"),
+              (axes[1], {t: f"agents=2,turns={t}" for t in (1, 2, 3, 4)}, "turns (2 agents)"))
+    for ax, by_x, xlabel in panels:
+        xs, keys = list(by_x), list(by_x.values())
         bottom = [0.0] * len(keys)
         for phase in PHASES[:-1]:
             values = [grid[k][phase] for k in keys]
