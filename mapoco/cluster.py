@@ -40,13 +40,14 @@ def run_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
     return bundles
 
 
-def required(cfg: RunConfig, resource: str) -> float:
-    return sum(b.get(resource, 0.0) for group in run_bundles(cfg).values() for b in group)
+def required(bundles: dict[str, list[dict[str, float]]], resource: str) -> float:
+    return sum(b.get(resource, 0.0) for group in bundles.values() for b in group)
 
 
 def init_ray(cfg: RunConfig) -> None:
     """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
-    need_cpus, need_gpus = required(cfg, "CPU"), required(cfg, "GPU")
+    bundles = run_bundles(cfg)
+    need_cpus, need_gpus = required(bundles, "CPU"), required(bundles, "GPU")
     if not ray.is_initialized():
         address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -70,4 +71,4 @@ def init_ray(cfg: RunConfig) -> None:
         raise ConfigError("engine.num_gpus", need_gpus, f"the run's actors need {need_gpus:g} GPUs in all "
                                                         f"(engines x tensor parallel x replicas + learners); the "
                                                         f"cluster has {have.get('GPU', 0):g}")
-    check_bundles_fit(run_bundles(cfg))
+    check_bundles_fit(bundles)
