@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
 
 import ray
 import torch
@@ -104,57 +103,56 @@ def team_overrides(agents: int, model: str, max_new_tokens: int) -> list[str]:
     return [f"team.agents=[{names}]", "sampling.temperature=0.7", f"sampling.max_new_tokens={max_new_tokens}", *task]
 
 
+def _replay(actor: ray.actor.ActorHandle, discussions: list[list[Request]], sampling: SamplingConfig) -> list[float]:
+    """Generated tok/s of ``actor`` on each discussion's requests; the actor is killed afterwards."""
+    try:
+        ray.get(actor.__ray_ready__.remote())
+        rates = []
+        for requests in discussions:
+            start = time.perf_counter()
+            tokens = ray.get(actor.generate.remote(requests, sampling))
+            rates.append(tokens / (time.perf_counter() - start))
+        return rates
+    finally:
+        ray.kill(actor)
+
+
 def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3, max_new_tokens: int = 256,
-        repeats: int = 1) -> tuple[Result, Result]:
+        repeats: int = 2) -> tuple[Result, Result]:
+    """Three phases, one side alive at a time (on 2 cores, idle engines of one side slowed the other down):
+    mapoco's discussion ``repeats`` times with different seeds, then the raw engine and HF ``generate`` each
+    replaying every one of those discussions' requests. Ratios are taken per discussion."""
     cfg = compose(*team_overrides(agents, model, max_new_tokens), f"task.limit={questions}", f"turns={turns}")
     problems = load_task(cfg.task).problems
     agent = cfg.team.agents[0]
     dtype = resolve_dtype(agent.engine.dtype)
     team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
-    raw = ray.remote(RawEngine).options(
-        num_cpus=agent.engine.num_cpus,
-        runtime_env={"env_vars": {**engine_env(agent.engine),
-                                  "VLLM_CPU_KVCACHE_SPACE": str(agent.engine.kv_cache_gib * agents)}},
-    ).remote(str(team.agents[0].model_path), dtype, agent.engine.max_model_len)
-    hf = ray.remote(HFGenerate).options(num_cpus=agent.engine.num_cpus).remote(str(team.agents[0].model_path), dtype)
+    model_path = str(team.agents[0].model_path)
+    ours, generated, discussions = [], [], []
     try:
-        ray.get([raw.__ray_ready__.remote(), hf.__ray_ready__.remote()])
-        discussions: list[tuple[int, float, list[Request]]] = []
-
-        def ours() -> float:
-            seed = len(discussions)
+        for seed in range(repeats):
             result = run_discussion(team, problems, turns, DiscussionConfig(), verifier, seed)
-            tokens = sum(len(r.token_ids) for r in result.records.values())
-            discussions.append((tokens, result.seconds["generate"], requests_of(result, seed)))
-            return tokens / result.seconds["generate"]
-
-        def replay(actor: Any) -> float:
-            requests = discussions[-1][2]  # the latest discussion's requests (ours runs first in odd repeats too)
-            start = time.perf_counter()
-            tokens = ray.get(actor.generate.remote(requests, agent.sampling))
-            return tokens / (time.perf_counter() - start)
-
-        engine_ours, engine_raw, engine_ratios = [], [], []
-        hf_ratios, hf_figures = [], []
-        for _ in range(repeats):  # ours must run before its replays: no alternation inside a repeat
-            engine_ours.append(ours())
-            engine_raw.append(replay(raw))
-            hf_figures.append(replay(hf))
-            print(f"rollout {agents} agents: mapoco {engine_ours[-1]:.1f}, raw vLLM {engine_raw[-1]:.1f}, "
-                  f"HF generate {hf_figures[-1]:.1f} tok/s ({discussions[-1][0]} tokens)", flush=True)
-            engine_ratios.append(engine_ours[-1] / engine_raw[-1])
-            hf_ratios.append(engine_ours[-1] / hf_figures[-1])
+            generated.append(sum(len(r.token_ids) for r in result.records.values()))
+            ours.append(generated[-1] / result.seconds["generate"])
+            discussions.append(requests_of(result, seed))
+            print(f"rollout {agents} x {model}: mapoco {ours[-1]:.1f} tok/s ({generated[-1]} tokens)", flush=True)
         engine_pid = team.agents[0].engines.call_all(lambda e: e.pid.remote())[0]
         memory = {f"engine {model}" + (f" ({agents} agents)" if agents > 2 else ""): peak_rss_mib(engine_pid)}
     finally:
         team.shutdown()
         verifier.shutdown()
-        ray.kill(raw)
-        ray.kill(hf)
+    raw = _replay(ray.remote(RawEngine).options(
+        num_cpus=agent.engine.num_cpus,
+        runtime_env={"env_vars": {**engine_env(agent.engine),
+                                  "VLLM_CPU_KVCACHE_SPACE": str(agent.engine.kv_cache_gib * agents)}},
+    ).remote(model_path, dtype, agent.engine.max_model_len), discussions, agent.sampling)
+    hf = _replay(ray.remote(HFGenerate).options(num_cpus=agent.engine.num_cpus).remote(model_path, dtype),
+                 discussions, agent.sampling)
+    print(f"rollout {agents} x {model}: raw vLLM {raw}, HF generate {hf} tok/s", flush=True)
     sizes = {"model": model, "agents": agents, "turns": turns, "questions": questions,
-             "max_new_tokens": max_new_tokens, "dtype": dtype, "generated_tokens": [d[0] for d in discussions]}
-    ours_figure = Figure(f"mapoco discussion ({agents} engines)", "tok/s", engine_ours)
-    return (Result("rollout_vs_engine", ours_figure, Figure("raw vLLM, one batch", "tok/s", engine_raw), sizes,
-                   target=0.9, ratios=engine_ratios, extra={"peak_rss_mib": memory}),
-            Result("rollout_vs_hf_generate", ours_figure, Figure("HF generate, agent by agent", "tok/s", hf_figures),
-                   sizes, target=2.0, ratios=hf_ratios))
+             "max_new_tokens": max_new_tokens, "dtype": dtype, "generated_tokens": generated}
+    ours_figure = Figure(f"mapoco discussion ({agents} engines)", "tok/s", ours)
+    return (Result("rollout_vs_engine", ours_figure, Figure("raw vLLM, one batch", "tok/s", raw), sizes,
+                   target=0.9, ratios=[a / b for a, b in zip(ours, raw)], extra={"peak_rss_mib": memory}),
+            Result("rollout_vs_hf_generate", ours_figure, Figure("HF generate, agent by agent", "tok/s", hf),
+                   sizes, target=2.0, ratios=[a / b for a, b in zip(ours, hf)]))

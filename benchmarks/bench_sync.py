@@ -1,8 +1,8 @@
 """sync_vs_copy: seconds and GB/s to push an agent's weights from its learner into its engine, versus an
 in-process copy of the same tensors (the memory-bandwidth ceiling of moving those bytes once).
 
-The sync is mapoco's real path for this machine (``train.weight_sync=auto``: safetensors bytes on CPU, an NCCL
-broadcast on GPU), timed from the controller: gather on the learner, transfer, load into the engine, prefix-cache
+The sync is mapoco's real path for this machine (``train.weight_sync=auto``: through Ray's object store on CPU, an
+NCCL broadcast on GPU), timed from the controller: gather on the learner, transfer, load into the engine, prefix-cache
 reset. The copy is ``dst.copy_(src)`` over the same tensors in the engine's dtype.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import torch
-from safetensors.torch import load
 
 from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig
@@ -39,7 +38,7 @@ def run(model: str, repeats: int = 5) -> Result:
     engines = _agent_engines(path, engine_cfg, model)
     try:
         sync = make_sync("auto", group, engines, dtype, engine_cfg.tensor_parallel_size, engine_cfg.num_gpus > 0)
-        tensors = load(group.weights_bytes(dtype))
+        tensors = {k: v.clone() for k, v in group.weights(dtype).items()}
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         targets = {k: torch.empty_like(v) for k, v in tensors.items()}
         sync.push()  # warm-up: the first reload pays one-off allocations

@@ -109,7 +109,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None  # auto: the last complete checkpoint of output_dir; or a checkpoint directory
     logprob_tolerance: float = 0.05  # max |engine - learner| logprob after a sync that counts as in sync
-    weight_sync: str = "auto"  # auto (nccl on GPU, else bytes) | bytes | nccl
+    weight_sync: str = "auto"  # auto (nccl on GPU, else object_store) | object_store | nccl
 
 
 @dataclass
@@ -312,8 +312,8 @@ def _validate_training(cfg: RunConfig) -> None:
         _require(getattr(train, name) >= 0, f"train.{name}", getattr(train, name), "must be >= 0 (0: never)")
     _require(train.eval_limit >= 1, "train.eval_limit", train.eval_limit, "must be >= 1")
     _require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
-    _require(train.weight_sync in ("auto", "bytes", "nccl"), "train.weight_sync", train.weight_sync,
-             "one of auto, bytes, nccl")
+    _require(train.weight_sync in ("auto", "object_store", "nccl"), "train.weight_sync", train.weight_sync,
+             "one of auto, object_store, nccl")
     _require(train.weight_sync != "nccl" or all(a.learner.num_gpus > 0 and a.engine.num_gpus > 0
                                                  for a in cfg.team.agents if a.trainable),
              "train.weight_sync", train.weight_sync, "nccl needs GPU learners and engines (learner/engine.num_gpus)")

@@ -1,7 +1,7 @@
 """Engine actors: one Ray actor per agent replica wrapping a vLLM ``LLM``; token ids in, token ids out.
 
-New weights arrive as safetensors bytes: vLLM's ``collective_rpc`` cannot carry raw tensors on CPU (the pickle of
-a memoryview fails), serialized bytes can, and the same path works everywhere.
+New weights arrive on CPU as a ``mapoco.weight_payload`` read in place from Ray's object store; on GPU through an
+NCCL broadcast (``mapoco.weight_sync``).
 
 A replica that dies (killed, out of memory) is restarted in its placement bundle, gets the trained weights back
 through ``AgentEngines.on_restart``, and the requests it was serving are sent again: sampling seeds are per request,
@@ -20,6 +20,7 @@ import ray
 from mapoco.config import EngineConfig, SamplingConfig
 from mapoco.models import resolve_dtype
 from mapoco.placement import Placement
+from mapoco.weight_payload import WeightPayload, unpack
 
 MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
 
@@ -39,12 +40,10 @@ def request_seed(run_seed: int, *keys: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def _load_weights_from_bytes(worker, blob: bytes) -> int:
-    """Runs inside vLLM's worker: deserialize safetensors bytes and reload them in place. ``reload_weights``
-    (not the model's ``load_weights``) also redoes the post-load processing, e.g. CPU weight packing."""
-    from safetensors.torch import load
-
-    state = load(blob)
+def _reload_weights(worker, payload: WeightPayload) -> int:
+    """Runs inside vLLM's worker: reload the weights in place. ``reload_weights`` (not the model's
+    ``load_weights``) also redoes the post-load processing, e.g. CPU weight packing."""
+    state = unpack(payload)
     worker.reload_weights(weights_iterator=iter(state.items()))
     return len(state)
 
@@ -99,9 +98,9 @@ class Engine:
         logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs)]
         return Generation(list(prompt), token_ids, logprobs, completion.text, str(completion.finish_reason))
 
-    def update_weights(self, blob: bytes) -> int:
-        """Load new weights (safetensors bytes); cached prefixes were computed with the old ones, so drop them."""
-        loaded = self.llm.collective_rpc(_load_weights_from_bytes, args=(blob,))[0]
+    def update_weights(self, payload: WeightPayload) -> int:
+        """Load new weights; cached prefixes were computed with the old ones, so drop them."""
+        loaded = self.llm.collective_rpc(_reload_weights, args=(payload,))[0]
         self.llm.reset_prefix_cache()
         return loaded
 
@@ -213,9 +212,9 @@ class AgentEngines:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         return self.collect(self.submit(prompts, sampling, seeds), sampling)
 
-    def push_weights(self, blob: bytes | ray.ObjectRef) -> None:
-        """Serialized weights, or a reference to them in the object store (each replica fetches it itself)."""
-        self.call_all(lambda actor: actor.update_weights.remote(blob))
+    def push_weights(self, payload: WeightPayload | ray.ObjectRef) -> None:
+        """Weights, or a reference to them in the object store (each replica reads them from there itself)."""
+        self.call_all(lambda actor: actor.update_weights.remote(payload))
 
     def sleep(self) -> None:
         self.call_all(lambda actor: actor.sleep.remote())

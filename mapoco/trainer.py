@@ -32,7 +32,7 @@ from mapoco.rewards import maporl_rewards
 from mapoco.tasks import Problem, load_task
 from mapoco.tracking import Tracker
 from mapoco.verifier import VerifierClient
-from mapoco.weight_sync import BytesSync, NcclSync, make_sync
+from mapoco.weight_sync import NcclSync, ObjectStoreSync, make_sync
 
 
 class TrainingInterrupted(RuntimeError):
@@ -45,7 +45,7 @@ class Policy:
 
     seats: list[int]
     group: LearnerGroup
-    sync: BytesSync | NcclSync
+    sync: ObjectStoreSync | NcclSync
 
     @property
     def name(self) -> str:

@@ -1,7 +1,7 @@
 """Weight sync: after each update an agent's new weights reach its own engines before the next rollout.
 
-``bytes`` (CPU, and anywhere): learner rank 0 serializes the weights to safetensors bytes and every engine
-reloads them in place; vLLM's ``collective_rpc`` cannot carry raw tensors on CPU, bytes it can.
+``object_store`` (CPU, and anywhere): learner rank 0 writes the weights into Ray's object store once and every
+engine reads them in place and reloads (see ``mapoco.weight_payload``).
 ``nccl`` (GPU): one NCCL broadcast group per agent (learner rank 0 plus every engine worker, a TCP rendezvous of its
 own, so agents never share a group); each sync broadcasts tensor by tensor into buffers the engines reload from.
 """
@@ -14,10 +14,10 @@ import torch
 from mapoco.engine import AgentEngines
 from mapoco.learner import LearnerGroup
 
-SYNC_METHODS = ("auto", "bytes", "nccl")
+SYNC_METHODS = ("auto", "object_store", "nccl")
 
 
-class BytesSync:
+class ObjectStoreSync:
     def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str):
         self.group, self.engines, self.dtype = group, engines, dtype
         engines.on_restart = self.restore
@@ -60,12 +60,12 @@ class NcclSync:
 
 
 def make_sync(method: str, group: LearnerGroup, engines: AgentEngines, dtype: str, tensor_parallel_size: int,
-              engines_on_gpu: bool) -> BytesSync | NcclSync:
+              engines_on_gpu: bool) -> ObjectStoreSync | NcclSync:
     if method == "auto":  # decided from the placement, not from the driver, which may sit on a CPU-only head
-        method = "nccl" if group.cfg.num_gpus > 0 and engines_on_gpu else "bytes"
+        method = "nccl" if group.cfg.num_gpus > 0 and engines_on_gpu else "object_store"
     if method == "nccl":
         return NcclSync(group, engines, dtype, tensor_parallel_size)
-    return BytesSync(group, engines, dtype)
+    return ObjectStoreSync(group, engines, dtype)
 
 
 # ---------------------------------------------------------------- the two ends of the NCCL group

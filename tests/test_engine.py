@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from mapoco.config import SamplingConfig
+from mapoco.weight_payload import pack
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,9 @@ def test_pushed_weights_change_generations(hetero_team):
     perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
                  for k, v in original.items()}
     try:
-        agent.engines.push_weights(save(perturbed))
+        agent.engines.push_weights(pack(perturbed, torch.float32))
         changed = _generate(agent, prompts)
     finally:
-        agent.engines.push_weights(save(original))
+        agent.engines.push_weights(pack(original, torch.float32))
     assert changed != before
     assert _generate(agent, prompts) == before

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import ray
 from ray.util.placement_group import placement_group_table
-from safetensors.torch import load
 
 from mapoco.trainer import Trainer, TrainingInterrupted
 
@@ -25,11 +24,11 @@ def hetero_training(hetero_team, tmp_path_factory):
                          "+team.agents.0.learner.lr=2e-5", "+team.agents.0.learner.num_learners=2",
                          "+team.agents.1.learner.lr=7e-5", "+team.agents.1.learner.zero_stage=3")
     trainer = Trainer(cfg, tmp_path_factory.mktemp("hetero"), team=hetero_team)
-    before = {p.name: load(p.group.weights_bytes("float32")) for p in trainer.policies}
+    before = {p.name: p.group.weights("float32") for p in trainer.policies}
     metrics = [trainer.train_step()]
     trainer.step += 1
     metrics.append(trainer.train_step())
-    after = {p.name: load(p.group.weights_bytes("float32")) for p in trainer.policies}
+    after = {p.name: p.group.weights("float32") for p in trainer.policies}
     yield trainer, metrics, before, after
     trainer.close()
 
@@ -85,7 +84,7 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
     first.save()
     expected = first.rollout(first.batch(1))
     first.train_step()
-    uninterrupted = {p.name: load(p.group.weights_bytes("float32")) for p in first.policies}
+    uninterrupted = {p.name: p.group.weights("float32") for p in first.policies}
     ray.kill(first.policies[1].group.actors[0])  # a learner dies: the run stops and says how to resume
     with pytest.raises(TrainingInterrupted, match="step_000001: run the same command with train.resume=auto"):
         first.fit()
@@ -99,7 +98,7 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
         assert _tokens(resumed.rollout(resumed.batch(1))) == _tokens(expected)
         resumed.train_step()
         for policy in resumed.policies:
-            got = load(policy.group.weights_bytes("float32"))
+            got = policy.group.weights("float32")
             for key, tensor in uninterrupted[policy.name].items():
                 assert float((got[key] - tensor).abs().max()) < 1e-6, key
     finally:
@@ -148,11 +147,11 @@ def test_lora_agent_trains_against_a_frozen_partner(hetero_team, tmp_path):
     try:
         assert [p.name for p in trainer.policies] == ["agent_0"]
         partner_before = _greedy(frozen, prompts)
-        base = load(trainer.policies[0].group.weights_bytes("float32"))
+        base = trainer.policies[0].group.weights("float32")
         first = trainer.train_step()
         trainer.step += 1
         second = trainer.train_step()
-        merged = load(trainer.policies[0].group.weights_bytes("float32"))
+        merged = trainer.policies[0].group.weights("float32")
         assert max(float((merged[k] - base[k]).abs().max()) for k in base) > 0  # adapters merged into the weights
         assert set(merged) == set(base)  # engine (HF) names, no lora_ keys
         assert second["train/agent_0/logprob_max_diff"] < cfg.train.logprob_tolerance  # merged weights reached it
