@@ -10,7 +10,7 @@ ENGINE_REQS := requirements/$(if $(HAS_GPU),gpu,cpu).txt
 # Tests and the demo never download: models are built locally, data is local or generated.
 RUN_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup models test demo bench clean
+.PHONY: setup models test demo demo-conductor bench clean
 setup: $(STAMP)
 
 $(STAMP):
@@ -34,6 +34,10 @@ test: models
 
 demo: models
 	$(RUN_ENV) $(BIN)/mapoco train +experiment=demo
+
+# The second method: a tiny conductor learns, with GRPO, to route questions between two specialist workers.
+demo-conductor: models
+	$(RUN_ENV) $(BIN)/mapoco train +experiment=conductor
 
 # Side-by-side speed and memory figures: a table, benchmarks/results.json and benchmarks/README.md.
 bench: models

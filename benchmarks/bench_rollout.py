@@ -14,7 +14,6 @@ all three sides generate for the same inputs.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import ray
@@ -64,10 +63,10 @@ class RawEngine:
 class HFGenerate:
     """MAPoRL's reference rollout: transformers ``generate``, agent after agent, a padded batch per turn."""
 
-    def __init__(self, model_path: str, dtype: str):
+    def __init__(self, model_path: str, dtype: str, threads: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
 
@@ -141,12 +140,14 @@ def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3
     finally:
         team.shutdown()
         verifier.shutdown()
+    # The baselines get the whole team's CPUs (Ray sets their thread counts from num_cpus): same hardware.
+    cpus = agent.engine.num_cpus * agents
     raw = _replay(ray.remote(RawEngine).options(
-        num_cpus=agent.engine.num_cpus,
+        num_cpus=cpus,
         runtime_env={"env_vars": {**engine_env(agent.engine),
                                   "VLLM_CPU_KVCACHE_SPACE": str(agent.engine.kv_cache_gib * agents)}},
     ).remote(model_path, dtype, agent.engine.max_model_len), discussions, agent.sampling)
-    hf = _replay(ray.remote(HFGenerate).options(num_cpus=agent.engine.num_cpus).remote(model_path, dtype),
+    hf = _replay(ray.remote(HFGenerate).options(num_cpus=cpus).remote(model_path, dtype, int(cpus)),
                  discussions, agent.sampling)
     print(f"rollout {agents} x {model}: raw vLLM {raw}, HF generate {hf} tok/s", flush=True)
     sizes = {"model": model, "agents": agents, "turns": turns, "questions": questions,

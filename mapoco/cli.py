@@ -21,8 +21,9 @@ USAGE = (
     "  mapoco train -m rewards.alpha1=0,1,2 seed=0,1 hydra.sweep.dir=outputs/sweep\n"
     "  mapoco sweep-summary outputs/sweep\n"
     "  mapoco eval team=tiny2 task=arithmetic task.limit=100 turns=3 output_dir=outputs/eval\n"
+    "  mapoco train +experiment=conductor          # method=conductor: team.agents[0] orchestrates the rest\n"
     "  mapoco train-verifier team=tiny2 output_dir=outputs/verifier\n"
-    "  mapoco build-models [tiny-qwen tiny-llama smollm2]"
+    "  mapoco build-models [tiny-qwen tiny-llama tiny-add tiny-mul tiny-conductor smollm2]"
 )
 
 
@@ -79,14 +80,17 @@ def _name_sweep_job(run_cfg: RunConfig, out: Path) -> None:
 
 
 def _dispatch(run_cfg: RunConfig, out: Path) -> None:
+    conductor = run_cfg.method == "conductor"
     if run_cfg.command == "eval":
+        from mapoco.conductor_trainer import evaluate_conductor
         from mapoco.evaluate import evaluate
 
-        evaluate(run_cfg, out)
+        (evaluate_conductor if conductor else evaluate)(run_cfg, out)
     elif run_cfg.command == "train":
+        from mapoco.conductor_trainer import train_conductor
         from mapoco.trainer import train
 
-        train(run_cfg, out)
+        (train_conductor if conductor else train)(run_cfg, out)
     elif run_cfg.command == "train-verifier":
         from mapoco.learned_verifier import train_verifier
 

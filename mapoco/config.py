@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from mapoco.rewards import INCENTIVE_MODES, RewardConfig
 from mapoco.tasks import TaskConfig, task_names
 
 TOPOLOGIES = ("all_to_all", "ring", "star")
+METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -120,6 +122,35 @@ class DiscussionConfig:
 
 
 @dataclass
+class HttpWorkerConfig:
+    """A conductor worker behind an OpenAI-compatible chat-completions endpoint (closed or remote models)."""
+
+    name: str
+    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str
+    api_key_env: str | None = None  # environment variable holding the key (never the key itself)
+    timeout_s: float = 60.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    concurrency: int = 16  # requests in flight at once to this endpoint
+
+
+@dataclass
+class ConductorConfig:
+    """``method=conductor``: team.agents[0] is the conductor (trained), team.agents[1:] its local workers."""
+
+    http_workers: list[HttpWorkerConfig] = field(default_factory=list)
+    max_steps: int = 5
+    random_pools: bool = False  # each question draws a random subset of the pool (renumbered)
+    min_pool: int = 1  # smallest random pool
+    self_worker: bool = False  # the conductor is also a worker (recursion), up to max_depth
+    max_depth: int = 1
+    replan: bool = False  # one re-plan round after seeing the final answer
+    examples: list[str] = field(default_factory=list)  # few-shot examples shown in the prompt
+    baselines: bool = True  # eval: also each worker alone, majority vote, a random workflow
+
+
+@dataclass
 class VerifierConfig:
     kind: str = "rule"
     path: str | None = None  # learned verifier checkpoint (written by `mapoco train-verifier`)
@@ -160,10 +191,12 @@ class RunConfig:
     task: TaskConfig
     team: TeamConfig
     command: str = "eval"
+    method: str = "discussion"  # discussion (MAPoRL co-training) | conductor
     seed: int = 0
     turns: int = 3
     output_dir: str = "outputs/run"
     discussion: DiscussionConfig = field(default_factory=DiscussionConfig)
+    conductor: ConductorConfig = field(default_factory=ConductorConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
@@ -373,9 +406,36 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(cfg.rewards, name)
         _require(value >= 0, f"rewards.{name}", value, "must be >= 0 (signs come from rewards.incentives)")
     _validate_training(cfg)
+    _validate_conductor(cfg)
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
              "one of offline, online, disabled")
     return cfg
+
+
+def _validate_conductor(cfg: RunConfig) -> None:
+    _require(cfg.method in METHODS, "method", cfg.method, f"one of {METHODS}")
+    if cfg.method != "conductor":
+        return
+    con = cfg.conductor
+    pool = len(cfg.team.agents) - 1 + len(con.http_workers) + int(con.self_worker)
+    _require(pool >= 1, "team.agents", [a.name for a in cfg.team.agents],
+             "the conductor needs workers: team.agents[1:] (local) or conductor.http_workers")
+    _require(not cfg.team.shared_policy, "team.shared_policy", True, "must be false for method=conductor")
+    _require(1 <= con.max_steps <= 5, "conductor.max_steps", con.max_steps, "an integer in 1..5")
+    _require(1 <= con.min_pool <= pool, "conductor.min_pool", con.min_pool, f"an integer in 1..{pool} (the pool)")
+    _require(con.max_depth >= 1, "conductor.max_depth", con.max_depth, "an integer >= 1")
+    for i, worker in enumerate(cfg.team.agents[1:], start=1):
+        _require(not worker.trainable, f"team.agents[{i}].trainable", True,
+                 "workers are frozen in method=conductor: set trainable: false")
+    for i, http in enumerate(con.http_workers):
+        key = f"conductor.http_workers[{i}]"
+        _require(http.base_url.startswith(("http://", "https://")), f"{key}.base_url", http.base_url,
+                 "an http(s) URL ending before /chat/completions, e.g. http://127.0.0.1:8000/v1")
+        _require(http.timeout_s > 0, f"{key}.timeout_s", http.timeout_s, "must be > 0")
+        _require(http.max_tokens >= 1, f"{key}.max_tokens", http.max_tokens, "must be >= 1")
+        _require(http.concurrency >= 1, f"{key}.concurrency", http.concurrency, "must be >= 1")
+        _require(http.api_key_env is None or http.api_key_env in os.environ, f"{key}.api_key_env",
+                 http.api_key_env, "names an environment variable that is not set: export it first")
 
 
 AGENT_DEFAULT_GROUPS = ("engine", "sampling", "learner")

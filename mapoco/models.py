@@ -7,7 +7,9 @@ moved into place with ``os.replace``, so an interrupted build never leaves a fol
 
 The tiny models are warm-started by a short supervised run on the arithmetic train split (first-turn answers and
 discussion threads in the exact message format of ``mapoco.prompts``), so RL starts from a model that is
-sometimes right.
+sometimes right. Two roles share that code path: a *solver* answers questions (the discussion agents, and the
+Conductor's specialist workers, which also learn the workflow-step format of ``mapoco.workflow``); a *conductor*
+learns to write well-formed workflows whose worker ids are uniformly random, so RL has the routing to learn.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 from mapoco.answers import extract_math, is_correct
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import ARITHMETIC_DEFAULTS, Problem, TaskConfig, arithmetic_problems
+from mapoco.workflow import SUBTASKS, Plan, Step, conductor_message, parse_workflow, worker_message, worker_thread
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MARKER = "mapoco-build.json"  # written last; its presence (with a matching fingerprint) means "complete"
@@ -41,6 +44,7 @@ WARMSTART_FILE = "warmstart.json"
 BUILD_VERSION = 1
 NUM_EVAL = 200
 NUM_VALIDATION = 100
+PLAN_TOKENS = 64  # max_new_tokens for a conductor's plan (a two-step plan is well under it)
 TRAIN_POOL = 20_000  # train-split problems the warm-start draws from
 SMOLLM2 = "smollm2"
 SMOLLM2_DIR = "smollm2-135m-instruct"
@@ -88,10 +92,21 @@ class TinyModelSpec:
     target_accuracy: float = 0.5  # stop once greedy turn-1 validation accuracy reaches this
     eval_every: int = 50  # steps between validation checks (100 problems, ~0.3 s each)
     seed: int = 0
+    # Fields added after the first models are left out of the repr and enter the fingerprint only when set
+    # (``_tiny_fingerprint``), so the models built before them keep their fingerprint and cache.
+    role: str = field(default="solver", repr=False)  # "solver" answers questions | "conductor" writes workflows
+    task_params: tuple[tuple[str, Any], ...] = field(default=(), repr=False)  # the questions: over ARITHMETIC_DEFAULTS
+    workflow_fraction: float = field(default=0.0, repr=False)  # solver: share of examples that are workflow steps
+    two_step_fraction: float = field(default=0.0, repr=False)  # share of workflows with a second, all-seeing step
+    pool_sizes: tuple[int, ...] = field(default=(), repr=False)  # conductor: worker-pool sizes, drawn uniformly
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def task(self) -> TaskConfig:
+        return TaskConfig(params=dict(self.task_params))
 
 
 TINY_MODELS: dict[str, TinyModelSpec] = {
@@ -134,6 +149,45 @@ TINY_MODELS: dict[str, TinyModelSpec] = {
         seed=2,
     ),
 }
+_QWEN = TINY_MODELS["tiny-qwen"]
+_ONE_DIGIT = (("min_terms", 2), ("max_terms", 2), ("min_digits", 1), ("max_digits", 1))
+# The Conductor demo: two specialists, each warm-started on one operator only, and a conductor that writes
+# well-formed workflows but routes at random; RL has to learn who is good at what.
+TINY_MODELS.update(
+    {
+        spec.name: spec
+        for spec in (
+            replace(
+                _QWEN,
+                name=f"tiny-{op_name}",
+                tokenizer=replace(_QWEN.tokenizer, seed=seed),
+                seed=seed,
+                task_params=(*_ONE_DIGIT, ("operators", (op,))),
+                discussion_fraction=0.0,
+                workflow_fraction=0.5,  # the other half: first-turn questions
+                two_step_fraction=0.25,
+                target_accuracy=target,
+            )
+            for op_name, op, seed, target in (("add", "+", 3, 0.9), ("mul", "*", 4, 0.8))
+        )
+    },
+)
+TINY_MODELS["tiny-conductor"] = replace(
+    _QWEN,
+    name="tiny-conductor",
+    tokenizer=replace(_QWEN.tokenizer, vocab_size=512, seed=5),  # long fixed prompt: more merges, shorter inputs
+    seed=5,
+    role="conductor",
+    task_params=(*_ONE_DIGIT, ("operators", ("+", "*"))),
+    two_step_fraction=0.25,
+    pool_sizes=(1, 2, 2, 2, 3),  # mostly two workers
+    # No early stop: the learning rate decays to zero over all the steps, so the sampled worker ids settle at
+    # uniform (stopping at a high rate leaves a random bias towards one id). The validation score, checked once at
+    # the end, is the share of replies sampled at temperature 1 that parse as a workflow.
+    max_steps=1200,
+    eval_every=1200,
+    target_accuracy=1.0,
+)
 MODEL_DIRS: dict[str, str] = {**{name: name for name in TINY_MODELS}, SMOLLM2: SMOLLM2_DIR}
 
 
@@ -157,7 +211,12 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
     so a change there rebuilds the model instead of reusing a stale one."""
     probe = Problem(id="probe", question="Calculate 1 + 2.", gold="3")
     messages = first_turn_message(probe), later_turn_message(probe, [PeerAnswer(agent=0, text="x", score=1.0)])
-    return _fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages)
+    later = [(f.name, getattr(spec, f.name)) for f in fields(spec) if not f.repr and getattr(spec, f.name) != f.default]
+    if not later:
+        return _fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages)
+    plan = Plan((Step(0, SUBTASKS[0], False), Step(1, SUBTASKS[-1], True)))  # the workflow formats they bring in
+    workflow = SUBTASKS, plan.lists(), worker_thread(probe, plan, 1, ["x"]), conductor_message(probe.question, 2)
+    return _fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages, later, workflow)
 
 
 def _is_complete(path: Path, fingerprint: str) -> bool:
@@ -264,10 +323,37 @@ def _discussion_thread(problem: Problem, rng: random.Random, others: list[Proble
     return messages
 
 
+def _workflow_step(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
+    """What a workflow step's worker sees (``worker_thread``): a first step, or a second step that sees a first
+    step's answer, right or wrong."""
+    first = Step(0, rng.choice(SUBTASKS), False)
+    if rng.random() >= spec.two_step_fraction:
+        return worker_thread(problem, Plan((first,)), 0, [])
+    earlier = int(problem.gold) if rng.random() < 0.5 else _wrong_answer(int(problem.gold), rng, others)
+    return worker_thread(problem, Plan((first, Step(0, rng.choice(SUBTASKS), True))), 1, [_boxed(earlier)])
+
+
+def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict]:
+    """A conductor prompt and a well-formed plan: one step, sometimes a second that sees the first. Worker ids are
+    uniform and independent of the question, so the plan's form is learnt but not whom to ask."""
+    size = rng.choice(spec.pool_sizes)
+    steps = [Step(rng.randrange(size), rng.choice(SUBTASKS), False)]
+    if rng.random() < spec.two_step_fraction:
+        steps.append(Step(rng.randrange(size), rng.choice(SUBTASKS), True))
+    return [{"role": "user", "content": conductor_message(problem.question, size)},
+            {"role": "assistant", "content": Plan(tuple(steps)).lists()}]
+
+
 def _example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
-    """A first-turn chat or a discussion thread, ending with the correct boxed answer as the assistant target."""
-    if rng.random() < spec.discussion_fraction:
+    """A solver's first-turn chat, discussion thread or workflow step, ending with the correct boxed answer as the
+    assistant target; a conductor's prompt and plan."""
+    if spec.role == "conductor":
+        return _conductor_chat(problem, spec, rng)
+    draw = rng.random()
+    if draw < spec.discussion_fraction:
         messages = _discussion_thread(problem, rng, others)
+    elif draw < spec.discussion_fraction + spec.workflow_fraction:
+        messages = _workflow_step(problem, spec, rng, others)
     else:
         messages = [{"role": "user", "content": first_turn_message(problem)}]
     return [*messages, {"role": "assistant", "content": _boxed(problem.gold)}]
@@ -414,12 +500,19 @@ def _batches(examples: Iterator[Example], batch_size: int, rng: random.Random) -
             yield input_ids, mask, labels
 
 
+def _score(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> float:
+    """What the warm-start aims at: a solver's greedy turn-1 accuracy, a conductor's sampled parse rate."""
+    if spec.role == "conductor":
+        return plan_stats(sample_plans(model, tokenizer, problems, spec.pool_sizes, seed=spec.seed))["parse_rate"]
+    return turn1_accuracy(model, tokenizer, problems)
+
+
 def _warm_start(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> dict[str, Any]:
-    """Supervised warm-start (AdamW, warmup + cosine decay over ``max_steps``). Stops as soon as greedy turn-1
-    accuracy on the validation split reaches ``target_accuracy``, so RL starts from a model that is right about
+    """Supervised warm-start (AdamW, warmup + cosine decay over ``max_steps``). Stops as soon as the score
+    (``_score``) on the validation split reaches ``target_accuracy``, so RL starts from a model that is right about
     half the time whatever the task difficulty, and easy tasks build fast."""
     torch.manual_seed(spec.seed)
-    validation = arithmetic_problems(TaskConfig(), "validation", NUM_VALIDATION)
+    validation = arithmetic_problems(spec.task, "validation", NUM_VALIDATION)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -437,7 +530,7 @@ def _warm_start(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[
         optimizer.zero_grad(set_to_none=True)
         smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
         if step % spec.eval_every == 0 or step == spec.max_steps:
-            accuracy = turn1_accuracy(model, tokenizer, validation)
+            accuracy = _score(model, tokenizer, spec, validation)
             if accuracy >= spec.target_accuracy:
                 break
     model.eval()
@@ -453,34 +546,85 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def turn1_accuracy(model: Any, tokenizer: Any, problems: list[Problem], batch_size: int = 50) -> float:
-    """Greedy first-turn accuracy with HF ``generate`` (left-padded batches, stop at end of turn)."""
+def _replies(model: Any, tokenizer: Any, messages: list[str], max_new_tokens: int, batch_size: int = 50,
+             **sampling: Any) -> list[str]:
+    """One reply per user message with HF ``generate`` (left-padded batches, stop at end of turn)."""
     model.eval()
-    right = 0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = [_prompt_ids(tokenizer, [{"role": "user", "content": first_turn_message(p)}]) for p in chunk]
+    texts = []
+    for start in range(0, len(messages), batch_size):
+        chunk = messages[start : start + batch_size]
+        prompts = [_prompt_ids(tokenizer, [{"role": "user", "content": m}]) for m in chunk]
         input_ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            max_new_tokens=16,
-            do_sample=False,
+            max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
-        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-        right += sum(is_correct(extract_math(t), p.gold, p.kind) for t, p in zip(texts, chunk))
-    return right / len(problems)
+        texts += tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return texts
 
 
-def evaluate_turn1(path: Path, num: int = NUM_EVAL) -> float:
-    """Re-measure a saved model's greedy turn-1 accuracy on the first ``num`` test problems."""
+def turn1_accuracy(model: Any, tokenizer: Any, problems: list[Problem], batch_size: int = 50,
+                   message: Callable[[Problem], str] = first_turn_message) -> float:
+    """Greedy first-turn accuracy (``message``: the user message a problem is asked in)."""
+    texts = _replies(model, tokenizer, [message(p) for p in problems], 16, batch_size, do_sample=False)
+    return sum(is_correct(extract_math(t), p.gold, p.kind) for t, p in zip(texts, problems)) / len(problems)
+
+
+def _step_message(problem: Problem) -> str:
+    """A first workflow step's message, the subtask picked by the problem id (fixed, spread over ``SUBTASKS``)."""
+    return worker_message(problem, SUBTASKS[sum(map(ord, problem.id)) % len(SUBTASKS)])
+
+
+def sample_plans(model: Any, tokenizer: Any, problems: list[Problem], pool_sizes: tuple[int, ...], seed: int = 0,
+                 batch_size: int = 50) -> list[tuple[int, str]]:
+    """(pool size, reply) of a conductor sampled at temperature 1 on each problem, pool sizes drawn uniformly from
+    ``pool_sizes``. Seeded, and the global torch RNG is left as it was."""
+    rng = random.Random(seed)
+    sizes = [rng.choice(pool_sizes) for _ in problems]
+    messages = [conductor_message(p.question, size) for p, size in zip(problems, sizes)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        texts = _replies(model, tokenizer, messages, PLAN_TOKENS, batch_size, do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0)
+    return list(zip(sizes, texts))
+
+
+def plan_stats(samples: list[tuple[int, str]]) -> dict[str, Any]:
+    """Parse rate, and how often each worker id answers (the plan's last step) per pool size."""
+    parsed = [(size, parse_workflow(text, size)) for size, text in samples]
+    answering = {size: [0] * size for size in sorted({size for size, _ in samples})}
+    steps: dict[int, int] = {}
+    for size, result in parsed:
+        if result.plan is not None and result.plan.steps:
+            answering[size][result.plan.steps[-1].worker] += 1
+            steps[len(result.plan.steps)] = steps.get(len(result.plan.steps), 0) + 1
+    return {"parse_rate": sum(p.plan is not None for _, p in parsed) / len(parsed),
+            "answering_worker": {str(size): counts for size, counts in answering.items()},
+            "plan_steps": {str(n): steps[n] for n in sorted(steps)}}
+
+
+def _load(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return turn1_accuracy(model, tokenizer, arithmetic_problems(TaskConfig(), "test", num))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def evaluate_turn1(path: Path, num: int = NUM_EVAL, task: TaskConfig | None = None) -> float:
+    """Re-measure a saved model's greedy turn-1 accuracy on the first ``num`` test problems of ``task``
+    (default: the default arithmetic task)."""
+    model, tokenizer = _load(path)
+    return turn1_accuracy(model, tokenizer, arithmetic_problems(task or TaskConfig(), "test", num))
+
+
+def evaluate_plans(path: Path, spec: TinyModelSpec, num: int = NUM_EVAL, seed: int = 0) -> dict[str, Any]:
+    """Re-measure a saved conductor's ``plan_stats`` on the first ``num`` test questions of its task."""
+    model, tokenizer = _load(path)
+    return plan_stats(sample_plans(model, tokenizer, arithmetic_problems(spec.task, "test", num), spec.pool_sizes,
+                                   seed=seed))
 
 
 # ---------------------------------------------------------------- builds
@@ -491,13 +635,21 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a fixed thread count keeps the run reproducible across machines
     try:
-        problems = arithmetic_problems(TaskConfig(), "train", TRAIN_POOL)
+        if spec.role not in ("solver", "conductor"):
+            raise ValueError(f"unknown role {spec.role!r} of tiny model {spec.name!r}")
+        problems = arithmetic_problems(spec.task, "train", TRAIN_POOL)
         tokenizer = train_tokenizer(spec.tokenizer, _tokenizer_corpus(spec, problems))
         config = _model_config(spec, tokenizer)
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         trained = _warm_start(model, tokenizer, spec, problems)
-        accuracy = turn1_accuracy(model, tokenizer, arithmetic_problems(TaskConfig(), "test", NUM_EVAL))
+        test = arithmetic_problems(spec.task, "test", NUM_EVAL)
+        if spec.role == "conductor":
+            scores = plan_stats(sample_plans(model, tokenizer, test, spec.pool_sizes, seed=spec.seed))
+        else:
+            scores = {"turn1_accuracy": turn1_accuracy(model, tokenizer, test)}
+            if spec.workflow_fraction:
+                scores["step_accuracy"] = turn1_accuracy(model, tokenizer, test, message=_step_message)
     finally:
         torch.set_num_threads(threads)
     model.generation_config = GenerationConfig(
@@ -506,14 +658,14 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
     model.save_pretrained(out)  # safetensors (the only format transformers 5 writes)
     tokenizer.save_pretrained(out)
     record = {
-        "turn1_accuracy": accuracy,
+        **scores,
         "num_eval": NUM_EVAL,
         "seconds": round(time.perf_counter() - start, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "batch_size": spec.batch_size,
         **trained,
-        "task": ARITHMETIC_DEFAULTS,
+        "task": {**ARITHMETIC_DEFAULTS, **spec.task.params},
     }
     (out / WARMSTART_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -617,8 +769,8 @@ def build_models(names: list[str] | None = None) -> dict[str, Path]:
             raise KeyError(f"unknown model {name!r}; known: {sorted(MODEL_DIRS)}")
         path = convert_smollm2() if name == SMOLLM2 else build_tiny_model(name)
         info = json.loads((path / MARKER).read_text())
-        accuracy = f" turn1_accuracy={info['turn1_accuracy']:.2f}" if "turn1_accuracy" in info else ""
-        print(f"{name}: {path}{accuracy} build_seconds={info['seconds']}", flush=True)
+        scores = "".join(f" {key}={info[key]:.2f}" for key in ("turn1_accuracy", "parse_rate") if key in info)
+        print(f"{name}: {path}{scores} build_seconds={info['seconds']}", flush=True)
         built[name] = path
     return built
 

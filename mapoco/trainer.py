@@ -74,6 +74,11 @@ def training_pool(cfg: RunConfig) -> list[Problem]:
     return [pool[i] for i in order]
 
 
+def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
+    """Each question ``samples`` times, ids ``<id>#<s>``: group baselines key on the part before '#'."""
+    return [dataclasses.replace(p, id=f"{p.id}#{s}") for p in problems for s in range(samples)]
+
+
 def stack(lists: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros((len(lists), width), dtype=torch.float32)
     for i, values in enumerate(lists):
@@ -122,8 +127,12 @@ class Trainer:
         agent = self.cfg.team.agents[owner]
         engines = self.team.agents[owner].engines
         return LearnerGroup(str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm,
-                            self.cfg.turns, self.cfg.seed + owner, what=f"team.agents[{owner}].learner",
+                            self.value_turns(), self.cfg.seed + owner, what=f"team.agents[{owner}].learner",
                             placement=engines.placement if engines.sleep_mode else None)
+
+    def value_turns(self) -> int:
+        """Outputs of the learner's value head: one per discussion turn."""
+        return self.cfg.turns
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -177,13 +186,11 @@ class Trainer:
         return [self.pool[(step * n + i) % len(self.pool)] for i in range(n)]
 
     def rollout(self, problems: list[Problem]) -> DiscussionResult:
-        samples = [
-            dataclasses.replace(p, id=f"{p.id}#{s}")
-            for p in problems
-            for s in range(self.cfg.algorithm.samples_per_question)
-        ]
-        seed = request_seed(self.cfg.seed, "step", self.step)
-        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier, seed)
+        samples = with_samples(problems, self.cfg.algorithm.samples_per_question)
+        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier, self.step_seed())
+
+    def step_seed(self) -> int:
+        return request_seed(self.cfg.seed, "step", self.step)
 
     def agent_batches(self, result: DiscussionResult) -> dict[str, AgentBatch]:
         """Per policy: its rows (flagged samples excluded) with MAPoRL rewards, keyed by (question, seat, turn)."""

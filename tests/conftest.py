@@ -29,6 +29,14 @@ def tiny_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def conductor_models() -> dict[str, Path]:
+    """The conductor demo's models: a tiny conductor and two tiny specialists (+ and *)."""
+    from mapoco.models import build_tiny_model
+
+    return {name: build_tiny_model(name) for name in ("tiny-conductor", "tiny-add", "tiny-mul")}
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session; tests kill only the actors they start."""
     import ray

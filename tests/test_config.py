@@ -123,3 +123,23 @@ def test_cli_reports_unusable_data_without_starting_ray(tiny_models, tmp_path):
     assert proc.returncode == 2
     assert f"data error: task.path={data}: no usable gsm8k problem" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["method=bogus"], "method"),
+        (["+experiment=conductor", "conductor.max_steps=6"], "conductor.max_steps"),
+        (["+experiment=conductor", "team.agents.1.trainable=true"], "team.agents[1].trainable"),
+        (["+experiment=conductor", "team.agents=[{name: c, model: tiny-conductor}]"], "team.agents"),
+        (["+experiment=conductor", "conductor.http_workers=[{name: x, base_url: 'ftp://h', model: m}]"],
+         "conductor.http_workers[0].base_url"),
+        (["+experiment=conductor", "conductor.http_workers=[{name: x, base_url: 'http://127.0.0.1:9/v1', model: m, "
+                                   "api_key_env: MAPOCO_TEST_UNSET_KEY}]"], "conductor.http_workers[0].api_key_env"),
+        (["+experiment=conductor", "conductor.min_pool=3"], "conductor.min_pool"),
+    ],
+)
+def test_bad_conductor_config_names_the_key(conductor_models, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose_config(*overrides)
+    assert err.value.key == key

@@ -6,7 +6,10 @@ The tiny models are built once into the cache (``make models``); the session fix
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,12 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from mapoco import models
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import TaskConfig, arithmetic_problems
+from mapoco.workflow import SUBTASKS, parse_workflow
 
 TINY = sorted(models.TINY_MODELS)
-GENERATION_PROMPT = {"tiny-qwen": "<|im_start|>assistant\n", "tiny-llama": "<|assistant|>\n"}
+DISCUSSION = ["tiny-llama", "tiny-qwen"]  # warm-started on the default task, for discussions
+CHATML_PROMPT = "<|im_start|>assistant\n"
+GENERATION_PROMPT = {"tiny-llama": "<|assistant|>\n", **{n: CHATML_PROMPT for n in TINY if n != "tiny-llama"}}
 VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 
@@ -127,13 +133,77 @@ def test_default_dtype_follows_hardware():
     assert models.default_dtype() == (torch.bfloat16 if native_bf16 else torch.float32)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", DISCUSSION)
 def test_warm_start_accuracy(tiny_dirs, name):
     record = json.loads((tiny_dirs[name] / models.WARMSTART_FILE).read_text())
     assert record["num_eval"] == 200
     assert 0.2 <= record["turn1_accuracy"] <= 0.8
     # Re-measured, not just read: greedy HF generation on the first 50 of those test problems.
     assert 0.1 <= models.evaluate_turn1(tiny_dirs[name], num=50) <= 0.9
+
+
+def _conductor_examples(num: int) -> list[tuple[str, int, str]]:
+    """(operator, pool size, plan text) of the conductor's warm-start chats."""
+    spec = models.TINY_MODELS["tiny-conductor"]
+    problems = arithmetic_problems(spec.task, "train", 500)
+    rng = random.Random(0)
+    examples = []
+    for _ in range(num):
+        user, assistant = models._example_chat(rng.choice(problems), spec, rng, problems)
+        pool = len(re.findall(r"Model \d", user["content"]))
+        operator = re.search(r"\d ([+*]) \d", user["content"]).group(1)
+        examples.append((operator, pool, assistant["content"]))
+    return examples
+
+
+def test_conductor_warm_start_plans_are_well_formed_and_route_at_random():
+    examples = _conductor_examples(4000)
+    sizes, steps, ids = Counter(), Counter(), Counter()
+    for operator, pool, text in examples:
+        plan = parse_workflow(text, pool).plan
+        assert plan is not None and 1 <= len(plan.steps) <= 2, text
+        assert [s.sees_all for s in plan.steps] == [False, True][: len(plan.steps)]
+        assert all(s.subtask in SUBTASKS for s in plan.steps)
+        sizes[pool] += 1
+        steps[len(plan.steps)] += 1
+        ids.update((operator, pool, s.worker) for s in plan.steps)
+    assert set(sizes) == {1, 2, 3} and sizes.most_common(1)[0][0] == 2
+    assert 0.15 <= steps[2] / len(examples) <= 0.35  # mostly one step
+    for operator in "+*":  # the worker id does not depend on the question
+        for pool in (2, 3):
+            counts = [ids[operator, pool, worker] for worker in range(pool)]
+            assert max(counts) / min(counts) < 1.25, (operator, pool, counts)
+
+
+@pytest.mark.parametrize("name", ["tiny-add", "tiny-mul"])
+def test_specialist_warm_start_mixes_workflow_steps(name):
+    spec = models.TINY_MODELS[name]
+    problems = arithmetic_problems(spec.task, "train", 500)
+    rng = random.Random(0)
+    chats = [models._example_chat(rng.choice(problems), spec, rng, problems) for _ in range(1000)]
+    operator = dict(spec.task_params)["operators"][0]
+    assert all(f" {operator} " in chat[0]["content"] and chat[-1]["content"].startswith("\\boxed{") for chat in chats)
+    steps = sum(chat[0]["content"].endswith(SUBTASKS) for chat in chats)
+    assert 0.4 <= steps / len(chats) <= 0.6
+
+
+def test_specialists_are_right_on_their_own_operator(tiny_dirs):
+    """Greedy accuracy of each specialist on 50 "+" and 50 "*" test questions: each beats the other at its own."""
+    acc = {(name, op): models.evaluate_turn1(tiny_dirs[name], num=50, task=models.TINY_MODELS[f"tiny-{op}"].task)
+           for name in ("tiny-add", "tiny-mul") for op in ("add", "mul")}
+    assert acc["tiny-add", "add"] >= 0.7 and acc["tiny-mul", "mul"] >= 0.6, acc
+    assert acc["tiny-add", "add"] >= acc["tiny-mul", "add"] + 0.3, acc
+    assert acc["tiny-mul", "mul"] >= acc["tiny-add", "mul"] + 0.3, acc
+
+
+def test_conductor_writes_parsable_plans(tiny_dirs):
+    spec = models.TINY_MODELS["tiny-conductor"]
+    record = json.loads((tiny_dirs["tiny-conductor"] / models.WARMSTART_FILE).read_text())
+    assert record["parse_rate"] >= 0.95
+    # Re-measured at temperature 1 on 100 test questions; each worker of a pool still gets asked.
+    stats = models.evaluate_plans(tiny_dirs["tiny-conductor"], spec, num=100, seed=1)
+    assert stats["parse_rate"] >= 0.9, stats
+    assert all(min(counts) > 0 for size, counts in stats["answering_worker"].items() if size != "1"), stats
 
 
 def test_smollm2_checkpoint():

@@ -1,0 +1,143 @@
+"""The Conductor with real parts: a tiny conductor and two tiny specialist workers on vLLM engines, GRPO through
+a DeepSpeed learner, HTTP workers that fail, recursion, and `mapoco eval method=conductor`."""
+
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from mapoco.conductor import ConductorRunner, Job
+from mapoco.conductor_trainer import ConductorTrainer, evaluate_conductor
+from mapoco.config import ConductorConfig, HttpWorkerConfig
+from mapoco.tasks import Problem
+from mapoco.workflow import Plan, Step
+
+from conftest import compose_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["+experiment=conductor", "train.batch_questions=4", "algorithm.samples_per_question=4",
+         "train.eval_limit=8", "logger.wandb.mode=disabled", "engine.dtype=float32"]
+QUESTION = Problem(id="q", question="Calculate 3 * 4.", gold="12")
+
+
+@pytest.fixture(scope="module")
+def conductor_team(ray_session, conductor_models):
+    from mapoco.discussion import Team
+
+    team = Team(compose_config(*SMALL).team, seed=0)
+    yield team
+    team.shutdown()
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-style endpoint that answers 500, or (path /slow) too late."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.startswith("/slow"):
+            threading.Event().wait(3)
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"boom")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def failing_endpoint():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_grpo_two_iterations_train_the_conductor(conductor_team, tmp_path):
+    cfg = compose_config(*SMALL, "train.steps=2", "train.save_every=2")
+    trainer = ConductorTrainer(cfg, tmp_path, team=conductor_team)
+    try:
+        before = trainer.policies[0].group.weights("float32")
+        summary = trainer.fit()
+        after = trainer.policies[0].group.weights("float32")
+    finally:
+        trainer.close()
+    assert [p.seats for p in trainer.policies] == [[0]]  # only the conductor learns; workers stay frozen
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 0
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("conductor_accuracy", "majority_vote_accuracy", "random_workflow_accuracy", "malformed_rate",
+                "mean_steps"):
+        assert 0 <= written[key] <= (5 if key == "mean_steps" else 1)
+    assert written["workers"] == ["adder", "multiplier"] and len(written["worker_accuracy"]) == 2
+    assert written == json.loads(json.dumps(summary))
+    assert (tmp_path / "checkpoints" / "step_000002").is_dir()
+    records = [json.loads(line) for line in (tmp_path / "transcripts_after.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(r["reward"] in (0.0, 0.5, 1.0) for r in records)
+    parsed = [r for r in records if r["steps"]]
+    assert all(set(r["pool"]) == {"adder", "multiplier"} for r in records)
+    assert all(r["steps"][-1]["response"] is not None for r in parsed)
+
+
+def test_rollout_rewards_follow_the_parse_and_the_answer(conductor_team, rule_verifier):
+    runner = ConductorRunner(conductor_team, ConductorConfig(), rule_verifier)
+    problems = [Problem(id=f"p{i}", question=f"Calculate {i} * {i + 1}.", gold=str(i * (i + 1))) for i in range(6)]
+    result = runner.rollout(problems, seed=0)
+    for record in result.records:
+        expected = 0.0 if record.malformed else (1.0 if record.correct else 0.5)
+        assert record.reward == expected
+        assert record.turns[0].token_ids and len(record.turns[0].logprobs) == len(record.turns[0].token_ids)
+    assert result.seconds["generate"] > 0
+
+
+def test_failing_http_worker_gives_an_error_step_and_the_workflow_goes_on(conductor_team, rule_verifier,
+                                                                          failing_endpoint):
+    cfg = ConductorConfig(http_workers=[
+        HttpWorkerConfig(name="broken", base_url=failing_endpoint, model="m"),
+        HttpWorkerConfig(name="slow", base_url=f"{failing_endpoint}/slow", model="m", timeout_s=0.5)])
+    runner = ConductorRunner(conductor_team, cfg, rule_verifier)
+    try:
+        assert runner.names == ["adder", "multiplier", "broken", "slow"]
+        plan = Plan((Step(2, "Solve the problem.", False), Step(3, "Solve the problem.", False),
+                     Step(1, "Check the work so far and give the final answer.", True)))
+        job = Job(QUESTION, plan, [0, 1, 2, 3], seed=0)
+        runner.execute([job])
+        broken, slow, last = job.responses
+        assert broken.error and "HTTP 500" in broken.error
+        assert slow.error and "timed out" in slow.error
+        assert last.error is None and last.text  # the local worker still answered, seeing both error steps
+        result = runner.rollout([QUESTION] * 4, seed=1)  # whole rollouts with failing workers in the pool finish
+        assert len(result.records) == 4
+    finally:
+        runner.close()
+
+
+def test_conductor_as_its_own_worker_recurses_to_the_depth_limit(conductor_team, rule_verifier):
+    runner = ConductorRunner(conductor_team, ConductorConfig(self_worker=True, max_depth=1), rule_verifier)
+    assert runner.names == ["adder", "multiplier", "conductor"] and runner.self_index == 2
+    assert runner.pool(QUESTION, 0, depth=0) == [0, 1, 2]
+    assert runner.pool(QUESTION, 0, depth=1) == [0, 1]  # at the limit the conductor no longer offers itself
+    job = Job(QUESTION, Plan((Step(2, "Solve the problem.", False),)), [0, 1, 2], seed=0)
+    runner.execute([job])
+    assert job.responses[0].error is None and job.responses[0].text
+    assert runner.workers[2].depth == 0
+
+
+def test_random_pools_are_renumbered_subsets(conductor_team, rule_verifier):
+    runner = ConductorRunner(conductor_team, ConductorConfig(random_pools=True), rule_verifier)
+    pools = [runner.pool(Problem(id=f"p{i}", question="x", gold="1"), seed=0) for i in range(40)]
+    assert all(1 <= len(p) <= 2 and len(set(p)) == len(p) for p in pools)
+    assert {len(p) for p in pools} == {1, 2} and {tuple(p) for p in pools if len(p) == 2} == {(0, 1), (1, 0)}
+    assert pools == [runner.pool(Problem(id=f"p{i}", question="x", gold="1"), seed=0) for i in range(40)]
+
+
+def test_eval_reports_the_conductor_against_every_baseline(conductor_team, tmp_path):
+    cfg = compose_config(*SMALL, "task.limit=8", "command=eval")
+    summary = evaluate_conductor(cfg, tmp_path, team=conductor_team)
+    assert set(summary) >= {"conductor_accuracy", "worker_accuracy", "majority_vote_accuracy",
+                            "random_workflow_accuracy", "malformed_rate", "mean_steps"}
+    assert np.isclose(summary["conductor_accuracy"], np.mean(
+        [json.loads(line)["correct"] for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]))
