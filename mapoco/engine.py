@@ -45,7 +45,20 @@ def _reload_weights(worker, payload: WeightPayload) -> int:
     ``load_weights``) also redoes the post-load processing, e.g. CPU weight packing."""
     state = unpack(payload)
     worker.reload_weights(weights_iterator=iter(state.items()))
+    _retie_output_head(worker.get_model())
     return len(state)
+
+
+def _retie_output_head(model) -> None:
+    """A tied output head shares the embedding, but vLLM's reload skips ``lm_head.weight`` and never re-processes
+    the head: on CPU it kept a packed copy of the *initial* embedding, so the engine's logits drifted from the
+    learner's with every update (measured: logprob gap 0.9 after perturbing only the embedding). Point the head at
+    the reloaded embedding and redo its post-load processing."""
+    head, embedding = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embedding is None or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head.weight = embedding.weight
+    head.quant_method.process_weights_after_loading(head)
 
 
 class Engine:

@@ -29,3 +29,28 @@ def test_pushed_weights_change_generations(hetero_team):
         agent.engines.push_weights(pack(original, torch.float32))
     assert changed != before
     assert _generate(agent, prompts) == before
+
+
+def test_engine_logprobs_follow_pushed_weights_including_a_tied_embedding(hetero_team):
+    """The learner's and the engine's logprobs of the same tokens agree after a push that changes the embedding,
+    which tied models also use as the output head (vLLM's reload used to leave the head's CPU copy stale)."""
+    from transformers import AutoModelForCausalLM
+
+    agent = hetero_team.agents[0]
+    model = AutoModelForCausalLM.from_pretrained(agent.model_path, dtype=torch.float32).eval()
+    assert model.config.tie_word_embeddings
+    original = load_file(str(agent.model_path / "model.safetensors"))
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.add_(0.05 * torch.randn(embedding.shape, generator=torch.Generator().manual_seed(1)))
+    pushed = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    prompt = agent.render([{"role": "user", "content": "Calculate 3 + 4."}])
+    try:
+        agent.engines.push_weights(pack(pushed, torch.float32))
+        out = agent.engines.generate([prompt], SamplingConfig(temperature=1.0, max_new_tokens=12), [3])[0]
+    finally:
+        agent.engines.push_weights(pack(original, torch.float32))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt + out.token_ids])).logits[0, :-1], -1)
+    learner = [logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert max(abs(a - b) for a, b in zip(learner, out.logprobs)) < 1e-3
