@@ -245,11 +245,12 @@ class ConductorRunner:
 
 def summarize_conductor(result: ConductorResult) -> dict[str, Any]:
     n = max(len(result.records), 1)
+    steps = [r.steps() for r in result.records if r.job]
     return {
         "num_questions": len(result.records),
         "conductor_accuracy": sum(r.correct for r in result.records) / n,
         "malformed_rate": sum(r.malformed for r in result.records) / n,
-        "mean_steps": sum(r.steps() for r in result.records) / n,
+        "mean_steps": sum(steps) / max(len(steps), 1),  # of the workflows that ran
         "mean_reward": sum(r.reward for r in result.records) / n,
         "gen_tokens": sum(len(t.token_ids) for r in result.records for t in r.turns),
         "prompt_tokens": sum(len(t.prompt_ids) for r in result.records for t in r.turns),
