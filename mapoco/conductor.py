@@ -26,8 +26,16 @@ from mapoco.tasks import Problem
 from mapoco.verifier import VerifierClient, VerifyItem
 from mapoco.workers import HttpWorker, LocalWorker, Pending, Ready, Reply, Thread, Worker
 from mapoco.workflow import (
-    Parsed, Plan, conductor_message, conductor_reward, parse_workflow, random_plan, replan_message, single_step,
-    waves, worker_thread,
+    Parsed,
+    Plan,
+    conductor_message,
+    conductor_reward,
+    parse_workflow,
+    random_plan,
+    replan_message,
+    single_step,
+    waves,
+    worker_thread,
 )
 
 

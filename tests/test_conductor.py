@@ -7,14 +7,13 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import compose_config
 
 from mapoco.conductor import ConductorRunner, Job
 from mapoco.conductor_trainer import ConductorTrainer, evaluate_conductor
 from mapoco.config import ConductorConfig, HttpWorkerConfig
 from mapoco.tasks import Problem
 from mapoco.workflow import Plan, Step
-
-from conftest import compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +34,7 @@ def conductor_team(ray_session, conductor_models):
 class _Failing(http.server.BaseHTTPRequestHandler):
     """An OpenAI-style endpoint that answers 500, or (path /slow) too late."""
 
-    def do_POST(self):  # noqa: N802 (http.server's naming)
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path.startswith("/slow"):
             threading.Event().wait(3)
