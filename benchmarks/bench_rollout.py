@@ -105,7 +105,7 @@ def team_overrides(agents: int, model: str, max_new_tokens: int) -> list[str]:
 def _replay(actor: ray.actor.ActorHandle, discussions: list[list[Request]], sampling: SamplingConfig) -> list[float]:
     """Generated tok/s of ``actor`` on each discussion's requests; the actor is killed afterwards."""
     try:
-        ray.get(actor.__ray_ready__.remote())
+        ray.get(actor.generate.remote(discussions[0][:4], sampling))  # warm-up: first-call allocations, untimed
         rates = []
         for requests in discussions:
             start = time.perf_counter()
@@ -129,6 +129,7 @@ def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3
     model_path = str(team.agents[0].model_path)
     ours, generated, discussions = [], [], []
     try:
+        run_discussion(team, problems[:2], 1, DiscussionConfig(), verifier, seed=-1)  # warm-up, untimed
         for seed in range(repeats):
             result = run_discussion(team, problems, turns, DiscussionConfig(), verifier, seed)
             generated.append(sum(len(r.token_ids) for r in result.records.values()))
