@@ -146,7 +146,7 @@ class DiscussionResult:
         return [r for r in self.records.values() if r.score is None]
 
 
-def _turn_message(result: DiscussionResult, q: int, agent: int, turn: int, cfg: DiscussionConfig) -> str:
+def turn_message(result: DiscussionResult, q: int, agent: int, turn: int, cfg: DiscussionConfig) -> str:
     problem = result.problems[q]
     if turn == 0:
         return first_turn_message(problem)
@@ -174,7 +174,7 @@ def run_discussion(
             prompts = []
             for q in range(len(problems)):
                 threads[q][agent.index].append(
-                    {"role": "user", "content": _turn_message(result, q, agent.index, turn, cfg)}
+                    {"role": "user", "content": turn_message(result, q, agent.index, turn, cfg)}
                 )
                 prompts.append(agent.render(threads[q][agent.index]))
             seeds = [request_seed(seed, p.id, agent.index, turn) for p in problems]
@@ -182,12 +182,12 @@ def run_discussion(
         generations = {a.index: a.engines.collect(shards[a.index], a.cfg.sampling) for a in team.agents}
         result.seconds["generate"] += time.perf_counter() - start
         start = time.perf_counter()
-        _record_turn(result, threads, generations, turn, verifier)
+        record_turn(result, threads, generations, turn, verifier)
         result.seconds["verify"] += time.perf_counter() - start
     return result
 
 
-def _record_turn(
+def record_turn(
     result: DiscussionResult,
     threads: list[list[list[dict[str, str]]]],
     generations: dict[int, list[Generation]],
