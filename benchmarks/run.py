@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from benchmarks import bench_rollout, bench_scaling, bench_sync, bench_train
+from benchmarks import bench_rollout, bench_scaling, bench_serve, bench_sync, bench_train
 from benchmarks.common import HERE, RESULTS, Figure, Result, save, table
 
 ROOT = HERE.parent
@@ -63,6 +63,7 @@ BENCHMARKS = {
     "sync": run_sync,
     "train": lambda: [bench_train.run()],
     "scaling": lambda: [bench_scaling.run()],
+    "serve": lambda: [bench_serve.run()],
 }
 
 

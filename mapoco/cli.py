@@ -1,7 +1,8 @@
 """`mapoco <command> [hydra overrides]`.
 
-Commands: eval, train, train-verifier (Hydra configs under conf/; `-m` sweeps), build-models (tiny models and SmolLM2
-into the cache), sweep-summary (final per-turn accuracy per configuration of a sweep).
+Commands: eval, train, train-verifier (Hydra configs under conf/; `-m` sweeps), serve (a trained run behind an
+OpenAI-compatible endpoint), build-models (tiny models and SmolLM2 into the cache), sweep-summary (final per-turn
+accuracy per configuration of a sweep).
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ if TYPE_CHECKING:
     from mapoco.config import RunConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-HYDRA_COMMANDS = ("eval", "train", "train-verifier")
+HYDRA_COMMANDS = ("eval", "train", "train-verifier", "serve")
 USAGE = (
-    "usage: mapoco {eval,train,train-verifier,build-models,sweep-summary} [key=value ...]\n"
+    "usage: mapoco {eval,train,train-verifier,serve,build-models,sweep-summary} [key=value ...]\n"
     "  mapoco train team=tiny2 train.steps=20 output_dir=outputs/train\n"
     "  mapoco train -m rewards.alpha1=0,1,2 seed=0,1 hydra.sweep.dir=outputs/sweep\n"
     "  mapoco sweep-summary outputs/sweep\n"
     "  mapoco eval team=tiny2 task=arithmetic task.limit=100 turns=3 output_dir=outputs/eval\n"
     "  mapoco train +experiment=conductor          # method=conductor: team.agents[0] orchestrates the rest\n"
     "  mapoco train-verifier team=tiny2 output_dir=outputs/verifier\n"
+    "  mapoco serve checkpoint=outputs/demo serve.port=8000   # OpenAI-compatible /v1/chat/completions\n"
     "  mapoco build-models [tiny-qwen tiny-llama tiny-add tiny-mul tiny-conductor smollm2]"
 )
 
@@ -50,7 +52,13 @@ def _run(cfg) -> None:
     from mapoco.trainer import TrainingInterrupted
 
     try:
-        run_cfg = from_dict(OmegaConf.to_container(cfg, resolve=True))
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        if raw.get("command") == "serve":  # the team and settings come from the checkpoint's run, not from conf/
+            from mapoco.serve import serve_command
+
+            serve_command(raw, list(HydraConfig.get().overrides.task))
+            return
+        run_cfg = from_dict(raw)
         out = Path(HydraConfig.get().runtime.output_dir)
         _name_sweep_job(run_cfg, out)
         _dispatch(run_cfg, out)

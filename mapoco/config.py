@@ -187,6 +187,22 @@ class LoggerConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``mapoco serve checkpoint=DIR``: a trained team (or conductor) behind an OpenAI-compatible endpoint."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: set api_key_env then
+    port: int = 8000
+    route_prefix: str = "/"  # endpoints: <route_prefix>/v1/chat/completions and <route_prefix>/v1/models
+    model_name: str | None = None  # the "model" clients send (None: the run directory's name)
+    replicas: int = 1  # Serve replicas, each with engines of its own (the team's engine.* settings)
+    num_cpus: float = 0.0  # per Serve replica (it tokenizes and routes; its engines reserve their own bundles)
+    max_batch_size: int = 32  # concurrent requests discussed together in one engine batch
+    batch_wait_timeout_s: float = 0.05  # how long the first request of a batch waits for others to join
+    api_key_env: str | None = None  # environment variable holding the bearer token clients must send (None: no auth)
+    max_input_chars: int = 4000  # longer questions are refused with 400
+
+
+@dataclass
 class RunConfig:
     task: TaskConfig
     team: TeamConfig
@@ -195,6 +211,7 @@ class RunConfig:
     seed: int = 0
     turns: int = 3
     output_dir: str = "outputs/run"
+    checkpoint: str | None = None  # mapoco serve: a run directory (its latest complete checkpoint) or a step_N folder
     discussion: DiscussionConfig = field(default_factory=DiscussionConfig)
     conductor: ConductorConfig = field(default_factory=ConductorConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -203,6 +220,7 @@ class RunConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # ---------------------------------------------------------------- dict -> dataclass with type checks
@@ -407,6 +425,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require(value >= 0, f"rewards.{name}", value, "must be >= 0 (signs come from rewards.incentives)")
     _validate_training(cfg)
     _validate_conductor(cfg)
+    _validate_serve(cfg)
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
              "one of offline, online, disabled")
     return cfg
@@ -436,6 +455,30 @@ def _validate_conductor(cfg: RunConfig) -> None:
         _require(http.concurrency >= 1, f"{key}.concurrency", http.concurrency, "must be >= 1")
         _require(http.api_key_env is None or http.api_key_env in os.environ, f"{key}.api_key_env",
                  http.api_key_env, "names an environment variable that is not set: export it first")
+
+
+def _validate_serve(cfg: RunConfig) -> None:
+    srv = cfg.serve
+    _require(bool(srv.host.strip()), "serve.host", srv.host, "an address to bind, e.g. 127.0.0.1 (0.0.0.0: every "
+                                                             "interface)")
+    _require(1 <= srv.port <= 65535, "serve.port", srv.port, "a TCP port in 1..65535")
+    _require(srv.route_prefix.startswith("/") and (srv.route_prefix == "/" or not srv.route_prefix.endswith("/"))
+             and not any(c in srv.route_prefix for c in "{}?# "), "serve.route_prefix", srv.route_prefix,
+             "a URL path starting with '/' and not ending with one, e.g. / or /mapoco")
+    _require(srv.model_name is None or bool(srv.model_name.strip()), "serve.model_name", srv.model_name,
+             "a non-empty name, or null for the run directory's name")
+    _require(srv.replicas >= 1, "serve.replicas", srv.replicas, "must be >= 1")
+    _require(srv.num_cpus >= 0, "serve.num_cpus", srv.num_cpus, "must be >= 0")
+    _require(srv.max_batch_size >= 1, "serve.max_batch_size", srv.max_batch_size, "must be >= 1")
+    _require(0 <= srv.batch_wait_timeout_s < math.inf, "serve.batch_wait_timeout_s", srv.batch_wait_timeout_s,
+             "seconds >= 0")
+    _require(srv.max_input_chars >= 1, "serve.max_input_chars", srv.max_input_chars, "must be >= 1")
+    if cfg.command != "serve":
+        return
+    _require(cfg.checkpoint is not None, "checkpoint", cfg.checkpoint,
+             "mapoco serve needs checkpoint=DIR: a run directory or one of its checkpoints/step_N folders")
+    _require(srv.api_key_env is None or bool(os.environ.get(srv.api_key_env)), "serve.api_key_env",
+             srv.api_key_env, "names an environment variable that is not set or empty: export the token first")
 
 
 AGENT_DEFAULT_GROUPS = ("engine", "sampling", "learner")

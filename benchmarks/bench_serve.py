@@ -1,0 +1,166 @@
+"""serve: `mapoco serve`'s throughput and latency with 1, 8 and 32 concurrent clients, against the team's ceiling.
+
+The served app is the tiny team (2 x tiny-qwen, 3 turns, the default sampling) loaded from a checkpoint in the
+learners' format (``model.safetensors`` of the policy and value head, written here from the base weights: speed does
+not depend on training). Every client sends its requests one after another, each a distinct arithmetic question, over
+HTTP to Ray Serve; the figures are requests per second over the whole level and the p50/p99 latency of its requests.
+
+The baseline is the ceiling of the same engines: ``run_discussion`` of 32 questions in one call, on a team started
+outside Serve with the same checkpoint pushed into it (after the served app is gone: on 2 cores, idle engines of one
+side slow the other down). The ratio is served requests/s at 32 clients over that ceiling's questions/s.
+
+    python -m benchmarks.bench_serve              # or: python -m benchmarks.run --only serve
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import Figure, Result
+
+LEVELS = (1, 8, 32)
+OVERRIDES = ["team=tiny2", "task=arithmetic", "turns=3"]
+
+
+def write_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
+    """A run directory as `mapoco train` leaves it (.hydra/config.yaml, checkpoints/step_N/agent_i/model.safetensors,
+    the COMPLETE marker and trainer state), with every trained agent's base weights."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from mapoco.checkpoint import COMPLETE, STATE, agent_dir, checkpoints_dir
+    from mapoco.cli import CONF_DIR, compose as compose_run
+    from mapoco.learner import PolicyWithValue
+    from mapoco.models import resolve_model
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        conf = compose("config", overrides=[*overrides, "command=train", f"output_dir={run_dir}"])
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(conf, run_dir / ".hydra" / "config.yaml")
+    cfg = compose_run(*overrides)
+    step = checkpoints_dir(run_dir) / "step_000001"
+    for i, agent in enumerate(cfg.team.agents):
+        if agent.trainable:
+            model = PolicyWithValue(AutoModelForCausalLM.from_pretrained(resolve_model(agent.model)), cfg.turns)
+            agent_dir(step, i).mkdir(parents=True)
+            save_file({k: v.detach().clone() for k, v in model.state_dict().items()},
+                      str(agent_dir(step, i) / "model.safetensors"))
+    (step / STATE).write_text(json.dumps({"step": 1, "seed": cfg.seed, "data_position": 0}))
+    (step / COMPLETE).write_text("")
+    return run_dir
+
+
+def _load(url: str, questions: list, clients: int, requests: int) -> tuple[float, list[float]]:
+    """``clients`` threads, each sending its share of ``requests`` one after another; (wall seconds, latencies)."""
+    import httpx
+
+    def client(k: int) -> list[float]:
+        latencies = []
+        with httpx.Client(timeout=600) as http:
+            for i in range(k, requests, clients):
+                problem = questions[i]
+                start = time.perf_counter()
+                reply = http.post(f"{url}/chat/completions", json={
+                    "messages": [{"role": "user", "content": problem.question}], "mapoco": {"id": problem.id}})
+                reply.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+        return latencies
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = [x for part in pool.map(client, range(clients)) for x in part]
+    return time.perf_counter() - start, latencies
+
+
+def run(levels: tuple[int, ...] = LEVELS, repeats: int = 2, batch: int = 32) -> Result:
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        return _run(write_checkpoint(run_dir, OVERRIDES), levels, repeats, batch)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> Result:
+    import ray
+    from ray import serve
+
+    from mapoco.discussion import Team, run_discussion
+    from mapoco.learner import free_port
+    from mapoco.serve import APP_NAME, NullVerifier, load_config, push_checkpoint, start
+    from mapoco.tasks import load_task
+
+    cfg, path = load_config(str(run_dir), {"port": free_port(), "max_batch_size": batch})
+    sizes = {level: max(16, 4 * level) for level in levels}  # requests per level and repeat
+    total = sum(sizes.values()) * repeats + batch * repeats + 1
+    # (Almost) every request a distinct question: up to 3 two-digit terms; one-digit pairs repeat after ~200.
+    params = {**cfg.task.params, "max_digits": 2, "max_terms": 3}
+    questions = load_task(dataclasses.replace(cfg.task, limit=total, params=params)).problems
+    used = 0
+    figures: dict[int, dict[str, list[float]]] = {level: {"rps": [], "p50": [], "p99": []} for level in levels}
+    url = start(cfg, path)
+    try:
+        _load(url, questions[used:], 1, 1)  # warm-up
+        used += 1
+        for _ in range(repeats):
+            for level in levels:
+                wall, latencies = _load(url, questions[used:], level, sizes[level])
+                used += sizes[level]
+                figures[level]["rps"].append(sizes[level] / wall)
+                figures[level]["p50"].append(float(np.percentile(latencies, 50)))
+                figures[level]["p99"].append(float(np.percentile(latencies, 99)))
+                print(f"serve: {level} clients: {sizes[level] / wall:.2f} req/s, p50 {figures[level]['p50'][-1]:.3f}s "
+                      f"p99 {figures[level]['p99'][-1]:.3f}s", flush=True)
+    finally:
+        serve.delete(APP_NAME)
+    team = Team(cfg.team, cfg.seed)
+    ceiling = []
+    try:
+        refs = push_checkpoint(team, cfg, path)
+        run_discussion(team, questions[:batch], cfg.turns, cfg.discussion, NullVerifier(), cfg.seed)  # warm-up
+        for _ in range(repeats):
+            part = questions[used : used + batch]
+            used += batch
+            result = run_discussion(team, part, cfg.turns, cfg.discussion, NullVerifier(), cfg.seed)
+            ceiling.append(len(part) / result.seconds["generate"])
+            print(f"serve: run_discussion of {len(part)} questions: {ceiling[-1]:.2f} questions/s", flush=True)
+        del refs
+    finally:
+        team.shutdown()
+    top = max(levels)
+    served = figures[top]["rps"]
+    extra = {"levels": {str(level): {"requests_per_s": round(statistics.median(f["rps"]), 3),
+                                     "p50_s": round(statistics.median(f["p50"]), 4),
+                                     "p99_s": round(statistics.median(f["p99"]), 4),
+                                     "requests": sizes[level]} for level, f in figures.items()}}
+    return Result("serve", Figure(f"served over HTTP, {top} concurrent clients", "req/s", served),
+                  Figure(f"run_discussion, one call of {batch} questions", "questions/s", ceiling),
+                  sizes={"team": cfg.team.name, "turns": cfg.turns, "max_new_tokens": cfg.team.agents[0].sampling
+                         .max_new_tokens, "max_batch_size": batch, "levels": list(levels), "ray_cluster_cpus":
+                         ray.cluster_resources().get("CPU")},
+                  ratios=[a / b for a, b in zip(served, ceiling)], extra=extra)
+
+
+def main() -> None:
+    import os
+
+    import ray
+
+    ray.init(num_cpus=max(32, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    result = run()
+    print(result.to_json())
+
+
+if __name__ == "__main__":
+    main()
