@@ -6,6 +6,7 @@ bundle is larger than any node) fails with the numbers before any actor starts.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ray
@@ -44,25 +45,27 @@ def required(bundles: dict[str, list[dict[str, float]]], resource: str) -> float
     return sum(b.get(resource, 0.0) for group in bundles.values() for b in group)
 
 
+def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) -> bool:
+    """Join ``cluster.address`` (or $RAY_ADDRESS), or start a local instance with at least ``need_cpus`` logical
+    CPUs; returns whether a local instance was started. Errors say ``who`` needs the CPUs, and for what."""
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
+        raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus, f"{who} need {need_cpus:g} CPUs ({breakdown})")
+    ray.init(num_cpus=cfg.cluster.num_cpus or max(math.ceil(need_cpus), os.cpu_count() or 1),
+             include_dashboard=False, dashboard_host=cfg.cluster.dashboard_host, log_to_driver=True)
+    return True
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
     bundles = run_bundles(cfg)
     need_cpus, need_gpus = required(bundles, "CPU"), required(bundles, "GPU")
-    if not ray.is_initialized():
-        address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
-                raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus,
-                                  f"the run's actors need {need_cpus:g} CPUs (engines x replicas + learners + "
-                                  f"verifier)")
-            ray.init(
-                num_cpus=cfg.cluster.num_cpus or max(int(need_cpus + 0.999), os.cpu_count() or 1),
-                include_dashboard=False,
-                dashboard_host=cfg.cluster.dashboard_host,
-                log_to_driver=True,
-            )
+    start_or_join(cfg, need_cpus, "the run's actors", "engines x replicas + learners + verifier")
     have = ray.cluster_resources()
     if have.get("CPU", 0) < need_cpus:
         raise ConfigError("engine.num_cpus", need_cpus, f"the run's actors need {need_cpus:g} CPUs in all; the "

@@ -21,7 +21,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import math
 import os
 import signal
 import sys
@@ -566,6 +565,7 @@ def init_ray(cfg: RunConfig) -> bool:
     engines; returns whether a local instance was started."""
     import ray
 
+    from mapoco.cluster import start_or_join
     from mapoco.placement import check_bundles_fit, engine_bundle
 
     agents = list(enumerate(cfg.team.agents))[: 1 if cfg.team.shared_policy else None]
@@ -573,18 +573,7 @@ def init_ray(cfg: RunConfig) -> bool:
     per_replica = {r: sum(b.get(r, 0.0) for group in bundles.values() for b in group) for r in ("CPU", "GPU")}
     need_cpus = (per_replica["CPU"] + cfg.serve.num_cpus) * cfg.serve.replicas
     need_gpus = per_replica["GPU"] * cfg.serve.replicas
-    local = False
-    if not ray.is_initialized():
-        address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
-                raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus,
-                                  f"serving needs {need_cpus:g} CPUs (serve.replicas x (engines + serve.num_cpus))")
-            ray.init(num_cpus=cfg.cluster.num_cpus or max(math.ceil(need_cpus), os.cpu_count() or 1),
-                     include_dashboard=False, dashboard_host=cfg.cluster.dashboard_host, log_to_driver=True)
-            local = True
+    local = start_or_join(cfg, need_cpus, "serving", "serve.replicas x (engines + serve.num_cpus)")
     have = ray.cluster_resources()
     for resource, need in (("CPU", need_cpus), ("GPU", need_gpus)):
         if have.get(resource, 0) < need:
