@@ -95,10 +95,10 @@ def _dispatch(run_cfg: RunConfig, out: Path) -> None:
 
         (evaluate_conductor if conductor else evaluate)(run_cfg, out)
     elif run_cfg.command == "train":
-        from mapoco.conductor_trainer import train_conductor
-        from mapoco.trainer import train
+        from mapoco.conductor_trainer import ConductorTrainer
+        from mapoco.trainer import Trainer, train
 
-        (train_conductor if conductor else train)(run_cfg, out)
+        train(run_cfg, out, ConductorTrainer if conductor else Trainer)
     elif run_cfg.command == "train-verifier":
         from mapoco.learned_verifier import train_verifier
 

@@ -115,14 +115,6 @@ def write_transcripts(path: Path, result: ConductorResult) -> None:
             f.write(json.dumps(transcript(problem, record)) + "\n")
 
 
-def train_conductor(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    trainer = ConductorTrainer(cfg, out)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
-
-
 def evaluate_conductor(cfg: RunConfig, out: Path, team: Team | None = None) -> dict[str, Any]:
     """``team``: already running engines (tests share them); by default the evaluation starts its own."""
     problems = load_task(cfg.task).problems  # before any actor: a bad dataset or output directory fails fast

@@ -369,8 +369,9 @@ class Trainer:
         self.verifier.shutdown()
 
 
-def train(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    trainer = Trainer(cfg, out)
+def train(cfg: RunConfig, out: Path, trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
+    """Fit and always release the actors; ``trainer_cls`` picks the method (the Conductor's is a subclass)."""
+    trainer = trainer_cls(cfg, out)
     try:
         return trainer.fit()
     finally:
