@@ -14,12 +14,13 @@ all three sides generate for the same inputs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import ray
 import torch
 
-from benchmarks.common import Figure, Result, peak_rss_mib
+from benchmarks.common import Figure, Result, peak_rss_mib, timed
 from mapoco.cli import compose
 from mapoco.config import DiscussionConfig, SamplingConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
@@ -53,6 +54,7 @@ class RawEngine:
     def generate(self, requests: list[Request], sampling: SamplingConfig) -> int:
         from vllm import SamplingParams, TokensPrompt
 
+        self.llm.reset_prefix_cache()  # every replay starts cold, as every training rollout does after a weight push
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=sampling.max_new_tokens, seed=r.seed) for r in requests]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params,
@@ -104,8 +106,11 @@ def team_overrides(agents: int, model: str, max_new_tokens: int) -> list[str]:
 
 def _replay(actor: ray.actor.ActorHandle, discussions: list[list[Request]], sampling: SamplingConfig) -> list[float]:
     """Generated tok/s of ``actor`` on each discussion's requests; the actor is killed afterwards."""
+    # Warm-up, untimed: one short batch pays the first call's allocations (HF generate runs a batch per agent and
+    # turn, so the warm-up takes one agent's first-turn requests, and a few tokens suffice).
+    first = [r for r in discussions[0] if (r.agent, r.turn) == (0, 0)][:4]
     try:
-        ray.get(actor.generate.remote(discussions[0][:4], sampling))  # warm-up: first-call allocations, untimed
+        ray.get(actor.generate.remote(first, dataclasses.replace(sampling, max_new_tokens=8)))
         rates = []
         for requests in discussions:
             start = time.perf_counter()
@@ -125,12 +130,15 @@ def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3
     problems = load_task(cfg.task).problems
     agent = cfg.team.agents[0]
     dtype = resolve_dtype(agent.engine.dtype)
+    began = time.perf_counter()
     team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
     model_path = str(team.agents[0].model_path)
     ours, generated, discussions = [], [], []
     try:
         run_discussion(team, problems[:2], 1, DiscussionConfig(), verifier, seed=-1)  # warm-up, untimed
         for seed in range(repeats):
+            for engines in team.distinct_engines():  # cold, as after a weight push; the baselines start cold too
+                engines.call_all(lambda e: e.reset_prefix_cache.remote())
             result = run_discussion(team, problems, turns, DiscussionConfig(), verifier, seed)
             generated.append(sum(len(r.token_ids) for r in result.records.values()))
             ours.append(generated[-1] / result.seconds["generate"])
@@ -141,16 +149,20 @@ def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3
     finally:
         team.shutdown()
         verifier.shutdown()
-    # The baselines get the whole team's CPUs (Ray sets their thread counts from num_cpus): same hardware.
-    cpus = agent.engine.num_cpus * agents
-    raw = _replay(ray.remote(RawEngine).options(
+    mapoco_s = time.perf_counter() - began
+    # The baselines get the whole team's CPUs (Ray sets their thread counts from num_cpus): same hardware. Capped
+    # at the machine's cores: 4 one-thread engines share 2 cores, but 4 threads of one process would stall each
+    # other at every barrier, and the ceiling should be the best the hardware does.
+    cpus = min(agent.engine.num_cpus * agents, os.cpu_count() or 1)
+    raw_s, raw = timed(lambda: _replay(ray.remote(RawEngine).options(
         num_cpus=cpus,
         runtime_env={"env_vars": {**engine_env(agent.engine),
                                   "VLLM_CPU_KVCACHE_SPACE": str(agent.engine.kv_cache_gib * agents)}},
-    ).remote(model_path, dtype, agent.engine.max_model_len), discussions, agent.sampling)
-    hf = _replay(ray.remote(HFGenerate).options(num_cpus=cpus).remote(model_path, dtype, int(cpus)),
-                 discussions, agent.sampling)
-    print(f"rollout {agents} x {model}: raw vLLM {raw}, HF generate {hf} tok/s", flush=True)
+    ).remote(model_path, dtype, agent.engine.max_model_len), discussions, agent.sampling))
+    hf_s, hf = timed(lambda: _replay(ray.remote(HFGenerate).options(num_cpus=cpus).remote(model_path, dtype, int(cpus)),
+                                     discussions, agent.sampling))
+    print(f"rollout {agents} x {model}: raw vLLM {raw}, HF generate {hf} tok/s; phases with start-up: "
+          f"mapoco {mapoco_s:.0f}s, raw vLLM {raw_s:.0f}s, HF generate {hf_s:.0f}s", flush=True)
     sizes = {"model": model, "agents": agents, "turns": turns, "questions": questions,
              "max_new_tokens": max_new_tokens, "dtype": dtype, "generated_tokens": generated}
     ours_figure = Figure(f"mapoco discussion ({agents} engines)", "tok/s", ours)

@@ -68,7 +68,7 @@ class PlainDeepSpeed:
         return os.getpid()
 
 
-def run(model: str = "smollm2", rows: int = 8, response_tokens: int = 128, repeats: int = 3) -> Result:
+def run(model: str = "smollm2", rows: int = 4, response_tokens: int = 128, repeats: int = 3) -> Result:
     path = str(resolve_model(model))
     cfg = LearnerConfig(micro_batch_size=rows, lr=1e-6)
     algo = AlgorithmConfig(ppo_epochs=1, mini_batches=1)

@@ -21,9 +21,10 @@ from benchmarks import bench_rollout, bench_scaling, bench_serve, bench_sync, be
 from benchmarks.common import HERE, RESULTS, Figure, Result, save, table
 
 ROOT = HERE.parent
-# quick: what fits `make bench`'s 25 minutes on 2 CPU cores, where HF generate replays SmolLM2 at ~35 tok/s (the
-# 4-agent team discusses half the questions, so every side generates about as much as with 2 agents).
-ROLLOUT_SIZES = {"quick": {"questions": 12, "turns": 2, "max_new_tokens": 96},
+# quick: what fits `make bench`'s 25 minutes on 2 CPU cores. HF generate, the slowest side, takes ~0.35 s a decoding
+# step whatever the batch, so its time grows with agents x turns x max_new_tokens, not with questions; the 4-agent
+# team discusses half the questions, so every side generates about as much as with 2 agents.
+ROLLOUT_SIZES = {"quick": {"questions": 8, "turns": 2, "max_new_tokens": 48},
                  "full": {"questions": 32, "turns": 3, "max_new_tokens": 256}}
 
 

@@ -12,7 +12,7 @@ import os
 import ray
 
 from mapoco.config import AgentConfig, ConfigError, RunConfig
-from mapoco.placement import check_bundles_fit, engine_bundle, learner_bundle
+from mapoco.placement import check_bundles_fit, engine_bundle, learner_bundle, learner_shares_engines
 
 
 def _learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
@@ -29,13 +29,13 @@ def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
 
 def run_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
     """Placement bundles per group of actors, keyed by the config key that sizes them."""
-    learning = dict(_learning_agents(cfg))
+    training = cfg.command == "train"
     bundles = {}
     for i, agent in _engine_agents(cfg):
-        colocated = i in learning and agent.learner.colocate
+        colocated = learner_shares_engines(agent, training)
         bundles[f"team.agents[{i}].engine"] = [engine_bundle(agent, colocated)] * agent.engine.replicas
-    for i, agent in learning.items():
-        if not agent.learner.colocate:
+    for i, agent in _learning_agents(cfg):
+        if not learner_shares_engines(agent, training):
             bundles[f"team.agents[{i}].learner"] = [learner_bundle(agent.learner)] * agent.learner.num_learners
     bundles["verifier"] = [{"CPU": cfg.verifier.num_cpus}]
     return bundles

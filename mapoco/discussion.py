@@ -20,7 +20,7 @@ from mapoco.answers import extract_answer
 from mapoco.config import AgentConfig, DiscussionConfig, TeamConfig
 from mapoco.engine import AgentEngines, Generation, request_seed
 from mapoco.models import resolve_model
-from mapoco.placement import engine_bundle, reserve
+from mapoco.placement import engine_bundle, learner_shares_engines, reserve
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import Problem
 from mapoco.verifier import VerifierClient, VerifyItem
@@ -74,7 +74,7 @@ class Team:
                     self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
                     continue
                 path = resolve_model(agent.model)
-                colocated = colocate_learners and agent.trainable and agent.learner.colocate
+                colocated = learner_shares_engines(agent, training=colocate_learners)
                 placement = reserve([engine_bundle(agent, colocated)] * agent.engine.replicas,
                                     f"team.agents[{i}].engine")
                 engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated)

@@ -114,8 +114,12 @@ class Engine:
     def update_weights(self, payload: WeightPayload) -> int:
         """Load new weights; cached prefixes were computed with the old ones, so drop them."""
         loaded = self.llm.collective_rpc(_reload_weights, args=(payload,))[0]
-        self.llm.reset_prefix_cache()
+        self.reset_prefix_cache()
         return loaded
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes: they were computed with the old weights (benchmarks: start every run cold)."""
+        self.llm.reset_prefix_cache()
 
     def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """GPU weight sync: join this agent's NCCL broadcast group (see ``mapoco.weight_sync``)."""
@@ -127,7 +131,7 @@ class Engine:
         from mapoco.weight_sync import receive_in_worker
 
         loaded = self.llm.collective_rpc(receive_in_worker, args=(specs,))[0]
-        self.llm.reset_prefix_cache()
+        self.reset_prefix_cache()
         return loaded
 
     def sleep(self) -> None:

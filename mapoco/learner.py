@@ -228,13 +228,15 @@ class Learner:
                     stats: dict[str, list[float]]) -> None:
         logits, values = self.engine(mb.input_ids, mb.attention_mask)
         logprobs, token_values, picked = response_outputs(logits, values, mb)
-        loss, pstats = policy_loss(logprobs, t["old_logprobs"], t["advantages"], mb.mask,
-                                   clip_eps=self.algo.clip_eps, normalizer=normalizer)
+        pg_loss, pstats = policy_loss(logprobs, t["old_logprobs"], t["advantages"], mb.mask,
+                                      clip_eps=self.algo.clip_eps, normalizer=normalizer)
+        loss = pg_loss
+        logged = {"policy_loss": pg_loss.item(), "clip_frac": float(pstats["clip_frac"])}
         if "returns" in t:
             vloss, vstats = value_loss(token_values, t["old_values"], t["returns"], mb.mask,
                                        clip_eps=self.algo.value_clip_eps, normalizer=normalizer)
             loss = loss + self.algo.vf_coef * vloss
-            stats.setdefault("value_loss", []).append(vloss.item())
+            logged.update(value_loss=vloss.item(), vf_clip_frac=float(vstats["vf_clip_frac"]))
         entropy = masked_mean(entropy_from_logits(picked), mb.mask)
         if self.algo.entropy_coef:
             loss = loss - self.algo.entropy_coef * entropy
@@ -242,9 +244,9 @@ class Learner:
             kl_tokens = kl_penalty(logprobs, t["ref_logprobs"], self.algo.kl_estimator)
             loss = loss + self.algo.kl_coef * masked_sum(kl_tokens, mb.mask) / normalizer
         self.engine.backward(loss, scale_wrt_gas=False)
-        for key, value in (("policy_loss", loss.item()), ("clip_frac", pstats["clip_frac"]),
-                           ("entropy", entropy.item())):
-            stats.setdefault(key, []).append(float(value))
+        logged.update(loss=loss.item(), entropy=entropy.item())  # loss: what was minimised, every term
+        for key, value in logged.items():
+            stats.setdefault(key, []).append(value)
 
     # ------------------------------------------------------------------ weights out, checkpoints
     def _policy_state(self) -> dict[str, torch.Tensor]:

@@ -19,6 +19,11 @@ from mapoco.config import AgentConfig, ConfigError, LearnerConfig
 READY_TIMEOUT_S = 120.0
 
 
+def learner_shares_engines(agent: AgentConfig, training: bool) -> bool:
+    """Whether the agent's learner ranks ride in its engines' bundles: a trained agent with ``learner.colocate``."""
+    return training and agent.trainable and agent.learner.colocate
+
+
 def engine_bundle(agent: AgentConfig, colocated: bool) -> dict[str, float]:
     """One engine replica (all its tensor-parallel GPUs); a colocated learner rank's share rides along."""
     cpus, gpus = agent.engine.num_cpus, agent.engine.num_gpus

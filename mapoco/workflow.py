@@ -23,6 +23,7 @@ from mapoco.prompts import first_turn_message
 from mapoco.tasks import Problem
 
 LIST_NAMES = ("model_id", "subtasks", "access_list")
+_NEXT_FIELD = re.compile(rf"\n\s*(?:(?:{'|'.join(LIST_NAMES)})\b\s*[=:]|```)")
 SUBTASKS = ("Solve the problem.", "Answer the question.", "Check the work so far and give the final answer.")
 # Smart quotes and the like, as chat models write them, mapped to what literal_eval reads.
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'", "\u00ab": '"', "\u00bb": '"'})
@@ -73,14 +74,17 @@ def replan_message(answer: str) -> str:
 
 
 def _list_after(text: str, name: str) -> str | None:
-    """The bracketed literal after the last ``name =`` (or ``name:``); closes brackets a reply left open."""
+    """The bracketed literal after the last ``name =`` (or ``name:``); closes brackets a reply left open, where
+    the next field or a code fence begins."""
     found = None
     for found in re.finditer(rf"\b{name}\b\s*[=:]\s*\[", text):
         pass
     if found is None:
         return None
     start, depth, quote, escaped = found.end() - 1, 0, None, False
-    for i in range(start, len(text)):
+    next_field = _NEXT_FIELD.search(text, found.end())
+    stop = next_field.start() if next_field else len(text)
+    for i in range(start, stop):
         char = text[i]
         if quote:
             quote = None if char == quote and not escaped else quote
@@ -93,7 +97,7 @@ def _list_after(text: str, name: str) -> str | None:
             depth -= 1
             if depth == 0:
                 return text[start : i + 1]
-    return text[start:].rstrip().rstrip(",") + "]" * depth
+    return text[start:stop].rstrip().rstrip(",") + "]" * depth
 
 
 def _literal(source: str) -> list | None:

@@ -45,8 +45,10 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
         table = placement_group_table(policy.group.owned_placement.group)
         assert table["state"] == "CREATED" and list(table["bundles"].values()) == [{"CPU": 1.0}] * ranks
     for name in ("agent_0", "agent_1"):
-        for key in ("policy_loss", "value_loss", "kl", "reward", "entropy", "grad_norm", "clip_frac"):
+        for key in ("policy_loss", "value_loss", "loss", "kl", "reward", "entropy", "grad_norm", "clip_frac",
+                    "vf_clip_frac"):
             assert np.isfinite(metrics[-1][f"train/{name}/{key}"])
+        assert 0 <= metrics[-1][f"train/{name}/vf_clip_frac"] <= 1
         moved = max(float((after[name][k] - before[name][k]).abs().max()) for k in before[name])
         assert moved > 0, f"{name} weights did not change"
     for key in ("rollout", "verify", "advantages", "update", "sync", "step"):

@@ -61,6 +61,9 @@ WELL_FORMED = {
     "no closing bracket": _reply("[1, 0]", '["Solve the problem.", "Check the answer."]', '[[], ["all"]'),
     "no closing brackets": _reply("[1, 0]", '["Solve the problem.", "Check the answer."]', '[[], ["all"'),
     "trailing comma, open": _reply("[1, 0]", '["Solve the problem.", "Check the answer."]', '[[], ["all"],\n'),
+    "open mid-reply": _reply("[1, 0", '["Solve the problem.", "Check the answer."', '[[], ["all"]]'),
+    "open before a fence": "```\n" + _reply("[1, 0]", '["Solve the problem.", "Check the answer."]', '[[], ["all"]')
+                           + "\n```\nThat is the plan.",
     "redundant brackets": _reply("[[1, 0]]", '[["Solve the problem.", "Check the answer."]]', '[[], ["all"]]'),
     "digit strings": _reply('["1", " 0 "]', '["Solve the problem.", "Check the answer."]', '[[], ["all"]]'),
     "access words": _reply("[1, 0]", '["Solve the problem.", "Check the answer."]', '["none", "all"]'),
