@@ -25,7 +25,7 @@ from mapoco.cli import compose
 from mapoco.config import DiscussionConfig, SamplingConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
 from mapoco.engine import engine_env, request_seed
-from mapoco.models import resolve_dtype
+from mapoco.precision import engine_dtype
 from mapoco.tasks import load_task
 from mapoco.verifier import VerifierClient
 
@@ -129,7 +129,7 @@ def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3
     cfg = compose(*team_overrides(agents, model, max_new_tokens), f"task.limit={questions}", f"turns={turns}")
     problems = load_task(cfg.task).problems
     agent = cfg.team.agents[0]
-    dtype = resolve_dtype(agent.engine.dtype)
+    dtype = engine_dtype(agent.engine)
     began = time.perf_counter()
     team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
     model_path = str(team.agents[0].model_path)

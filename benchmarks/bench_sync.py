@@ -16,7 +16,8 @@ from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig
 from mapoco.engine import AgentEngines
 from mapoco.learner import LearnerGroup
-from mapoco.models import resolve_dtype, resolve_model
+from mapoco.models import resolve_model
+from mapoco.precision import engine_dtype
 from mapoco.placement import engine_bundle, reserve
 from mapoco.weight_sync import make_sync
 
@@ -33,7 +34,7 @@ def _agent_engines(path: str, cfg: EngineConfig, model: str) -> AgentEngines:
 def run(model: str, repeats: int = 5) -> Result:
     path = str(resolve_model(model))
     engine_cfg = EngineConfig(max_model_len=1024)
-    dtype = resolve_dtype(engine_cfg.dtype)
+    dtype = engine_dtype(engine_cfg)
     group = LearnerGroup(path, LearnerConfig(), AlgorithmConfig(), num_turns=1, seed=0, what=f"bench.{model}")
     engines = _agent_engines(path, engine_cfg, model)
     try:

@@ -17,7 +17,8 @@ import torch
 from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.learner import LearnerGroup, Rollout, collate, free_port
-from mapoco.models import resolve_dtype, resolve_model
+from mapoco.models import resolve_model
+from mapoco.precision import learner_dtype
 
 GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 
@@ -45,7 +46,7 @@ class PlainDeepSpeed:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo")
-        dtype = getattr(torch, resolve_dtype(cfg.dtype))
+        dtype = getattr(torch, learner_dtype(cfg))
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
@@ -114,6 +115,6 @@ def run(model: str = "smollm2", rows: int = 4, response_tokens: int = 128, repea
         Figure("mapoco PPO update (policy + value head, 1 epoch)", "tok/s", a),
         Figure("plain DeepSpeed fwd+bwd+step", "tok/s", b),
         sizes={"model": model, "rows": rows, "response_tokens": response_tokens, "tokens_per_batch": tokens,
-               "zero_stage": cfg.zero_stage, "dtype": resolve_dtype(cfg.dtype)},
+               "zero_stage": cfg.zero_stage, "dtype": learner_dtype(cfg)},
         target=0.8, ratios=ratios, extra={"peak_rss_mib": memory},
     )

@@ -88,7 +88,12 @@ def _name_sweep_job(run_cfg: RunConfig, out: Path) -> None:
 
 
 def _dispatch(run_cfg: RunConfig, out: Path) -> None:
+    from mapoco.precision import cpu_flags, describe
+
     conductor = run_cfg.method == "conductor"
+    if run_cfg.command in ("eval", "train"):
+        print("\n".join(describe(run_cfg.team.agents, run_cfg.command == "train", run_cfg.train.logprob_tolerance,
+                                 cpu_flags())), flush=True)
     if run_cfg.command == "eval":
         from mapoco.conductor_trainer import evaluate_conductor
         from mapoco.evaluate import evaluate

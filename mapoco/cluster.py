@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import ray
 
@@ -18,8 +19,7 @@ from mapoco.placement import check_bundles_fit, engine_bundle, learner_bundle, l
 def _learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
     if cfg.command != "train":
         return []
-    trained = [(i, a) for i, a in enumerate(cfg.team.agents) if a.trainable]
-    return trained[:1] if cfg.team.shared_policy else trained
+    return [(owner, cfg.team.agents[owner]) for owner in cfg.team.policy_seats()]
 
 
 def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
@@ -27,15 +27,19 @@ def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
     return agents[:1] if cfg.team.shared_policy else agents
 
 
+def engine_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
+    """Every engine replica's bundle, keyed by the agent whose config sizes it (a colocated learner rank's share
+    rides along when training)."""
+    training = cfg.command == "train"
+    return {f"team.agents[{i}].engine": [engine_bundle(agent, learner_shares_engines(agent, training))]
+            * agent.engine.replicas for i, agent in _engine_agents(cfg)}
+
+
 def run_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
     """Placement bundles per group of actors, keyed by the config key that sizes them."""
-    training = cfg.command == "train"
-    bundles = {}
-    for i, agent in _engine_agents(cfg):
-        colocated = learner_shares_engines(agent, training)
-        bundles[f"team.agents[{i}].engine"] = [engine_bundle(agent, colocated)] * agent.engine.replicas
+    bundles = engine_bundles(cfg)
     for i, agent in _learning_agents(cfg):
-        if not learner_shares_engines(agent, training):
+        if not learner_shares_engines(agent, training=True):
             bundles[f"team.agents[{i}].learner"] = [learner_bundle(agent.learner)] * agent.learner.num_learners
     bundles["verifier"] = [{"CPU": cfg.verifier.num_cpus}]
     return bundles
@@ -61,17 +65,24 @@ def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) ->
     return True
 
 
+def check_capacity(bundles: dict[str, list[dict[str, float]]], keys: dict[str, tuple[str, Any]], who: str,
+                   breakdown: str) -> None:
+    """The cluster holds ``bundles``: in total per resource (a shortfall names ``keys[resource]``: the config key
+    and its value) and each bundle on one node."""
+    have = ray.cluster_resources()
+    for resource, (key, value) in keys.items():
+        need = required(bundles, resource)
+        if have.get(resource, 0) < need:
+            raise ConfigError(key, value, f"{who} need {need:g} {resource}s in all ({breakdown}); the cluster has "
+                                          f"{have.get(resource, 0):g}")
+    check_bundles_fit(bundles)
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
     bundles = run_bundles(cfg)
     need_cpus, need_gpus = required(bundles, "CPU"), required(bundles, "GPU")
-    start_or_join(cfg, need_cpus, "the run's actors", "engines x replicas + learners + verifier")
-    have = ray.cluster_resources()
-    if have.get("CPU", 0) < need_cpus:
-        raise ConfigError("engine.num_cpus", need_cpus, f"the run's actors need {need_cpus:g} CPUs in all; the "
-                                                        f"cluster has {have.get('CPU', 0):g}")
-    if have.get("GPU", 0) < need_gpus:
-        raise ConfigError("engine.num_gpus", need_gpus, f"the run's actors need {need_gpus:g} GPUs in all "
-                                                        f"(engines x tensor parallel x replicas + learners); the "
-                                                        f"cluster has {have.get('GPU', 0):g}")
-    check_bundles_fit(bundles)
+    breakdown = "engines x tensor parallel x replicas + learners + verifier"
+    start_or_join(cfg, need_cpus, "the run's actors", breakdown)
+    check_capacity(bundles, {"CPU": ("engine.num_cpus", need_cpus), "GPU": ("engine.num_gpus", need_gpus)},
+                   "the run's actors", breakdown)

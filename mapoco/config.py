@@ -39,7 +39,7 @@ class SamplingConfig:
 @dataclass
 class EngineConfig:
     replicas: int = 1
-    dtype: str = "auto"  # auto: float32 on CPUs without native bf16, bf16 on GPUs
+    dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.precision)
     max_model_len: int = 1024
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     gpu_memory_utilization: float = 0.4
@@ -60,7 +60,7 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: int = 16
-    dtype: str = "auto"  # auto: bf16 on GPUs and CPUs with native bf16, float32 elsewhere
+    dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.precision)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     colocate: bool = False  # GPU: rank k shares engine replica k's GPU; the engines sleep while it updates
@@ -81,6 +81,15 @@ class TeamConfig:
     name: str
     agents: list[AgentConfig]
     shared_policy: bool = False  # one policy (engines + learner) plays every seat; agents must share a model
+
+    def policy_seats(self) -> dict[int, list[int]]:
+        """Trained policies: owner seat (whose engines and learner config it uses) -> the seats it plays. A
+        checkpoint keeps a policy under ``agent_<first seat>``."""
+        seats_of: dict[int, list[int]] = {}
+        for index, agent in enumerate(self.agents):
+            if agent.trainable:
+                seats_of.setdefault(0 if self.shared_policy else index, []).append(index)
+        return seats_of
 
 
 @dataclass
@@ -110,7 +119,7 @@ class TrainConfig:
     save_every: int = 10  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: str | None = None  # auto: the last complete checkpoint of output_dir; or a checkpoint directory
-    logprob_tolerance: float = 0.05  # max |engine - learner| logprob after a sync that counts as in sync
+    logprob_tolerance: float | None = None  # max |engine - learner| logprob that counts as in sync (None: by dtype)
     weight_sync: str = "auto"  # auto (nccl on GPU, else object_store) | object_store | nccl
 
 
@@ -368,7 +377,8 @@ def _validate_training(cfg: RunConfig) -> None:
     _require(train.weight_sync != "nccl" or all(a.learner.num_gpus > 0 and a.engine.num_gpus > 0
                                                  for a in cfg.team.agents if a.trainable),
              "train.weight_sync", train.weight_sync, "nccl needs GPU learners and engines (learner/engine.num_gpus)")
-    _require(train.logprob_tolerance > 0, "train.logprob_tolerance", train.logprob_tolerance, "must be > 0")
+    _require(train.logprob_tolerance is None or train.logprob_tolerance > 0, "train.logprob_tolerance",
+             train.logprob_tolerance, "must be > 0, or null for the dtypes' own (mapoco.precision)")
     models = {a.model for a in cfg.team.agents}
     _require(not cfg.team.shared_policy or len(models) == 1, "team.shared_policy", True,
              f"one policy for every seat needs one model, got {sorted(models)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
-from mapoco.models import resolve_dtype
+from mapoco.precision import engine_dtype
 from mapoco.placement import Placement
 from mapoco.weight_payload import WeightPayload, unpack
 
@@ -76,7 +76,7 @@ class Engine:
         executor = {"distributed_executor_backend": "mp"} if cfg.tensor_parallel_size > 1 else {}
         self.llm = LLM(
             model=model_path,
-            dtype=resolve_dtype(cfg.dtype),
+            dtype=engine_dtype(cfg),
             max_model_len=cfg.max_model_len,
             seed=seed,
             enable_prefix_caching=cfg.enable_prefix_caching,

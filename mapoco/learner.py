@@ -21,7 +21,7 @@ from torch import nn
 
 from mapoco.algorithms import entropy_from_logits, kl_penalty, masked_mean, masked_sum, policy_loss, value_loss
 from mapoco.config import AlgorithmConfig, LearnerConfig
-from mapoco.models import resolve_dtype
+from mapoco.precision import learner_dtype
 from mapoco.placement import Placement, learner_bundle, reserve
 from mapoco.state_io import load_state, save_state
 from mapoco.weight_payload import WeightPayload, pack, unpack
@@ -105,6 +105,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_weights(policy: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """A policy's weights as its engines load them: HF names, LoRA adapters merged in, tied weights (lm_head =
+    embeddings: one tensor under two names) sent once."""
+    if lora:
+        policy.merge_adapter()
+        state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
+                 for k, v in policy.state_dict().items() if "lora_" not in k}
+        policy.unmerge_adapter()
+    else:
+        state = {k: v.detach() for k, v in policy.state_dict().items()}
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+    return out
+
+
 class Learner:
     """One rank of an agent's learner group (the Ray actor body)."""
 
@@ -120,7 +139,7 @@ class Learner:
         self.on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        self.dtype = getattr(torch, resolve_dtype(cfg.dtype))  # auto: bf16 on GPUs, float32 on most CPUs
+        self.dtype = getattr(torch, learner_dtype(cfg))  # auto: bf16 on GPUs, float32 on every CPU
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         self.reference = None
@@ -249,36 +268,17 @@ class Learner:
             stats.setdefault(key, []).append(value)
 
     # ------------------------------------------------------------------ weights out, checkpoints
-    def _policy_state(self) -> dict[str, torch.Tensor]:
-        """The policy's weights under the engine's (HF) names; LoRA adapters merged in."""
-        policy = self.engine.module.policy
-        if self.cfg.lora_rank > 0:
-            policy.merge_adapter()
-            state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
-                     for k, v in policy.state_dict().items() if "lora_" not in k}
-            policy.unmerge_adapter()
-            return state
-        return {k: v.detach() for k, v in policy.state_dict().items()}
-
-    @staticmethod
-    def _without_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tied weights (lm_head = embeddings) are one tensor under two names: send it once."""
-        seen: set[int] = set()
-        out = {}
-        for name, tensor in state.items():
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                out[name] = tensor
-        return out
+    def _engine_weights(self) -> dict[str, torch.Tensor]:
+        return engine_weights(self.engine.module.policy, lora=self.cfg.lora_rank > 0)
 
     def weights(self, dtype: str) -> WeightPayload | None:
         """The policy's weights for the engines (rank 0; every rank must call for ZeRO-3's gather)."""
         params = list(self.engine.module.parameters())
         with _gathered(params, self.cfg.zero_stage):
-            state = self._policy_state() if self.rank == 0 else None
+            state = self._engine_weights() if self.rank == 0 else None
         if state is None:
             return None
-        return pack(self._without_tied(state), getattr(torch, dtype))
+        return pack(state, getattr(torch, dtype))
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
@@ -291,7 +291,7 @@ class Learner:
 
     def weight_specs(self, dtype: str) -> list[tuple[str, str, list[int]]]:
         with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
-            state = self._without_tied(self._policy_state())
+            state = self._engine_weights()
         return [(name, dtype, list(t.shape)) for name, t in state.items()]
 
     def broadcast_weights(self, dtype: str) -> None:
@@ -300,7 +300,7 @@ class Learner:
         with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
             if self.rank == 0:
                 stream = torch.cuda.current_stream()
-                for tensor in self._without_tied(self._policy_state()).values():
+                for tensor in self._engine_weights().values():
                     self.sync_comm.broadcast(tensor.to(target).contiguous(), src=0, stream=stream)
                 stream.synchronize()
 

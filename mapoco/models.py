@@ -268,24 +268,6 @@ def _atomic_build(final: Path, fingerprint: str, build: Callable[[Path], dict[st
     return final
 
 
-# ---------------------------------------------------------------- dtype
-def default_dtype() -> torch.dtype:
-    """bf16 on CUDA GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX); float32 elsewhere, where bf16 is
-    emulated and several times slower than float32."""
-    if torch.cuda.is_available():
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
-
-
-def resolve_dtype(dtype: str) -> str:
-    """A config dtype ("auto" or a torch dtype name) -> the torch dtype name to run in."""
-    return str(default_dtype()).removeprefix("torch.") if dtype == "auto" else dtype
-
-
 # ---------------------------------------------------------------- warm-start data
 def _boxed(value: int | str) -> str:
     return f"\\boxed{{{value}}}"

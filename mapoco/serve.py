@@ -117,19 +117,9 @@ def _apply_overrides(conf: Any, overrides: Sequence[str]) -> None:
                          force_add=override.is_add() or override.is_force_add())
 
 
-def trained_policies(cfg: RunConfig) -> dict[int, list[int]]:
-    """Owner seat -> the seats its policy plays, as the trainer groups them; the checkpoint folder of a policy is
-    ``agent_<first seat>`` and its engines are the owner's."""
-    seats_of: dict[int, list[int]] = {}
-    for index, agent in enumerate(cfg.team.agents):
-        if agent.trainable:
-            seats_of.setdefault(0 if cfg.team.shared_policy else index, []).append(index)
-    return seats_of
-
-
 def check_checkpoint(cfg: RunConfig, path: Path) -> None:
     """Every trained policy's weights are there (checked before anything starts)."""
-    for owner, seats in trained_policies(cfg).items():
+    for owner, seats in cfg.team.policy_seats().items():
         weights = checkpoints.agent_dir(path, seats[0]) / "model.safetensors"
         if not weights.is_file():
             raise ConfigError("checkpoint", str(path), f"{weights} is missing: team.agents[{owner}] is trained in "
@@ -143,12 +133,12 @@ def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> d
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mapoco.learner import Learner
-    from mapoco.models import resolve_dtype
+    from mapoco.learner import engine_weights
+    from mapoco.precision import learner_dtype
 
     saved = load_file(str(directory / "model.safetensors"))
     state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, resolve_dtype(learner.dtype)))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, learner_dtype(learner)))
     if learner.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -159,13 +149,7 @@ def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> d
     except RuntimeError as exc:
         raise ConfigError("checkpoint", str(directory), f"its weights do not fit {model_path} "
                                                         f"({str(exc).splitlines()[0]})") from None
-    if learner.lora_rank > 0:
-        model.merge_adapter()
-        weights = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach()
-                   for k, v in model.state_dict().items() if "lora_" not in k}
-    else:
-        weights = {k: v.detach() for k, v in model.state_dict().items()}
-    return Learner._without_tied(weights)
+    return engine_weights(model, lora=learner.lora_rank > 0)
 
 
 def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> dict[int, Any]:
@@ -174,14 +158,14 @@ def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> dict[int, Any]:
     import ray
     import torch
 
-    from mapoco.models import resolve_dtype
+    from mapoco.precision import engine_dtype
     from mapoco.weight_payload import pack
 
     refs = {}
-    for owner, seats in trained_policies(cfg).items():
+    for owner, seats in cfg.team.policy_seats().items():
         runtime = team.agents[owner]
         state = engine_state(checkpoints.agent_dir(path, seats[0]), runtime.model_path, cfg.team.agents[owner].learner)
-        refs[owner] = ray.put(pack(state, getattr(torch, resolve_dtype(runtime.cfg.engine.dtype))))
+        refs[owner] = ray.put(pack(state, getattr(torch, engine_dtype(runtime.cfg.engine))))
         del state
         engines = runtime.engines
         engines.push_weights(refs[owner])
@@ -563,24 +547,15 @@ def start(cfg: RunConfig, path: Path) -> str:
 def init_ray(cfg: RunConfig) -> bool:
     """Join the cluster (``cluster.address`` or $RAY_ADDRESS) or start a local instance sized for every replica's
     engines; returns whether a local instance was started."""
-    import ray
+    from mapoco.cluster import check_capacity, engine_bundles, required, start_or_join
 
-    from mapoco.cluster import start_or_join
-    from mapoco.placement import check_bundles_fit, engine_bundle
-
-    agents = list(enumerate(cfg.team.agents))[: 1 if cfg.team.shared_policy else None]
-    bundles = {f"team.agents[{i}].engine": [engine_bundle(a, False)] * a.engine.replicas for i, a in agents}
-    per_replica = {r: sum(b.get(r, 0.0) for group in bundles.values() for b in group) for r in ("CPU", "GPU")}
-    need_cpus = (per_replica["CPU"] + cfg.serve.num_cpus) * cfg.serve.replicas
-    need_gpus = per_replica["GPU"] * cfg.serve.replicas
-    local = start_or_join(cfg, need_cpus, "serving", "serve.replicas x (engines + serve.num_cpus)")
-    have = ray.cluster_resources()
-    for resource, need in (("CPU", need_cpus), ("GPU", need_gpus)):
-        if have.get(resource, 0) < need:
-            raise ConfigError("serve.replicas", cfg.serve.replicas,
-                              f"{cfg.serve.replicas} replica(s) of the team need {need:g} {resource}s in all "
-                              f"(engines x replicas + serve.num_cpus); the cluster has {have.get(resource, 0):g}")
-    check_bundles_fit(bundles)
+    replicas = cfg.serve.replicas
+    bundles = {key: group * replicas for key, group in engine_bundles(cfg).items()}
+    bundles["serve.num_cpus"] = [{"CPU": cfg.serve.num_cpus}] * replicas
+    breakdown = "serve.replicas x (engines + serve.num_cpus)"
+    local = start_or_join(cfg, required(bundles, "CPU"), "serving", breakdown)
+    check_capacity(bundles, {"CPU": ("serve.replicas", replicas), "GPU": ("serve.replicas", replicas)},
+                   f"{replicas} replica(s) of the team", breakdown)
     return local
 
 

@@ -26,7 +26,7 @@ from mapoco.discussion import DiscussionResult, Team, run_discussion
 from mapoco.engine import request_seed
 from mapoco.evaluate import discuss_in_batches
 from mapoco.learner import LearnerGroup, Rollout, RolloutStats
-from mapoco.models import resolve_dtype
+from mapoco.precision import AgentPrecision, agent_precision
 from mapoco.report import plot_turns, prepare_output_dir, summarize, turn_table, write_json
 from mapoco.rewards import maporl_rewards
 from mapoco.tasks import Problem, load_task
@@ -46,6 +46,7 @@ class Policy:
     seats: list[int]
     group: LearnerGroup
     sync: ObjectStoreSync | NcclSync
+    precision: AgentPrecision  # its engines' and learners' dtypes, and the logprob gap they allow
 
     @property
     def name(self) -> str:
@@ -109,18 +110,16 @@ class Trainer:
 
     def _start_learners(self) -> list[Policy]:
         """A learner group per trained policy, settings from this run's config (the engines may be shared)."""
-        seats_of: dict[int, list[int]] = {}
-        for index, agent_cfg in enumerate(self.cfg.team.agents):
-            if agent_cfg.trainable:
-                seats_of.setdefault(0 if self.cfg.team.shared_policy else index, []).append(index)
+        seats_of = self.cfg.team.policy_seats()
         groups = {owner: self._start_group(owner) for owner in seats_of}
         policies = []
         for owner, group in groups.items():
             group.call_all("pid")  # every group starts at once; wait here until all ranks are up
             engines, engine_cfg = self.team.agents[owner].engines, self.team.agents[owner].cfg.engine
-            sync = make_sync(self.cfg.train.weight_sync, group, engines, resolve_dtype(engine_cfg.dtype),
+            precision = agent_precision(self.cfg.team.agents[owner], self.cfg.train.logprob_tolerance)
+            sync = make_sync(self.cfg.train.weight_sync, group, engines, precision.engine,
                              engine_cfg.tensor_parallel_size, engine_cfg.num_gpus > 0)
-            policies.append(Policy(seats_of[owner], group, sync))
+            policies.append(Policy(seats_of[owner], group, sync, precision))
         return policies
 
     def _start_group(self, owner: int) -> LearnerGroup:
@@ -232,6 +231,7 @@ class Trainer:
             f"{prefix}/reward": float(np.mean(batch.rewards)),
             f"{prefix}/kl": float(kl),
             f"{prefix}/logprob_max_diff": float(drift.max()),  # engine vs learner on the sampled tokens
+            f"{prefix}/logprob_tolerance": policy.precision.logprob_tolerance,
             f"{prefix}/lr": policy.group.call_all("learning_rate")[0],
         })
         return metrics
@@ -294,8 +294,12 @@ class Trainer:
         agents = " | ".join(f"{p.name}: reward {metrics[f'train/{p.name}/reward']:.3f} "
                             f"kl {metrics[f'train/{p.name}/kl']:.4f}"
                             for p in self.policies if f"train/{p.name}/reward" in metrics)
+        drifting = "".join(f"  {p.name}: engine-vs-learner logprob gap {metrics[f'train/{p.name}/logprob_max_diff']:.3g}"
+                           f" > {p.precision.logprob_tolerance:g} ({p.precision.engine} engines, "
+                           f"{p.precision.learner} learners)" for p in self.policies
+                           if metrics.get(f"train/{p.name}/logprob_max_diff", 0.0) > p.precision.logprob_tolerance)
         return (f"step {self.step}/{self.cfg.train.steps}  rollout acc per turn [{turns}]  {agents}  "
-                f"{metrics['timing/step']:.1f}s")
+                f"{metrics['timing/step']:.1f}s{drifting}")
 
     @staticmethod
     def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:

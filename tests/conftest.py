@@ -51,7 +51,7 @@ def hetero_team(ray_session, tiny_models):
     """A heterogeneous 2-agent team (Qwen2 + Llama, different tokenizers) with real vLLM engines in Ray actors."""
     from mapoco.discussion import Team
 
-    cfg = compose_config("team=tiny_hetero", "engine.dtype=float32")  # float32 so learner logprobs match exactly
+    cfg = compose_config("team=tiny_hetero")  # dtype auto: float32 on every CPU (mapoco.precision)
     team = Team(cfg.team, seed=0)
     yield team
     team.shutdown()

@@ -18,7 +18,7 @@ from mapoco.workflow import Plan, Step
 pytestmark = pytest.mark.slow
 
 SMALL = ["+experiment=conductor", "train.batch_questions=4", "algorithm.samples_per_question=4",
-         "train.eval_limit=8", "logger.wandb.mode=disabled", "engine.dtype=float32"]
+         "train.eval_limit=8", "logger.wandb.mode=disabled"]
 QUESTION = Problem(id="q", question="Calculate 3 * 4.", gold="12")
 
 

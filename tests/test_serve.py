@@ -27,7 +27,7 @@ TOKEN_ENV = "MAPOCO_TEST_SERVE_TOKEN"
 TOKEN = "test-token-8d1f"
 MAX_INPUT_CHARS = 300
 # 2 tiny-qwen agents x 2 turns; only agent 0 trains (one step, lr high enough to move the answers).
-RUN = ["team=tiny2", "+team.agents.1.trainable=false", "turns=2", "engine.dtype=float32", "learner.dtype=float32",
+RUN = ["team=tiny2", "+team.agents.1.trainable=false", "turns=2",
        "learner.lr=1e-2", "train.steps=1", "train.batch_questions=4", "algorithm.samples_per_question=2",
        "train.eval_every=0", "train.eval_limit=4", "train.save_every=1", "logger.wandb.mode=disabled", "task.limit=40"]
 
