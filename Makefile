@@ -10,7 +10,7 @@ ENGINE_REQS := requirements/$(if $(HAS_GPU),gpu,cpu).txt
 # Tests and the demo never download: models are built locally, data is local or generated.
 RUN_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup models test demo demo-conductor bench clean
+.PHONY: setup models test demo demo-conductor reproduce bench clean
 setup: $(STAMP)
 
 $(STAMP):
@@ -32,12 +32,20 @@ models: setup
 test: models
 	$(RUN_ENV) $(BIN)/python -m pytest -q
 
-demo: models
+# The collaboration testbed, once: it needs only its two specialists, so it builds only them.
+demo: setup
+	$(RUN_ENV) $(BIN)/mapoco build-models talk-add talk-mul
 	$(RUN_ENV) $(BIN)/mapoco train +experiment=demo
+	$(RUN_ENV) $(BIN)/python -m experiments.maporl.reproduce --verdict outputs/demo
 
 # The second method: a tiny conductor learns, with GRPO, to route questions between two specialist workers.
 demo-conductor: models
 	$(RUN_ENV) $(BIN)/mapoco train +experiment=conductor
+
+# MAPoRL's claims with their controls over 3 seeds: experiments/maporl/results.json, results.md, turn_accuracy.png.
+# Resumes where it stopped (finished runs are kept under outputs/maporl/).
+reproduce: models
+	$(RUN_ENV) $(BIN)/python -m experiments.maporl.reproduce
 
 # Side-by-side speed and memory figures: a table, benchmarks/results.json and benchmarks/README.md.
 bench: models

@@ -16,8 +16,8 @@ from typing import Any
 
 from mapoco.rewards import INCENTIVE_MODES, RewardConfig
 from mapoco.tasks import TaskConfig, task_names
+from mapoco.topology import TOPOLOGIES
 
-TOPOLOGIES = ("all_to_all", "ring", "star")
 METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -362,6 +362,9 @@ def _validate_training(cfg: RunConfig) -> None:
     for name in ("kl_coef", "vf_coef", "entropy_coef"):
         _require(getattr(algo, name) >= 0, f"algorithm.{name}", getattr(algo, name), "must be >= 0")
     _require(algo.kl_estimator in ("k1", "k2", "k3"), "algorithm.kl_estimator", algo.kl_estimator, "one of k1, k2, k3")
+    _require(algo.kl_in_reward or algo.kl_coef == 0 or algo.kl_estimator != "k1", "algorithm.kl_estimator",
+             algo.kl_estimator, "k2 or k3 when algorithm.kl_in_reward=false: k1's gradient in the loss is zero in "
+                                "expectation, so it would not pull towards the reference")
     _require(algo.ppo_epochs >= 1, "algorithm.ppo_epochs", algo.ppo_epochs, "must be >= 1")
     _require(algo.mini_batches >= 1, "algorithm.mini_batches", algo.mini_batches, "must be >= 1")
     _require(algo.clip_eps > 0, "algorithm.clip_eps", algo.clip_eps, "must be > 0")

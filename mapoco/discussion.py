@@ -23,17 +23,8 @@ from mapoco.models import resolve_model
 from mapoco.placement import engine_bundle, learner_shares_engines, reserve
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import Problem
+from mapoco.topology import visible_peers
 from mapoco.verifier import VerifierClient, VerifyItem
-
-
-def visible_peers(agent: int, num_agents: int, topology: str) -> list[int]:
-    """Whose previous answers ``agent`` sees. ring: the previous agent; star: agent 0 is the hub."""
-    others = [j for j in range(num_agents) if j != agent]
-    if topology == "ring":
-        return others and [(agent - 1) % num_agents]
-    if topology == "star":
-        return others if agent == 0 else [0]
-    return others
 
 
 @dataclass

@@ -213,10 +213,10 @@ class DiscussionEnv(MultiAgentEnv):
 
     # ------------------------------------------------------------------ results
     def turn_rewards(self) -> np.ndarray:
-        """MAPoRL reward per [agent, turn] of the finished episode (flagged samples score 0, as in training)."""
-        scores = np.nan_to_num(self.result.grid("score", float)[0], nan=0.0)
-        correct = self.result.grid("correct", bool)[0]
-        return maporl_rewards(scores, correct, self.reward_cfg)
+        """MAPoRL reward per [agent, turn] of the finished episode, as in training: a flagged answer leaves the team
+        mean and earns 0 itself here (training skips it)."""
+        scores, correct = self.result.grid("score", float)[0], self.result.grid("correct", bool)[0]
+        return np.nan_to_num(maporl_rewards(scores, correct, self.reward_cfg, self.discussion.topology), nan=0.0)
 
     # ------------------------------------------------------------------ internals
     def _next_index(self, seed: int | None, options: dict) -> int:

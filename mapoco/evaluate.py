@@ -46,7 +46,7 @@ def evaluate(cfg: RunConfig, out: Path) -> dict[str, Any]:
     finally:
         team.shutdown()
         verifier.shutdown()
-    summary = summarize(result, data.skipped, cfg.rewards)
+    summary = summarize(result, data.skipped, cfg.rewards, cfg.discussion.topology)
     title = f"{cfg.team.name} on {cfg.task.name}"
     write_outputs(out, result, summary, title)
     print(turn_table(summary, title))

@@ -14,6 +14,7 @@ learns to write well-formed workflows whose worker ids are uniformly random, so 
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -99,6 +100,9 @@ class TinyModelSpec:
     workflow_fraction: float = field(default=0.0, repr=False)  # solver: share of examples that are workflow steps
     two_step_fraction: float = field(default=0.0, repr=False)  # share of workflows with a second, all-seeing step
     pool_sizes: tuple[int, ...] = field(default=(), repr=False)  # conductor: worker-pool sizes, drawn uniformly
+    # A discussion specialist (``_specialist_thread``): its discussion threads are pair discussions with a peer who
+    # knows ``peer_operators``, on questions of either specialty, and end by keeping or adopting at random.
+    peer_operators: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -169,6 +173,33 @@ TINY_MODELS.update(
                 target_accuracy=target,
             )
             for op_name, op, seed, target in (("add", "+", 3, 0.9), ("mul", "*", 4, 0.8))
+        )
+    },
+)
+# The collaboration testbed (README, "A team that learns to collaborate"): a heterogeneous pair of specialists (a
+# Qwen2 + specialist, a Llama * specialist with another tokenizer) who know the discussion format but not when to
+# defer: their warm-start threads keep their own answer or adopt the peer's at random, whoever is right.
+_LLAMA = TINY_MODELS["tiny-llama"]
+TINY_MODELS.update(
+    {
+        spec.name: spec
+        for spec in (
+            replace(
+                base,
+                name=name,
+                tokenizer=replace(base.tokenizer, seed=seed),
+                seed=seed,
+                task_params=(*_ONE_DIGIT, ("operators", (op,))),
+                peer_operators=(peer,),
+                discussion_fraction=0.6,
+                # Copying a peer's number takes longer to learn than the arithmetic: no early stop at a turn-1
+                # target, every step is spent (measured: stopped at 0.9 turn-1 accuracy, 55% of later answers
+                # were neither the own nor the peer's answer).
+                max_steps=2500,
+                eval_every=2500,
+                target_accuracy=1.0,
+            )
+            for name, base, op, peer, seed in (("talk-add", _QWEN, "+", "*", 6), ("talk-mul", _LLAMA, "*", "+", 7))
         )
     },
 )
@@ -305,6 +336,38 @@ def _discussion_thread(problem: Problem, rng: random.Random, others: list[Proble
     return messages
 
 
+def _in_specialty(problem: Problem, operators: tuple[str, ...]) -> bool:
+    return any(f" {op} " in problem.question for op in operators)
+
+
+@functools.cache
+def _peer_problems(spec: TinyModelSpec) -> list[Problem]:
+    """Train questions in the peer's specialty (``peer_operators``), for a specialist's discussion threads."""
+    task = TaskConfig(params={**spec.task.params, "operators": list(spec.peer_operators)})
+    return arithmetic_problems(task, "train", TRAIN_POOL // 4)
+
+
+def _specialist_thread(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict[str, str]]:
+    """A pair discussion as a specialist lives it, on a question of its specialty or of its peer's (half each). At
+    turn 1 it is right on its own operator and wrong elsewhere, the peer the opposite. At every later turn each side
+    keeps its answer or adopts the other's at random, whoever is right, and the target is the specialist's next
+    answer drawn the same way, right or wrong: the format is learnt, not when to defer (co-training has to learn
+    that). Earlier wrong answers are context, never labels (``"train": False``): no wrong arithmetic is taught."""
+    if rng.random() < 0.5:
+        problem = rng.choice(_peer_problems(spec))
+    gold, others = int(problem.gold), _peer_problems(spec)
+    right = _in_specialty(problem, spec.task.params["operators"])
+    mine = gold if right else _wrong_answer(gold, rng, others)
+    peer = _wrong_answer(gold, rng, others) if right else gold
+    peer_index = rng.randrange(2)
+    messages = [{"role": "user", "content": first_turn_message(problem)}]
+    for _ in range(rng.randint(1, 2)):
+        messages.append({"role": "assistant", "content": _boxed(mine), "train": mine == gold})
+        messages.append({"role": "user", "content": later_turn_message(problem, [PeerAnswer(peer_index, _boxed(peer))])})
+        mine, peer = rng.choice((mine, peer)), rng.choice((peer, mine))
+    return [*messages, {"role": "assistant", "content": _boxed(mine)}]
+
+
 def _workflow_step(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
     """What a workflow step's worker sees (``worker_thread``): a first step, or a second step that sees a first
     step's answer, right or wrong."""
@@ -332,6 +395,8 @@ def _example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, oth
     if spec.role == "conductor":
         return _conductor_chat(problem, spec, rng)
     draw = rng.random()
+    if draw < spec.discussion_fraction and spec.peer_operators:
+        return _specialist_thread(problem, spec, rng)
     if draw < spec.discussion_fraction:
         messages = _discussion_thread(problem, rng, others)
     elif draw < spec.discussion_fraction + spec.workflow_fraction:
@@ -416,8 +481,9 @@ class _ChatEncoder:
     """Chats -> training examples. Prompts are tokenized from the rendered chat template; the final answer is
     tokenized on its own and appended with eos, exactly as an engine generates it after the prompt.
 
-    Labels cover the final answer and every earlier assistant turn that was right (a right first answer inside
-    a thread is one more first-turn example for free); wrong earlier turns are context only."""
+    Labels cover the final answer and every earlier assistant turn that repeats it (a right first answer inside
+    a thread is one more first-turn example for free), unless that turn is marked ``"train": False`` (a
+    specialist's earlier wrong answer); other earlier turns are context only."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -438,7 +504,8 @@ class _ChatEncoder:
         labels = [-100] * len(prompt) + target
         starts = {begin: i for i, (begin, _) in enumerate(offsets)}
         for turn, message in enumerate(chat[:-1]):
-            if message["role"] != "assistant" or message["content"] != chat[-1]["content"]:
+            if message["role"] != "assistant" or message["content"] != chat[-1]["content"] or not message.get(
+                    "train", True):
                 continue
             i = starts.get(len(self._render(chat[:turn])))
             if i is not None and prompt[i : i + len(target)] == target:  # the same tokens as if generated

@@ -14,11 +14,12 @@ from mapoco.discussion import DiscussionResult
 from mapoco.rewards import RewardConfig, maporl_rewards
 
 
-def summarize(result: DiscussionResult, skipped: int, rewards: RewardConfig) -> dict[str, Any]:
-    answers, correct = result.grid("answer"), result.grid("correct", bool)
-    scores = np.nan_to_num(result.grid("score", float), nan=0.0)
-    per_question = [maporl_rewards(scores[q], correct[q], rewards) for q in range(len(result.problems))]
-    mean_reward = np.mean(per_question, axis=0) if per_question else np.zeros((result.num_agents, result.num_turns))
+def summarize(result: DiscussionResult, skipped: int, rewards: RewardConfig, topology: str) -> dict[str, Any]:
+    answers, correct, scores = result.grid("answer"), result.grid("correct", bool), result.grid("score", float)
+    per_question = [maporl_rewards(scores[q], correct[q], rewards, topology) for q in range(len(result.problems))]
+    scored = [r for r in per_question if not np.isnan(r).all()]  # flagged answers have no reward of their own
+    mean_reward = (np.nan_to_num(np.nanmean(per_question, axis=0)) if scored
+                   else np.zeros((result.num_agents, result.num_turns)))
     tokens = [len(r.token_ids) for r in result.records.values()]
     return {
         "num_questions": len(result.problems),

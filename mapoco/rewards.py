@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mapoco.topology import audience, visible_peers
+
 INCENTIVE_MODES = ("paper", "reference_code", "none")
 
 
@@ -23,68 +25,82 @@ class RewardConfig:
 
 
 def influence_aware(scores: np.ndarray, gamma: float) -> np.ndarray:
-    """R(t,a) = (V_ta + sum_{t'>t} g^(t'-t) mean_j V_t'j) / sum_{t'>=t} g^(t'-t); the mean includes agent a."""
+    """R(t,a) = (V_ta + sum_{t'>t} g^(t'-t) mean_j V_t'j) / sum_{t'>=t} g^(t'-t); the mean includes agent a.
+
+    A NaN score (a flagged sample the verifier could not score) leaves the team mean of its turn, and a turn with no
+    score at all leaves both sums; the flagged answer's own reward is NaN (it is not trained on)."""
     scores = np.asarray(scores, dtype=np.float64)
     num_turns = scores.shape[1]
-    team = scores.mean(axis=0)
+    scored = (~np.isnan(scores)).sum(axis=0)
+    team = np.where(scored > 0, np.nansum(scores, axis=0) / np.maximum(scored, 1), 0.0)
     rewards = np.empty_like(scores)
     for t in range(num_turns):
-        weights = gamma ** np.arange(num_turns - t)
-        future = float(np.dot(weights[1:], team[t + 1 :]))
-        rewards[:, t] = (scores[:, t] + future) / weights.sum()
+        future = gamma ** np.arange(1, num_turns - t) * (scored[t + 1 :] > 0)
+        rewards[:, t] = (scores[:, t] + float(np.dot(future, team[t + 1 :]))) / (1.0 + future.sum())
     return rewards
 
 
-def _peer_majority(correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per (agent, turn): whether the *other* agents are mostly right / mostly wrong (a tie is neither)."""
-    num_agents = correct.shape[0]
-    if num_agents == 1:
-        empty = np.zeros_like(correct, dtype=bool)
-        return empty, empty
-    peers = (correct.sum(axis=0, keepdims=True) - correct) / (num_agents - 1)
-    return peers > 0.5, peers < 0.5
+def _majorities(correct: np.ndarray, scored: np.ndarray, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per (agent, turn): whether the scored agents of ``groups[agent]`` are mostly right / mostly wrong at that
+    turn (a tie, or no scored agent, is neither)."""
+    right, wrong = np.zeros(correct.shape, dtype=bool), np.zeros(correct.shape, dtype=bool)
+    for agent, group in enumerate(groups):
+        if group:
+            counted = scored[group].sum(axis=0)
+            votes = 2 * (correct[group] & scored[group]).sum(axis=0)
+            right[agent], wrong[agent] = (counted > 0) & (votes > counted), (counted > 0) & (votes < counted)
+    return right, wrong
 
 
-def incentives(correct: np.ndarray, cfg: RewardConfig) -> np.ndarray:
-    """Incentive bonus per (agent, turn) from 0/1 gold correctness."""
+def incentives(correct: np.ndarray, cfg: RewardConfig, topology: str = "all_to_all",
+               scored: np.ndarray | None = None) -> np.ndarray:
+    """Incentive bonus per (agent, turn) from 0/1 gold correctness.
+
+    Credit follows ``topology``: being persuaded or resisting (alpha) counts the peers whose answers the agent saw;
+    persuading (beta) counts the peers who saw the agent's answer. Unscored answers (``scored`` False: flagged
+    samples) earn nothing and count in no majority."""
     correct = np.asarray(correct, dtype=bool)
+    scored = np.ones(correct.shape, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
     bonus = np.zeros(correct.shape, dtype=np.float64)
+    num_agents = correct.shape[0]
     if cfg.incentives == "none" or correct.shape[1] < 2:
         return bonus
-    peers_right, peers_wrong = _peer_majority(correct)
-    mine, prev = correct[:, 1:], correct[:, :-1]
+    seen = _majorities(correct, scored, [visible_peers(a, num_agents, topology) for a in range(num_agents)])
+    heard = _majorities(correct, scored, [audience(a, num_agents, topology) for a in range(num_agents)])
+    right, wrong = correct & scored, ~correct & scored
     if cfg.incentives == "paper":
-        # Turn t >= 2 looks back at t-1: kept a right answer against a wrong majority, or was persuaded.
-        bonus[:, 1:] += cfg.alpha0 * (prev & mine & peers_wrong[:, :-1])
-        bonus[:, 1:] += cfg.alpha1 * (~prev & mine & peers_right[:, :-1])
-        # Turn t <= T-1 looks ahead: wrong peers at t became right at t+1 after this agent's answer.
-        persuaded = peers_wrong[:, :-1] & peers_right[:, 1:]
-        bonus[:, :-1] += cfg.beta0 * (~correct[:, :-1] & persuaded)
-        bonus[:, :-1] += cfg.beta1 * (correct[:, :-1] & persuaded)
+        # Turn t >= 2 looks back at t-1: kept a right answer against a wrong majority it saw, or was persuaded.
+        bonus[:, 1:] += cfg.alpha0 * (right[:, :-1] & right[:, 1:] & seen[1][:, :-1])
+        bonus[:, 1:] += cfg.alpha1 * (wrong[:, :-1] & right[:, 1:] & seen[0][:, :-1])
+        # Turn t <= T-1 looks ahead: the wrong peers who saw this answer at t were right at t+1.
+        persuaded = heard[1][:, :-1] & heard[0][:, 1:]
+        bonus[:, :-1] += cfg.beta0 * (wrong[:, :-1] & persuaded)
+        bonus[:, :-1] += cfg.beta1 * (right[:, :-1] & persuaded)
         return bonus
-    return _reference_code_incentives(correct, peers_right, peers_wrong, cfg)
+    return _reference_code_incentives(right, wrong, seen, heard, cfg)
 
 
-def _reference_code_incentives(
-    correct: np.ndarray, peers_right: np.ndarray, peers_wrong: np.ndarray, cfg: RewardConfig
-) -> np.ndarray:
+def _reference_code_incentives(right: np.ndarray, wrong: np.ndarray, seen: tuple[np.ndarray, np.ndarray],
+                               heard: tuple[np.ndarray, np.ndarray], cfg: RewardConfig) -> np.ndarray:
     """The released MAPoRL code (``bonus_rule``): no bonus at turn 1, and successful persuasion is penalised."""
-    bonus = np.zeros(correct.shape, dtype=np.float64)
-    num_turns = correct.shape[1]
+    bonus = np.zeros(right.shape, dtype=np.float64)
+    num_turns = right.shape[1]
     for t in range(1, num_turns):
-        prev, mine = correct[:, t - 1], correct[:, t]
-        caved = prev & ~mine
-        fixed = ~prev & mine
-        bonus[:, t] -= cfg.alpha0 * (caved & peers_wrong[:, t - 1]) + cfg.alpha1 * (caved & peers_right[:, t - 1])
-        bonus[:, t] += cfg.alpha0 * (fixed & peers_right[:, t - 1]) + cfg.alpha1 * (fixed & peers_wrong[:, t - 1])
-        if t + 1 < num_turns and correct.shape[0] > 1:
-            became_right = peers_wrong[:, t] & peers_right[:, t + 1]
-            became_wrong = peers_right[:, t] & peers_wrong[:, t + 1]
-            bonus[:, t] -= cfg.beta1 * (became_right & mine) + cfg.beta0 * (became_right & ~mine)
-            bonus[:, t] += cfg.beta1 * (became_wrong & ~mine) + cfg.beta0 * (became_wrong & mine)
+        caved, fixed = right[:, t - 1] & wrong[:, t], wrong[:, t - 1] & right[:, t]
+        peers_right, peers_wrong = seen[0][:, t - 1], seen[1][:, t - 1]
+        bonus[:, t] -= cfg.alpha0 * (caved & peers_wrong) + cfg.alpha1 * (caved & peers_right)
+        bonus[:, t] += cfg.alpha0 * (fixed & peers_right) + cfg.alpha1 * (fixed & peers_wrong)
+        if t + 1 < num_turns:
+            became_right = heard[1][:, t] & heard[0][:, t + 1]
+            became_wrong = heard[0][:, t] & heard[1][:, t + 1]
+            bonus[:, t] -= cfg.beta1 * (became_right & right[:, t]) + cfg.beta0 * (became_right & wrong[:, t])
+            bonus[:, t] += cfg.beta1 * (became_wrong & wrong[:, t]) + cfg.beta0 * (became_wrong & right[:, t])
     return bonus
 
 
-def maporl_rewards(scores: np.ndarray, correct: np.ndarray, cfg: RewardConfig) -> np.ndarray:
-    """Reward per (agent, turn): influence-aware reward of verifier scores plus incentives (added after normalising)."""
-    return influence_aware(scores, cfg.gamma) + incentives(correct, cfg)
+def maporl_rewards(scores: np.ndarray, correct: np.ndarray, cfg: RewardConfig,
+                   topology: str = "all_to_all") -> np.ndarray:
+    """Reward per (agent, turn): influence-aware reward of verifier scores (NaN: flagged) plus incentives (added
+    after normalising)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return influence_aware(scores, cfg.gamma) + incentives(correct, cfg, topology, ~np.isnan(scores))

@@ -193,9 +193,8 @@ class Trainer:
 
     def agent_batches(self, result: DiscussionResult) -> dict[str, AgentBatch]:
         """Per policy: its rows (flagged samples excluded) with MAPoRL rewards, keyed by (question, seat, turn)."""
-        scores = np.nan_to_num(result.grid("score", float), nan=0.0)
-        correct = result.grid("correct", bool)
-        rewards = np.stack([maporl_rewards(scores[q], correct[q], self.cfg.rewards)
+        scores, correct = result.grid("score", float), result.grid("correct", bool)
+        rewards = np.stack([maporl_rewards(scores[q], correct[q], self.cfg.rewards, self.cfg.discussion.topology)
                             for q in range(len(result.problems))])
         batches = {}
         for policy in self.policies:
@@ -277,7 +276,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def evaluate(self, label: str) -> dict[str, Any]:
         result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
-        summary = summarize(result, 0, self.cfg.rewards)
+        summary = summarize(result, 0, self.cfg.rewards, self.cfg.discussion.topology)
         print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"),
               flush=True)
         return summary
@@ -309,7 +308,7 @@ class Trainer:
         return metrics
 
     def _rollout_metrics(self, result: DiscussionResult) -> dict[str, float]:
-        summary = summarize(result, 0, self.cfg.rewards)
+        summary = summarize(result, 0, self.cfg.rewards, self.cfg.discussion.topology)
         seconds = max(result.seconds["generate"], 1e-9)
         metrics = {f"rollout/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
         metrics.update({

@@ -29,6 +29,14 @@ def tiny_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def talk_models() -> dict[str, Path]:
+    """The collaboration testbed's specialists (+ on Qwen2, * on Llama) that know the discussion format."""
+    from mapoco.models import build_tiny_model
+
+    return {name: build_tiny_model(name) for name in ("talk-add", "talk-mul")}
+
+
+@pytest.fixture(scope="session")
 def conductor_models() -> dict[str, Path]:
     """The conductor demo's models: a tiny conductor and two tiny specialists (+ and *)."""
     from mapoco.models import build_tiny_model

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mapoco.config import DiscussionConfig
-from mapoco.discussion import run_discussion, visible_peers
+from mapoco.discussion import run_discussion
+from mapoco.topology import audience, visible_peers
 from mapoco.tasks import TaskConfig, load_task
 
 pytestmark = pytest.mark.slow
@@ -15,6 +16,8 @@ def test_visible_peers_topologies():
     assert visible_peers(0, 4, "ring") == [3]
     assert visible_peers(2, 4, "star") == [0] and visible_peers(0, 4, "star") == [1, 2, 3]
     assert visible_peers(0, 1, "ring") == [] and visible_peers(0, 1, "all_to_all") == []
+    assert audience(0, 4, "ring") == [1] and audience(0, 4, "star") == [1, 2, 3] and audience(3, 4, "star") == [0]
+    assert audience(1, 3, "all_to_all") == [0, 2] and audience(0, 1, "all_to_all") == []
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_summary_metrics(discussion):
     from mapoco.report import summarize, turn_table
     from mapoco.rewards import RewardConfig
 
-    summary = summarize(discussion, skipped=0, rewards=RewardConfig())
+    summary = summarize(discussion, skipped=0, rewards=RewardConfig(), topology="all_to_all")
     assert len(summary["turn_accuracy"]) == 3 and all(0 <= x <= 1 for x in summary["turn_accuracy"])
     correct = discussion.grid("correct", bool)
     assert np.allclose(summary["agent_turn_accuracy"], correct.mean(axis=0))

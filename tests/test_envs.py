@@ -7,7 +7,7 @@ from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 from mapoco.config import DiscussionConfig
 from mapoco.envs import AnyText, DiscussionEnv, chat_template_renderer, play_episode
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
-from mapoco.rewards import RewardConfig, influence_aware, maporl_rewards
+from mapoco.rewards import RewardConfig, maporl_rewards
 from mapoco.tasks import Problem
 from mapoco.verifier import Verdict, VerifyItem, check_gold
 
@@ -101,8 +101,9 @@ def test_fractional_and_flagged_scores_and_ring_topology():
         if actions[0] == "a":  # ring: agent_1 sees only agent_0's answer
             assert "Agent 1: a" in obs["agent_1"] and "Agent 3" not in obs["agent_1"]
             assert infos["agent_2"]["score"] is None and infos["agent_2"]["error"] == "boom"
-    scores = np.array([[0.2, 0.9, 0.95], [0.1, 0.3, 0.85], [0.0, 0.6, 0.6]])  # the flagged sample scores 0
-    expected = influence_aware(scores, 0.3).sum(axis=1)
+    # The flagged turn-1 answer leaves the team mean (0.15 = (0.2 + 0.1) / 2) and earns 0 itself. By hand, gamma 0.3:
+    # agent_0: (0.2 + 0.3 * 0.6 + 0.09 * 0.8) / 1.39 + (0.9 + 0.3 * 0.8) / 1.3 + 0.95, and so on.
+    expected = [0.452 / 1.39 + 1.14 / 1.3 + 0.95, 0.352 / 1.39 + 0.54 / 1.3 + 0.85, 0.0 + 0.84 / 1.3 + 0.6]
     assert [rewards[a] for a in env.agents] == pytest.approx(expected)
 
 

@@ -10,6 +10,7 @@ import random
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from mapoco.workflow import SUBTASKS, parse_workflow
 TINY = sorted(models.TINY_MODELS)
 DISCUSSION = ["tiny-llama", "tiny-qwen"]  # warm-started on the default task, for discussions
 CHATML_PROMPT = "<|im_start|>assistant\n"
-GENERATION_PROMPT = {"tiny-llama": "<|assistant|>\n", **{n: CHATML_PROMPT for n in TINY if n != "tiny-llama"}}
+GENERATION_PROMPT = {n: "<|assistant|>\n" if models.TINY_MODELS[n].architecture == "llama" else CHATML_PROMPT
+                     for n in TINY}
 VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 
@@ -211,3 +213,39 @@ def test_smollm2_checkpoint():
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>assistant\n")
     assert list(path.glob("*.safetensors"))
+
+
+def test_specialist_threads_teach_the_format_not_when_to_defer():
+    """A specialist's later answer keeps its own or adopts the peer's at random, in its specialty and outside it
+    alike: the warm-start leaves *when* to defer to co-training. Its earlier wrong answers are never labels."""
+    spec = models.TINY_MODELS["talk-add"]
+    rng = random.Random(0)
+    own = arithmetic_problems(spec.task, "train", 100)
+    kept = {True: [], False: []}
+    for _ in range(600):
+        chat = models._specialist_thread(rng.choice(own), spec, rng)
+        question, first, final = chat[0]["content"], chat[1], chat[-1]["content"]
+        in_specialty = " + " in question
+        peer = re.findall(r"\\boxed\{-?\d+\}", chat[-2]["content"])[0]
+        assert final in (chat[-3]["content"], peer)  # the own latest answer or the peer's, nothing else
+        kept[in_specialty].append(final == chat[-3]["content"])
+        assert first["train"] == in_specialty  # right at turn 1 exactly in its specialty: only then a label
+    for side in (True, False):
+        assert 0.4 < sum(kept[side]) / len(kept[side]) < 0.6, side
+
+
+def test_a_tiny_build_is_bitwise_reproducible(tmp_path):
+    """Same spec and seed: the same tokenizer and the same weights, bit for bit (seeded data, a fixed thread count)."""
+    from safetensors.torch import load_file
+
+    spec = replace(models.TINY_MODELS["talk-add"], name="repro", max_steps=30, eval_every=30, easy_steps=10)
+    records = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        records.append(models._build_tiny(spec, tmp_path / name))
+    first, second = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("first", "second"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert (tmp_path / "first" / "tokenizer.json").read_text() == (tmp_path / "second" / "tokenizer.json").read_text()
+    assert records[0]["final_loss"] == records[1]["final_loss"]
+    assert records[0]["turn1_accuracy"] == records[1]["turn1_accuracy"]

@@ -1,0 +1,193 @@
+"""`make reproduce`: MAPoRL's claims on the collaboration testbed, each with its control, over seeds, one command.
+
+    .venv/bin/python -m experiments.maporl.reproduce                 # every condition, 3 seeds (resumes)
+    .venv/bin/python -m experiments.maporl.reproduce --only cotrain frozen_partner
+    .venv/bin/python -m experiments.maporl.reproduce --summarize     # rebuild results.json, .md and .png only
+    .venv/bin/python -m experiments.maporl.reproduce --verdict outputs/demo   # one run against the controls
+
+Every run is a plain `mapoco train` into outputs/maporl/<condition>/seed_<s>/; a run whose summary.json exists is
+kept, so an interrupted reproduction goes on where it stopped. All conditions are evaluated on the same 200
+held-out test questions (task.split=test, task.seed 0, whatever the run's seed). results.json keeps, per condition,
+every seed's per-turn team accuracy after training and the turn-to-turn transitions; `untrained` is the co-trained
+runs' evaluation before their first step (the same team, the same questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RUNS = ROOT / "outputs" / "maporl"
+SEEDS = (0, 1, 2)
+COLLAB = ["+experiment=collab"]
+ALONE = {"adder": "talk-add", "multiplier": "talk-mul"}
+# name -> overrides. Every trained condition runs the same questions, steps and batch as `cotrain`.
+CONDITIONS: dict[str, list[str]] = {
+    "cotrain": COLLAB,
+    **{f"single_{name}": [*COLLAB, f"team.agents=[{{name:{name},model:{model}}}]", "turns=1"]
+       for name, model in ALONE.items()},
+    "frozen_partner": [*COLLAB, "+team.agents.1.trainable=false"],  # the adder trains; the multiplier is frozen
+    **{f"{coef}_2": [*COLLAB, f"rewards.{coef}=2"] for coef in ("alpha0", "alpha1", "beta0", "beta1")},
+    "tiny2_cotrain": ["+experiment=tiny2", "train.steps=80", "train.save_every=0"],
+}
+DERIVED = {"untrained": "cotrain"}  # its figures are the `before` evaluation of these runs
+
+
+def run_dir(condition: str, seed: int) -> Path:
+    return RUNS / condition / f"seed_{seed}"
+
+
+def run(condition: str, seed: int) -> None:
+    out = run_dir(condition, seed)
+    if (out / "summary.json").exists():
+        return
+    shutil.rmtree(out, ignore_errors=True)  # a run cut short left no checkpoint (save_every=0): start it again
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(ROOT / ".venv" / "bin" / "mapoco"), "train", *CONDITIONS[condition], f"seed={seed}",
+               f"output_dir={out}", "logger.wandb.mode=offline"]
+    start = time.perf_counter()
+    with (RUNS / condition / f"seed_{seed}.log").open("w") as log:
+        subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    print(f"[reproduce] {condition} seed {seed}: {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
+    columns = list(zip(*rows))
+    return ([statistics.fmean(c) for c in columns],
+            [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns])
+
+
+def _condition(summaries: list[tuple[int, dict[str, Any]]], when: str) -> dict[str, Any]:
+    seeds = [{"seed": s, "turn_accuracy": summary[when]["turn_accuracy"],
+              "agent_turn_accuracy": summary[when]["agent_turn_accuracy"],
+              "transitions": summary[when]["transitions"]} for s, summary in summaries]
+    mean, std = _mean_std([s["turn_accuracy"] for s in seeds])
+    gains = [s["turn_accuracy"][-1] - s["turn_accuracy"][0] for s in seeds]
+    transitions = [{key: statistics.fmean(s["transitions"][t][key] for s in seeds)
+                    for key in ("turn", "wrong_to_right", "right_to_wrong")}
+                   for t in range(len(seeds[0]["transitions"]))]
+    return {"seeds": seeds, "turn_accuracy_mean": mean, "turn_accuracy_std": std,
+            "collaboration_gain_mean": statistics.fmean(gains),
+            "collaboration_gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+            "transitions": transitions}
+
+
+def summarize() -> dict[str, Any]:
+    conditions = {}
+    for name in [*CONDITIONS, *DERIVED]:
+        source = DERIVED.get(name, name)
+        found = [(s, json.loads((run_dir(source, s) / "summary.json").read_text())) for s in SEEDS
+                 if (run_dir(source, s) / "summary.json").exists()]
+        if found:
+            conditions[name] = _condition(found, "before" if name in DERIVED else "after")
+    results = {"conditions": conditions, "claims": claims(conditions),
+               "command": "make reproduce", "date": dt.date.today().isoformat(),
+               "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(table(conditions) + "\n")
+    if conditions:
+        plot(conditions, HERE / "turn_accuracy.png")
+    return results
+
+
+def claims(conditions: dict[str, Any]) -> dict[str, Any]:
+    """The acceptance checks, computed from the figures: (a) the collaboration gain of `cotrain` exceeds twice its
+    std over seeds; (b) `cotrain`'s last turn beats every control's best turn."""
+    if "cotrain" not in conditions:
+        return {}
+    cotrain = conditions["cotrain"]
+    last = cotrain["turn_accuracy_mean"][-1]
+    controls = {name: max(c["turn_accuracy_mean"]) for name, c in conditions.items()
+                if name in ("untrained", "frozen_partner") or name.startswith("single_")}
+    return {"collaboration_gain": cotrain["collaboration_gain_mean"],
+            "collaboration_gain_std": cotrain["collaboration_gain_std"],
+            "gain_exceeds_twice_std": cotrain["collaboration_gain_mean"] > 2 * cotrain["collaboration_gain_std"],
+            "cotrain_last_turn": last, "controls_best_turn": controls,
+            "beats_every_control": all(last > v for v in controls.values())}
+
+
+def table(conditions: dict[str, Any]) -> str:
+    width = max(len(c["turn_accuracy_mean"]) for c in conditions.values())
+    head = [f"turn {t + 1}" for t in range(width)]
+    rows = ["| condition | seeds | " + " | ".join(head) + " | last - turn 1 | wrong->right | right->wrong |",
+            "|---|---|" + "---|" * width + "---|---|---|"]
+    for name, c in conditions.items():
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(c["turn_accuracy_mean"], c["turn_accuracy_std"])]
+        cells += ["—"] * (width - len(cells))
+        w2r = " / ".join(f"{t['wrong_to_right']:.0f}" for t in c["transitions"]) or "—"
+        r2w = " / ".join(f"{t['right_to_wrong']:.0f}" for t in c["transitions"]) or "—"
+        rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(cells) +
+                    f" | {c['collaboration_gain_mean']:+.3f} ± {c['collaboration_gain_std']:.3f} | {w2r} | {r2w} |")
+    return "\n".join(rows)
+
+
+def plot(conditions: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, c) in enumerate(conditions.items()):
+        turns = [t + 1 + (i - len(conditions) / 2) * 0.02 for t in range(len(c["turn_accuracy_mean"]))]
+        ax.errorbar(turns, c["turn_accuracy_mean"], yerr=c["turn_accuracy_std"], marker="o", capsize=3, label=name)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("team accuracy (majority vote)")
+    ax.set_xticks(range(1, max(len(c["turn_accuracy_mean"]) for c in conditions.values()) + 1))
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def verdict(run: Path) -> str:
+    """One line on a finished run (`make demo`): its collaboration gain after training, and the controls' best
+    turns from the last full reproduction (results.json) beside its last turn."""
+    summary = json.loads((run / "summary.json").read_text())
+    before, after = summary["before"]["turn_accuracy"], summary["after"]["turn_accuracy"]
+    gain = after[-1] - after[0]
+    line = (f"verdict: collaboration gain after training {gain:+.3f} (turn {len(after)} {after[-1]:.3f} vs turn 1 "
+            f"{after[0]:.3f}; before training {before[-1] - before[0]:+.3f}); last turn {before[-1]:.3f} -> "
+            f"{after[-1]:.3f}")
+    results = HERE / "results.json"
+    controls = json.loads(results.read_text()).get("claims", {}).get("controls_best_turn", {}) if results.exists() else {}
+    shown = {k: v for k, v in controls.items() if k != "untrained"}
+    if shown:
+        line += "; controls (make reproduce, mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(CONDITIONS), help="run only these conditions")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    parser.add_argument("--verdict", type=Path, help="print one finished run's verdict against the controls")
+    args = parser.parse_args(argv)
+    if args.verdict:
+        print(verdict(args.verdict))
+        return
+    if not args.summarize:
+        for seed in args.seeds:  # seed-major: an interrupted reproduction has every condition's first seeds
+            for condition in args.only or CONDITIONS:
+                run(condition, seed)
+                summarize()
+    results = summarize()
+    print(table(results["conditions"]) if results["conditions"] else "no finished runs")
+    print(json.dumps(results["claims"], indent=2), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""experiments/maporl/reproduce.py: results.json, the table and the claims, from run summaries written by hand."""
+
+import json
+
+import pytest
+
+from experiments.maporl import reproduce
+
+from conftest import compose_config
+
+
+def _summary(before, after, flips):
+    def evaluation(turns):
+        return {"turn_accuracy": turns, "agent_turn_accuracy": [turns, turns],
+                "transitions": [{"turn": 2, "wrong_to_right": flips[0], "right_to_wrong": flips[1]}]}
+    return {"before": evaluation(before), "after": evaluation(after)}
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "HERE", tmp_path)
+    figures = {  # condition -> per seed (before, after, (w->r, r->w)); single runs have one turn
+        "cotrain": [([0.40, 0.30], [0.45, 0.80], (70, 2)), ([0.38, 0.28], [0.47, 0.84], (74, 3)),
+                    ([0.42, 0.32], [0.43, 0.82], (78, 4))],
+        "frozen_partner": [([0.40, 0.30], [0.44, 0.60], (40, 10))] * 3,
+        "single_adder": [([0.45], [0.48], (0, 0))] * 3,
+    }
+    for condition, seeds in figures.items():
+        for seed, (before, after, flips) in enumerate(seeds):
+            out = reproduce.run_dir(condition, seed)
+            out.mkdir(parents=True)
+            (out / "summary.json").write_text(json.dumps(_summary(before, after, flips)))
+    return tmp_path
+
+
+def test_results_have_every_seed_mean_std_and_transitions(runs):
+    results = reproduce.summarize()
+    written = json.loads((runs / "results.json").read_text())
+    assert written["conditions"].keys() == {"cotrain", "frozen_partner", "single_adder", "untrained"}
+    cotrain = written["conditions"]["cotrain"]
+    assert [s["seed"] for s in cotrain["seeds"]] == [0, 1, 2]
+    assert cotrain["turn_accuracy_mean"] == pytest.approx([0.45, 0.82])
+    assert cotrain["turn_accuracy_std"] == pytest.approx([0.02, 0.02])  # sample std of 0.45/0.47/0.43, 0.80/0.84/0.82
+    assert cotrain["transitions"] == [{"turn": 2, "wrong_to_right": 74, "right_to_wrong": 3}]
+    # untrained: the same runs before training
+    assert written["conditions"]["untrained"]["turn_accuracy_mean"] == pytest.approx([0.40, 0.30])
+    assert results["command"] == "make reproduce" and written["date"]
+    assert (runs / "turn_accuracy.png").stat().st_size > 0
+    assert "| `cotrain` | 3 | 0.450 ± 0.020 | 0.820 ± 0.020 | +0.370 ± 0.020 | 74 | 3 |" in (
+        runs / "results.md").read_text()
+
+
+def test_claims_are_computed_from_the_figures(runs):
+    claims = reproduce.summarize()["claims"]
+    assert claims["collaboration_gain"] == pytest.approx(0.37)  # every seed gains 0.35, 0.37, 0.39 -> std 0.02
+    assert claims["collaboration_gain_std"] == pytest.approx(0.02)
+    assert claims["gain_exceeds_twice_std"] is True
+    assert claims["controls_best_turn"] == pytest.approx({"untrained": 0.40, "frozen_partner": 0.60,
+                                                          "single_adder": 0.48})
+    assert claims["beats_every_control"] is True
+    for seed in (0, 1, 2):  # a control whose mean reaches the co-trained team's last turn
+        (reproduce.run_dir("single_adder", seed) / "summary.json").write_text(json.dumps(_summary([0.9], [0.83], (0, 0))))
+    assert reproduce.summarize()["claims"]["beats_every_control"] is False
+
+
+def test_a_finished_run_is_kept_and_the_conditions_share_the_testbed():
+    assert all(overrides[0] == "+experiment=collab" for name, overrides in reproduce.CONDITIONS.items()
+               if name != "tiny2_cotrain")
+    assert {"cotrain", "single_adder", "single_multiplier", "frozen_partner", "alpha0_2", "alpha1_2", "beta0_2",
+            "beta1_2", "tiny2_cotrain"} == set(reproduce.CONDITIONS)
+
+
+@pytest.mark.parametrize("condition", sorted(reproduce.CONDITIONS))
+def test_every_condition_is_a_valid_run_of_the_same_questions(talk_models, tiny_models, condition):
+    cfg = compose_config("command=train", *reproduce.CONDITIONS[condition])
+    assert (cfg.task.split, cfg.task.seed, cfg.task.limit) == ("test", 0, 200)  # the same held-out questions
+    if condition == "tiny2_cotrain":
+        assert (cfg.team.name, cfg.turns, cfg.train.steps) == ("tiny2", 3, 80)
+        return
+    assert cfg.task.params["operators"] == ["+", "*"] and cfg.train.steps == 80
+    models = [a.model for a in cfg.team.agents]
+    if condition.startswith("single_"):
+        assert cfg.turns == 1 and models == [reproduce.ALONE[condition.removeprefix("single_")]]
+        return
+    assert cfg.turns == 2 and models == ["talk-add", "talk-mul"]
+    assert [a.trainable for a in cfg.team.agents] == [True, condition != "frozen_partner"]
+    coefs = {k: getattr(cfg.rewards, k) for k in ("alpha0", "alpha1", "beta0", "beta1")}
+    assert coefs == {k: 2.0 if condition == f"{k}_2" else 0.0 for k in coefs}
+
+
+def test_make_demo_runs_the_testbed_as_reproduced(talk_models):
+    demo, collab = compose_config("command=train", "+experiment=demo"), compose_config("command=train", *reproduce.COLLAB)
+    assert vars(demo) == vars(collab)  # (compose pins output_dir; demo.yaml only moves it to outputs/demo)
