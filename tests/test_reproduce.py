@@ -92,3 +92,14 @@ def test_every_condition_is_a_valid_run_of_the_same_questions(talk_models, tiny_
 def test_make_demo_runs_the_testbed_as_reproduced(talk_models):
     demo, collab = compose_config("command=train", "+experiment=demo"), compose_config("command=train", *reproduce.COLLAB)
     assert vars(demo) == vars(collab)  # (compose pins output_dir; demo.yaml only moves it to outputs/demo)
+
+
+def test_the_demo_verdict_states_the_gain_and_the_controls(runs):
+    reproduce.summarize()  # results.json with the controls, as the last `make reproduce` left it
+    demo = runs / "demo"
+    demo.mkdir()
+    (demo / "summary.json").write_text(json.dumps(_summary([0.50, 0.35], [0.52, 0.70], (0, 0))))
+    line = reproduce.verdict(demo)
+    assert line.startswith("verdict: collaboration gain after training +0.180 (turn 2 0.700 vs turn 1 0.520; "
+                           "before training -0.150); last turn 0.350 -> 0.700")
+    assert "frozen_partner 0.600" in line and "single_adder 0.480" in line and "untrained" not in line

@@ -41,6 +41,8 @@ CONDITIONS: dict[str, list[str]] = {
     "tiny2_cotrain": ["+experiment=tiny2", "train.steps=80", "train.save_every=0"],
 }
 DERIVED = {"untrained": "cotrain"}  # its figures are the `before` evaluation of these runs
+# Run first, every seed: the conditions the main claims (collaboration gain, the team beats its controls) rest on.
+CORE = ("cotrain", "single_adder", "single_multiplier", "frozen_partner")
 
 
 def run_dir(condition: str, seed: int) -> Path:
@@ -180,10 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         print(verdict(args.verdict))
         return
     if not args.summarize:
-        for seed in args.seeds:  # seed-major: an interrupted reproduction has every condition's first seeds
-            for condition in args.only or CONDITIONS:
-                run(condition, seed)
-                summarize()
+        chosen = args.only or list(CONDITIONS)
+        for group in ([c for c in chosen if c in CORE], [c for c in chosen if c not in CORE]):
+            for seed in args.seeds:  # seed-major within a group: an interrupted run has every condition's first seeds
+                for condition in group:
+                    run(condition, seed)
+                    summarize()
     results = summarize()
     print(table(results["conditions"]) if results["conditions"] else "no finished runs")
     print(json.dumps(results["claims"], indent=2), file=sys.stderr)
