@@ -154,6 +154,16 @@ def plot(conditions: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_readme_table(results: dict[str, Any]) -> None:
+    """README.md keeps the latest table between its maporl markers."""
+    readme = ROOT / "README.md"
+    start, end = "<!-- maporl:start -->", "<!-- maporl:end -->"
+    head, _, rest = readme.read_text().partition(start)
+    _, _, tail = rest.partition(end)
+    body = f"`make reproduce`, {results['date']}:\n\n{table(results['conditions'])}"
+    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def verdict(run: Path) -> str:
     """One line on a finished run (`make demo`): its collaboration gain after training, and the controls' best
     turns from the last full reproduction (results.json) beside its last turn."""
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                     run(condition, seed)
                     summarize()
     results = summarize()
+    if results["conditions"]:
+        write_readme_table(results)
     print(table(results["conditions"]) if results["conditions"] else "no finished runs")
     print(json.dumps(results["claims"], indent=2), file=sys.stderr)
 
