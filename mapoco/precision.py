@@ -106,9 +106,9 @@ def describe(agents: list[AgentConfig], training: bool, tolerance: float | None,
         learner = f", learner {plan.learner}, logprob tolerance {plan.logprob_tolerance:g}" if (
             training and agent.trainable) else ""
         lines.append(f"precision: team.agents[{i}] ({agent.name}) engine {plan.engine}{learner} [CPU: {cpu}]")
-        parts = [("engine", agent.engine)] + ([("learner", agent.learner)] if training and agent.trainable else [])
-        for part, cfg in parts:
-            note = cpu_dtype_warning(f"team.agents[{i}].{part}", pick_dtype(cfg.dtype, cfg.num_gpus > 0),
-                                     cfg.num_gpus > 0, flags)
+        parts = [("engine", plan.engine, agent.engine)]
+        parts += [("learner", plan.learner, agent.learner)] if training and agent.trainable else []
+        for part, dtype, cfg in parts:
+            note = cpu_dtype_warning(f"team.agents[{i}].{part}", dtype, cfg.num_gpus > 0, flags)
             lines += [f"note: {note}"] if note else []
     return lines
