@@ -10,7 +10,7 @@ ENGINE_REQS := requirements/$(if $(HAS_GPU),gpu,cpu).txt
 # Tests and the demo never download: models are built locally, data is local or generated.
 RUN_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup models test demo demo-conductor reproduce bench clean
+.PHONY: setup models test demo demo-conductor reproduce reproduce-conductor reproduce-portability bench clean
 setup: $(STAMP)
 
 $(STAMP):
@@ -46,6 +46,15 @@ demo-conductor: models
 # Resumes where it stopped (finished runs are kept under outputs/maporl/).
 reproduce: models
 	$(RUN_ENV) $(BIN)/python -m experiments.maporl.reproduce
+
+# The Conductor's claims over 3 seeds, beside its baselines: experiments/conductor/results.json and results.md.
+reproduce-conductor: models
+	$(RUN_ENV) $(BIN)/python -m experiments.conductor.reproduce
+
+# The headline claims again from models built and trained with other float32 kernels (what another CPU does to the
+# numbers), beside the native figures: experiments/portability/results.json. It builds its own models.
+reproduce-portability: setup
+	$(RUN_ENV) $(BIN)/python -m experiments.portability.reproduce
 
 # Side-by-side speed and memory figures: a table, benchmarks/results.json and benchmarks/README.md.
 bench: models

@@ -60,7 +60,8 @@ def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) ->
         return False
     if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
         raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus, f"{who} need {need_cpus:g} CPUs ({breakdown})")
-    ray.init(num_cpus=cfg.cluster.num_cpus or max(math.ceil(need_cpus), os.cpu_count() or 1),
+    # address="local": a new instance of its own, never one a test or an earlier run left behind on this machine.
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(math.ceil(need_cpus), os.cpu_count() or 1),
              include_dashboard=False, dashboard_host=cfg.cluster.dashboard_host, log_to_driver=True)
     return True
 

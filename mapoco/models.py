@@ -247,6 +247,8 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
         return _fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages)
     plan = Plan((Step(0, SUBTASKS[0], False), Step(1, SUBTASKS[-1], True)))  # the workflow formats they bring in
     workflow = SUBTASKS, plan.lists(), worker_thread(probe, plan, 1, ["x"]), conductor_message(probe.question, 2)
+    if spec.role == "conductor":
+        workflow = (*workflow, operation_note(probe.question), CONDUCTOR_SUBTASKS)
     return _fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages, later, workflow)
 
 
@@ -378,15 +380,30 @@ def _workflow_step(problem: Problem, spec: TinyModelSpec, rng: random.Random, ot
     return worker_thread(problem, Plan((first, Step(0, rng.choice(SUBTASKS), True))), 1, [_boxed(earlier)])
 
 
+_OPERATIONS = {"+": "adds", "-": "subtracts", "*": "multiplies"}
+CONDUCTOR_SUBTASKS = ("Solve the problem.", "Check the work so far and give the final answer.")  # step 1, step 2
+
+
+def operation_note(question: str) -> str:
+    """A conductor's reasoning line: the operations the question asks for, in order ("The question multiplies,
+    then adds."). It reads the question and names no worker: whom to ask stays RL's to learn."""
+    verbs = [_OPERATIONS[op] for op in re.findall(r"\d\s*([-+*])(?=\s*\(?-?\d)", question)]
+    return f"The question {', then '.join(verbs) or 'asks'}."
+
+
 def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict]:
-    """A conductor prompt and a well-formed plan: one step, sometimes a second that sees the first. Worker ids are
-    uniform and independent of the question, so the plan's form is learnt but not whom to ask."""
+    """A conductor prompt and a well-formed plan: a line that reads the question, then one step, sometimes a second
+    that sees the first. Worker ids are uniform and independent of the question, so the plan's form is learnt but
+    not whom to ask; each step position has one subtask, so whom to ask and how many steps are the only choices.
+
+    Why so focused: with subtasks worded at random (2.4 of a plan's 4 nats of entropy, against 0.7 for the worker
+    id) and no line that reads the question, GRPO's signal drowned in the noise of the other tokens: 150 steps
+    learnt routing in one build and seed (0.89) and collapsed onto one worker in others (0.48)."""
     size = rng.choice(spec.pool_sizes)
-    steps = [Step(rng.randrange(size), rng.choice(SUBTASKS), False)]
-    if rng.random() < spec.two_step_fraction:
-        steps.append(Step(rng.randrange(size), rng.choice(SUBTASKS), True))
+    count = 1 + (rng.random() < spec.two_step_fraction)
+    plan = Plan(tuple(Step(rng.randrange(size), CONDUCTOR_SUBTASKS[i], i > 0) for i in range(count)))
     return [{"role": "user", "content": conductor_message(problem.question, size)},
-            {"role": "assistant", "content": Plan(tuple(steps)).lists()}]
+            {"role": "assistant", "content": f"{operation_note(problem.question)}\n{plan.lists()}"}]
 
 
 def _example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:

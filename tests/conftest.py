@@ -49,7 +49,7 @@ def ray_session():
     """One local Ray instance for the whole test session; tests kill only the actors they start."""
     import ray
 
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)  # logical: tiny actors share 2 cores
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)  # logical: tiny actors share 2 cores
     yield
     ray.shutdown()
 

@@ -159,7 +159,9 @@ def test_conductor_warm_start_plans_are_well_formed_and_route_at_random():
         plan = parse_workflow(text, pool).plan
         assert plan is not None and 1 <= len(plan.steps) <= 2, text
         assert [s.sees_all for s in plan.steps] == [False, True][: len(plan.steps)]
-        assert all(s.subtask in SUBTASKS for s in plan.steps)
+        assert [s.subtask for s in plan.steps] == list(models.CONDUCTOR_SUBTASKS[: len(plan.steps)])
+        verb = {"+": "adds", "*": "multiplies"}[operator]  # it reads the question first, never naming a worker
+        assert text.startswith(f"The question {verb}.\nmodel_id = ["), text
         sizes[pool] += 1
         steps[len(plan.steps)] += 1
         ids.update((operator, pool, s.worker) for s in plan.steps)
@@ -169,6 +171,16 @@ def test_conductor_warm_start_plans_are_well_formed_and_route_at_random():
         for pool in (2, 3):
             counts = [ids[operator, pool, worker] for worker in range(pool)]
             assert max(counts) / min(counts) < 1.25, (operator, pool, counts)
+
+
+@pytest.mark.parametrize("question, note", [
+    ("Calculate 4 * 1.", "The question multiplies."),
+    ("Calculate 3 * 4 + 5.", "The question multiplies, then adds."),  # the shared 4 is both operands
+    ("Calculate 2 - -3.", "The question subtracts."),  # a negative operand is not an operation
+    ("What is the capital of France?", "The question asks."),
+])
+def test_the_conductor_reads_the_operations_of_a_question(question, note):
+    assert models.operation_note(question) == note
 
 
 @pytest.mark.parametrize("name", ["tiny-add", "tiny-mul"])

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments.maporl import reproduce
+from experiments.runs import RunSet
 
 from conftest import compose_config
 
@@ -18,7 +19,7 @@ def _summary(before, after, flips):
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RUNS", RunSet(tmp_path / "runs"))
     monkeypatch.setattr(reproduce, "HERE", tmp_path)
     figures = {  # condition -> per seed (before, after, (w->r, r->w)); single runs have one turn
         "cotrain": [([0.40, 0.30], [0.45, 0.80], (70, 2)), ([0.38, 0.28], [0.47, 0.84], (74, 3)),
@@ -28,7 +29,7 @@ def runs(tmp_path, monkeypatch):
     }
     for condition, seeds in figures.items():
         for seed, (before, after, flips) in enumerate(seeds):
-            out = reproduce.run_dir(condition, seed)
+            out = reproduce.RUNS.dir(condition, seed)
             out.mkdir(parents=True)
             (out / "summary.json").write_text(json.dumps(_summary(before, after, flips)))
     return tmp_path
@@ -60,7 +61,7 @@ def test_claims_are_computed_from_the_figures(runs):
                                                           "single_adder": 0.48})
     assert claims["beats_every_control"] is True
     for seed in (0, 1, 2):  # a control whose mean reaches the co-trained team's last turn
-        (reproduce.run_dir("single_adder", seed) / "summary.json").write_text(json.dumps(_summary([0.9], [0.83], (0, 0))))
+        (reproduce.RUNS.dir("single_adder", seed) / "summary.json").write_text(json.dumps(_summary([0.9], [0.83], (0, 0))))
     assert reproduce.summarize()["claims"]["beats_every_control"] is False
 
 

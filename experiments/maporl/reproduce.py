@@ -17,18 +17,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from experiments.runs import ROOT, SEEDS, RunSet, columns_mean_std, mean_std, write_readme_block
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-RUNS = ROOT / "outputs" / "maporl"
-SEEDS = (0, 1, 2)
+RUNS = RunSet(ROOT / "outputs" / "maporl")
 COLLAB = ["+experiment=collab"]
 ALONE = {"adder": "talk-add", "multiplier": "talk-mul"}
 # name -> overrides. Every trained condition runs the same questions, steps and batch as `cotrain`.
@@ -45,53 +42,27 @@ DERIVED = {"untrained": "cotrain"}  # its figures are the `before` evaluation of
 CORE = ("cotrain", "single_adder", "single_multiplier", "frozen_partner")
 
 
-def run_dir(condition: str, seed: int) -> Path:
-    return RUNS / condition / f"seed_{seed}"
-
-
-def run(condition: str, seed: int) -> None:
-    out = run_dir(condition, seed)
-    if (out / "summary.json").exists():
-        return
-    shutil.rmtree(out, ignore_errors=True)  # a run cut short left no checkpoint (save_every=0): start it again
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(ROOT / ".venv" / "bin" / "mapoco"), "train", *CONDITIONS[condition], f"seed={seed}",
-               f"output_dir={out}", "logger.wandb.mode=offline"]
-    start = time.perf_counter()
-    with (RUNS / condition / f"seed_{seed}.log").open("w") as log:
-        subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"[reproduce] {condition} seed {seed}: {time.perf_counter() - start:.0f}s", flush=True)
-
-
-def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
-    columns = list(zip(*rows))
-    return ([statistics.fmean(c) for c in columns],
-            [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns])
-
-
-def _condition(summaries: list[tuple[int, dict[str, Any]]], when: str) -> dict[str, Any]:
+def condition_figures(summaries: list[tuple[int, dict[str, Any]]], when: str) -> dict[str, Any]:
+    """One condition over its seeds: per-turn team accuracy (mean, std), the collaboration gain, transitions;
+    ``when`` is the evaluation to read (``before`` or ``after`` training)."""
     seeds = [{"seed": s, "turn_accuracy": summary[when]["turn_accuracy"],
               "agent_turn_accuracy": summary[when]["agent_turn_accuracy"],
               "transitions": summary[when]["transitions"]} for s, summary in summaries]
-    mean, std = _mean_std([s["turn_accuracy"] for s in seeds])
-    gains = [s["turn_accuracy"][-1] - s["turn_accuracy"][0] for s in seeds]
+    mean, std = columns_mean_std([s["turn_accuracy"] for s in seeds])
+    gain_mean, gain_std = mean_std([s["turn_accuracy"][-1] - s["turn_accuracy"][0] for s in seeds])
     transitions = [{key: statistics.fmean(s["transitions"][t][key] for s in seeds)
                     for key in ("turn", "wrong_to_right", "right_to_wrong")}
                    for t in range(len(seeds[0]["transitions"]))]
     return {"seeds": seeds, "turn_accuracy_mean": mean, "turn_accuracy_std": std,
-            "collaboration_gain_mean": statistics.fmean(gains),
-            "collaboration_gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
-            "transitions": transitions}
+            "collaboration_gain_mean": gain_mean, "collaboration_gain_std": gain_std, "transitions": transitions}
 
 
 def summarize() -> dict[str, Any]:
     conditions = {}
     for name in [*CONDITIONS, *DERIVED]:
-        source = DERIVED.get(name, name)
-        found = [(s, json.loads((run_dir(source, s) / "summary.json").read_text())) for s in SEEDS
-                 if (run_dir(source, s) / "summary.json").exists()]
+        found = RUNS.summaries(DERIVED.get(name, name))
         if found:
-            conditions[name] = _condition(found, "before" if name in DERIVED else "after")
+            conditions[name] = condition_figures(found, "before" if name in DERIVED else "after")
     results = {"conditions": conditions, "claims": claims(conditions),
                "command": "make reproduce", "date": dt.date.today().isoformat(),
                "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
@@ -156,13 +127,7 @@ def plot(conditions: dict[str, Any], path: Path) -> None:
 
 
 def write_readme_table(results: dict[str, Any]) -> None:
-    """README.md keeps the latest table between its maporl markers."""
-    readme = ROOT / "README.md"
-    start, end = "<!-- maporl:start -->", "<!-- maporl:end -->"
-    head, _, rest = readme.read_text().partition(start)
-    _, _, tail = rest.partition(end)
-    body = f"`make reproduce`, {results['date']}:\n\n{table(results['conditions'])}"
-    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+    write_readme_block("maporl", f"`make reproduce`, {results['date']}:\n\n{table(results['conditions'])}")
 
 
 def verdict(run: Path) -> str:
@@ -197,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in ([c for c in chosen if c in CORE], [c for c in chosen if c not in CORE]):
             for seed in args.seeds:  # seed-major within a group: an interrupted run has every condition's first seeds
                 for condition in group:
-                    run(condition, seed)
+                    RUNS.run(condition, seed, CONDITIONS[condition])
                     summarize()
     results = summarize()
     if results["conditions"]:

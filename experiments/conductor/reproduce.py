@@ -1,0 +1,103 @@
+"""`make reproduce-conductor`: the Conductor's claims over seeds, each beside its baselines, one command.
+
+    .venv/bin/python -m experiments.conductor.reproduce               # every condition, 3 seeds (resumes)
+    .venv/bin/python -m experiments.conductor.reproduce --summarize   # rebuild results.json and .md only
+
+Every run is a plain `mapoco train` into outputs/conductor/<condition>/seed_<s>/ and evaluates on the same 200
+held-out questions before and after training, with each worker alone, the workers' majority vote and a random
+well-formed workflow as baselines (frozen workers: measured on the same questions).
+
+- ``routing`` (`make demo-conductor`): a tiny conductor learns with GRPO whom to ask among a `+` and a `*`
+  specialist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from experiments.runs import ROOT, SEEDS, RunSet, mean_std, write_readme_block
+
+HERE = Path(__file__).resolve().parent
+RUNS = RunSet(ROOT / "outputs" / "conductor")
+CONDITIONS: dict[str, list[str]] = {"routing": ["+experiment=conductor"]}
+# Per seed, from summary.json: the figure's name -> how to read it.
+FIGURES = {
+    "conductor_accuracy": lambda s: s["conductor_accuracy"],
+    "conductor_accuracy_before": lambda s: s["conductor_accuracy_before"],
+    "best_worker_accuracy": lambda s: max(s["worker_accuracy"]),
+    "majority_vote_accuracy": lambda s: s["majority_vote_accuracy"],
+    "random_workflow_accuracy": lambda s: s["random_workflow_accuracy"],
+    "malformed_rate": lambda s: s["malformed_rate"],
+    "mean_steps": lambda s: s["mean_steps"],
+}
+BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote_accuracy", "random_workflow_accuracy")
+
+
+def condition_figures(summaries: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Every figure of one condition per seed, and its mean and std over the seeds."""
+    seeds = [{"seed": s, **{name: read(summary) for name, read in FIGURES.items()},
+              "worker_accuracy": dict(zip(summary["workers"], summary["worker_accuracy"]))}
+             for s, summary in summaries]
+    out: dict[str, Any] = {"seeds": seeds}
+    for name in FIGURES:
+        out[f"{name}_mean"], out[f"{name}_std"] = mean_std([s[name] for s in seeds])
+    return out
+
+
+def claims(figures: dict[str, Any]) -> dict[str, Any]:
+    """The conductor after training beats each baseline by more than twice the larger of the two stds."""
+    mean, std = figures["conductor_accuracy_mean"], figures["conductor_accuracy_std"]
+    return {name: {"margin": mean - figures[f"{name}_mean"],
+                   "beats_by_twice_std": mean - figures[f"{name}_mean"] > 2 * max(std, figures[f"{name}_std"])}
+            for name in BASELINES}
+
+
+def summarize() -> dict[str, Any]:
+    conditions = {name: condition_figures(found) for name in CONDITIONS if (found := RUNS.summaries(name))}
+    results = {**conditions, "claims": {name: claims(f) for name, f in conditions.items()},
+               "command": "make reproduce-conductor", "date": dt.date.today().isoformat(),
+               "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(table(conditions) + "\n")
+    return results
+
+
+def table(conditions: dict[str, Any]) -> str:
+    columns = [("conductor, after", "conductor_accuracy"), ("conductor, before", "conductor_accuracy_before"),
+               ("best worker alone", "best_worker_accuracy"), ("majority vote", "majority_vote_accuracy"),
+               ("random workflow", "random_workflow_accuracy"), ("malformed", "malformed_rate"),
+               ("steps", "mean_steps")]
+    rows = ["| condition | seeds | " + " | ".join(label for label, _ in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
+    for name, c in conditions.items():
+        cells = [f"{c[f'{key}_mean']:.3f} ± {c[f'{key}_std']:.3f}" for _, key in columns]
+        rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(CONDITIONS), help="run only these conditions")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    args = parser.parse_args(argv)
+    if not args.summarize:
+        for seed in args.seeds:  # seed-major: an interrupted run has every condition's first seeds
+            for condition in args.only or list(CONDITIONS):
+                RUNS.run(condition, seed, CONDITIONS[condition])
+                summarize()
+    results = summarize()
+    conditions = {k: v for k, v in results.items() if k in CONDITIONS}
+    if conditions:
+        write_readme_block("conductor", f"`make reproduce-conductor`, {results['date']}:\n\n{table(conditions)}")
+    print(table(conditions) if conditions else "no finished runs")
+    print(json.dumps(results["claims"], indent=2), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""experiments/conductor and experiments/portability: figures, claims and comparisons from run summaries written by
+hand (the runs themselves are `mapoco train`, tested elsewhere)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import runs
+from experiments.conductor import reproduce as conductor
+from experiments.portability import reproduce as portability
+from experiments.runs import RunSet
+
+from conftest import compose_config
+
+
+def _conductor_summary(after, before, workers=(0.42, 0.48), vote=0.45, random=0.36):
+    return {"conductor_accuracy": after, "conductor_accuracy_before": before, "workers": ["adder", "multiplier"],
+            "worker_accuracy": list(workers), "majority_vote_accuracy": vote, "random_workflow_accuracy": random,
+            "malformed_rate": 0.01, "mean_steps": 1.0}
+
+
+def _write(runset: RunSet, condition: str, summaries: list[dict]) -> None:
+    for seed, summary in enumerate(summaries):
+        out = runset.dir(condition, seed)
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def conductor_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(conductor, "RUNS", RunSet(tmp_path / "runs"))
+    monkeypatch.setattr(conductor, "HERE", tmp_path)
+    _write(conductor.RUNS, "routing", [_conductor_summary(0.90, 0.44), _conductor_summary(0.86, 0.46),
+                                       _conductor_summary(0.88, 0.45, workers=(0.40, 0.50))])
+    return tmp_path
+
+
+def test_conductor_results_have_every_seed_and_mean_std(conductor_runs):
+    conductor.summarize()
+    routing = json.loads((conductor_runs / "results.json").read_text())["routing"]
+    assert [s["seed"] for s in routing["seeds"]] == [0, 1, 2]
+    assert routing["seeds"][2]["worker_accuracy"] == {"adder": 0.40, "multiplier": 0.50}
+    assert routing["conductor_accuracy_mean"] == pytest.approx(0.88)
+    assert routing["conductor_accuracy_std"] == pytest.approx(0.02)
+    assert routing["best_worker_accuracy_mean"] == pytest.approx((0.48 + 0.48 + 0.50) / 3)
+    assert "| `routing` | 3 | 0.880 ± 0.020 | 0.450 ± 0.010 |" in (conductor_runs / "results.md").read_text()
+
+
+def test_conductor_claims_need_a_margin_of_twice_the_std(conductor_runs):
+    claims = conductor.summarize()["claims"]["routing"]
+    assert claims["best_worker_accuracy"]["margin"] == pytest.approx(0.88 - 1.46 / 3)
+    assert all(c["beats_by_twice_std"] for c in claims.values())
+    for seed, after in enumerate((0.95, 0.50, 0.60)):  # a mean above the workers, but noisy: not a claim
+        (conductor.RUNS.dir("routing", seed) / "summary.json").write_text(json.dumps(_conductor_summary(after, 0.45)))
+    claims = conductor.summarize()["claims"]["routing"]
+    assert claims["best_worker_accuracy"]["margin"] > 0 and not claims["best_worker_accuracy"]["beats_by_twice_std"]
+
+
+def test_the_routing_condition_is_the_conductor_demo(conductor_models):
+    demo = compose_config("command=train", "+experiment=conductor")
+    assert vars(compose_config("command=train", *conductor.CONDITIONS["routing"])) == vars(demo)
+    assert (demo.task.split, demo.task.seed, demo.task.limit) == ("test", 0, 200)
+
+
+def test_portability_sets_the_other_build_beside_the_native_figures(tmp_path, monkeypatch):
+    monkeypatch.setattr(portability, "RUNS", RunSet(tmp_path / "runs", env=portability.RUNS.env))
+    monkeypatch.setattr(portability, "HERE", tmp_path)
+    _write(portability.RUNS, "routing", [_conductor_summary(a, 0.45) for a in (0.80, 0.84, 0.82)])
+    results = portability.summarize()
+    assert set(results["headlines"]) == {"routing"}  # cotrain has no runs here
+    native = json.loads((runs.ROOT / "experiments" / "conductor" / "results.json").read_text())["routing"]
+    after = results["headlines"]["routing"]["figures"]["conductor after"]
+    assert after["native_mean"] == native["conductor_accuracy_mean"]
+    assert after["other_mean"] == pytest.approx(0.82) and after["other_std"] == pytest.approx(0.02)
+    assert after["difference"] == pytest.approx(0.82 - native["conductor_accuracy_mean"])
+    assert after["within"] == (abs(after["difference"]) <= after["twice_combined_std"])
+    assert "| `routing` | conductor after |" in portability.table(results["headlines"])
+
+
+def test_runs_are_kept_once_finished_and_run_in_their_environment(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runs.subprocess, "run", lambda *a, **kw: calls.append((a[0], kw["env"])))
+    runset = RunSet(tmp_path, env={"ATEN_CPU_CAPABILITY": "default"})
+    runset.run("c", 0, ["+experiment=conductor"])
+    (args, env), = calls
+    assert args[1:4] == ["train", "+experiment=conductor", "seed=0"] and env["ATEN_CPU_CAPABILITY"] == "default"
+    _write(runset, "c", [{"done": True}])  # now finished: kept, not run again
+    assert runset.run("c", 0, ["+experiment=conductor"]) == runset.dir("c", 0) and len(calls) == 1
+    assert runset.summaries("c") == [(0, {"done": True})]
+
+
+def test_the_other_kernels_change_float32_results():
+    """The premise of the portability check: ATEN_CPU_CAPABILITY=default sums in another order than this CPU's
+    vectorized kernels (the same tensor, a different last bit)."""
+    code = ("import hashlib, torch; torch.manual_seed(0); x = torch.randn(64, 257) @ torch.randn(257, 129); "
+            "print(torch.backends.cpu.get_cpu_capability(), "
+            "hashlib.sha256(torch.softmax(x, -1).sum(0).numpy().tobytes()).hexdigest())")
+    native, other = (subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                    env={**os.environ, **env}).stdout.split()
+                     for env in ({}, portability.KERNELS))
+    assert other[0] == "DEFAULT" and native[0] != "DEFAULT"
+    assert native[1] != other[1]
