@@ -10,7 +10,7 @@ ENGINE_REQS := requirements/$(if $(HAS_GPU),gpu,cpu).txt
 # Tests and the demo never download: models are built locally, data is local or generated.
 RUN_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup models test demo demo-conductor reproduce reproduce-conductor reproduce-portability bench clean
+.PHONY: setup models test demo demo-conductor reproduce reproduce-conductor reproduce-portability bench gpu-check clean
 setup: $(STAMP)
 
 $(STAMP):
@@ -59,6 +59,11 @@ reproduce-portability: setup
 # Side-by-side speed and memory figures: a table, benchmarks/results.json and benchmarks/README.md.
 bench: models
 	$(RUN_ENV) $(BIN)/python -m benchmarks.run
+
+# The GPU paths (engine, NCCL sync, colocation, tensor parallel, a short run that learns) as a pass/fail table; on a
+# machine without a GPU it says so and runs nothing.
+gpu-check: models
+	$(RUN_ENV) $(BIN)/python cluster/gpu_check.py
 
 clean:
 	rm -rf outputs multirun wandb

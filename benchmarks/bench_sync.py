@@ -18,15 +18,15 @@ from mapoco.engine import AgentEngines
 from mapoco.learner import LearnerGroup
 from mapoco.models import resolve_model
 from mapoco.precision import engine_dtype
-from mapoco.placement import engine_bundle, reserve
+from mapoco.placement import engine_bundles, reserve
 from mapoco.weight_sync import make_sync
 
 
 def _agent_engines(path: str, cfg: EngineConfig, model: str) -> AgentEngines:
     from mapoco.config import AgentConfig
 
-    bundle = engine_bundle(AgentConfig(name=model, model=model, engine=cfg), colocated=False)
-    engines = AgentEngines(path, cfg, seed=0, placement=reserve([bundle], f"bench.{model}.engine"))
+    bundles = engine_bundles(AgentConfig(name=model, model=model, engine=cfg), colocated=False)
+    engines = AgentEngines(path, cfg, seed=0, placement=reserve(bundles, f"bench.{model}.engine"))
     engines.wait_ready()
     return engines
 

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from mapoco.config import AgentConfig, ConfigError, RunConfig
-from mapoco.placement import check_bundles_fit, engine_bundle, learner_bundle, learner_shares_engines
+from mapoco.placement import Bundles, check_bundles_fit, engine_bundles, learner_bundles, learner_shares_engines
 
 
 def _learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
@@ -27,26 +27,26 @@ def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
     return agents[:1] if cfg.team.shared_policy else agents
 
 
-def engine_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
-    """Every engine replica's bundle, keyed by the agent whose config sizes it (a colocated learner rank's share
+def team_engine_bundles(cfg: RunConfig) -> dict[str, Bundles]:
+    """Every agent's engine bundles, keyed by the agent whose config sizes them (a colocated learner rank's share
     rides along when training)."""
     training = cfg.command == "train"
-    return {f"team.agents[{i}].engine": [engine_bundle(agent, learner_shares_engines(agent, training))]
-            * agent.engine.replicas for i, agent in _engine_agents(cfg)}
+    return {f"team.agents[{i}].engine": engine_bundles(agent, learner_shares_engines(agent, training))
+            for i, agent in _engine_agents(cfg)}
 
 
-def run_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
+def run_bundles(cfg: RunConfig) -> dict[str, Bundles]:
     """Placement bundles per group of actors, keyed by the config key that sizes them."""
-    bundles = engine_bundles(cfg)
+    groups = team_engine_bundles(cfg)
     for i, agent in _learning_agents(cfg):
         if not learner_shares_engines(agent, training=True):
-            bundles[f"team.agents[{i}].learner"] = [learner_bundle(agent.learner)] * agent.learner.num_learners
-    bundles["verifier"] = [{"CPU": cfg.verifier.num_cpus}]
-    return bundles
+            groups[f"team.agents[{i}].learner"] = learner_bundles(agent.learner)
+    groups["verifier"] = Bundles([{"CPU": cfg.verifier.num_cpus}])
+    return groups
 
 
-def required(bundles: dict[str, list[dict[str, float]]], resource: str) -> float:
-    return sum(b.get(resource, 0.0) for group in bundles.values() for b in group)
+def required(groups: dict[str, Bundles], resource: str, copies: int = 1) -> float:
+    return copies * sum(b.get(resource, 0.0) for group in groups.values() for b in group.bundles)
 
 
 def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) -> bool:
@@ -66,24 +66,24 @@ def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) ->
     return True
 
 
-def check_capacity(bundles: dict[str, list[dict[str, float]]], keys: dict[str, tuple[str, Any]], who: str,
-                   breakdown: str) -> None:
-    """The cluster holds ``bundles``: in total per resource (a shortfall names ``keys[resource]``: the config key
-    and its value) and each bundle on one node."""
+def check_capacity(groups: dict[str, Bundles], keys: dict[str, tuple[str, Any]], who: str, breakdown: str,
+                   copies: int = 1) -> None:
+    """The cluster holds ``copies`` of ``groups``: in total per resource (a shortfall names ``keys[resource]``: the
+    config key and its value), each bundle on one node and each group's strategy satisfiable."""
     have = ray.cluster_resources()
     for resource, (key, value) in keys.items():
-        need = required(bundles, resource)
+        need = required(groups, resource, copies)
         if have.get(resource, 0) < need:
             raise ConfigError(key, value, f"{who} need {need:g} {resource}s in all ({breakdown}); the cluster has "
                                           f"{have.get(resource, 0):g}")
-    check_bundles_fit(bundles)
+    check_bundles_fit(groups)
 
 
 def init_ray(cfg: RunConfig) -> None:
     """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
-    bundles = run_bundles(cfg)
-    need_cpus, need_gpus = required(bundles, "CPU"), required(bundles, "GPU")
+    groups = run_bundles(cfg)
+    need_cpus, need_gpus = required(groups, "CPU"), required(groups, "GPU")
     breakdown = "engines x tensor parallel x replicas + learners + verifier"
     start_or_join(cfg, need_cpus, "the run's actors", breakdown)
-    check_capacity(bundles, {"CPU": ("engine.num_cpus", need_cpus), "GPU": ("engine.num_gpus", need_gpus)},
+    check_capacity(groups, {"CPU": ("engine.num_cpus", need_cpus), "GPU": ("engine.num_gpus", need_gpus)},
                    "the run's actors", breakdown)

@@ -120,7 +120,7 @@ def evaluate_conductor(cfg: RunConfig, out: Path, team: Team | None = None) -> d
     problems = load_task(cfg.task).problems  # before any actor: a bad dataset or output directory fails fast
     prepare_output_dir(out)
     init_ray(cfg)
-    running, verifier = team or Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
+    running, verifier = team or Team.of_run(cfg), VerifierClient(cfg.verifier)
     runner = ConductorRunner(running, cfg.conductor, verifier)
     try:
         result = runner.rollout(problems, cfg.seed)

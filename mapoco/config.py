@@ -12,6 +12,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mapoco.rewards import INCENTIVE_MODES, RewardConfig
@@ -21,6 +22,7 @@ from mapoco.topology import TOPOLOGIES
 METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
 class ConfigError(ValueError):
@@ -45,8 +47,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.4
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] | None = None  # custom Ray resources per replica: pin it to the nodes with them
+    placement: str = "PACK"  # how the replicas spread over nodes (PLACEMENT_STRATEGIES)
 
 
 @dataclass
@@ -63,6 +68,8 @@ class LearnerConfig:
     dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.precision)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] | None = None  # custom Ray resources per rank: pin it to the nodes with them
+    placement: str = "PACK"  # how the ranks spread over nodes (PLACEMENT_STRATEGIES)
     colocate: bool = False  # GPU: rank k shares engine replica k's GPU; the engines sleep while it updates
 
 
@@ -180,6 +187,7 @@ class ClusterConfig:
     address: str | None = None  # None: join $RAY_ADDRESS if set, else start a local Ray instance
     num_cpus: int | None = None  # logical CPUs of a local instance (None: what the actors ask for)
     dashboard_host: str = "127.0.0.1"
+    placement_timeout_s: float = 120.0  # a group (or a restarted actor's bundle) not placed by then is an error
 
 
 @dataclass
@@ -331,6 +339,14 @@ def _validate_placement(key: str, agent: AgentConfig) -> None:
     for part, cfg in (("engine", engine), ("learner", learner)):
         _require(cfg.num_cpus + cfg.num_gpus > 0, f"{key}.{part}.num_cpus", cfg.num_cpus,
                  f"with {part}.num_gpus=0 it must be > 0: every actor reserves some CPU or GPU")
+        _require(cfg.placement in PLACEMENT_STRATEGIES, f"{key}.{part}.placement", cfg.placement,
+                 f"one of {PLACEMENT_STRATEGIES}")
+        for name, amount in (cfg.resources or {}).items():
+            where = f"{key}.{part}.resources.{name}"
+            _require(name not in ("CPU", "GPU", "memory"), where, amount,
+                     f"a custom resource; set {part}.num_cpus / {part}.num_gpus for CPUs and GPUs")
+            _require(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, where, amount,
+                     "an amount > 0 of a resource the nodes offer (`ray start --resources='{\"NAME\": N}'`)")
     tp = engine.tensor_parallel_size
     _require(tp == 1 or engine.num_gpus == tp, f"{key}.engine.num_gpus", engine.num_gpus,
              f"tensor_parallel_size={tp} runs {tp} GPU workers in each engine replica: set it to {tp}")
@@ -407,6 +423,18 @@ def _validate_model(i: int, agent: AgentConfig) -> None:
              "agents talk in chat threads, so use an instruct model or add a template")
 
 
+def _validate_weights_folder(key: str, path: str) -> None:
+    """A learned model a user points at exists and holds safetensors, not pickled weights."""
+    from mapoco.models import require_safetensors
+
+    folder = Path(path).expanduser()
+    _require(folder.is_dir(), key, path, "no such folder")
+    try:
+        require_safetensors(folder)
+    except FileNotFoundError as exc:
+        raise ConfigError(key, path, str(exc)) from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg.turns >= 1, "turns", cfg.turns, "must be an integer >= 1 (number of discussion turns)")
     _require(len(cfg.team.agents) >= 1, "team.agents", cfg.team.agents, "needs at least one agent")
@@ -422,6 +450,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg.command == "train-verifier" or cfg.verifier.kind != "learned" or bool(cfg.verifier.path),
              "verifier.path", cfg.verifier.path,
              "a learned verifier needs a checkpoint path (train one with `mapoco train-verifier`)")
+    if cfg.command != "train-verifier" and cfg.verifier.kind == "learned":
+        _validate_weights_folder("verifier.path", cfg.verifier.path)
     _require(cfg.verifier.timeout_s > 0, "verifier.timeout_s", cfg.verifier.timeout_s, "must be > 0")
     _require(cfg.verifier.workers >= 1, "verifier.workers", cfg.verifier.workers, "an integer >= 1")
     _require(cfg.verifier.batch_size >= 1, "verifier.batch_size", cfg.verifier.batch_size, "must be >= 1")
@@ -436,6 +466,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("alpha0", "alpha1", "beta0", "beta1"):
         value = getattr(cfg.rewards, name)
         _require(value >= 0, f"rewards.{name}", value, "must be >= 0 (signs come from rewards.incentives)")
+    _require(cfg.cluster.placement_timeout_s > 0, "cluster.placement_timeout_s", cfg.cluster.placement_timeout_s,
+             "seconds > 0")
     _validate_training(cfg)
     _validate_conductor(cfg)
     _validate_serve(cfg)

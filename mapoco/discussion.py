@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from mapoco.answers import extract_answer
-from mapoco.config import AgentConfig, DiscussionConfig, TeamConfig
+from mapoco.config import AgentConfig, DiscussionConfig, RunConfig, TeamConfig
 from mapoco.engine import AgentEngines, Generation, request_seed
 from mapoco.models import resolve_model
-from mapoco.placement import engine_bundle, learner_shares_engines, reserve
+from mapoco.placement import READY_TIMEOUT_S, engine_bundles, learner_shares_engines, reserve
 from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import Problem
 from mapoco.topology import visible_peers
@@ -50,10 +50,12 @@ class Team:
     """Every agent's model, tokenizer and engines. Agents may differ in family, tokenizer and settings.
 
     ``colocate_learners`` (training): agents with ``learner.colocate`` reserve room for their learner ranks in
-    their engines' bundles, and their engines can sleep while the learner updates.
+    their engines' bundles, and their engines can sleep while the learner updates. ``placement_timeout_s`` bounds
+    the wait for a placement group, and for a dead replica's bundle to find a node again.
     """
 
-    def __init__(self, cfg: TeamConfig, seed: int, colocate_learners: bool = False):
+    def __init__(self, cfg: TeamConfig, seed: int, colocate_learners: bool = False,
+                 placement_timeout_s: float = READY_TIMEOUT_S):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -66,9 +68,10 @@ class Team:
                     continue
                 path = resolve_model(agent.model)
                 colocated = learner_shares_engines(agent, training=colocate_learners)
-                placement = reserve([engine_bundle(agent, colocated)] * agent.engine.replicas,
-                                    f"team.agents[{i}].engine")
-                engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated)
+                placement = reserve(engine_bundles(agent, colocated), f"team.agents[{i}].engine",
+                                    placement_timeout_s)
+                engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
+                                       restart_timeout_s=placement_timeout_s)
                 self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
             for engines in self.distinct_engines():
                 engines.wait_ready()
@@ -76,10 +79,19 @@ class Team:
             self.shutdown()  # engines already started must not outlive a team that failed to start
             raise
 
+    @classmethod
+    def of_run(cls, cfg: RunConfig, colocate_learners: bool = False) -> Team:
+        """The run's team: its agents and seed; placement waits are bounded by ``cluster.placement_timeout_s``."""
+        return cls(cfg.team, cfg.seed, colocate_learners, cfg.cluster.placement_timeout_s)
+
+    def engine_owners(self) -> dict[int, AgentEngines]:
+        """Each distinct set of engines under the first seat that uses it (seats sharing a policy share them)."""
+        owners = {id(a.engines): a for a in reversed(self.agents)}  # reversed: the first seat wins
+        return {a.index: a.engines for a in sorted(owners.values(), key=lambda a: a.index)}
+
     def engine_restarts(self) -> dict[int, int]:
-        """Engine replica restarts so far, per agent that owns engines (seats sharing a policy share them)."""
-        owners = {id(a.engines): a for a in reversed(self.agents)}  # reversed: the first seat owns shared engines
-        return {a.index: a.engines.restarts for a in owners.values()}
+        """Engine replica restarts so far, per agent that owns engines."""
+        return {index: engines.restarts for index, engines in self.engine_owners().items()}
 
     def subset(self, agents: int) -> Team:
         """The first ``agents`` seats on these same engines (benchmarks grow a team without restarting engines).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
 from mapoco.precision import engine_dtype
-from mapoco.placement import Placement
+from mapoco.placement import Placement, node_of_actor
 from mapoco.weight_payload import WeightPayload, unpack
 
 MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
@@ -45,11 +46,11 @@ def _reload_weights(worker, payload: WeightPayload) -> int:
     ``load_weights``) also redoes the post-load processing, e.g. CPU weight packing."""
     state = unpack(payload)
     worker.reload_weights(weights_iterator=iter(state.items()))
-    _retie_output_head(worker.get_model())
+    retie_output_head(worker.get_model())
     return len(state)
 
 
-def _retie_output_head(model) -> None:
+def retie_output_head(model) -> None:
     """A tied output head shares the embedding, but vLLM's reload skips ``lm_head.weight`` and never re-processes
     the head: on CPU it kept a packed copy of the *initial* embedding, so the engine's logits drifted from the
     learner's with every update (measured: logprob gap 0.9 after perturbing only the embedding). Point the head at
@@ -76,13 +77,15 @@ class Engine:
         executor = {"distributed_executor_backend": "mp"} if cfg.tensor_parallel_size > 1 else {}
         self.llm = LLM(
             model=model_path,
+            load_format="safetensors",  # never a pickle checkpoint (mapoco.models.require_safetensors)
             dtype=engine_dtype(cfg),
             max_model_len=cfg.max_model_len,
             seed=seed,
             enable_prefix_caching=cfg.enable_prefix_caching,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=True,
+            # CUDA graphs on GPU unless asked otherwise; a CPU engine has none to capture.
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not torch.cuda.is_available(),
             enable_sleep_mode=sleep_mode,
             **whole_prefills,
             **executor,
@@ -144,11 +147,13 @@ class Engine:
     def pid(self) -> int:
         return os.getpid()
 
+    def where(self) -> dict[str, str]:
+        return node_of_actor()
+
     def describe(self) -> dict[str, str | int | None]:
         """Where this replica runs and with what (tests check placement and settings reached it)."""
-        group = ray.get_runtime_context().get_placement_group_id()
-        return {"pid": os.getpid(), "placement_group": group,
-                "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")}
+        return {"pid": os.getpid(), "placement_group": ray.get_runtime_context().get_placement_group_id(),
+                **node_of_actor(), "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")}
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
@@ -181,13 +186,21 @@ class Shard:
     ref: ray.ObjectRef
 
 
+class ReplicaLost(RuntimeError):
+    """A dead replica could not be restarted: its bundle found no node within the timeout (a lost node, and no
+    other node can hold it). A training run stops with the resume message."""
+
+
 class AgentEngines:
     """The engine replicas of one agent, replica r in bundle r of the agent's placement group; a batch is split
-    evenly across replicas. ``on_restart(r)`` (set by the trainer) puts the trained weights into a restarted one."""
+    evenly across replicas. ``on_restart(r)`` (set by the trainer) puts the trained weights into a restarted one.
+    A restart waits at most ``restart_timeout_s`` for its bundle: after a node is lost, Ray moves the bundle to a
+    node that can hold it, if there is one."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, placement: Placement, sleep_mode: bool = False):
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, placement: Placement, sleep_mode: bool = False,
+                 restart_timeout_s: float = 120.0):
         self.model_path, self.cfg, self.seed, self.placement = model_path, cfg, seed, placement
-        self.sleep_mode = sleep_mode
+        self.sleep_mode, self.restart_timeout_s = sleep_mode, restart_timeout_s
         self.restarts = 0
         self.on_restart: Callable[[int], None] | None = None
         self.actors = [self._start(r) for r in range(cfg.replicas)]
@@ -200,9 +213,19 @@ class AgentEngines:
 
     def restart(self, replica: int) -> None:
         """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights."""
-        ray.kill(self.actors[replica], no_restart=True)
-        self.actors[replica] = self._start(replica)
-        ray.get(self.actors[replica].pid.remote())
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:  # a bundle whose node died is moved by Ray, if some node can hold it; until then starts fail
+            ray.kill(self.actors[replica], no_restart=True)
+            self.actors[replica] = self._start(replica)
+            try:
+                ray.get(self.actors[replica].pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                if time.monotonic() >= deadline:
+                    ray.kill(self.actors[replica], no_restart=True)
+                    raise ReplicaLost(f"engine replica {replica} of {self.model_path} died and could not restart: "
+                                      f"no node could hold its bundle within {self.restart_timeout_s:g}s") from None
+                time.sleep(1.0)
         if self.on_restart is not None:
             self.on_restart(replica)
         self.restarts += 1

@@ -40,7 +40,7 @@ def evaluate(cfg: RunConfig, out: Path) -> dict[str, Any]:
     data = load_task(cfg.task)  # before any actor: a bad dataset or output directory fails fast
     prepare_output_dir(out)
     init_ray(cfg)
-    team, verifier = Team(cfg.team, cfg.seed), VerifierClient(cfg.verifier)
+    team, verifier = Team.of_run(cfg), VerifierClient(cfg.verifier)
     try:
         result = discuss_in_batches(team, data.problems, cfg, verifier)
     finally:

@@ -46,7 +46,8 @@ class LearnedVerifier:
     def load(cls, path: str | Path) -> LearnedVerifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        return cls(AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32),
+        return cls(AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32,
+                                                                      use_safetensors=True),
                    AutoTokenizer.from_pretrained(path))
 
     @classmethod
@@ -56,7 +57,7 @@ class LearnedVerifier:
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=1, torch_dtype=torch.float32, pad_token_id=tokenizer.pad_token_id
+            base, num_labels=1, torch_dtype=torch.float32, pad_token_id=tokenizer.pad_token_id, use_safetensors=True
         )
         return cls(model, tokenizer)
 
@@ -150,7 +151,7 @@ def sample_examples(cfg: RunConfig, team: Team | None = None) -> list[Example]:
     data = load_task(cfg.task, split="train")
     init_ray(cfg)
     own_team = team is None
-    team = team or Team(cfg.team, cfg.seed)
+    team = team or Team.of_run(cfg)
     checker = VerifierClient(dataclasses.replace(cfg.verifier, kind="rule"))
     try:
         result = discuss_in_batches(team, data.problems, cfg, checker, desc="sampling answers")

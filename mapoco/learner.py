@@ -22,7 +22,7 @@ from torch import nn
 from mapoco.algorithms import entropy_from_logits, kl_penalty, masked_mean, masked_sum, policy_loss, value_loss
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.precision import learner_dtype
-from mapoco.placement import Placement, learner_bundle, reserve
+from mapoco.placement import READY_TIMEOUT_S, Placement, learner_bundles, node_of_actor, reserve
 from mapoco.state_io import load_state, save_state
 from mapoco.weight_payload import WeightPayload, pack, unpack
 
@@ -100,8 +100,9 @@ def response_outputs(logits: torch.Tensor, values: torch.Tensor | None, mb: Micr
 
 
 def free_port() -> int:
+    """A TCP port free on every interface of this node."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -127,29 +128,43 @@ def engine_weights(policy: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
 class Learner:
     """One rank of an agent's learner group (the Ray actor body)."""
 
-    def __init__(self, rank: int, world_size: int, master: tuple[str, int], model_path: str, cfg: LearnerConfig,
-                 algo: AlgorithmConfig, num_turns: int, seed: int):
-        import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, rank: int, world_size: int, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig,
+                 num_turns: int, seed: int):
+        self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
+        self.model_path, self.num_turns, self.seed = model_path, num_turns, seed
+        self.master: tuple[str, int] | None = None
 
-        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
-        torch.manual_seed(seed)
-        self.rank, self.cfg, self.algo = rank, cfg, algo
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it: where the group (or the NCCL sync group) meets, reachable from
+        ranks and engines on other nodes."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master: tuple[str, int]) -> None:
+        """Join the group at rank 0's ``master`` address, load the model and build the DeepSpeed engine."""
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        from mapoco.models import load_causal_lm
+
+        self.master = master
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        cfg, model_path = self.cfg, self.model_path
+        torch.manual_seed(self.seed)
         self.on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.dtype = getattr(torch, learner_dtype(cfg))  # auto: bf16 on GPUs, float32 on every CPU
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
-        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        policy = load_causal_lm(model_path, self.dtype)
         self.reference = None
         if cfg.lora_rank > 0:
             policy = self._with_lora(policy)
         else:
-            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+            self.reference = load_causal_lm(model_path, self.dtype).eval()
             self.reference.requires_grad_(False)
             self.reference.to(self.device)
-        model = PolicyWithValue(policy, num_turns).to(self.device)
+        model = PolicyWithValue(policy, self.num_turns).to(self.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(cfg.warmup_steps, 1)
@@ -280,9 +295,6 @@ class Learner:
             return None
         return pack(state, getattr(torch, dtype))
 
-    def rendezvous_address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
-
     def init_sync_group(self, host: str, port: int, world_size: int) -> None:
         """GPU weight sync: rank 0 is rank 0 of this agent's NCCL broadcast group with its engines."""
         from mapoco.weight_sync import create_communicator
@@ -354,6 +366,7 @@ class Learner:
         """What this rank actually runs with (tests check that each agent's settings reached its actors)."""
         return {
             "rank": self.rank,
+            **self.where(),
             "world_size": torch.distributed.get_world_size(),
             "zero_stage": self.engine.zero_optimization_stage(),
             "lr": self.learning_rate(),
@@ -364,6 +377,10 @@ class Learner:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> dict[str, Any]:
+        """This rank's node, and the address its group met at (rank 0's node)."""
+        return {**node_of_actor(), "master": list(self.master or ())}
 
 
 def _gathered(params: list[nn.Parameter], zero_stage: int, modify: bool = False):
@@ -404,25 +421,32 @@ class LearnerGroup:
     """
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
-                 what: str, placement: Placement | None = None):
+                 what: str, placement: Placement | None = None, placement_timeout_s: float = READY_TIMEOUT_S):
         self.cfg = cfg
-        self.owned_placement = None if placement else reserve([learner_bundle(cfg)] * cfg.num_learners, what)
+        self.owned_placement = None if placement else reserve(learner_bundles(cfg), what, placement_timeout_s)
         placement = placement or self.owned_placement
-        master = ("127.0.0.1", free_port()) if cfg.num_gpus == 0 else (ray.util.get_node_ip_address(), free_port())
         self.actors = [
             ray.remote(Learner).options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu"}},
-            ).remote(r, cfg.num_learners, master, model_path, cfg, algo, num_turns, seed)
+            ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed)
             for r in range(cfg.num_learners)
         ]
+        # The group meets on rank 0's node, wherever the driver runs: every rank gets rank 0's address (Ray resolves
+        # the reference first), so the groups of all agents start at once.
+        master = self.actors[0].rendezvous_address.remote()
+        self._ready = [actor.setup.remote(master) for actor in self.actors]
+
+    def wait_ready(self) -> None:
+        """Until every rank has joined the group and built its model (a rank's error raises here)."""
+        gather(self._ready)
 
     def shard(self, items: list[Any]) -> list[list[Any]]:
         n = len(self.actors)
         return [items[r::n] for r in range(n)]
 
     def score(self, rows: list[Rollout]) -> list[RolloutStats]:
-        shards = ray.get([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
+        shards = gather([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
         return _unshard(shards, len(rows))
 
     def update(self, rows: list[Rollout], batch: dict[str, list[list[float]]], normalizer: float) -> dict[str, float]:
@@ -431,27 +455,37 @@ class LearnerGroup:
             actor.update.remote([rows[i] for i in idx], {k: [v[i] for i in idx] for k, v in batch.items()}, normalizer)
             for actor, idx in zip(self.actors, index_shards)
         ]
-        results = ray.get(refs)
+        results = gather(refs)
         return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
     def weights_ref(self, dtype: str) -> ray.ObjectRef:
         """Rank 0's weights, left in the object store: engines read them straight from there, not through the
         controller (measured: a SmolLM2 sync 3.5 s -> 2.5 s on CPU)."""
         refs = [a.weights.remote(dtype) for a in self.actors]  # every rank: ZeRO-3 gathers collectively
-        ray.get(refs[1:])
+        gather(refs[1:])
         return refs[0]
 
     def weights(self, dtype: str) -> dict[str, torch.Tensor]:
         return unpack(ray.get(self.weights_ref(dtype)))
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return gather([getattr(a, method).remote(*args) for a in self.actors])
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         if self.owned_placement is not None:
             self.owned_placement.remove()
+
+
+def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    """``ray.get(refs)``, but the first rank to fail raises at once: its peers may be stuck in a collective waiting
+    for it (gloo's own timeout is 30 minutes), and ``ray.get`` in order would wait on them first."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # raises the rank's error
+    return ray.get(refs)
 
 
 def _unshard(shards: list[list[Any]], n: int) -> list[Any]:

@@ -38,7 +38,6 @@ from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import ARITHMETIC_DEFAULTS, Problem, TaskConfig, arithmetic_problems
 from mapoco.workflow import SUBTASKS, Plan, Step, conductor_message, parse_workflow, worker_message, worker_thread
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MARKER = "mapoco-build.json"  # written last; its presence (with a matching fingerprint) means "complete"
 WARMSTART_FILE = "warmstart.json"
 # Bump when the build code changes in a way the specs do not show, so cached models are rebuilt.
@@ -224,9 +223,13 @@ MODEL_DIRS: dict[str, str] = {**{name: name for name in TINY_MODELS}, SMOLLM2: S
 
 # ---------------------------------------------------------------- paths and completion markers
 def cache_dir() -> Path:
-    """``$MAPOCO_CACHE`` if set, else ``<repo root>/.cache/mapoco``."""
+    """``$MAPOCO_CACHE`` if set, else the user's cache (``$XDG_CACHE_HOME/mapoco``, ``~/.cache/mapoco``), as the HF hub
+    keeps its models: every process of the user finds what `make models` built, whatever its working directory
+    (a `ray job submit` working_dir copy, an installed package)."""
     env = os.environ.get("MAPOCO_CACHE")
-    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "mapoco"
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mapoco"
 
 
 def model_dir(name: str) -> Path:
@@ -674,9 +677,9 @@ def plan_stats(samples: list[tuple[int, str]]) -> dict[str, Any]:
 
 
 def _load(path: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    return load_causal_lm(path, torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 def evaluate_turn1(path: Path, num: int = NUM_EVAL, task: TaskConfig | None = None) -> float:
@@ -800,11 +803,32 @@ def resolve_model(ref: str) -> Path:
         return path
     path = Path(ref).expanduser()
     if path.exists():
-        return path
+        return require_safetensors(path)
     if HUB_ID.fullmatch(ref):
         return _from_hub(ref)
     raise FileNotFoundError(f"model '{ref}' is neither a known model ({', '.join(MODEL_DIRS)}), a local path, "
                             f"nor a hub id (org/name)")
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(path: Path) -> Path:
+    """A model folder a user names must hold safetensors weights: pickled ones (``pytorch_model.bin``) can run
+    code when loaded, so they are refused, never loaded. Every load also passes ``use_safetensors=True``."""
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickled = sorted(str(f.name) for pattern in PICKLE_WEIGHTS for f in path.glob(pattern))
+        held = f"it holds {', '.join(pickled)} (pickle, refused)" if pickled else "it holds no *.safetensors"
+        raise FileNotFoundError(f"model folder '{path}' has no safetensors weights: {held}; save the model with "
+                                f"save_pretrained(..., safe_serialization=True)")
+    return path
+
+
+def load_causal_lm(path: str | Path, dtype: Any) -> Any:
+    """A causal LM from a local folder, from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
 
 
 def _from_hub(repo_id: str) -> Path:

@@ -131,14 +131,14 @@ def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> d
     what the learner sends its engines after an update."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from mapoco.learner import engine_weights
+    from mapoco.models import load_causal_lm
     from mapoco.precision import learner_dtype
 
     saved = load_file(str(directory / "model.safetensors"))
     state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, learner_dtype(learner)))
+    model = load_causal_lm(model_path, getattr(torch, learner_dtype(learner)))
     if learner.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -228,7 +228,7 @@ class ServedTeam:
 
         self.cfg = cfg
         self.kind = TASK_KINDS.get(cfg.task.name, "math")
-        self.team = Team(cfg.team, cfg.seed)
+        self.team = Team.of_run(cfg)
         self.runner = None
         try:
             self.weights = push_checkpoint(self.team, cfg, checkpoint)
@@ -547,15 +547,15 @@ def start(cfg: RunConfig, path: Path) -> str:
 def init_ray(cfg: RunConfig) -> bool:
     """Join the cluster (``cluster.address`` or $RAY_ADDRESS) or start a local instance sized for every replica's
     engines; returns whether a local instance was started."""
-    from mapoco.cluster import check_capacity, engine_bundles, required, start_or_join
+    from mapoco.cluster import check_capacity, required, start_or_join, team_engine_bundles
+    from mapoco.placement import Bundles
 
     replicas = cfg.serve.replicas
-    bundles = {key: group * replicas for key, group in engine_bundles(cfg).items()}
-    bundles["serve.num_cpus"] = [{"CPU": cfg.serve.num_cpus}] * replicas
+    groups = {**team_engine_bundles(cfg), "serve.num_cpus": Bundles([{"CPU": cfg.serve.num_cpus}])}
     breakdown = "serve.replicas x (engines + serve.num_cpus)"
-    local = start_or_join(cfg, required(bundles, "CPU"), "serving", breakdown)
-    check_capacity(bundles, {"CPU": ("serve.replicas", replicas), "GPU": ("serve.replicas", replicas)},
-                   f"{replicas} replica(s) of the team", breakdown)
+    local = start_or_join(cfg, required(groups, "CPU", replicas), "serving", breakdown)
+    check_capacity(groups, {"CPU": ("serve.replicas", replicas), "GPU": ("serve.replicas", replicas)},
+                   f"{replicas} replica(s) of the team", breakdown, copies=replicas)
     return local
 
 

@@ -23,7 +23,7 @@ from mapoco.algorithms import AdvantageBatch, AdvantageConfig, compute_advantage
 from mapoco.cluster import init_ray
 from mapoco.config import RunConfig
 from mapoco.discussion import DiscussionResult, Team, run_discussion
-from mapoco.engine import request_seed
+from mapoco.engine import ReplicaLost, request_seed
 from mapoco.evaluate import discuss_in_batches
 from mapoco.learner import LearnerGroup, Rollout, RolloutStats
 from mapoco.precision import AgentPrecision, agent_precision
@@ -37,6 +37,11 @@ from mapoco.weight_sync import NcclSync, ObjectStoreSync, make_sync
 
 class TrainingInterrupted(RuntimeError):
     """A learner actor died: the run stops, and ``train.resume=auto`` continues from the last checkpoint."""
+
+
+# What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
+# lost with the node that held them, a replica that found no node to restart on.
+FAULTS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ReplicaLost)
 
 
 @dataclass
@@ -98,10 +103,11 @@ class Trainer:
         self.pool = training_pool(cfg)
         init_ray(cfg)
         self.owns_team = team is None
-        self.team = team or Team(cfg.team, cfg.seed, colocate_learners=True)
+        self.team = team or Team.of_run(cfg, colocate_learners=True)
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
+        self.write_placement()
         if self.resume_from is not None:
             self._restore(self.resume_from)
         else:
@@ -114,7 +120,7 @@ class Trainer:
         groups = {owner: self._start_group(owner) for owner in seats_of}
         policies = []
         for owner, group in groups.items():
-            group.call_all("pid")  # every group starts at once; wait here until all ranks are up
+            group.wait_ready()  # every group starts at once; wait here until all ranks are up
             engines, engine_cfg = self.team.agents[owner].engines, self.team.agents[owner].cfg.engine
             precision = agent_precision(self.cfg.team.agents[owner], self.cfg.train.logprob_tolerance)
             sync = make_sync(self.cfg.train.weight_sync, group, engines, precision.engine,
@@ -127,7 +133,8 @@ class Trainer:
         engines = self.team.agents[owner].engines
         return LearnerGroup(str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm,
                             self.value_turns(), self.cfg.seed + owner, what=f"team.agents[{owner}].learner",
-                            placement=engines.placement if engines.sleep_mode else None)
+                            placement=engines.placement if engines.sleep_mode else None,
+                            placement_timeout_s=self.cfg.cluster.placement_timeout_s)
 
     def value_turns(self) -> int:
         """Outputs of the learner's value head: one per discussion turn."""
@@ -135,15 +142,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``. A dead learner, or an engine replica that cannot restart (its node lost and no
+        other can hold it), stops the run with the message that says how to resume."""
+        try:
+            return self._fit()
+        except FAULTS as exc:
+            raise TrainingInterrupted(self._interruption(exc)) from exc
+        except checkpoint.CheckpointError as exc:  # a learner lost mid-save: the partial folder is already gone
+            if isinstance(exc.__cause__, FAULTS):
+                raise TrainingInterrupted(self._interruption(exc.__cause__)) from exc
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         before = self.evaluate("before") if self.step == 0 else None
         if before is not None:
             self.tracker.log(self._eval_metrics(before), 0)
         while self.step < self.cfg.train.steps:
-            try:
-                metrics = self.train_step()
-            except ray.exceptions.RayActorError as exc:  # engines restart themselves; a learner cannot
-                raise TrainingInterrupted(self._interruption(exc)) from exc
+            metrics = self.train_step()
             self.step += 1
+            if metrics.get("faults/engine_restarts"):  # a replica moved: say where it runs now
+                self.write_placement()
             if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
                 metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
             self.tracker.log(metrics, self.step)
@@ -273,6 +291,16 @@ class Trainer:
         for policy in self.policies:
             policy.sync.push()
 
+    def write_placement(self) -> None:
+        """placement.json: the node (id, IP) of every engine replica and learner rank, and where each learner group
+        met; rewritten when an engine replica restarts elsewhere."""
+        where: dict[str, list[dict[str, Any]]] = {}
+        for index, engines in self.team.engine_owners().items():
+            where[f"team.agents[{index}].engine"] = engines.call_all(lambda actor: actor.where.remote())
+        for policy in self.policies:
+            where[f"team.agents[{policy.seats[0]}].learner"] = policy.group.call_all("where")
+        write_json(self.out / "placement.json", where)
+
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def evaluate(self, label: str) -> dict[str, Any]:
         result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
@@ -284,8 +312,9 @@ class Trainer:
     def _interruption(self, exc: BaseException) -> str:
         found = checkpoint.complete_checkpoints(self.out)
         where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-        return (f"an actor died at step {self.step + 1} ({type(exc).__name__}); {where}: run the same command "
-                f"with train.resume=auto to continue from it")
+        what = str(exc) if isinstance(exc, ReplicaLost) else f"an actor died ({type(exc).__name__})"
+        return (f"{what} at step {self.step + 1}; {where}: run the same command with train.resume=auto to continue "
+                f"from it")
 
     def _progress(self, metrics: dict[str, float]) -> str:
         """One line per step, readable in `ray job logs`: rollout accuracy per turn, reward and KL per agent."""

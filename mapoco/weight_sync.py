@@ -11,7 +11,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from mapoco.engine import AgentEngines
+from mapoco.engine import AgentEngines, retie_output_head
 from mapoco.learner import LearnerGroup
 
 SYNC_METHODS = ("auto", "object_store", "nccl")
@@ -92,4 +92,5 @@ def receive_in_worker(worker, specs: list[tuple[str, str, list[int]]]) -> int:
         received.append((name, tensor))
     stream.synchronize()
     worker.reload_weights(weights_iterator=iter(received))
+    retie_output_head(worker.get_model())  # as the CPU path does: the reload skips a tied head
     return len(received)

@@ -21,6 +21,11 @@ GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 compose_config = compose  # the RunConfig `mapoco` would build from these command-line overrides
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop every Ray instance on the machine run first, before the session's own Ray starts."""
+    items.sort(key=lambda item: item.get_closest_marker("machine_wide") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     from mapoco.models import build_tiny_model
@@ -49,7 +54,8 @@ def ray_session():
     """One local Ray instance for the whole test session; tests kill only the actors they start."""
     import ray
 
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)  # logical: tiny actors share 2 cores
+    # Logical CPUs: tiny actors share 2 cores.
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -75,6 +75,10 @@ def test_bad_config_names_the_key(tiny_models, override, key):
          "engine.num_gpus + learner.num_gpus = 1.25 > 1"),
         (["learner.colocate=true", "engine.num_gpus=0.5", "learner.num_gpus=0.5", "learner.num_learners=2",
           "train.batch_questions=4"], "team.agents[0].learner.num_learners", "set it to engine.replicas=1"),
+        (["learner.placement=SCATTER"], "team.agents[0].learner.placement", "one of ('PACK', 'SPREAD'"),
+        (["engine.resources={node_a: 0}"], "team.agents[0].engine.resources.node_a", "an amount > 0"),
+        (["engine.resources={CPU: 2}"], "team.agents[0].engine.resources.CPU", "set engine.num_cpus"),
+        (["cluster.placement_timeout_s=0"], "cluster.placement_timeout_s", "seconds > 0"),
     ],
 )
 def test_bad_placement_arithmetic_names_the_numbers(tiny_models, overrides, key, says):
@@ -90,6 +94,22 @@ def test_model_without_chat_template_is_rejected(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="no chat template") as err:
         compose_config(f"team.agents.0.model={plain}")
     assert err.value.key == "team.agents[0].model"
+
+
+@pytest.mark.parametrize("pickled", ["pytorch_model.bin", None])
+def test_a_model_folder_without_safetensors_is_refused_unloaded(tiny_models, tmp_path, pickled):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_models["tiny-qwen"], folder)
+    (folder / "model.safetensors").unlink()
+    if pickled:
+        (folder / pickled).write_bytes(b"not to be unpickled")
+    with pytest.raises(ConfigError, match="has no safetensors weights") as err:
+        compose_config(f"team.agents.0.model={folder}")
+    assert err.value.key == "team.agents[0].model"
+    assert ("pytorch_model.bin (pickle, refused)" in str(err.value)) == bool(pickled)
+    with pytest.raises(ConfigError, match="has no safetensors weights") as err:
+        compose_config("verifier=learned", f"verifier.path={folder}")
+    assert err.value.key == "verifier.path"
 
 
 @pytest.mark.parametrize("group", ["team", "task"])

@@ -17,8 +17,9 @@ def _generate(agent, prompts):
 def test_pushed_weights_change_generations(hetero_team):
     agent = hetero_team.agents[0]
     prompts = [agent.render([{"role": "user", "content": f"Calculate {i} + {i + 3}."}]) for i in range(6)]
-    before = _generate(agent, prompts)
     original = load_file(str(agent.model_path / "model.safetensors"))
+    agent.engines.push_weights(pack(original, torch.float32))  # the shared engines may hold another test's weights
+    before = _generate(agent, prompts)
     generator = torch.Generator().manual_seed(0)
     perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
                  for k, v in original.items()}

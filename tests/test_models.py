@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from mapoco import models
@@ -120,9 +121,13 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 def test_resolve_model(tiny_dirs, tmp_path, monkeypatch):
     assert models.resolve_model("tiny-llama") == tiny_dirs["tiny-llama"]
-    assert models.resolve_model(str(tmp_path)) == tmp_path
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    assert models.resolve_model(str(tmp_path)) == tmp_path  # a local folder of safetensors weights
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         models.resolve_model("no-such-model")
+    monkeypatch.delenv("MAPOCO_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the user's cache, as the HF hub's
+    assert models.cache_dir() == tmp_path / "xdg" / "mapoco"
     monkeypatch.setenv("MAPOCO_CACHE", str(tmp_path / "empty"))
     assert models.cache_dir() == tmp_path / "empty"
     with pytest.raises(FileNotFoundError, match=r"model 'tiny-qwen' is not built; run `make models`"):

@@ -6,7 +6,7 @@ from ray.util.placement_group import placement_group_table
 
 from mapoco.cluster import init_ray
 from mapoco.config import ConfigError
-from mapoco.placement import check_bundles_fit, reserve
+from mapoco.placement import Bundles, check_bundles_fit, reserve
 
 from conftest import compose_config
 
@@ -36,13 +36,33 @@ def test_gpu_counts_that_do_not_fit_fail_before_any_actor(ray_session):
 def test_a_bundle_larger_than_any_node_is_named(ray_session):
     cpus = ray.cluster_resources()["CPU"]
     with pytest.raises(ConfigError, match=f"the largest node has {cpus:g} CPU") as err:
-        check_bundles_fit({"team.agents[1].engine": [{"CPU": cpus + 1}]})
+        check_bundles_fit({"team.agents[1].engine": Bundles([{"CPU": cpus + 1}])})
     assert err.value.key == "team.agents[1].engine"
 
 
+def test_a_custom_resource_no_node_offers_is_named(ray_session):
+    with pytest.raises(ConfigError, match="the largest node has .* CPU, 0 GPU, 0 node_a") as err:
+        check_bundles_fit({"team.agents[0].engine": Bundles([{"CPU": 1.0, "node_a": 1.0}])})
+    assert err.value.key == "team.agents[0].engine"
+
+
+def test_a_strict_spread_group_with_more_ranks_than_nodes_fails_before_any_actor(ray_session):
+    cfg = compose_config("command=train", "team=tiny1", "learner.num_learners=2", "learner.placement=STRICT_SPREAD")
+    with pytest.raises(ConfigError, match="STRICT_SPREAD puts each of its 2 bundles on a node of its own; 1 of the "
+                                          "cluster's 1 nodes can hold one") as err:
+        init_ray(cfg)  # the session's Ray is one node
+    assert err.value.key == "team.agents[0].learner"
+
+
+def test_a_strict_pack_group_larger_than_any_node_is_named(ray_session):
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(ConfigError, match=f"STRICT_PACK puts all its bundles on one node: {cpus + 2:g} CPU"):
+        check_bundles_fit({"team.agents[0].engine": Bundles([{"CPU": cpus / 2 + 1}] * 2, "STRICT_PACK")})
+
+
 def test_an_unplaceable_group_is_an_error_and_is_released(ray_session):
-    with pytest.raises(ConfigError, match="could not be placed within 1s") as err:
-        reserve([{"CPU": 1.0}, {"GPU": 1.0}], "team.agents[0].engine", timeout_s=1.0)
+    with pytest.raises(ConfigError, match=r"could not be placed \(PACK\) within 1s") as err:
+        reserve(Bundles([{"CPU": 1.0}, {"GPU": 1.0}]), "team.agents[0].engine", timeout_s=1.0)
     assert err.value.key == "team.agents[0].engine"
     pending = [g for g in placement_group_table().values() if g["state"] not in ("CREATED", "REMOVED")]
     assert pending == []  # the half-placed group did not stay behind holding its CPU

@@ -1,0 +1,58 @@
+"""cluster/gpu_check.py (`make gpu-check`): on this CPU machine it runs nothing; its verdicts, from run outputs written
+by hand, pass and fail where they should."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "cluster" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _module()
+
+
+def test_without_a_gpu_it_says_so_and_runs_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "cluster" / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "no GPU on this machine" in proc.stdout and "nothing was run" in proc.stdout
+    assert "| check |" not in proc.stdout
+
+
+def _steps(out, gaps, tolerance=0.5):
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({"train/agent_0/logprob_max_diff": g, "train/agent_0/logprob_tolerance": tolerance}) + "\n"
+        for g in gaps) + json.dumps({"eval/turn_1/acc": 0.5}) + "\n")
+    return out
+
+
+def test_sync_passes_only_when_every_step_is_within_tolerance(tmp_path):
+    ok, seen = gpu_check.in_sync(_steps(tmp_path / "ok", [0.02, 0.1, 0.3]))
+    assert ok and "0.02, 0.1, 0.3" in seen and "tolerance 0.5" in seen
+    ok, _ = gpu_check.in_sync(_steps(tmp_path / "drift", [0.02, 0.9, 0.3]))
+    assert not ok
+    assert gpu_check.in_sync(_steps(tmp_path / "none", [])) == (False, "no training step logged")
+
+
+@pytest.mark.parametrize("before, after, ok", [(0.45, 0.60, True), (0.45, 0.50, False)])
+def test_learning_needs_a_rise_of_a_tenth(tmp_path, before, after, ok):
+    (tmp_path / "summary.json").write_text(json.dumps({"conductor_accuracy_before": before,
+                                                       "conductor_accuracy": after}))
+    assert gpu_check.learnt(tmp_path)[0] is ok
+
+
+def test_tensor_parallel_is_the_only_two_gpu_check():
+    assert {c.name: c.gpus for c in gpu_check.CHECKS} == {"engine": 1, "sync": 1, "colocate": 1,
+                                                          "tensor_parallel": 2, "learns": 1}

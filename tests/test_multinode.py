@@ -1,0 +1,219 @@
+"""A real multi-node Ray cluster on this machine: a head and worker nodes (`ray.cluster_utils.Cluster`), each with
+its own CPUs, its own address (127.0.0.2, 127.0.0.3, ...) and custom resources that pin actors to it. mapoco runs
+on it as users run it: `mapoco train` joining the cluster, or `ray job submit` to its head. This process only adds
+and removes nodes (a removed node dies as a crashed machine does); it never joins the cluster itself.
+
+Every test reads where the run put its actors from the run's placement.json (node ids of replicas and ranks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+RESUME = "run the same command with train.resume=auto to continue from it"
+# One agent, one turn, small batches: every step is a real rollout, update and weight sync, in seconds.
+SMALL_RUN = ["team=tiny1", "turns=1", "train.batch_questions=4", "train.eval_limit=4", "train.eval_every=0",
+             "logger.wandb.mode=disabled"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MultiNodeCluster:
+    """A head (driver side: the verifier, any unpinned actor) and worker nodes added per test."""
+
+    def __init__(self):
+        from ray.cluster_utils import Cluster
+
+        self.dashboard_port = free_port()
+        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 2, "resources": {"head_slot": 4}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": self.dashboard_port, "dashboard_agent_listen_port": free_port()})
+        self.address = self.cluster.address  # the GCS: `cluster.address=` for drivers
+        self.nodes: dict[str, object] = {}
+        self._ips = (f"127.0.0.{i}" for i in itertools.count(2))
+
+    def add(self, name: str, resources: dict[str, float], cpus: int = 2):
+        """A worker node; its custom ``resources`` pin actors to it. Two CPUs: unpinned actors (the verifier) may land
+        on any node, and must leave room there for the pinned one."""
+        # Nodes of one machine share the session folder; each keeps its own runtime_env files (a job's working_dir),
+        # or one node's clean-up removes what another's job runs in.
+        self.nodes[name] = self.cluster.add_node(num_cpus=cpus, resources=resources, node_ip_address=next(self._ips),
+                                                 object_store_memory=100 * 1024**2,
+                                                 runtime_env_dir_name=f"runtime_resources_{uuid.uuid4().hex[:8]}")
+        self.cluster.wait_for_nodes()
+        return self.nodes[name]
+
+    def remove(self, name: str) -> None:
+        """The node dies at once, as a crashed machine does (no graceful drain)."""
+        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+
+    def node_id(self, name: str) -> str:
+        return self.nodes[name].node_id
+
+    def remove_all(self) -> None:
+        for name in list(self.nodes):
+            self.remove(name)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models):
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{BIN}:{saved}"  # nodes start with this environment: jobs find `mapoco` on it
+    multi = MultiNodeCluster()
+    os.environ["PATH"] = saved
+    try:
+        yield multi
+    finally:
+        multi.shutdown()
+
+
+@pytest.fixture
+def nodes(cluster):
+    yield cluster
+    cluster.remove_all()  # each test brings the worker nodes it needs
+
+
+def train(cluster: MultiNodeCluster, out: Path, *overrides: str, watch: str | None = None, then=None,
+          timeout_s: float = 400) -> subprocess.CompletedProcess:
+    """`mapoco train` joining the cluster; when its output first matches ``watch``, ``then()`` runs (a node dies)."""
+    command = [str(BIN / "mapoco"), "train", *SMALL_RUN, *overrides, f"cluster.address={cluster.address}",
+               f"output_dir={out}"]
+    log = out.with_suffix(".log")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout_s
+        while watch and proc.poll() is None and time.time() < deadline:
+            if re.search(watch, log.read_text()):
+                then()
+                break
+            time.sleep(0.5)
+        try:
+            proc.wait(max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, log.read_text(), "")
+
+
+def placement(out: Path) -> dict[str, list[dict]]:
+    return json.loads((out / "placement.json").read_text())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_learner_group_spans_two_nodes_and_syncs_an_engine_on_a_third(nodes, tmp_path):
+    """Submitted with `ray job submit`, as users launch: rank 0 and rank 1 on nodes of their own, meeting at rank 0's
+    address; the engine on a third node gets every update and agrees with the learners; the job checkpoints."""
+    nodes.add("a", {"learner_slot": 1})
+    nodes.add("b", {"learner_slot": 1})
+    nodes.add("c", {"engine_slot": 1})
+    out = tmp_path / "spread"
+    job_id = f"mapoco-multinode-{uuid.uuid4().hex[:8]}"
+    address = f"http://127.0.0.1:{nodes.dashboard_port}"
+    entrypoint = ["mapoco", "train", *SMALL_RUN, "train.steps=2", "train.save_every=2", "learner.num_learners=2",
+                  "learner.placement=STRICT_SPREAD", "learner.resources={learner_slot: 1}",
+                  "engine.resources={engine_slot: 1}", f"output_dir={out}"]
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
+    submit = subprocess.run([str(BIN / "ray"), "job", "submit", f"--address={address}", f"--submission-id={job_id}",
+                             "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--", *entrypoint],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in submit.stdout, submit.stdout[-4000:]
+
+    where = placement(out)
+    ranks, (engine,) = where["team.agents[0].learner"], where["team.agents[0].engine"]
+    assert [r["node_id"] for r in ranks] == [nodes.node_id("a"), nodes.node_id("b")] or \
+           [r["node_id"] for r in ranks] == [nodes.node_id("b"), nodes.node_id("a")]
+    assert ranks[0]["node_ip"] != ranks[1]["node_ip"]
+    assert all(r["master"][0] == ranks[0]["node_ip"] for r in ranks)  # the group met on rank 0's node
+    assert engine["node_id"] == nodes.node_id("c")
+    steps = [m for m in metrics(out) if "train/agent_0/logprob_max_diff" in m]
+    assert len(steps) == 2 and all(m["train/agent_0/logprob_max_diff"] < 0.01 for m in steps)
+    assert (out / "checkpoints" / "step_000002" / "COMPLETE").exists()  # both ranks saved from their nodes
+
+
+def test_an_engine_replica_on_a_lost_node_restarts_where_capacity_remains(nodes, tmp_path):
+    for name in ("e1", "e2", "e3"):  # room for two replicas, and one spare
+        nodes.add(name, {"replica_slot": 1})
+    out = tmp_path / "restart"
+    lost: list[str] = []
+
+    def lose_replica_1():
+        node = placement(out)["team.agents[0].engine"][1]["node_id"]
+        lost.append(next(n for n in nodes.nodes if nodes.node_id(n) == node))
+        nodes.remove(lost[0])
+
+    run = train(nodes, out, "train.steps=12", "train.save_every=0", "engine.replicas=2", "engine.placement=SPREAD",
+                "engine.resources={replica_slot: 1}", "learner.resources={head_slot: 1}",  # the spare stays free
+                "cluster.placement_timeout_s=60", watch=r"step 1/12", then=lose_replica_1)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+    assert "engine replica 1 of" in run.stdout and "restarted" in run.stdout
+    assert max(m.get("faults/engine_restarts", 0) for m in metrics(out)) >= 1
+    replicas = placement(out)["team.agents[0].engine"]  # rewritten after the restart
+    survivors = {nodes.node_id(n) for n in nodes.nodes}
+    assert {r["node_id"] for r in replicas} <= survivors and len({r["node_id"] for r in replicas}) == 2
+
+
+def test_a_lost_engine_node_with_nowhere_to_go_stops_the_run_and_resume_continues(nodes, tmp_path):
+    nodes.add("only", {"solo_slot": 1})
+    out = tmp_path / "stop"
+    overrides = ["train.steps=12", "train.save_every=1", "engine.resources={solo_slot: 1}",
+                 "cluster.placement_timeout_s=15"]
+    lost_at: list[float] = []
+    run = train(nodes, out, *overrides, watch=r"step 2/12",
+                then=lambda: (nodes.remove("only"), lost_at.append(time.time())))
+    assert run.returncode == 1, run.stdout[-4000:]
+    assert "could not restart: no node could hold its bundle within 15s" in run.stdout and RESUME in run.stdout
+    assert time.time() - lost_at[0] < 15 + 60, f"stopped {time.time() - lost_at[0]:.0f}s after the loss"
+
+    nodes.add("back", {"solo_slot": 1})  # capacity returns: the same command resumes on it
+    resumed = train(nodes, out, *overrides, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert re.search(r"resumed from .*step_0000\d\d at step \d+", resumed.stdout)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+    assert placement(out)["team.agents[0].engine"][0]["node_id"] == nodes.node_id("back")
+
+
+def test_a_lost_learner_node_stops_the_run_and_leaves_its_checkpoints_intact(nodes, tmp_path):
+    from safetensors.torch import load_file
+
+    from mapoco import checkpoint
+
+    nodes.add("trainer", {"trainer_slot": 1})
+    out = tmp_path / "learner"
+    run = train(nodes, out, "train.steps=12", "train.save_every=1", "learner.resources={trainer_slot: 1}",
+                "engine.resources={head_slot: 1}", watch=r"step 2/12", then=lambda: nodes.remove("trainer"))
+    assert run.returncode == 1, run.stdout[-4000:]
+    assert "an actor died" in run.stdout and RESUME in run.stdout
+    complete = checkpoint.complete_checkpoints(out)
+    assert complete, "no complete checkpoint"
+    named = re.search(r"the last complete checkpoint is (\S+step_\d+)", run.stdout).group(1)
+    assert Path(named) == complete[-1]
+    state = checkpoint.read_state(complete[-1])
+    assert state["step"] >= 2
+    weights = load_file(str(checkpoint.agent_dir(complete[-1], 0) / "model.safetensors"))
+    assert weights and all(t.isfinite().all() for t in weights.values())
