@@ -12,7 +12,7 @@ what the run wrote (summary.json, metrics.jsonl):
 | sync | 3 training steps with NCCL weight sync; every step's engine-vs-learner logprob gap within its tolerance |
 | colocate | the same with the learner on the engine's GPU (the engine sleeps during updates and wakes for the sync) |
 | tensor_parallel | an engine over 2 GPUs answers (only with >= 2 GPUs) |
-| learns | the conductor demo for 10 steps: held-out accuracy rises by at least 0.1 |
+| learns | the conductor demo for 40 steps: held-out accuracy rises by at least 0.2 |
 
 On a machine without a GPU it says so and exits 0 without running anything.
 """
@@ -66,7 +66,7 @@ def in_sync(out: Path) -> tuple[bool, str]:
 def learnt(out: Path) -> tuple[bool, str]:
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["conductor_accuracy_before"], summary["conductor_accuracy"]
-    return after - before >= 0.1, f"conductor accuracy {before:.3f} -> {after:.3f}"
+    return after - before >= 0.2, f"conductor accuracy {before:.3f} -> {after:.3f}"
 
 
 CHECKS = [
@@ -77,7 +77,8 @@ CHECKS = [
                        "learner.lr=1e-4"], in_sync),
     Check("tensor_parallel", ["eval", "team.agents=[{name: a, model: tiny-llama}]", "turns=1", "task.limit=16",
                               "engine.num_gpus=2", "engine.tensor_parallel_size=2"], answered, gpus=2),
-    Check("learns", ["train", "+experiment=conductor", "train.steps=10", "train.save_every=0", "engine.num_gpus=0.25",
+    # 40 steps, not 10: on CPU (float32) 10 steps moved the conductor by +0.095, 40 steps by +0.36 (0.52 -> 0.88).
+    Check("learns", ["train", "+experiment=conductor", "train.steps=40", "train.save_every=0", "engine.num_gpus=0.25",
                      "learner.num_gpus=0.25", "logger.wandb.mode=disabled"], learnt),
 ]
 
