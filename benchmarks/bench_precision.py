@@ -4,7 +4,7 @@ For one model, an engine and a learner group in each dtype (mapoco's real actors
 - engine: generated tokens per second on the same seeded requests, float32 over bf16;
 - learner: PPO-update tokens per second on the same batch, float32 over bf16;
 - the engine-vs-learner logprob gap on the sampled tokens when both sides run in that dtype (max and mean), the
-  figure ``mapoco.precision.LOGPROB_TOLERANCE`` is set from.
+  figure ``mapoco.runtime.precision.LOGPROB_TOLERANCE`` is set from.
 The machine's bf16 support (avx512_bf16 / amx_bf16) is recorded with the figures (``machine.native_bf16``): the ratios differ between the
 two CPU kinds, and that difference is what the dtype policy is about.
 """
@@ -19,8 +19,8 @@ from benchmarks.bench_sync import _agent_engines
 from benchmarks.bench_train import token_batch
 from benchmarks.common import Figure, Result, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig, SamplingConfig
-from mapoco.learner import LearnerGroup, Rollout
-from mapoco.models import resolve_model
+from mapoco.models.registry import resolve_model
+from mapoco.training.learner import LearnerGroup, Rollout
 
 DTYPES = ("float32", "bfloat16")
 

@@ -23,11 +23,11 @@ import torch
 from benchmarks.common import Figure, Result, peak_rss_mib, timed
 from mapoco.cli import compose
 from mapoco.config import DiscussionConfig, SamplingConfig
-from mapoco.discussion import DiscussionResult, Team, run_discussion
-from mapoco.engine import engine_env, request_seed
-from mapoco.precision import engine_dtype
+from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
+from mapoco.rollout.engine import engine_env, request_seed
+from mapoco.rollout.verifier import VerifierClient
+from mapoco.runtime.precision import engine_dtype
 from mapoco.tasks import load_task
-from mapoco.verifier import VerifierClient
 
 
 @dataclasses.dataclass

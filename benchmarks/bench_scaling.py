@@ -16,10 +16,10 @@ from typing import Any
 from benchmarks.common import Figure, Result, side_by_side, timed
 from mapoco.cli import compose
 from mapoco.config import DiscussionConfig
-from mapoco.discussion import Team, run_discussion
+from mapoco.rollout.discussion import Team, run_discussion
+from mapoco.rollout.verifier import VerifierClient
 from mapoco.tasks import TaskConfig, load_task
-from mapoco.trainer import Trainer
-from mapoco.verifier import VerifierClient
+from mapoco.training.trainer import Trainer
 
 PHASES = ("rollout", "verify", "advantages", "update", "sync", "step")
 BASE = ["team=tiny4", "train.batch_questions=8", "algorithm.samples_per_question=2", "train.eval_every=0",

@@ -40,10 +40,11 @@ def write_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from mapoco.checkpoint import COMPLETE, STATE, agent_dir, checkpoints_dir
-    from mapoco.cli import CONF_DIR, compose as compose_run
-    from mapoco.learner import PolicyWithValue
-    from mapoco.models import resolve_model
+    from mapoco.cli import CONF_DIR
+    from mapoco.cli import compose as compose_run
+    from mapoco.models.registry import resolve_model
+    from mapoco.training.checkpoint import COMPLETE, STATE, agent_dir, checkpoints_dir
+    from mapoco.training.learner import PolicyWithValue
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         conf = compose("config", overrides=[*overrides, "command=train", f"output_dir={run_dir}"])
@@ -96,10 +97,16 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> Re
     import ray
     from ray import serve
 
-    from mapoco.discussion import Team, run_discussion
-    from mapoco.learner import free_port
-    from mapoco.serve import APP_NAME, NullVerifier, load_config, push_checkpoint, start
+    from mapoco.rollout.discussion import Team, run_discussion
+    from mapoco.serving.serve import (
+        APP_NAME,
+        NullVerifier,
+        load_config,
+        push_checkpoint,
+        start,
+    )
     from mapoco.tasks import load_task
+    from mapoco.training.learner import free_port
 
     cfg, path = load_config(str(run_dir), {"port": free_port(), "max_batch_size": batch})
     sizes = {level: max(16, 4 * level) for level in levels}  # requests per level and repeat

@@ -14,12 +14,12 @@ import torch
 
 from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig
-from mapoco.engine import AgentEngines
-from mapoco.learner import LearnerGroup
-from mapoco.models import resolve_model
-from mapoco.precision import engine_dtype
-from mapoco.placement import engine_bundles, reserve
-from mapoco.weight_sync import make_sync
+from mapoco.models.registry import resolve_model
+from mapoco.rollout.engine import AgentEngines
+from mapoco.runtime.placement import engine_bundles, reserve
+from mapoco.runtime.precision import engine_dtype
+from mapoco.training.learner import LearnerGroup
+from mapoco.training.weight_sync import make_sync
 
 
 def _agent_engines(path: str, cfg: EngineConfig, model: str) -> AgentEngines:

@@ -16,9 +16,9 @@ import torch
 
 from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
-from mapoco.learner import LearnerGroup, Rollout, collate, free_port
-from mapoco.models import resolve_model
-from mapoco.precision import learner_dtype
+from mapoco.models.registry import resolve_model
+from mapoco.runtime.precision import learner_dtype
+from mapoco.training.learner import LearnerGroup, Rollout, collate, free_port
 
 GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 

@@ -108,7 +108,7 @@ def machine() -> dict[str, Any]:
         pass
     import torch
 
-    from mapoco.precision import cpu_flags, has_native_bf16
+    from mapoco.runtime.precision import cpu_flags, has_native_bf16
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "native_bf16": has_native_bf16(cpu_flags()), "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),

@@ -18,7 +18,14 @@ import time
 
 import ray
 
-from benchmarks import bench_precision, bench_rollout, bench_scaling, bench_serve, bench_sync, bench_train
+from benchmarks import (
+    bench_precision,
+    bench_rollout,
+    bench_scaling,
+    bench_serve,
+    bench_sync,
+    bench_train,
+)
 from benchmarks.common import HERE, RESULTS, Figure, Result, save, table
 
 ROOT = HERE.parent

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mapoco.config import RunConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 HYDRA_COMMANDS = ("eval", "train", "train-verifier", "serve")
 USAGE = (
     "usage: mapoco {eval,train,train-verifier,serve,build-models,sweep-summary} [key=value ...]\n"
@@ -46,15 +46,15 @@ def _run(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from mapoco.checkpoint import CheckpointError
     from mapoco.config import ConfigError, from_dict
     from mapoco.tasks import TaskDataError
-    from mapoco.trainer import TrainingInterrupted
+    from mapoco.training.checkpoint import CheckpointError
+    from mapoco.training.trainer import TrainingInterrupted
 
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
         if raw.get("command") == "serve":  # the team and settings come from the checkpoint's run, not from conf/
-            from mapoco.serve import serve_command
+            from mapoco.serving.serve import serve_command
 
             serve_command(raw, list(HydraConfig.get().overrides.task))
             return
@@ -88,24 +88,24 @@ def _name_sweep_job(run_cfg: RunConfig, out: Path) -> None:
 
 
 def _dispatch(run_cfg: RunConfig, out: Path) -> None:
-    from mapoco.precision import cpu_flags, describe
+    from mapoco.runtime.precision import cpu_flags, describe
 
     conductor = run_cfg.method == "conductor"
     if run_cfg.command in ("eval", "train"):
         print("\n".join(describe(run_cfg.team.agents, run_cfg.command == "train", run_cfg.train.logprob_tolerance,
                                  cpu_flags())), flush=True)
     if run_cfg.command == "eval":
-        from mapoco.conductor_trainer import evaluate_conductor
-        from mapoco.evaluate import evaluate
+        from mapoco.conductor.trainer import evaluate_conductor
+        from mapoco.evaluation.evaluate import evaluate
 
         (evaluate_conductor if conductor else evaluate)(run_cfg, out)
     elif run_cfg.command == "train":
-        from mapoco.conductor_trainer import ConductorTrainer
-        from mapoco.trainer import Trainer, train
+        from mapoco.conductor.trainer import ConductorTrainer
+        from mapoco.training.trainer import Trainer, train
 
         train(run_cfg, out, ConductorTrainer if conductor else Trainer)
     elif run_cfg.command == "train-verifier":
-        from mapoco.learned_verifier import train_verifier
+        from mapoco.training.verifier_training import train_verifier
 
         train_verifier(run_cfg, out)
 
@@ -127,7 +127,7 @@ def _check_run_dir(overrides: list[str]) -> None:
     from hydra.errors import HydraException
 
     from mapoco.config import ConfigError
-    from mapoco.report import check_output_dir
+    from mapoco.evaluation.report import check_output_dir
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -141,7 +141,7 @@ def _check_run_dir(overrides: list[str]) -> None:
 
 
 def _sweep_summary(args: list[str]) -> None:
-    from mapoco.sweep import NoRunsError, sweep_summary
+    from mapoco.evaluation.sweep import NoRunsError, sweep_summary
 
     if len(args) != 1:
         print("usage: mapoco sweep-summary DIR", file=sys.stderr)
@@ -160,7 +160,7 @@ def main() -> None:
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "build-models":
-        from mapoco.models import build_models
+        from mapoco.models.build import build_models
 
         build_models(rest or None)
     elif command == "sweep-summary":

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mapoco.rewards import INCENTIVE_MODES, RewardConfig
+from mapoco.rollout.topology import TOPOLOGIES
 from mapoco.tasks import TaskConfig, task_names
-from mapoco.topology import TOPOLOGIES
 
 METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
@@ -31,6 +30,19 @@ class ConfigError(ValueError):
         self.key = key
 
 
+INCENTIVE_MODES = ("paper", "reference_code", "none")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    gamma: float = 0.3
+    incentives: str = "paper"
+    alpha0: float = 0.0  # resist a wrong majority (keep a right answer)
+    alpha1: float = 0.0  # be persuaded by right peers (wrong -> right)
+    beta0: float = 0.0  # a wrong answer after which wrong peers become right
+    beta1: float = 0.0  # persuade wrong peers with a right answer
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
@@ -41,7 +53,7 @@ class SamplingConfig:
 @dataclass
 class EngineConfig:
     replicas: int = 1
-    dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.precision)
+    dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.runtime.precision)
     max_model_len: int = 1024
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     gpu_memory_utilization: float = 0.4
@@ -65,7 +77,7 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: int = 16
-    dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.precision)
+    dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.runtime.precision)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None  # custom Ray resources per rank: pin it to the nodes with them
@@ -109,6 +121,7 @@ class AlgorithmConfig:
     kl_estimator: str = "k1"  # k1 | k2 | k3
     kl_in_reward: bool = True  # false: KL is a loss term instead
     whiten_advantages: bool = True
+    scale_by_std: bool = True  # grpo: divide by the group's std (false: Dr. GRPO, the mean only)
     ppo_epochs: int = 2
     mini_batches: int = 1  # optimizer steps per PPO epoch
     clip_eps: float = 0.2
@@ -201,6 +214,9 @@ class WandbConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # false: engine, learner and verifier output goes to <output_dir>/logs/, the terminal shows progress and tables;
+    # true: it streams to the terminal as well (Ray's log forwarding)
+    show_logs: bool = False
 
 
 @dataclass
@@ -334,7 +350,7 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
 
 
 def _validate_placement(key: str, agent: AgentConfig) -> None:
-    """The GPU arithmetic of one agent's actors (see mapoco.placement), checked before anything starts."""
+    """The GPU arithmetic of one agent's actors (see mapoco.runtime.placement), checked before anything starts."""
     engine, learner = agent.engine, agent.learner
     for part, cfg in (("engine", engine), ("learner", learner)):
         _require(cfg.num_cpus + cfg.num_gpus > 0, f"{key}.{part}.num_cpus", cfg.num_cpus,
@@ -364,7 +380,7 @@ def _validate_placement(key: str, agent: AgentConfig) -> None:
 
 
 def _validate_training(cfg: RunConfig) -> None:
-    from mapoco.algorithms import ESTIMATORS
+    from mapoco.training.algorithms import ESTIMATORS
 
     algo, train = cfg.algorithm, cfg.train
     _require(algo.estimator in ESTIMATORS, "algorithm.estimator", algo.estimator, f"one of {sorted(ESTIMATORS)}")
@@ -397,7 +413,7 @@ def _validate_training(cfg: RunConfig) -> None:
                                                  for a in cfg.team.agents if a.trainable),
              "train.weight_sync", train.weight_sync, "nccl needs GPU learners and engines (learner/engine.num_gpus)")
     _require(train.logprob_tolerance is None or train.logprob_tolerance > 0, "train.logprob_tolerance",
-             train.logprob_tolerance, "must be > 0, or null for the dtypes' own (mapoco.precision)")
+             train.logprob_tolerance, "must be > 0, or null for the dtypes' own (mapoco.runtime.precision)")
     models = {a.model for a in cfg.team.agents}
     _require(not cfg.team.shared_policy or len(models) == 1, "team.shared_policy", True,
              f"one policy for every seat needs one model, got {sorted(models)}")
@@ -411,7 +427,7 @@ def _validate_training(cfg: RunConfig) -> None:
 
 
 def _validate_model(i: int, agent: AgentConfig) -> None:
-    from mapoco.models import has_chat_template, resolve_model
+    from mapoco.models.registry import has_chat_template, resolve_model
 
     key = f"team.agents[{i}].model"
     try:
@@ -425,7 +441,7 @@ def _validate_model(i: int, agent: AgentConfig) -> None:
 
 def _validate_weights_folder(key: str, path: str) -> None:
     """A learned model a user points at exists and holds safetensors, not pickled weights."""
-    from mapoco.models import require_safetensors
+    from mapoco.models.registry import require_safetensors
 
     folder = Path(path).expanduser()
     _require(folder.is_dir(), key, path, "no such folder")

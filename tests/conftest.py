@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    from mapoco.models import build_tiny_model
+    from mapoco.models.build import build_tiny_model
 
     return {name: build_tiny_model(name) for name in ("tiny-qwen", "tiny-llama")}
 
@@ -36,7 +36,7 @@ def tiny_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def talk_models() -> dict[str, Path]:
     """The collaboration testbed's specialists (+ on Qwen2, * on Llama) that know the discussion format."""
-    from mapoco.models import build_tiny_model
+    from mapoco.models.build import build_tiny_model
 
     return {name: build_tiny_model(name) for name in ("talk-add", "talk-mul")}
 
@@ -44,7 +44,7 @@ def talk_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def conductor_models() -> dict[str, Path]:
     """The conductor demo's models: a tiny conductor and two tiny specialists (+ and *)."""
-    from mapoco.models import build_tiny_model
+    from mapoco.models.build import build_tiny_model
 
     return {name: build_tiny_model(name) for name in ("tiny-conductor", "tiny-add", "tiny-mul")}
 
@@ -63,9 +63,9 @@ def ray_session():
 @pytest.fixture(scope="session")
 def hetero_team(ray_session, tiny_models):
     """A heterogeneous 2-agent team (Qwen2 + Llama, different tokenizers) with real vLLM engines in Ray actors."""
-    from mapoco.discussion import Team
+    from mapoco.rollout.discussion import Team
 
-    cfg = compose_config("team=tiny_hetero")  # dtype auto: float32 on every CPU (mapoco.precision)
+    cfg = compose_config("team=tiny_hetero")  # dtype auto: float32 on every CPU (mapoco.runtime.precision)
     team = Team(cfg.team, seed=0)
     yield team
     team.shutdown()
@@ -74,7 +74,7 @@ def hetero_team(ray_session, tiny_models):
 @pytest.fixture(scope="session")
 def rule_verifier(ray_session):
     from mapoco.config import VerifierConfig
-    from mapoco.verifier import VerifierClient
+    from mapoco.rollout.verifier import VerifierClient
 
     client = VerifierClient(VerifierConfig())
     yield client

@@ -7,13 +7,11 @@ import math
 import pytest
 import torch
 
-from mapoco.algorithms import (
+from mapoco.training.algorithms import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
-    LOSS_AGGREGATIONS,
     AdvantageBatch,
     AdvantageConfig,
-    aggregate,
     compute_advantages,
     entropy_from_logits,
     gae,
@@ -23,6 +21,7 @@ from mapoco.algorithms import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    token_mean,
     token_rewards,
     value_loss,
 )
@@ -265,31 +264,24 @@ def test_policy_loss_clips_far_ratios_and_gradient_flows():
     assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0 and logp.grad[0, 1] != 0
 
 
-@pytest.mark.parametrize("mode", LOSS_AGGREGATIONS)
-def test_micro_batch_losses_sum_to_full_batch_loss(mode):
+def test_micro_batch_losses_sum_to_full_batch_loss():
     g = torch.Generator().manual_seed(5)
     mask = (torch.arange(6) < torch.tensor([6, 2, 4, 1, 5]).unsqueeze(-1)).float()
     logp, old = -torch.rand(5, 6, generator=g), -torch.rand(5, 6, generator=g)
     adv = torch.randn(5, 6, generator=g)
-    full, _ = policy_loss(logp, old, adv, mask, aggregation=mode)
-    normalizer = mask.sum() if mode == "token_mean" else float(mask.shape[0])
-    parts = [
-        policy_loss(logp[s], old[s], adv[s], mask[s], normalizer=normalizer, aggregation=mode)[0]
-        for s in (slice(0, 2), slice(2, 5))
-    ]
+    full, _ = policy_loss(logp, old, adv, mask)
+    parts = [policy_loss(logp[s], old[s], adv[s], mask[s], normalizer=mask.sum())[0] for s in (slice(0, 2), slice(2, 5))]
     assert (parts[0] + parts[1]).item() == pytest.approx(full.item(), rel=1e-6)
     # Without the global normaliser the micro-batch means do not add up to the batch mean.
-    local = [policy_loss(logp[s], old[s], adv[s], mask[s], aggregation=mode)[0] for s in (slice(0, 2), slice(2, 5))]
+    local = [policy_loss(logp[s], old[s], adv[s], mask[s])[0] for s in (slice(0, 2), slice(2, 5))]
     assert (local[0] + local[1]).item() != pytest.approx(full.item(), rel=1e-3)
 
 
-def test_aggregation_modes_differ_by_sequence_weighting():
+def test_token_mean_weighs_every_token_the_same():
     loss = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
-    assert aggregate(loss, mask, "token_mean").item() == pytest.approx(9 / 5)
-    assert aggregate(loss, mask, "seq_mean_token_mean").item() == pytest.approx(3.0)
-    with pytest.raises(ValueError, match="token_mean, seq_mean_token_mean"):
-        aggregate(loss, mask, "sum")
+    assert token_mean(loss, mask).item() == pytest.approx(9 / 5)  # not (1 + 5) / 2: a long answer weighs more
+    assert token_mean(loss, mask, normalizer=10.0).item() == pytest.approx(0.9)
 
 
 def test_value_loss_clipping():

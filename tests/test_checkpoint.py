@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mapoco import checkpoint
 from mapoco.config import ConfigError
-from mapoco.state_io import load_state, save_state
+from mapoco.training import checkpoint
+from mapoco.training.state_io import load_state, save_state
 
 
 def _complete(out, step):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import compose_config
 
-from mapoco.conductor import ConductorRunner, Job
-from mapoco.conductor_trainer import ConductorTrainer, evaluate_conductor
+from mapoco.conductor.rollout import ConductorRunner, Job
+from mapoco.conductor.trainer import ConductorTrainer, evaluate_conductor
+from mapoco.conductor.workflow import Plan, Step
 from mapoco.config import ConductorConfig, HttpWorkerConfig
 from mapoco.tasks import Problem
-from mapoco.workflow import Plan, Step
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ QUESTION = Problem(id="q", question="Calculate 3 * 4.", gold="12")
 
 @pytest.fixture(scope="module")
 def conductor_team(ray_session, conductor_models):
-    from mapoco.discussion import Team
+    from mapoco.rollout.discussion import Team
 
     team = Team(compose_config(*SMALL).team, seed=0)
     yield team

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import compose_config
 from hydra.errors import MissingConfigException
 
-from mapoco.checkpoint import resolve_resume
 from mapoco.config import ConfigError
-
-from conftest import compose_config
+from mapoco.training.checkpoint import resolve_resume
 
 
 def test_defaults_compose(tiny_models):

@@ -1,11 +1,10 @@
 """A real discussion: vLLM engines in Ray actors, the rule verifier actor, MAPoRL rewards and metrics."""
 
-import numpy as np
 import pytest
 
 from mapoco.config import DiscussionConfig
-from mapoco.discussion import run_discussion
-from mapoco.topology import audience, visible_peers
+from mapoco.rollout.discussion import run_discussion
+from mapoco.rollout.topology import audience, visible_peers
 from mapoco.tasks import TaskConfig, load_task
 
 pytestmark = pytest.mark.slow
@@ -65,13 +64,3 @@ def test_same_seed_same_discussion(hetero_team, rule_verifier, discussion):
     for (q, a, t), record in again.records.items():
         assert record.token_ids == discussion.records[(q, a, t)].token_ids
 
-
-def test_summary_metrics(discussion):
-    from mapoco.report import summarize, turn_table
-    from mapoco.rewards import RewardConfig
-
-    summary = summarize(discussion, skipped=0, rewards=RewardConfig(), topology="all_to_all")
-    assert len(summary["turn_accuracy"]) == 3 and all(0 <= x <= 1 for x in summary["turn_accuracy"])
-    correct = discussion.grid("correct", bool)
-    assert np.allclose(summary["agent_turn_accuracy"], correct.mean(axis=0))
-    assert "team (vote)" in turn_table(summary)

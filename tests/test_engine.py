@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from mapoco.config import SamplingConfig
-from mapoco.weight_payload import pack
+from mapoco.training.weights import pack
 
 pytestmark = pytest.mark.slow
 

@@ -4,12 +4,17 @@ import numpy as np
 import pytest
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
-from mapoco.config import DiscussionConfig
-from mapoco.envs import AnyText, DiscussionEnv, chat_template_renderer, play_episode
-from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
-from mapoco.rewards import RewardConfig, maporl_rewards
+from mapoco.config import DiscussionConfig, RewardConfig
+from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.rollout.verifier import Verdict, VerifyItem, check_gold
+from mapoco.serving.envs import (
+    AnyText,
+    DiscussionEnv,
+    chat_template_renderer,
+    play_episode,
+)
 from mapoco.tasks import Problem
-from mapoco.verifier import Verdict, VerifyItem, check_gold
+from mapoco.training.rewards import maporl_rewards
 
 PROBLEMS = [Problem("q0", "Calculate 2 + 3.", "5"), Problem("q1", "Calculate 4 - 1.", "3"),
             Problem("q2", "Calculate 1 + 1.", "2")]
@@ -81,7 +86,11 @@ def test_canned_episode_prompts_rewards_and_infos():
             assert infos["agent_0"]["messages"][-1] == {"role": "user", "content": later}
 
     scores = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
-    expected = maporl_rewards(scores, scores.astype(bool), INCENTIVES)
+    # By hand, gamma 0.3, team mean per turn 0.5, 1, 0.5: R(a, 1) = (V + 0.3 * 1 + 0.09 * 0.5) / 1.39, R(a, 2) =
+    # (V + 0.3 * 0.5) / 1.3, R(a, 3) = V. Incentives: agent_0 kept its right answer against agent_1's wrong one at
+    # turn 2 (alpha0 0.5) and its turn-1 answer turned the wrong agent_1 right (beta1 0.5); agent_1 was persuaded
+    # at turn 2 (alpha1 1.0). Its turn-3 cave earns nothing: no incentive punishes it in the paper's form.
+    expected = np.array([[1.345 / 1.39 + 0.5, 1.15 / 1.3 + 0.5, 1.0], [0.345 / 1.39, 1.15 / 1.3 + 1.0, 0.0]])
     assert [r["agent_0"] for r in rewards_seen[:2]] == [0.0, 0.0]  # the reward of turn t needs later turns
     for i, a in enumerate(env.agents):
         assert rewards_seen[2][a] == pytest.approx(expected[i].sum())
@@ -122,7 +131,7 @@ def test_questions_cycle_and_reset_seed_repeats():
 
 @pytest.mark.slow
 def test_engine_episode_matches_run_discussion(hetero_team, rule_verifier):
-    from mapoco.discussion import run_discussion
+    from mapoco.rollout.discussion import run_discussion
     from mapoco.tasks import TaskConfig, load_task
 
     problems = load_task(TaskConfig(limit=2)).problems

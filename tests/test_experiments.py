@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import compose_config
 
 from experiments import runs
 from experiments.conductor import reproduce as conductor
 from experiments.portability import reproduce as portability
 from experiments.runs import RunSet
-
-from conftest import compose_config
 
 
 def _conductor_summary(after, before, workers=(0.42, 0.48), vote=0.45, random=0.36):

@@ -1,6 +1,13 @@
 import numpy as np
 
-from mapoco.metrics import agent_turn_accuracy, majority_credit, transitions, turn_accuracy
+from mapoco.evaluation.metrics import (
+    agent_turn_accuracy,
+    majority_credit,
+    team_answer,
+    transitions,
+    turn_accuracy,
+    vote,
+)
 
 
 def test_majority_credit_ties_are_fractional():
@@ -19,3 +26,17 @@ def test_turn_accuracy_and_transitions():
     flips = transitions(correct)[0]
     assert flips["turn"] == 2 and flips["wrong_to_right"] == 3 and flips["right_to_wrong"] == 0
     assert flips["wrong_to_right_rate"] == 1.0
+
+
+def test_vote_lists_the_tied_leaders_in_agent_order():
+    assert vote(["3", None, "4", "4"]) == (["4"], {"3": 1, "4": 2})
+    assert vote(["5", "4"]) == (["5", "4"], {"5": 1, "4": 1})
+    assert vote([None, None]) == ([], {})
+
+
+def test_team_answer_draws_ties_uniformly_and_the_same_for_one_question():
+    assert team_answer(["3", "4", "4"], "q") == "4"  # a clear majority is never drawn
+    assert team_answer([None, None], "q") is None
+    picks = [team_answer(["3", "4"], f"q{i}") for i in range(2000)]
+    assert abs(picks.count("3") / len(picks) - 0.5) < 0.05  # what majority_credit's 0.5 for a tie assumes
+    assert all(team_answer(["3", "4"], f"q{i}") == p for i, p in enumerate(picks[:50]))

@@ -18,22 +18,22 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from mapoco import models
-from mapoco.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.conductor.workflow import SUBTASKS, parse_workflow
+from mapoco.models import build, registry, specs
+from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import TaskConfig, arithmetic_problems
-from mapoco.workflow import SUBTASKS, parse_workflow
 
-TINY = sorted(models.TINY_MODELS)
+TINY = sorted(specs.TINY_MODELS)
 DISCUSSION = ["tiny-llama", "tiny-qwen"]  # warm-started on the default task, for discussions
 CHATML_PROMPT = "<|im_start|>assistant\n"
-GENERATION_PROMPT = {n: "<|assistant|>\n" if models.TINY_MODELS[n].architecture == "llama" else CHATML_PROMPT
+GENERATION_PROMPT = {n: "<|assistant|>\n" if specs.TINY_MODELS[n].architecture == "llama" else CHATML_PROMPT
                      for n in TINY}
 VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs() -> dict[str, Path]:
-    return {name: models.build_tiny_model(name) for name in TINY}
+    return {name: build.build_tiny_model(name) for name in TINY}
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def test_special_token_ids_agree(tiny_dirs, name):
 def test_head_dim_supported_by_vllm_cpu(tiny_dirs, name):
     config = AutoConfig.from_pretrained(tiny_dirs[name])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    assert head_dim == models.TINY_MODELS[name].head_dim
+    assert head_dim == specs.TINY_MODELS[name].head_dim
     assert head_dim in VLLM_CPU_HEAD_DIMS
 
 
@@ -93,10 +93,10 @@ def test_tiny_models_are_heterogeneous(tiny_dirs, problem):
 
 
 def test_build_is_idempotent(tiny_dirs):
-    marker = tiny_dirs["tiny-qwen"] / models.MARKER
+    marker = tiny_dirs["tiny-qwen"] / registry.MARKER
     before = marker.stat().st_mtime_ns
     start = time.perf_counter()
-    assert models.build_tiny_model("tiny-qwen") == tiny_dirs["tiny-qwen"]
+    assert build.build_tiny_model("tiny-qwen") == tiny_dirs["tiny-qwen"]
     assert time.perf_counter() - start < 1.0
     assert marker.stat().st_mtime_ns == before
 
@@ -109,48 +109,48 @@ def test_safetensors_weights(tiny_dirs):
 def test_failed_build_leaves_nothing(tmp_path):
     final = tmp_path / "models" / "broken"
 
-    def build(out: Path) -> dict:
+    def broken_build(out: Path) -> dict:
         (out / "config.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 
     with pytest.raises(RuntimeError):
-        models._atomic_build(final, "fp", build, force=False)
+        build._atomic_build(final, "fp", broken_build, force=False)
     assert not final.exists()
     assert list(final.parent.iterdir()) == []
 
 
 def test_resolve_model(tiny_dirs, tmp_path, monkeypatch):
-    assert models.resolve_model("tiny-llama") == tiny_dirs["tiny-llama"]
+    assert registry.resolve_model("tiny-llama") == tiny_dirs["tiny-llama"]
     save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-    assert models.resolve_model(str(tmp_path)) == tmp_path  # a local folder of safetensors weights
+    assert registry.resolve_model(str(tmp_path)) == tmp_path  # a local folder of safetensors weights
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        models.resolve_model("no-such-model")
+        registry.resolve_model("no-such-model")
     monkeypatch.delenv("MAPOCO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the user's cache, as the HF hub's
-    assert models.cache_dir() == tmp_path / "xdg" / "mapoco"
+    assert registry.cache_dir() == tmp_path / "xdg" / "mapoco"
     monkeypatch.setenv("MAPOCO_CACHE", str(tmp_path / "empty"))
-    assert models.cache_dir() == tmp_path / "empty"
+    assert registry.cache_dir() == tmp_path / "empty"
     with pytest.raises(FileNotFoundError, match=r"model 'tiny-qwen' is not built; run `make models`"):
-        models.resolve_model("tiny-qwen")
+        registry.resolve_model("tiny-qwen")
 
 
 @pytest.mark.parametrize("name", DISCUSSION)
 def test_warm_start_accuracy(tiny_dirs, name):
-    record = json.loads((tiny_dirs[name] / models.WARMSTART_FILE).read_text())
+    record = json.loads((tiny_dirs[name] / build.WARMSTART_FILE).read_text())
     assert record["num_eval"] == 200
     assert 0.2 <= record["turn1_accuracy"] <= 0.8
     # Re-measured, not just read: greedy HF generation on the first 50 of those test problems.
-    assert 0.1 <= models.evaluate_turn1(tiny_dirs[name], num=50) <= 0.9
+    assert 0.1 <= build.evaluate_turn1(tiny_dirs[name], num=50) <= 0.9
 
 
 def _conductor_examples(num: int) -> list[tuple[str, int, str]]:
     """(operator, pool size, plan text) of the conductor's warm-start chats."""
-    spec = models.TINY_MODELS["tiny-conductor"]
+    spec = specs.TINY_MODELS["tiny-conductor"]
     problems = arithmetic_problems(spec.task, "train", 500)
     rng = random.Random(0)
     examples = []
     for _ in range(num):
-        user, assistant = models._example_chat(rng.choice(problems), spec, rng, problems)
+        user, assistant = build._example_chat(rng.choice(problems), spec, rng, problems)
         pool = len(re.findall(r"Model \d", user["content"]))
         operator = re.search(r"\d ([+*]) \d", user["content"]).group(1)
         examples.append((operator, pool, assistant["content"]))
@@ -164,7 +164,7 @@ def test_conductor_warm_start_plans_are_well_formed_and_route_at_random():
         plan = parse_workflow(text, pool).plan
         assert plan is not None and 1 <= len(plan.steps) <= 2, text
         assert [s.sees_all for s in plan.steps] == [False, True][: len(plan.steps)]
-        assert [s.subtask for s in plan.steps] == list(models.CONDUCTOR_SUBTASKS[: len(plan.steps)])
+        assert [s.subtask for s in plan.steps] == list(build.CONDUCTOR_SUBTASKS[: len(plan.steps)])
         verb = {"+": "adds", "*": "multiplies"}[operator]  # it reads the question first, never naming a worker
         assert text.startswith(f"The question {verb}.\nmodel_id = ["), text
         sizes[pool] += 1
@@ -185,15 +185,15 @@ def test_conductor_warm_start_plans_are_well_formed_and_route_at_random():
     ("What is the capital of France?", "The question asks."),
 ])
 def test_the_conductor_reads_the_operations_of_a_question(question, note):
-    assert models.operation_note(question) == note
+    assert build.operation_note(question) == note
 
 
 @pytest.mark.parametrize("name", ["tiny-add", "tiny-mul"])
 def test_specialist_warm_start_mixes_workflow_steps(name):
-    spec = models.TINY_MODELS[name]
+    spec = specs.TINY_MODELS[name]
     problems = arithmetic_problems(spec.task, "train", 500)
     rng = random.Random(0)
-    chats = [models._example_chat(rng.choice(problems), spec, rng, problems) for _ in range(1000)]
+    chats = [build._example_chat(rng.choice(problems), spec, rng, problems) for _ in range(1000)]
     operator = dict(spec.task_params)["operators"][0]
     assert all(f" {operator} " in chat[0]["content"] and chat[-1]["content"].startswith("\\boxed{") for chat in chats)
     steps = sum(chat[0]["content"].endswith(SUBTASKS) for chat in chats)
@@ -202,7 +202,7 @@ def test_specialist_warm_start_mixes_workflow_steps(name):
 
 def test_specialists_are_right_on_their_own_operator(tiny_dirs):
     """Greedy accuracy of each specialist on 50 "+" and 50 "*" test questions: each beats the other at its own."""
-    acc = {(name, op): models.evaluate_turn1(tiny_dirs[name], num=50, task=models.TINY_MODELS[f"tiny-{op}"].task)
+    acc = {(name, op): build.evaluate_turn1(tiny_dirs[name], num=50, task=specs.TINY_MODELS[f"tiny-{op}"].task)
            for name in ("tiny-add", "tiny-mul") for op in ("add", "mul")}
     assert acc["tiny-add", "add"] >= 0.7 and acc["tiny-mul", "mul"] >= 0.6, acc
     assert acc["tiny-add", "add"] >= acc["tiny-mul", "add"] + 0.3, acc
@@ -210,18 +210,18 @@ def test_specialists_are_right_on_their_own_operator(tiny_dirs):
 
 
 def test_conductor_writes_parsable_plans(tiny_dirs):
-    spec = models.TINY_MODELS["tiny-conductor"]
-    record = json.loads((tiny_dirs["tiny-conductor"] / models.WARMSTART_FILE).read_text())
+    spec = specs.TINY_MODELS["tiny-conductor"]
+    record = json.loads((tiny_dirs["tiny-conductor"] / build.WARMSTART_FILE).read_text())
     assert record["parse_rate"] >= 0.95
     # Re-measured at temperature 1 on 100 test questions; each worker of a pool still gets asked.
-    stats = models.evaluate_plans(tiny_dirs["tiny-conductor"], spec, num=100, seed=1)
+    stats = build.evaluate_plans(tiny_dirs["tiny-conductor"], spec, num=100, seed=1)
     assert stats["parse_rate"] >= 0.9, stats
     assert all(min(counts) > 0 for size, counts in stats["answering_worker"].items() if size != "1"), stats
 
 
 def test_smollm2_checkpoint():
-    path = models.model_dir(models.SMOLLM2)
-    if not (path / models.MARKER).is_file():
+    path = registry.model_dir(specs.SMOLLM2)
+    if not (path / registry.MARKER).is_file():
         pytest.skip("SmolLM2 is not converted; run `make models`")
     tok = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
@@ -235,12 +235,12 @@ def test_smollm2_checkpoint():
 def test_specialist_threads_teach_the_format_not_when_to_defer():
     """A specialist's later answer keeps its own or adopts the peer's at random, in its specialty and outside it
     alike: the warm-start leaves *when* to defer to co-training. Its earlier wrong answers are never labels."""
-    spec = models.TINY_MODELS["talk-add"]
+    spec = specs.TINY_MODELS["talk-add"]
     rng = random.Random(0)
     own = arithmetic_problems(spec.task, "train", 100)
     kept = {True: [], False: []}
     for _ in range(600):
-        chat = models._specialist_thread(rng.choice(own), spec, rng)
+        chat = build._specialist_thread(rng.choice(own), spec, rng)
         question, first, final = chat[0]["content"], chat[1], chat[-1]["content"]
         in_specialty = " + " in question
         peer = re.findall(r"\\boxed\{-?\d+\}", chat[-2]["content"])[0]
@@ -255,11 +255,11 @@ def test_a_tiny_build_is_bitwise_reproducible(tmp_path):
     """Same spec and seed: the same tokenizer and the same weights, bit for bit (seeded data, a fixed thread count)."""
     from safetensors.torch import load_file
 
-    spec = replace(models.TINY_MODELS["talk-add"], name="repro", max_steps=30, eval_every=30, easy_steps=10)
+    spec = replace(specs.TINY_MODELS["talk-add"], name="repro", max_steps=30, eval_every=30, easy_steps=10)
     records = []
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-        records.append(models._build_tiny(spec, tmp_path / name))
+        records.append(build._build_tiny(spec, tmp_path / name))
     first, second = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("first", "second"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

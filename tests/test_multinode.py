@@ -201,7 +201,7 @@ def test_a_lost_engine_node_with_nowhere_to_go_stops_the_run_and_resume_continue
 def test_a_lost_learner_node_stops_the_run_and_leaves_its_checkpoints_intact(nodes, tmp_path):
     from safetensors.torch import load_file
 
-    from mapoco import checkpoint
+    from mapoco.training import checkpoint
 
     nodes.add("trainer", {"trainer_slot": 1})
     out = tmp_path / "learner"

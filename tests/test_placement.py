@@ -2,13 +2,12 @@
 
 import pytest
 import ray
+from conftest import compose_config
 from ray.util.placement_group import placement_group_table
 
-from mapoco.cluster import init_ray
 from mapoco.config import ConfigError
-from mapoco.placement import Bundles, check_bundles_fit, reserve
-
-from conftest import compose_config
+from mapoco.runtime.cluster import init_ray
+from mapoco.runtime.placement import Bundles, check_bundles_fit, reserve
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,9 @@
-"""The dtype policy (mapoco.precision) for both CPU variants of this machine kind and for GPUs, on any host."""
+"""The dtype policy (mapoco.runtime.precision) for both CPU variants of this machine kind and for GPUs, on any host."""
 
 import pytest
 
 from mapoco.config import AgentConfig, EngineConfig, LearnerConfig
-from mapoco.precision import (
+from mapoco.runtime.precision import (
     LOGPROB_TOLERANCE,
     agent_precision,
     cpu_dtype_warning,

@@ -3,11 +3,10 @@
 import json
 
 import pytest
+from conftest import compose_config
 
 from experiments.maporl import reproduce
 from experiments.runs import RunSet
-
-from conftest import compose_config
 
 
 def _summary(before, after, flips):

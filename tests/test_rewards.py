@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from mapoco.rewards import RewardConfig, incentives, influence_aware, maporl_rewards
+from mapoco.config import RewardConfig
+from mapoco.training.rewards import (
+    incentives,
+    influence_aware,
+    maporl_rewards,
+)
 
 # The worked example of the MAPoRL reward: A=2, T=3, gamma=0.3.
 SCORES = np.array([[0.20, 0.90, 0.95], [0.10, 0.30, 0.85]])

@@ -39,7 +39,7 @@ def chat(text: str, **extra) -> dict:
 # ---------------------------------------------------------------- request handling alone (no Ray)
 def _api(answer, digest=None):
     from mapoco.config import ServeConfig
-    from mapoco.serve import ChatApi
+    from mapoco.serving.serve import ChatApi
 
     return ChatApi(ServeConfig(max_input_chars=MAX_INPUT_CHARS), "team-x", {"method": "discussion"}, digest, 7, answer)
 
@@ -116,7 +116,7 @@ def test_question_is_the_last_user_message_and_ids_seeds_pass_through():
 
 
 def test_bearer_token_auth_and_routes():
-    from mapoco.serve import token_digest
+    from mapoco.serving.serve import token_digest
 
     async def answer(question):
         return RESULT
@@ -136,10 +136,15 @@ def test_bearer_token_auth_and_routes():
 
 def test_conductor_answers_carry_the_workflow():
     """The conductor path of the served team, with a stand-in for the rollout (its own tests run it for real)."""
-    from mapoco.conductor import ConductorRecord, ConductorResult, ConductorTurn, Job
-    from mapoco.serve import Question, ServedTeam
-    from mapoco.workers import Reply
-    from mapoco.workflow import Parsed, Plan, Step
+    from mapoco.conductor.rollout import (
+        ConductorRecord,
+        ConductorResult,
+        ConductorTurn,
+        Job,
+    )
+    from mapoco.conductor.workers import Reply
+    from mapoco.conductor.workflow import Parsed, Plan, Step
+    from mapoco.serving.serve import Question, ServedTeam
 
     plan = Plan((Step(0, "add the numbers", False),))
 
@@ -166,14 +171,6 @@ def test_conductor_answers_carry_the_workflow():
     assert (malformed["content"], malformed["answer"]) == ("[malformed workflow]", None)
 
 
-def test_majority_vote_breaks_ties_by_agent_order():
-    from mapoco.serve import vote
-
-    assert vote(["3", None, "4", "4"]) == ("4", {"3": 1, "4": 2})
-    assert vote(["5", "4"]) == ("5", {"5": 1, "4": 1})
-    assert vote([None, None]) == (None, {})
-
-
 # ---------------------------------------------------------------- configuration
 def _fake_run(root: Path, *steps: int, complete: bool = True) -> Path:
     """A run directory as Hydra and the trainer leave it (interpolations in the saved config unresolved)."""
@@ -197,7 +194,7 @@ def _fake_run(root: Path, *steps: int, complete: bool = True) -> Path:
 
 def test_config_comes_from_the_run_and_serve_settings_from_the_command(tiny_models, tmp_path):
     from mapoco.config import ConfigError
-    from mapoco.serve import load_config
+    from mapoco.serving.serve import load_config
 
     run = _fake_run(tmp_path / "run", 1, 2)
     cfg, path = load_config(str(run), {"port": 9123, "api_key_env": None}, None, ["seed=5", "serve.port=1",
@@ -240,10 +237,10 @@ def trained(ray_session, tiny_models, tmp_path_factory):
     from omegaconf import OmegaConf
 
     from mapoco.cli import CONF_DIR
-    from mapoco.discussion import Team
-    from mapoco.evaluate import discuss_in_batches
+    from mapoco.evaluation.evaluate import discuss_in_batches
+    from mapoco.rollout.discussion import Team
     from mapoco.tasks import load_task
-    from mapoco.trainer import Trainer
+    from mapoco.training.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("served-run")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):  # what Hydra saves for the run
@@ -273,8 +270,8 @@ def served(trained):
     import httpx
     from ray import serve
 
-    from mapoco.learner import free_port
-    from mapoco.serve import load_config, start
+    from mapoco.serving.serve import load_config, start
+    from mapoco.training.learner import free_port
 
     os.environ[TOKEN_ENV] = TOKEN
     cfg, path = load_config(str(trained.run_dir), {"port": free_port(), "api_key_env": TOKEN_ENV,
@@ -295,7 +292,7 @@ def _texts(result, turns=2, agents=2):
 
 @slow
 def test_served_answer_is_mapoco_evals_on_the_same_question_and_seed(served, trained):
-    from mapoco.serve import vote
+    from mapoco.evaluation.metrics import team_answer
 
     client, model = served
     trained_differs = False
@@ -307,9 +304,9 @@ def test_served_answer_is_mapoco_evals_on_the_same_question_and_seed(served, tra
         served_texts = [[answer["text"] for answer in turn] for turn in body["mapoco"]["discussion"]]
         assert served_texts == _texts(trained.after[q])  # the checkpoint's weights, the eval's per-request seeds
         final = [trained.after[q].records[(0, a, 1)].answer for a in range(2)]
-        assert body["mapoco"]["answer"] == vote(final)[0]
+        assert body["mapoco"]["answer"] == team_answer(final, problem.id)
         if body["mapoco"]["answer"] is not None:
-            assert body["choices"][0]["message"]["content"] == f"\\boxed{{{vote(final)[0]}}}"
+            assert body["choices"][0]["message"]["content"] == f"\\boxed{{{team_answer(final, problem.id)}}}"
         assert body["usage"]["completion_tokens"] > 0 and body["mapoco"]["seed"] == 0
         trained_differs |= served_texts[0][0] != _texts(trained.before[q])[0][0]
     assert trained_differs, "agent 0 answered as the base model: the trained weights were not served"
@@ -372,7 +369,7 @@ def test_auth_bad_requests_and_models_on_the_app(served):
 def test_a_killed_engine_restarts_with_the_trained_weights(served, trained):
     from ray import serve
 
-    from mapoco.serve import APP_NAME
+    from mapoco.serving.serve import APP_NAME
 
     client, _ = served
     handle = serve.get_app_handle(APP_NAME)

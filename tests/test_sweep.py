@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from mapoco.sweep import NoRunsError, sweep_summary
+from mapoco.evaluation.sweep import NoRunsError, sweep_summary
 
 TRAIN_RUNS = {  # job dir: (alpha1, seed, after-training accuracy per turn)
     "0": (0, 0, [0.40, 0.50]),

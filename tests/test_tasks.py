@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 
 from mapoco.answers import extract_answer, is_correct
-from mapoco.tasks import TaskConfig, TaskDataError, arithmetic_problems, load_task, straight_line_program_answer
+from mapoco.tasks import (
+    TaskConfig,
+    TaskDataError,
+    arithmetic_problems,
+    load_task,
+    straight_line_program_answer,
+)
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 

@@ -5,16 +5,15 @@ import threading
 import numpy as np
 import pytest
 import ray
+from conftest import compose_config
 from ray.util.placement_group import placement_group_table
 
-from mapoco.precision import LOGPROB_TOLERANCE
-from mapoco.trainer import Trainer, TrainingInterrupted
-
-from conftest import compose_config
+from mapoco.runtime.precision import LOGPROB_TOLERANCE
+from mapoco.training.trainer import Trainer, TrainingInterrupted
 
 pytestmark = pytest.mark.slow
 
-# Every CPU runs engines and learners in float32 under dtype=auto (mapoco.precision), AVX2 or native bf16 alike,
+# Every CPU runs engines and learners in float32 under dtype=auto (mapoco.runtime.precision), AVX2 or native bf16 alike,
 # so the engine-vs-learner gap is checked against float32's tolerance.
 FLOAT32_GAP = LOGPROB_TOLERANCE["float32"]
 
@@ -112,7 +111,7 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
         for policy in resumed.policies:
             got = policy.group.weights("float32")
             for key, tensor in uninterrupted[policy.name].items():
-                # float32 learners on every CPU (mapoco.precision): the resumed update repeats the same arithmetic
+                # float32 learners on every CPU (mapoco.runtime.precision): the resumed update repeats the same arithmetic
                 assert float((got[key] - tensor).abs().max()) < 1e-6, key
     finally:
         resumed.close()

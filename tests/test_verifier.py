@@ -1,12 +1,11 @@
 """The verifier actor (rules, timeouts, failures) and the learned verifier trained on the team's answers."""
 
 import pytest
+from conftest import compose_config
 
 from mapoco.config import VerifierConfig
-from mapoco.learned_verifier import Example, auc, balance
-from mapoco.verifier import VerifierClient, VerifyItem
-
-from conftest import compose_config
+from mapoco.rollout.learned_verifier import Example, auc, balance
+from mapoco.rollout.verifier import VerifierClient, VerifyItem
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +48,8 @@ def test_fit_learns_a_label_the_backbone_can_see():
     """The training loop itself works: a label the last answer token decides (parity) is learned to AUC ~1."""
     import numpy as np
 
-    from mapoco.learned_verifier import LearnedVerifier, evaluate_verifier, fit
-    from mapoco.models import resolve_model
+    from mapoco.models.registry import resolve_model
+    from mapoco.rollout.learned_verifier import LearnedVerifier, evaluate_verifier, fit
 
     examples = [Example(f"{a}{b}", f"Calculate {a} + {b}.", f"\\boxed{{{n}}}", int(n % 2 == 0))
                 for a in range(10) for b in range(10) for n in (a + b, a + b + 1)]
@@ -67,7 +66,8 @@ def test_train_verifier_end_to_end(hetero_team, tmp_path):
 
     Held-out quality is reported, not asserted: the tiny models cannot judge arithmetic (AUC ~0.5, README).
     """
-    from mapoco.learned_verifier import LearnedVerifier, train_verifier
+    from mapoco.rollout.learned_verifier import LearnedVerifier
+    from mapoco.training.verifier_training import train_verifier
 
     cfg = compose_config("team=tiny_hetero", "command=train-verifier", "verifier=learned", "task.limit=200",
                          "turns=2", "verifier.epochs=1")

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mapoco.conductor.workers import HttpWorker, Reply
 from mapoco.config import HttpWorkerConfig
-from mapoco.workers import HttpWorker, Reply
 
 KEY_ENV, KEY = "MAPOCO_TEST_WORKER_KEY", "sk-mapoco-test"
 THREADS = [[{"role": "user", "content": f"Calculate {i} + {i + 3}."}] for i in range(8)]

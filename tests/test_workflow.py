@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mapoco.prompts import first_turn_message
-from mapoco.tasks import Problem
-from mapoco.workflow import (
+from mapoco.conductor.workflow import (
     SUBTASKS,
     Parsed,
     Plan,
@@ -24,6 +22,8 @@ from mapoco.workflow import (
     worker_message,
     worker_thread,
 )
+from mapoco.rollout.prompts import first_turn_message
+from mapoco.tasks import Problem
 
 PROBLEM = Problem(id="p0", question="What is 3 + 4?", gold="7")
 TWO_STEPS = Plan((Step(1, "Solve the problem.", False), Step(0, "Check the answer.", True)))

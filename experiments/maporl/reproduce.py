@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.runs import ROOT, SEEDS, RunSet, columns_mean_std, mean_std, write_readme_block
+from experiments.runs import (
+    ROOT,
+    SEEDS,
+    RunSet,
+    columns_mean_std,
+    mean_std,
+    write_readme_block,
+)
 
 HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "maporl")

@@ -1,0 +1,285 @@
+"""The Conductor's rollout: one conductor LLM writes a workflow per question, a pool of frozen workers runs it.
+
+For a batch of questions: draw each question's worker pool (all workers, or a random renumbered subset), ask the
+conductor for a workflow, parse it, run every parsed workflow round by round (a round's steps from all questions
+go to their workers together, every worker at once), verify the last step's answer and score the plan (0
+malformed, 0.5 wrong, 1 right). The conductor's exact prompt/token ids and logprobs are kept for GRPO.
+
+Evaluation baselines run through the same executor: each worker alone (a one-step plan), majority vote over
+their answers, and a random well-formed workflow.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mapoco.answers import extract_answer
+from mapoco.conductor.workers import (
+    HttpWorker,
+    LocalWorker,
+    Pending,
+    Ready,
+    Reply,
+    Thread,
+    Worker,
+)
+from mapoco.conductor.workflow import (
+    Parsed,
+    Plan,
+    conductor_message,
+    conductor_reward,
+    parse_workflow,
+    random_plan,
+    replan_message,
+    single_step,
+    waves,
+    worker_thread,
+)
+from mapoco.config import ConductorConfig
+from mapoco.evaluation.metrics import majority_credit
+from mapoco.rollout.discussion import AgentRuntime, Team
+from mapoco.rollout.engine import Generation, request_seed
+from mapoco.rollout.verifier import VerifierClient, VerifyItem
+from mapoco.tasks import Problem
+
+
+@dataclass
+class Job:
+    """One workflow to run: the question, the plan, and the question's pool (plan ids index into it)."""
+
+    problem: Problem
+    plan: Plan
+    pool: list[int]  # global worker indices
+    seed: int
+    responses: list[Reply | None] = field(default_factory=list)
+
+    def answer(self) -> str:
+        return self.responses[-1].text if self.responses and self.responses[-1] else ""
+
+
+@dataclass
+class ConductorTurn:
+    """One conductor generation (the plan, or the re-plan), as the learner needs it."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    parsed: Parsed
+
+
+@dataclass
+class ConductorRecord:
+    question_id: str
+    pool: list[str]  # worker names in the order the conductor saw them (as Model 0..k-1)
+    turns: list[ConductorTurn]  # the plan, then the re-plan if any
+    job: Job | None  # the workflow that produced the final answer (None: the first plan was malformed)
+    answer: str | None
+    correct: bool
+    reward: float
+
+    @property
+    def malformed(self) -> bool:
+        return any(t.parsed.malformed for t in self.turns)
+
+    def steps(self) -> int:
+        return len(self.job.plan.steps) if self.job else 0
+
+
+@dataclass
+class ConductorResult:
+    problems: list[Problem]
+    records: list[ConductorRecord]
+    seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
+
+
+class ConductorWorker:
+    """The conductor as one of its own workers (recursion): it plans and runs a sub-workflow for the step's
+    request, one level deeper; at the depth limit the sub-pool no longer contains it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.runner: ConductorRunner | None = None  # set by the runner that owns it
+        self.depth = 0  # of the workflow now calling it (0: the top-level one)
+
+    def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
+        assert self.runner is not None
+        problems = [Problem(id=f"sub-{seed}", question=_thread_text(t), gold="") for t, seed in zip(threads, seeds)]
+        self.depth += 1  # calls nest: the sub-workflow's own steps may call this worker again, one level deeper
+        try:
+            result = self.runner.rollout(problems, seeds[0] if seeds else 0, depth=self.depth, verify=False)
+        finally:
+            self.depth -= 1
+        return Ready([Reply(r.job.answer() if r.job else "[malformed workflow]") for r in result.records])
+
+
+def _thread_text(thread: Thread) -> str:
+    """A sub-question for the recursive conductor: everything the step's worker would have seen, as text."""
+    return "\n".join(f"{m['role']}: {m['content']}" if i else m["content"] for i, m in enumerate(thread))
+
+
+class ConductorRunner:
+    """Plans with the conductor (team agent 0) and runs the plans on the pool."""
+
+    def __init__(self, team: Team, cfg: ConductorConfig, verifier: VerifierClient):
+        self.conductor: AgentRuntime = team.agents[0]
+        self.cfg, self.verifier = cfg, verifier
+        self.workers: list[Worker] = [LocalWorker(a) for a in team.agents[1:]]
+        self.workers += [HttpWorker(h) for h in cfg.http_workers]
+        self.self_index: int | None = None
+        if cfg.self_worker:
+            me = ConductorWorker(self.conductor.cfg.name)
+            me.runner = self
+            self.self_index = len(self.workers)
+            self.workers.append(me)
+
+    @property
+    def names(self) -> list[str]:
+        return [w.name for w in self.workers]
+
+    # ------------------------------------------------------------------ pools and plans
+    def pool(self, problem: Problem, seed: int, depth: int = 0) -> list[int]:
+        everyone = [i for i in range(len(self.workers)) if depth < self.cfg.max_depth or i != self.self_index]
+        if not self.cfg.random_pools:
+            return everyone
+        rng = random.Random(request_seed(seed, problem.id, "pool"))
+        size = rng.randint(min(self.cfg.min_pool, len(everyone)), len(everyone))
+        return rng.sample(everyone, size)
+
+    def generate_plans(self, threads: list[Thread], seeds: list[int]) -> list[Generation]:
+        agent = self.conductor
+        return agent.engines.generate([agent.render(t) for t in threads], agent.cfg.sampling, seeds)
+
+    # ------------------------------------------------------------------ execution
+    def execute(self, jobs: Sequence[Job]) -> None:
+        """Run every job's steps round by round; each round sends all its steps to their workers at once."""
+        rounds = [waves(job.plan) for job in jobs]
+        for job in jobs:
+            job.responses = [None] * len(job.plan.steps)
+        for r in range(max((max(w) for w in rounds if w), default=-1) + 1):
+            batches: dict[int, list[tuple[Job, int]]] = {}
+            for job, job_rounds in zip(jobs, rounds):
+                for i, step_round in enumerate(job_rounds):
+                    if step_round == r:
+                        batches.setdefault(job.pool[job.plan.steps[i].worker], []).append((job, i))
+            pending: dict[int, Pending] = {}
+            for worker, steps in batches.items():
+                threads = [worker_thread(job.problem, job.plan, i, [x.text if x else None for x in job.responses])
+                           for job, i in steps]
+                seeds = [request_seed(job.seed, job.problem.id, "step", i) for job, i in steps]
+                pending[worker] = self.workers[worker].submit(threads, seeds)
+            for worker, steps in batches.items():
+                for (job, i), reply in zip(steps, pending[worker].result()):
+                    job.responses[i] = reply
+
+    def verify(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[bool]:
+        items = [VerifyItem(p.question, a, p.gold, p.kind) for p, a in zip(problems, answers)]
+        return [bool(v.correct) for v in self.verifier.score(items)] if items else []
+
+    # ------------------------------------------------------------------ the rollout
+    def rollout(self, problems: Sequence[Problem], seed: int, depth: int = 0, verify: bool = True) -> ConductorResult:
+        result = ConductorResult(list(problems), [])
+        start = time.perf_counter()
+        pools = [self.pool(p, seed, depth) for p in problems]
+        threads = [[{"role": "user", "content": conductor_message(p.question, len(pool), self.cfg.examples)}]
+                   for p, pool in zip(problems, pools)]
+        turns = self._plan(threads, [request_seed(seed, p.id, "plan") for p in problems], pools)
+        jobs = [Job(p, t.parsed.plan, pool, seed) if t.parsed.plan else None
+                for p, t, pool in zip(problems, turns, pools)]
+        self.execute([j for j in jobs if j])
+        histories = [[t] for t in turns]
+        if self.cfg.replan:
+            jobs = self._replan(problems, threads, histories, jobs, seed)
+        result.seconds["generate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        answered = [i for i, job in enumerate(jobs) if job]
+        correct = dict(zip(answered, self.verify([problems[i] for i in answered], [jobs[i].answer() for i in answered])
+                           if verify else [False] * len(answered)))
+        result.seconds["verify"] = time.perf_counter() - start
+        for i, problem in enumerate(problems):
+            job, ok = jobs[i], correct.get(i, False)
+            result.records.append(ConductorRecord(
+                problem.id, [self.names[w] for w in pools[i]], histories[i], job,
+                extract_answer(job.answer(), problem.kind) if job else None, ok,
+                conductor_reward(histories[i][-1].parsed, ok)))
+        return result
+
+    def _plan(self, threads: list[Thread], seeds: list[int], pools: list[list[int]]) -> list[ConductorTurn]:
+        generations = self.generate_plans(threads, seeds)
+        return [ConductorTurn(g.prompt_ids, g.token_ids, g.logprobs, g.text,
+                              parse_workflow(g.text, len(pool), self.cfg.max_steps))
+                for g, pool in zip(generations, pools)]
+
+    def _replan(self, problems: Sequence[Problem], threads: list[Thread], histories: list[list[ConductorTurn]],
+                jobs: list[Job | None], seed: int) -> list[Job | None]:
+        """One more round: the conductor sees its plan's answer and accepts it (three empty lists) or replaces
+        the plan. A malformed re-plan keeps no answer (reward 0), like a malformed plan."""
+        asked = [i for i, job in enumerate(jobs) if job]
+        follow_ups = [[*threads[i], {"role": "assistant", "content": histories[i][0].text},
+                       {"role": "user", "content": replan_message(jobs[i].answer())}] for i in asked]
+        turns = self._plan(follow_ups, [request_seed(seed, problems[i].id, "replan") for i in asked],
+                           [jobs[i].pool for i in asked])
+        new_jobs = list(jobs)
+        rerun = []
+        for i, turn in zip(asked, turns):
+            histories[i].append(turn)
+            if turn.parsed.malformed:
+                new_jobs[i] = None
+            elif turn.parsed.plan is not None:
+                new_jobs[i] = Job(problems[i], turn.parsed.plan, jobs[i].pool, seed + 1)
+                rerun.append(new_jobs[i])
+        self.execute(rerun)
+        return new_jobs
+
+    # ------------------------------------------------------------------ evaluation baselines
+    def baselines(self, problems: Sequence[Problem], seed: int) -> dict[str, Any]:
+        """Each worker alone on every question, majority vote over them, and a random well-formed workflow."""
+        everyone = [i for i in range(len(self.workers)) if i != self.self_index]
+        alone = [[Job(p, single_step(k), everyone, seed) for p in problems] for k in range(len(everyone))]
+        rng = random.Random(seed)
+        randomized = [Job(p, random_plan(len(everyone), rng, self.cfg.max_steps), everyone, seed) for p in problems]
+        self.execute([job for jobs in alone for job in jobs] + randomized)
+        correct = [self.verify(problems, [j.answer() for j in jobs]) for jobs in alone]
+        answers = [[extract_answer(j.answer(), p.kind) for j, p in zip(jobs, problems)] for jobs in alone]
+        vote = [majority_credit([a[q] for a in answers], [c[q] for c in correct]) for q in range(len(problems))]
+        random_correct = self.verify(problems, [j.answer() for j in randomized])
+        n = max(len(problems), 1)
+        return {"workers": [self.names[i] for i in everyone],
+                "worker_accuracy": [sum(c) / n for c in correct],
+                "majority_vote_accuracy": sum(vote) / n,
+                "random_workflow_accuracy": sum(random_correct) / n}
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if isinstance(worker, HttpWorker):
+                worker.close()
+
+
+def summarize_conductor(result: ConductorResult) -> dict[str, Any]:
+    n = max(len(result.records), 1)
+    steps = [r.steps() for r in result.records if r.job]
+    return {
+        "num_questions": len(result.records),
+        "conductor_accuracy": sum(r.correct for r in result.records) / n,
+        "malformed_rate": sum(r.malformed for r in result.records) / n,
+        "mean_steps": sum(steps) / max(len(steps), 1),  # of the workflows that ran
+        "mean_reward": sum(r.reward for r in result.records) / n,
+        "gen_tokens": sum(len(t.token_ids) for r in result.records for t in r.turns),
+        "prompt_tokens": sum(len(t.prompt_ids) for r in result.records for t in r.turns),
+    }
+
+
+def transcript(problem: Problem, record: ConductorRecord) -> dict[str, Any]:
+    """One question's workflow as transcripts.jsonl keeps it."""
+    job = record.job
+    steps = [] if job is None else [
+        {"worker": record.pool[s.worker], "model_id": s.worker, "subtask": s.subtask,
+         "access": ["all"] if s.sees_all else [], "response": r.text if r else None, "error": r.error if r else None}
+        for s, r in zip(job.plan.steps, job.responses)]
+    return {"id": problem.id, "question": problem.question, "gold": problem.gold, "pool": record.pool,
+            "conductor": [{"text": t.text, "error": t.parsed.error, "accepts": t.parsed.accepts} for t in record.turns],
+            "steps": steps, "answer": record.answer, "correct": record.correct, "reward": record.reward}

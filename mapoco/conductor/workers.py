@@ -1,0 +1,108 @@
+"""The Conductor's workers: anything that answers a batch of chat threads.
+
+``LocalWorker`` serves them with an agent's vLLM engines (token ids in, text out); ``HttpWorker`` sends each to an
+OpenAI-compatible ``/chat/completions`` endpoint (closed models, remote servers). Both start a batch with
+``submit`` and return its replies with ``result``, so the workflow runner keeps every worker busy at once.
+A worker that fails on a request (timeout, HTTP error, bad reply) answers it with an error reply; the workflow
+goes on with that text as the step's response.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from mapoco.config import HttpWorkerConfig
+from mapoco.rollout.discussion import AgentRuntime
+
+Thread = list[dict[str, str]]
+
+
+@dataclass
+class Reply:
+    text: str
+    error: str | None = None  # why the worker failed; ``text`` then says so to later steps
+
+
+class Pending(Protocol):
+    def result(self) -> list[Reply]: ...
+
+
+class Worker(Protocol):
+    name: str
+
+    def submit(self, threads: list[Thread], seeds: list[int]) -> Pending: ...
+
+
+@dataclass
+class Ready:
+    replies: list[Reply]
+
+    def result(self) -> list[Reply]:
+        return self.replies
+
+
+@dataclass
+class _Later:
+    collect: Callable[[], list[Reply]]
+
+    def result(self) -> list[Reply]:
+        return self.collect()
+
+
+class LocalWorker:
+    """A frozen team agent: its chat template, sampling settings and engines."""
+
+    def __init__(self, agent: AgentRuntime):
+        self.agent, self.name = agent, agent.cfg.name
+
+    def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
+        if not threads:
+            return Ready([])
+        engines, sampling = self.agent.engines, self.agent.cfg.sampling
+        shards = engines.submit([self.agent.render(t) for t in threads], sampling, seeds)
+        return _Later(lambda: [Reply(g.text) for g in engines.collect(shards, sampling)])
+
+
+class HttpWorker:
+    """An OpenAI-compatible chat-completions endpoint; up to ``concurrency`` requests in flight."""
+
+    def __init__(self, cfg: HttpWorkerConfig):
+        import httpx
+
+        self.cfg, self.name = cfg, cfg.name
+        headers = {"Authorization": f"Bearer {os.environ[cfg.api_key_env]}"} if cfg.api_key_env else {}
+        self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout_s,
+                                   limits=httpx.Limits(max_connections=cfg.concurrency))
+        self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix=f"http-{cfg.name}")
+
+    def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
+        futures: list[Future[Reply]] = [self.pool.submit(self._ask, t, s) for t, s in zip(threads, seeds, strict=True)]
+        return _Later(lambda: [f.result() for f in futures])
+
+    def _ask(self, thread: Thread, seed: int) -> Reply:
+        import httpx
+
+        body = {"model": self.cfg.model, "messages": thread, "max_tokens": self.cfg.max_tokens,
+                "temperature": self.cfg.temperature, "seed": seed}
+        try:
+            response = self.client.post("/chat/completions", json=body)
+            response.raise_for_status()
+            return Reply(response.json()["choices"][0]["message"]["content"] or "")
+        except httpx.TimeoutException:
+            return _failed(f"timed out after {self.cfg.timeout_s:g} s")
+        except httpx.HTTPStatusError as exc:
+            return _failed(f"HTTP {exc.response.status_code}: {exc.response.text[:200]}")
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            return _failed(f"{type(exc).__name__}: {exc}"[:300])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+def _failed(why: str) -> Reply:
+    return Reply(f"[worker error: {why}]", error=why)

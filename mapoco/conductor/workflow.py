@@ -1,0 +1,204 @@
+"""The Conductor's workflows: the prompt that asks for one, the parser that reads it, and what a step sees.
+
+A workflow is three equal-length Python lists in the conductor's reply, after free reasoning::
+
+    model_id = [1, 0]
+    subtasks = ["Solve the problem.", "Check the answer and give the final one."]
+    access_list = [[], ["all"]]
+
+Parsing is lenient about layout (code fences, quotes, ``:`` for ``=``, a missing closing bracket) and strictly
+literal: the extracted lists go through ``ast.literal_eval``, never ``eval``, so a reply cannot run code. Anything
+else wrong (unequal lengths, unknown worker ids, more steps than allowed) makes the plan malformed.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mapoco.rollout.prompts import first_turn_message
+from mapoco.tasks import Problem
+
+LIST_NAMES = ("model_id", "subtasks", "access_list")
+_NEXT_FIELD = re.compile(rf"\n\s*(?:(?:{'|'.join(LIST_NAMES)})\b\s*[=:]|```)")
+SUBTASKS = ("Solve the problem.", "Answer the question.", "Check the work so far and give the final answer.")
+# Smart quotes and the like, as chat models write them, mapped to what literal_eval reads.
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'", "\u00ab": '"', "\u00bb": '"'})
+
+
+@dataclass(frozen=True)
+class Step:
+    worker: int  # index into the question's (renumbered) worker pool
+    subtask: str
+    sees_all: bool  # access ["all"]: sees every earlier step; access []: sees none
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+
+    def lists(self) -> str:
+        """The plan written back in the conductor's format (warm-start targets, transcripts)."""
+        return (f"model_id = {[s.worker for s in self.steps]}\n"
+                f"subtasks = {[s.subtask for s in self.steps]!r}\n"
+                f"access_list = {[['all'] if s.sees_all else [] for s in self.steps]}")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    plan: Plan | None  # None: malformed, or (``accepts``) three empty lists
+    error: str | None = None
+    accepts: bool = False  # three empty lists: a re-plan round keeps the answer it was shown
+
+    @property
+    def malformed(self) -> bool:
+        return self.error is not None
+
+
+def conductor_message(question: str, num_workers: int, examples: Sequence[str] = ()) -> str:
+    """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (names hidden)."""
+    pool = ", ".join(f"Model {i}" for i in range(num_workers))
+    shots = "".join(f"Example:\n{example}\n\n" for example in examples)
+    return (f"{shots}Question: {question}\nWorkers: {pool}\n"
+            "Reason, then write the workflow as three Python lists of equal length, at most 5 steps: model_id "
+            "(the worker of each step), subtasks (what it is asked) and access_list ([\"all\"] to see every "
+            "earlier step, [] to see none). The last step gives the answer.")
+
+
+def replan_message(answer: str) -> str:
+    return (f"The workflow answered:\n{answer.strip()}\nReturn three empty lists to accept this answer, or a new "
+            "workflow.")
+
+
+def _list_after(text: str, name: str) -> str | None:
+    """The bracketed literal after the last ``name =`` (or ``name:``); closes brackets a reply left open, where
+    the next field or a code fence begins."""
+    found = None
+    for found in re.finditer(rf"\b{name}\b\s*[=:]\s*\[", text):
+        pass
+    if found is None:
+        return None
+    start, depth, quote, escaped = found.end() - 1, 0, None, False
+    next_field = _NEXT_FIELD.search(text, found.end())
+    stop = next_field.start() if next_field else len(text)
+    for i in range(start, stop):
+        char = text[i]
+        if quote:
+            quote = None if char == quote and not escaped else quote
+            escaped = char == "\\" and not escaped
+        elif char in "\"'":
+            quote = char
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+    return text[start:stop].rstrip().rstrip(",") + "]" * depth
+
+
+def _literal(source: str) -> list | None:
+    try:
+        value = ast.literal_eval(source)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return value if isinstance(value, list) else None
+
+
+def _flat(value: list) -> list:
+    """``[[0, 1]]`` for ``[0, 1]``: one redundant bracket pair is noise, not a different plan."""
+    return value[0] if len(value) == 1 and isinstance(value[0], list) else value
+
+
+def _show(value: object) -> str:
+    """``repr`` for an error message; a huge int (``0xfff…``) has no decimal repr past 4300 digits."""
+    try:
+        return repr(value)[:200]
+    except ValueError:
+        return f"<{type(value).__name__}>"
+
+
+def _access(entry: object) -> bool | None:
+    """True for ["all"] (or "all"), False for [] (or "none"); None for anything else."""
+    if entry in (["all"], "all", ("all",)):
+        return True
+    if entry in ([], "none", ()):
+        return False
+    return None
+
+
+def parse_workflow(text: str, num_workers: int, max_steps: int = 5) -> Parsed:
+    lists = {}
+    for name in LIST_NAMES:
+        source = _list_after(text.translate(_QUOTES), name)
+        value = None if source is None else _literal(source)
+        if value is None:
+            return Parsed(None, f"no parsable {name} list")
+        lists[name] = value
+    ids, subtasks, access = _flat(lists["model_id"]), _flat(lists["subtasks"]), lists["access_list"]
+    if not ids and not subtasks and not access:
+        return Parsed(None, accepts=True)
+    if not len(ids) == len(subtasks) == len(access):
+        return Parsed(None, f"lists of unequal length ({len(ids)}, {len(subtasks)}, {len(access)})")
+    if len(ids) > max_steps:
+        return Parsed(None, f"{len(ids)} steps, more than {max_steps}")
+    steps = []
+    for worker, subtask, entry in zip(ids, subtasks, access):
+        if isinstance(worker, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", worker):  # not "²", not 5000 digits
+            worker = int(worker)
+        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < num_workers:
+            return Parsed(None, f"unknown worker {_show(worker)} (pool has {num_workers})")
+        sees_all = _access(entry)
+        if not isinstance(subtask, str) or sees_all is None:
+            return Parsed(None, f"bad step ({_show(subtask)}, {_show(entry)})")
+        steps.append(Step(worker, subtask.strip(), sees_all))
+    return Parsed(Plan(tuple(steps)))
+
+
+def waves(plan: Plan) -> list[int]:
+    """The round in which each step can run: a step that sees all earlier steps waits for all of them; a step that
+    sees none can start at once. Steps of one round run concurrently."""
+    rounds: list[int] = []
+    for i, step in enumerate(plan.steps):
+        rounds.append(max(rounds) + 1 if step.sees_all and i else 0)
+    return rounds
+
+
+def worker_message(problem: Problem, subtask: str) -> str:
+    """A step's first user message: the question (with its answer format), then the step's subtask."""
+    return f"{first_turn_message(problem)}\n{subtask}" if subtask else first_turn_message(problem)
+
+
+def worker_thread(problem: Problem, plan: Plan, index: int, responses: Sequence[str | None]) -> list[dict[str, str]]:
+    """What step ``index``'s worker sees: the question, the (subtask, response) pairs its access grants as
+    earlier chat turns, then its own subtask."""
+    step = plan.steps[index]
+    granted = [(plan.steps[j].subtask, responses[j]) for j in range(index)] if step.sees_all else []
+    messages: list[dict[str, str]] = []
+    for subtask, response in granted:
+        content = worker_message(problem, subtask) if not messages else subtask
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": response or ""}]
+    content = worker_message(problem, step.subtask) if not messages else step.subtask
+    return [*messages, {"role": "user", "content": content}]
+
+
+def conductor_reward(parsed: Parsed, correct: bool) -> float:
+    """0 for a malformed plan, 0.5 for a parsed plan with a wrong answer, 1 for a right answer."""
+    if parsed.malformed:
+        return 0.0
+    return 1.0 if correct else 0.5
+
+
+def random_plan(num_workers: int, rng: random.Random, max_steps: int = 5) -> Plan:
+    """A random well-formed workflow (the evaluation's baseline)."""
+    size = rng.randint(1, max_steps)
+    return Plan(tuple(Step(rng.randrange(num_workers), rng.choice(SUBTASKS), i > 0 and rng.random() < 0.5)
+                      for i in range(size)))
+
+
+def single_step(worker: int) -> Plan:
+    """One worker alone answers the question (the per-worker baseline)."""
+    return Plan((Step(worker, SUBTASKS[0], False),))

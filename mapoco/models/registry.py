@@ -1,0 +1,88 @@
+"""Finding models: the user's model cache, known names and local folders (safetensors only), hub ids, and loading
+a causal LM from a folder. Config validation needs only this, never the build code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from mapoco.models.specs import MODEL_DIRS
+
+MARKER = "mapoco-build.json"  # written last; its presence (with a matching fingerprint) means "complete"
+
+
+def cache_dir() -> Path:
+    """``$MAPOCO_CACHE`` if set, else the user's cache (``$XDG_CACHE_HOME/mapoco``, ``~/.cache/mapoco``), as the HF hub
+    keeps its models: every process of the user finds what `make models` built, whatever its working directory
+    (a `ray job submit` working_dir copy, an installed package)."""
+    env = os.environ.get("MAPOCO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mapoco"
+
+
+def model_dir(name: str) -> Path:
+    return cache_dir() / "models" / MODEL_DIRS[name]
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+
+
+def resolve_model(ref: str) -> Path:
+    """A known model name -> its built folder; an existing local path -> that path."""
+    if ref in MODEL_DIRS:
+        path = model_dir(ref)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"model '{ref}' is not built; run `make models`")
+        return path
+    path = Path(ref).expanduser()
+    if path.exists():
+        return require_safetensors(path)
+    if HUB_ID.fullmatch(ref):
+        return _from_hub(ref)
+    raise FileNotFoundError(f"model '{ref}' is neither a known model ({', '.join(MODEL_DIRS)}), a local path, "
+                            f"nor a hub id (org/name)")
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(path: Path) -> Path:
+    """A model folder a user names must hold safetensors weights: pickled ones (``pytorch_model.bin``) can run
+    code when loaded, so they are refused, never loaded. Every load also passes ``use_safetensors=True``."""
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickled = sorted(str(f.name) for pattern in PICKLE_WEIGHTS for f in path.glob(pattern))
+        held = f"it holds {', '.join(pickled)} (pickle, refused)" if pickled else "it holds no *.safetensors"
+        raise FileNotFoundError(f"model folder '{path}' has no safetensors weights: {held}; save the model with "
+                                f"save_pretrained(..., safe_serialization=True)")
+    return path
+
+
+def load_causal_lm(path: str | Path, dtype: Any) -> Any:
+    """A causal LM from a local folder, from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub model's local snapshot (downloaded once into the HF cache; HF_HUB_OFFLINE=1 uses the cache only)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
+                                                                "*.model"]))
+    except Exception as exc:  # offline without a cached copy, no such repo, no access
+        raise FileNotFoundError(f"model '{repo_id}' could not be fetched from the hub ({type(exc).__name__}); "
+                                f"download it where there is network, or give a local path") from None
+
+
+def has_chat_template(path: Path) -> bool:
+    """Discussions are chat threads: the tokenizer must carry a chat template (file or tokenizer_config key)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))

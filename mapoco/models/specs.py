@@ -1,0 +1,183 @@
+"""The model zoo's catalogue: every tiny model's spec (architecture, tokenizer, warm-start recipe) and the folder
+each known model lives in. ``mapoco.models.build`` builds them; ``mapoco.models.registry`` finds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mapoco.tasks import TaskConfig
+
+SMOLLM2 = "smollm2"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TURN_TAG_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    vocab_size: int
+    special_tokens: tuple[str, ...]  # get ids 0.. in this order
+    eos: str  # end of turn: generation stops here
+    pad: str
+    bos: str | None  # None: the template adds no begin token (Qwen style)
+    chat_template: str
+    seed: int  # seeds the corpus, so two specs with the same sizes still learn different merges
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    name: str
+    architecture: str  # "qwen2" | "llama"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    tokenizer: TokenizerSpec
+    max_position_embeddings: int = 1024
+    # Warm-start. Tiny models and small batches: on 2 CPU cores the number of optimizer steps, not the
+    # model size, is what makes arithmetic learnable within a minute.
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    max_steps: int = 2500
+    easy_steps: int = 500  # first steps on one-digit operands only (a curriculum)
+    discussion_fraction: float = 0.2  # share of examples that are multi-turn discussion threads
+    target_accuracy: float = 0.5  # stop once greedy turn-1 validation accuracy reaches this
+    eval_every: int = 50  # steps between validation checks (100 problems, ~0.3 s each)
+    seed: int = 0
+    # Fields added after the first models are left out of the repr and enter the fingerprint only when set
+    # (``_tiny_fingerprint``), so the models built before them keep their fingerprint and cache.
+    role: str = field(default="solver", repr=False)  # "solver" answers questions | "conductor" writes workflows
+    task_params: tuple[tuple[str, Any], ...] = field(default=(), repr=False)  # the questions: over ARITHMETIC_DEFAULTS
+    workflow_fraction: float = field(default=0.0, repr=False)  # solver: share of examples that are workflow steps
+    two_step_fraction: float = field(default=0.0, repr=False)  # share of workflows with a second, all-seeing step
+    pool_sizes: tuple[int, ...] = field(default=(), repr=False)  # conductor: worker-pool sizes, drawn uniformly
+    # A discussion specialist (``_specialist_thread``): its discussion threads are pair discussions with a peer who
+    # knows ``peer_operators``, on questions of either specialty, and end by keeping or adopting at random.
+    peer_operators: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def task(self) -> TaskConfig:
+        return TaskConfig(params=dict(self.task_params))
+
+
+TINY_MODELS: dict[str, TinyModelSpec] = {
+    "tiny-qwen": TinyModelSpec(
+        name="tiny-qwen",
+        architecture="qwen2",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,  # head_dim 32: vLLM's CPU attention rejects 16
+        num_kv_heads=1,
+        intermediate_size=256,
+        tokenizer=TokenizerSpec(
+            vocab_size=384,
+            special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+            bos=None,
+            chat_template=CHATML_TEMPLATE,
+            seed=1,
+        ),
+        seed=1,
+    ),
+    "tiny-llama": TinyModelSpec(
+        name="tiny-llama",
+        architecture="llama",
+        hidden_size=128,
+        num_layers=2,
+        num_heads=2,  # head_dim 64
+        num_kv_heads=2,
+        intermediate_size=256,
+        tokenizer=TokenizerSpec(
+            vocab_size=320,  # fewer merges than tiny-qwen: some words stay split, ids differ throughout
+            special_tokens=("<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"),
+            eos="<|end|>",
+            pad="<|pad|>",
+            bos="<|begin|>",
+            chat_template=TURN_TAG_TEMPLATE,
+            seed=2,
+        ),
+        seed=2,
+    ),
+}
+_QWEN = TINY_MODELS["tiny-qwen"]
+_ONE_DIGIT = (("min_terms", 2), ("max_terms", 2), ("min_digits", 1), ("max_digits", 1))
+# The Conductor demo: two specialists, each warm-started on one operator only, and a conductor that writes
+# well-formed workflows but routes at random; RL has to learn who is good at what.
+TINY_MODELS.update(
+    {
+        spec.name: spec
+        for spec in (
+            replace(
+                _QWEN,
+                name=f"tiny-{op_name}",
+                tokenizer=replace(_QWEN.tokenizer, seed=seed),
+                seed=seed,
+                task_params=(*_ONE_DIGIT, ("operators", (op,))),
+                discussion_fraction=0.0,
+                workflow_fraction=0.5,  # the other half: first-turn questions
+                two_step_fraction=0.25,
+                target_accuracy=target,
+            )
+            for op_name, op, seed, target in (("add", "+", 3, 0.9), ("mul", "*", 4, 0.8))
+        )
+    },
+)
+# The collaboration testbed (README, "A team that learns to collaborate"): a heterogeneous pair of specialists (a
+# Qwen2 + specialist, a Llama * specialist with another tokenizer) who know the discussion format but not when to
+# defer: their warm-start threads keep their own answer or adopt the peer's at random, whoever is right.
+_LLAMA = TINY_MODELS["tiny-llama"]
+TINY_MODELS.update(
+    {
+        spec.name: spec
+        for spec in (
+            replace(
+                base,
+                name=name,
+                tokenizer=replace(base.tokenizer, seed=seed),
+                seed=seed,
+                task_params=(*_ONE_DIGIT, ("operators", (op,))),
+                peer_operators=(peer,),
+                discussion_fraction=0.6,
+                # Copying a peer's number takes longer to learn than the arithmetic: no early stop at a turn-1
+                # target, every step is spent (measured: stopped at 0.9 turn-1 accuracy, 55% of later answers
+                # were neither the own nor the peer's answer).
+                max_steps=2500,
+                eval_every=2500,
+                target_accuracy=1.0,
+            )
+            for name, base, op, peer, seed in (("talk-add", _QWEN, "+", "*", 6), ("talk-mul", _LLAMA, "*", "+", 7))
+        )
+    },
+)
+TINY_MODELS["tiny-conductor"] = replace(
+    _QWEN,
+    name="tiny-conductor",
+    tokenizer=replace(_QWEN.tokenizer, vocab_size=512, seed=5),  # long fixed prompt: more merges, shorter inputs
+    seed=5,
+    role="conductor",
+    task_params=(*_ONE_DIGIT, ("operators", ("+", "*"))),
+    two_step_fraction=0.25,
+    pool_sizes=(1, 2, 2, 2, 3),  # mostly two workers
+    # No early stop: the learning rate decays to zero over all the steps, so the sampled worker ids settle at
+    # uniform (stopping at a high rate leaves a random bias towards one id). The validation score, checked once at
+    # the end, is the share of replies sampled at temperature 1 that parse as a workflow.
+    max_steps=1200,
+    eval_every=1200,
+    target_accuracy=1.0,
+)
+MODEL_DIRS: dict[str, str] = {**{name: name for name in TINY_MODELS}, SMOLLM2: SMOLLM2_DIR}

@@ -1,0 +1,224 @@
+"""MAPoRL discussion rollout: A agents x T turns over a batch of questions.
+
+Turn 1 is independent. At turn t every agent sees its visible peers' turn t-1 answers (and optionally their
+verifier scores) and answers again in its own chat thread. Each turn submits every agent's requests at once, so
+all questions and agents are in flight together. Every (question, agent, turn) keeps the exact prompt and
+generated token ids and logprobs the engine produced: training consumes those, never re-tokenized text.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from mapoco.answers import extract_answer
+from mapoco.config import AgentConfig, DiscussionConfig, RunConfig, TeamConfig
+from mapoco.models.registry import resolve_model
+from mapoco.rollout.engine import AgentEngines, Generation, request_seed
+from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.rollout.topology import visible_peers
+from mapoco.rollout.verifier import VerifierClient, VerifyItem
+from mapoco.runtime.placement import (
+    READY_TIMEOUT_S,
+    engine_bundles,
+    learner_shares_engines,
+    reserve,
+)
+from mapoco.tasks import Problem
+
+
+@dataclass
+class AgentRuntime:
+    index: int
+    cfg: AgentConfig
+    model_path: Path
+    tokenizer: object
+    engines: AgentEngines
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat-template a thread into prompt ids; if it no longer fits the context, keep only the last message."""
+        budget = self.cfg.engine.max_model_len - self.cfg.sampling.max_new_tokens
+        for thread in (messages, messages[-1:]):
+            text = self.tokenizer.apply_chat_template(thread, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) <= budget:
+                return ids
+        return ids[-budget:]
+
+
+class Team:
+    """Every agent's model, tokenizer and engines. Agents may differ in family, tokenizer and settings.
+
+    ``colocate_learners`` (training): agents with ``learner.colocate`` reserve room for their learner ranks in
+    their engines' bundles, and their engines can sleep while the learner updates. ``placement_timeout_s`` bounds
+    the wait for a placement group, and for a dead replica's bundle to find a node again.
+    """
+
+    def __init__(self, cfg: TeamConfig, seed: int, colocate_learners: bool = False,
+                 placement_timeout_s: float = READY_TIMEOUT_S):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.agents = []
+        try:
+            for i, agent in enumerate(cfg.agents):
+                if cfg.shared_policy and self.agents:  # one policy plays every seat: the same engines serve all
+                    first = self.agents[0]
+                    self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
+                    continue
+                path = resolve_model(agent.model)
+                colocated = learner_shares_engines(agent, training=colocate_learners)
+                placement = reserve(engine_bundles(agent, colocated), f"team.agents[{i}].engine",
+                                    placement_timeout_s)
+                engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
+                                       restart_timeout_s=placement_timeout_s)
+                self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
+            for engines in self.distinct_engines():
+                engines.wait_ready()
+        except BaseException:
+            self.shutdown()  # engines already started must not outlive a team that failed to start
+            raise
+
+    @classmethod
+    def of_run(cls, cfg: RunConfig, colocate_learners: bool = False) -> Team:
+        """The run's team: its agents and seed; placement waits are bounded by ``cluster.placement_timeout_s``."""
+        return cls(cfg.team, cfg.seed, colocate_learners, cfg.cluster.placement_timeout_s)
+
+    def engine_owners(self) -> dict[int, AgentEngines]:
+        """Each distinct set of engines under the first seat that uses it (seats sharing a policy share them)."""
+        owners = {id(a.engines): a for a in reversed(self.agents)}  # reversed: the first seat wins
+        return {a.index: a.engines for a in sorted(owners.values(), key=lambda a: a.index)}
+
+    def engine_restarts(self) -> dict[int, int]:
+        """Engine replica restarts so far, per agent that owns engines."""
+        return {index: engines.restarts for index, engines in self.engine_owners().items()}
+
+    def subset(self, agents: int) -> Team:
+        """The first ``agents`` seats on these same engines (benchmarks grow a team without restarting engines).
+        The view owns nothing: shut down the full team, not the view."""
+        view = copy.copy(self)
+        view.cfg = replace(self.cfg, agents=self.cfg.agents[:agents])
+        view.agents = self.agents[:agents]
+        return view
+
+    def distinct_engines(self) -> list[AgentEngines]:
+        return list({id(a.engines): a.engines for a in self.agents}.values())
+
+    def __len__(self) -> int:
+        return len(self.agents)
+
+    def shutdown(self) -> None:
+        for engines in self.distinct_engines():
+            engines.shutdown()
+
+
+@dataclass
+class Record:
+    """One answer: agent ``agent`` (0-based) at turn ``turn`` (1-based) on question ``question_id``."""
+
+    question_id: str
+    agent: int
+    turn: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    answer: str | None
+    correct: bool
+    score: float | None  # None: the verifier flagged this sample; it is excluded from updates
+    error: str | None = None
+
+
+@dataclass
+class DiscussionResult:
+    problems: list[Problem]
+    num_agents: int
+    num_turns: int
+    records: dict[tuple[int, int, int], Record] = field(default_factory=dict)  # (question idx, agent, turn 0-based)
+    seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
+
+    def grid(self, attr: str, dtype: object = object) -> np.ndarray:
+        out = np.empty((len(self.problems), self.num_agents, self.num_turns), dtype=dtype)
+        for (q, a, t), record in self.records.items():
+            value = getattr(record, attr)
+            out[q, a, t] = np.nan if value is None and dtype is float else value
+        return out
+
+    def flagged(self) -> list[Record]:
+        return [r for r in self.records.values() if r.score is None]
+
+
+def turn_message(result: DiscussionResult, q: int, agent: int, turn: int, cfg: DiscussionConfig) -> str:
+    problem = result.problems[q]
+    if turn == 0:
+        return first_turn_message(problem)
+    peers = []
+    for j in visible_peers(agent, result.num_agents, cfg.topology):
+        prev = result.records[(q, j, turn - 1)]
+        peers.append(PeerAnswer(j, prev.text, prev.score if cfg.show_scores else None))
+    return later_turn_message(problem, peers)
+
+
+def run_discussion(
+    team: Team,
+    problems: Sequence[Problem],
+    turns: int,
+    cfg: DiscussionConfig,
+    verifier: VerifierClient,
+    seed: int,
+) -> DiscussionResult:
+    result = DiscussionResult(list(problems), len(team), turns)
+    threads = [[[] for _ in team.agents] for _ in problems]
+    for turn in range(turns):
+        start = time.perf_counter()
+        for q in range(len(problems)):
+            for a in range(len(team)):
+                threads[q][a].append({"role": "user", "content": turn_message(result, q, a, turn, cfg)})
+        generations = generate_turn(team, {a.index: [threads[q][a.index] for q in range(len(problems))]
+                                           for a in team.agents},
+                                    {a.index: [request_seed(seed, p.id, a.index, turn) for p in problems]
+                                     for a in team.agents})
+        result.seconds["generate"] += time.perf_counter() - start
+        start = time.perf_counter()
+        record_turn(result, threads, generations, turn, verifier)
+        result.seconds["verify"] += time.perf_counter() - start
+    return result
+
+
+def generate_turn(team: Team, threads: dict[int, list[list[dict[str, str]]]],
+                  seeds: dict[int, list[int]]) -> dict[int, list[Generation]]:
+    """Each agent answers its chat threads, one sampling seed per thread. Every agent's requests are submitted before
+    any is collected, so all of a turn is in flight together."""
+    shards = {a.index: a.engines.submit([a.render(t) for t in threads[a.index]], a.cfg.sampling, seeds[a.index])
+              for a in team.agents}
+    return {a.index: a.engines.collect(shards[a.index], a.cfg.sampling) for a in team.agents}
+
+
+def record_turn(
+    result: DiscussionResult,
+    threads: list[list[list[dict[str, str]]]],
+    generations: dict[int, list[Generation]],
+    turn: int,
+    verifier: VerifierClient,
+) -> None:
+    keys = [(q, a) for a in generations for q in range(len(result.problems))]
+    items = [
+        VerifyItem(result.problems[q].question, generations[a][q].text, result.problems[q].gold,
+                   result.problems[q].kind)
+        for q, a in keys
+    ]
+    for (q, a), verdict in zip(keys, verifier.score(items)):
+        gen, problem = generations[a][q], result.problems[q]
+        result.records[(q, a, turn)] = Record(
+            question_id=problem.id, agent=a, turn=turn + 1, prompt_ids=gen.prompt_ids, token_ids=gen.token_ids,
+            logprobs=gen.logprobs, text=gen.text, finish_reason=gen.finish_reason,
+            answer=extract_answer(gen.text, problem.kind), correct=verdict.correct, score=verdict.score,
+            error=verdict.error,
+        )
+        threads[q][a].append({"role": "assistant", "content": gen.text})

@@ -1,0 +1,272 @@
+"""Engine actors: one Ray actor per agent replica wrapping a vLLM ``LLM``; token ids in, token ids out.
+
+New weights arrive on CPU as a ``mapoco.training.weights`` payload read in place from Ray's object store; on GPU through an
+NCCL broadcast (``mapoco.training.weight_sync``).
+
+A replica that dies (killed, out of memory) is restarted in its placement bundle, gets the trained weights back
+through ``AgentEngines.on_restart``, and the requests it was serving are sent again: sampling seeds are per request,
+so the retried shard samples what the lost one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+from mapoco.config import EngineConfig, SamplingConfig
+from mapoco.runtime.placement import Placement, node_of_actor
+from mapoco.runtime.precision import engine_dtype
+from mapoco.training.weights import (
+    WeightPayload,
+    init_group_in_worker,
+    receive_in_worker,
+    reload_in_worker,
+)
+
+MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token, as the engine computed it
+    text: str
+    finish_reason: str
+
+
+def request_seed(run_seed: int, *keys: object) -> int:
+    """A sampling seed fixed by explicit ids, so a request samples the same tokens however it is batched."""
+    digest = hashlib.blake2b(repr((run_seed, *keys)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class Engine:
+    """The actor body. Environment variables vLLM reads at import are set by ``start_engine`` via runtime_env."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, sleep_mode: bool = False):
+        import torch
+        from vllm import LLM
+
+        # A request whose prefill is split across steps rewinds its seeded generator, which only CUDA's
+        # generator supports ("CPU Generator does not use offset"): on CPU, prefills run whole.
+        whole_prefills = {} if torch.cuda.is_available() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
+        # Tensor-parallel workers live inside this actor, which holds all their GPUs (see mapoco.runtime.placement).
+        executor = {"distributed_executor_backend": "mp"} if cfg.tensor_parallel_size > 1 else {}
+        self.llm = LLM(
+            model=model_path,
+            load_format="safetensors",  # never a pickle checkpoint (mapoco.models.require_safetensors)
+            dtype=engine_dtype(cfg),
+            max_model_len=cfg.max_model_len,
+            seed=seed,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            # CUDA graphs on GPU unless asked otherwise; a CPU engine has none to capture.
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not torch.cuda.is_available(),
+            enable_sleep_mode=sleep_mode,
+            **whole_prefills,
+            **executor,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                logprobs=0,  # the sampled token's logprob only
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [self._to_generation(prompt, out) for prompt, out in zip(prompts, outputs)]
+
+    @staticmethod
+    def _to_generation(prompt: list[int], out) -> Generation:
+        completion = out.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs)]
+        return Generation(list(prompt), token_ids, logprobs, completion.text, str(completion.finish_reason))
+
+    def update_weights(self, payload: WeightPayload) -> int:
+        """Load new weights; cached prefixes were computed with the old ones, so drop them."""
+        loaded = self.llm.collective_rpc(reload_in_worker, args=(payload,))[0]
+        self.reset_prefix_cache()
+        return loaded
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes: they were computed with the old weights (benchmarks: start every run cold)."""
+        self.llm.reset_prefix_cache()
+
+    def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """GPU weight sync: join this agent's NCCL broadcast group (see ``mapoco.training.weight_sync``)."""
+        self.llm.collective_rpc(init_group_in_worker, args=(host, port, rank_offset, world_size))
+
+    def receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
+        loaded = self.llm.collective_rpc(receive_in_worker, args=(specs,))[0]
+        self.reset_prefix_cache()
+        return loaded
+
+    def sleep(self) -> None:
+        """Colocated learner's turn: offload the weights and free the KV cache (level 1 keeps a CPU copy)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def where(self) -> dict[str, str]:
+        return node_of_actor()
+
+    def describe(self) -> dict[str, str | int | None]:
+        """Where this replica runs and with what (tests check placement and settings reached it)."""
+        return {"pid": os.getpid(), "placement_group": ray.get_runtime_context().get_placement_group_id(),
+                **node_of_actor(), "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")}
+
+
+def engine_env(cfg: EngineConfig) -> dict[str, str]:
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
+        # In-process engine core: one process per engine, and collective_rpc runs callables directly.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def start_engine(model_path: str, cfg: EngineConfig, seed: int, placement: Placement, bundle: int,
+                 sleep_mode: bool) -> ray.actor.ActorHandle:
+    actor_cls = ray.remote(Engine).options(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        scheduling_strategy=placement.strategy(bundle),
+        runtime_env={"env_vars": engine_env(cfg)},
+    )
+    return actor_cls.remote(model_path, cfg, seed, sleep_mode)
+
+
+@dataclass
+class Shard:
+    """The requests one replica is serving, kept so they can be sent again if it dies."""
+
+    replica: int
+    prompts: list[list[int]]
+    seeds: list[int]
+    ref: ray.ObjectRef
+
+
+class ReplicaLost(RuntimeError):
+    """A dead replica could not be restarted: its bundle found no node within the timeout (a lost node, and no
+    other node can hold it). A training run stops with the resume message."""
+
+
+class AgentEngines:
+    """The engine replicas of one agent, replica r in bundle r of the agent's placement group; a batch is split
+    evenly across replicas. ``on_restart(r)`` (set by the trainer) puts the trained weights into a restarted one.
+    A restart waits at most ``restart_timeout_s`` for its bundle: after a node is lost, Ray moves the bundle to a
+    node that can hold it, if there is one."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, placement: Placement, sleep_mode: bool = False,
+                 restart_timeout_s: float = 120.0):
+        self.model_path, self.cfg, self.seed, self.placement = model_path, cfg, seed, placement
+        self.sleep_mode, self.restart_timeout_s = sleep_mode, restart_timeout_s
+        self.restarts = 0
+        self.on_restart: Callable[[int], None] | None = None
+        self.weights: WeightPayload | ray.ObjectRef | None = None  # the last pushed, for replicas that restart
+        self.actors = [self._start(r) for r in range(cfg.replicas)]
+
+    def _start(self, replica: int) -> ray.actor.ActorHandle:
+        return start_engine(self.model_path, self.cfg, self.seed + replica, self.placement, replica, self.sleep_mode)
+
+    def wait_ready(self) -> None:
+        ray.get([a.pid.remote() for a in self.actors])
+
+    def restart(self, replica: int) -> None:
+        """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:  # a bundle whose node died is moved by Ray, if some node can hold it; until then starts fail
+            ray.kill(self.actors[replica], no_restart=True)
+            self.actors[replica] = self._start(replica)
+            try:
+                ray.get(self.actors[replica].pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                if time.monotonic() >= deadline:
+                    ray.kill(self.actors[replica], no_restart=True)
+                    raise ReplicaLost(f"engine replica {replica} of {self.model_path} died and could not restart: "
+                                      f"no node could hold its bundle within {self.restart_timeout_s:g}s") from None
+                time.sleep(1.0)
+        if self.on_restart is not None:
+            self.on_restart(replica)
+        elif self.weights is not None:
+            ray.get(self.actors[replica].update_weights.remote(self.weights))
+        self.restarts += 1
+        print(f"engine replica {replica} of {self.model_path} restarted ({self.restarts} so far)", flush=True)
+
+    def submit(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Shard]:
+        """Start generation on every replica at once; one shard per non-empty slice, in order."""
+        n = len(self.actors)
+        size = -(-len(prompts) // n) if prompts else 0
+        return [
+            Shard(r, prompts[i : i + size], seeds[i : i + size],
+                  self.actors[r].generate.remote(prompts[i : i + size], sampling, seeds[i : i + size]))
+            for r, i in enumerate(range(0, len(prompts), size or 1))
+        ]
+
+    def collect(self, shards: list[Shard], sampling: SamplingConfig) -> list[Generation]:
+        """Every shard's generations in order; a shard whose replica died is served again by its restart."""
+        out: list[Generation] = []
+        for shard in shards:
+            resend = lambda actor: actor.generate.remote(shard.prompts, sampling, shard.seeds)  # noqa: E731
+            out += self._call(shard.replica, resend, shard.ref)
+        return out
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
+        return self.collect(self.submit(prompts, sampling, seeds), sampling)
+
+    def push_weights(self, payload: WeightPayload | ray.ObjectRef) -> None:
+        """Weights, or a reference to them in the object store (each replica reads them from there itself). They are
+        kept (the reference keeps them in the store): a replica that restarts later loads them too."""
+        self.weights = payload
+        self.call_all(lambda actor: actor.update_weights.remote(payload))
+
+    def sleep(self) -> None:
+        self.call_all(lambda actor: actor.sleep.remote())
+
+    def wake_up(self) -> None:
+        self.call_all(lambda actor: actor.wake_up.remote())
+
+    def call_all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]) -> list:
+        refs = [call(actor) for actor in self.actors]
+        return [self._call(r, call, ref) for r, ref in enumerate(refs)]
+
+    def _call(self, replica: int, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef], ref: ray.ObjectRef):
+        """``ray.get(ref)``; if the replica died, restart it and make the call again on the new one."""
+        restarts = 0
+        while True:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                # Another actor's death (the learner whose weights were the argument) is not this replica's fault.
+                mine = exc.actor_id in (None, self.actors[replica]._actor_id.hex())
+                if not mine or restarts == MAX_RESTARTS_PER_CALL:
+                    raise
+                restarts += 1
+                self.restart(replica)
+                ref = call(self.actors[replica])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.placement.remove()

@@ -1,0 +1,95 @@
+"""Connecting to Ray: join an existing cluster (``ray job submit`` sets RAY_ADDRESS) or start a local instance.
+
+Every placement bundle the run will reserve is listed first, so a run that cannot fit (in total, or because one
+bundle is larger than any node) fails with the numbers before any actor starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ray
+
+from mapoco.config import AgentConfig, ConfigError, RunConfig
+from mapoco.runtime.placement import (
+    Bundles,
+    check_bundles_fit,
+    engine_bundles,
+    learner_bundles,
+    learner_shares_engines,
+)
+
+
+def _learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
+    if cfg.command != "train":
+        return []
+    return [(owner, cfg.team.agents[owner]) for owner in cfg.team.policy_seats()]
+
+
+def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
+    agents = list(enumerate(cfg.team.agents))
+    return agents[:1] if cfg.team.shared_policy else agents
+
+
+def team_engine_bundles(cfg: RunConfig) -> dict[str, Bundles]:
+    """Every agent's engine bundles, keyed by the agent whose config sizes them (a colocated learner rank's share
+    rides along when training)."""
+    training = cfg.command == "train"
+    return {f"team.agents[{i}].engine": engine_bundles(agent, learner_shares_engines(agent, training))
+            for i, agent in _engine_agents(cfg)}
+
+
+def run_bundles(cfg: RunConfig) -> dict[str, Bundles]:
+    """Placement bundles per group of actors, keyed by the config key that sizes them."""
+    groups = team_engine_bundles(cfg)
+    for i, agent in _learning_agents(cfg):
+        if not learner_shares_engines(agent, training=True):
+            groups[f"team.agents[{i}].learner"] = learner_bundles(agent.learner)
+    groups["verifier"] = Bundles([{"CPU": cfg.verifier.num_cpus}])
+    return groups
+
+
+def required(groups: dict[str, Bundles], resource: str, copies: int = 1) -> float:
+    return copies * sum(b.get(resource, 0.0) for group in groups.values() for b in group.bundles)
+
+
+def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) -> bool:
+    """Join ``cluster.address`` (or $RAY_ADDRESS), or start a local instance with at least ``need_cpus`` logical
+    CPUs; returns whether a local instance was started. Errors say ``who`` needs the CPUs, and for what."""
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
+        raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus, f"{who} need {need_cpus:g} CPUs ({breakdown})")
+    # address="local": a new instance of its own, never one a test or an earlier run left behind on this machine.
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(math.ceil(need_cpus), os.cpu_count() or 1),
+             include_dashboard=False, dashboard_host=cfg.cluster.dashboard_host, log_to_driver=True)
+    return True
+
+
+def check_capacity(groups: dict[str, Bundles], keys: dict[str, tuple[str, Any]], who: str, breakdown: str,
+                   copies: int = 1) -> None:
+    """The cluster holds ``copies`` of ``groups``: in total per resource (a shortfall names ``keys[resource]``: the
+    config key and its value), each bundle on one node and each group's strategy satisfiable."""
+    have = ray.cluster_resources()
+    for resource, (key, value) in keys.items():
+        need = required(groups, resource, copies)
+        if have.get(resource, 0) < need:
+            raise ConfigError(key, value, f"{who} need {need:g} {resource}s in all ({breakdown}); the cluster has "
+                                          f"{have.get(resource, 0):g}")
+    check_bundles_fit(groups)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
+    groups = run_bundles(cfg)
+    need_cpus, need_gpus = required(groups, "CPU"), required(groups, "GPU")
+    breakdown = "engines x tensor parallel x replicas + learners + verifier"
+    start_or_join(cfg, need_cpus, "the run's actors", breakdown)
+    check_capacity(groups, {"CPU": ("engine.num_cpus", need_cpus), "GPU": ("engine.num_gpus", need_gpus)},
+                   "the run's actors", breakdown)

@@ -1,0 +1,421 @@
+"""`mapoco train`: the controller of multi-agent PPO co-training. One step, top to bottom:
+
+rollout (discussions, verifier inside) -> MAPoRL rewards -> advantages -> update -> weight sync -> eval / checkpoint.
+
+Each trained policy has its own learner group and pushes its weights to its own engines. With
+``team.shared_policy`` one policy plays every seat; untrainable agents stay frozen partners.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from mapoco.config import RunConfig
+from mapoco.evaluation.evaluate import discuss_in_batches
+from mapoco.evaluation.report import (
+    plot_turns,
+    prepare_output_dir,
+    summarize,
+    turn_table,
+    write_json,
+)
+from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
+from mapoco.rollout.engine import ReplicaLost, request_seed
+from mapoco.rollout.verifier import VerifierClient
+from mapoco.runtime.cluster import init_ray
+from mapoco.runtime.precision import AgentPrecision, agent_precision
+from mapoco.tasks import Problem, load_task
+from mapoco.training import checkpoint
+from mapoco.training.algorithms import (
+    AdvantageBatch,
+    AdvantageConfig,
+    compute_advantages,
+    kl_penalty,
+    masked_mean,
+)
+from mapoco.training.learner import LearnerGroup, Rollout, RolloutStats
+from mapoco.training.rewards import team_rewards
+from mapoco.training.tracking import Tracker
+from mapoco.training.weight_sync import NcclSync, ObjectStoreSync, make_sync
+
+
+class TrainingInterrupted(RuntimeError):
+    """A learner actor died: the run stops, and ``train.resume=auto`` continues from the last checkpoint."""
+
+
+# What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
+# lost with the node that held them, a replica that found no node to restart on.
+FAULTS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ReplicaLost)
+
+
+@dataclass
+class Policy:
+    """One trained policy: the seats it plays, its learner group and the channel to its own engines."""
+
+    seats: list[int]
+    group: LearnerGroup
+    sync: ObjectStoreSync | NcclSync
+    precision: AgentPrecision  # its engines' and learners' dtypes, and the logprob gap they allow
+
+    @property
+    def name(self) -> str:
+        return f"agent_{self.seats[0]}"
+
+
+@dataclass
+class AgentBatch:
+    rows: list[Rollout]
+    keys: list[tuple[str, int, int]]  # (question id, seat, turn): group baselines are keyed by ids, not positions
+    rewards: list[float]
+    engine_logprobs: list[list[float]]
+
+
+def training_pool(cfg: RunConfig) -> list[Problem]:
+    """Training questions (the task's train split) in a fixed, seeded order.
+
+    Dataset splits (GSM8K, ANLI) are disjoint from the test split. Generated arithmetic draws its splits from
+    different seeds over the same space: with one-digit operands that space is small (~200 problems), so
+    evaluation measures how well the task is learnt rather than generalisation to unseen questions.
+    """
+    size = cfg.train.steps * cfg.train.batch_questions
+    task = dataclasses.replace(cfg.task, limit=size if cfg.task.name == "arithmetic" else None)
+    pool = load_task(task, split="train").problems
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    return [pool[i] for i in order]
+
+
+def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
+    """Each question ``samples`` times, ids ``<id>#<s>``: group baselines key on the part before '#'."""
+    return [dataclasses.replace(p, id=f"{p.id}#{s}") for p in problems for s in range(samples)]
+
+
+def stack(lists: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(lists), width), dtype=torch.float32)
+    for i, values in enumerate(lists):
+        out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None):
+        """``team``: already running engines to train (tests share them); by default the trainer starts its own."""
+        self.cfg, self.out = cfg, out
+        # Everything that can be wrong with the inputs fails here, before any actor starts.
+        self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
+        prepare_output_dir(out)
+        self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
+        self.pool = training_pool(cfg)
+        init_ray(cfg)
+        self.owns_team = team is None
+        self.team = team or Team.of_run(cfg, colocate_learners=True)
+        self.verifier = VerifierClient(cfg.verifier)
+        self.policies = self._start_learners()
+        self.step = 0
+        self.write_placement()
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        else:
+            self.sync_weights()  # engines serve exactly the learners' weights from the first rollout on
+        self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
+
+    def _start_learners(self) -> list[Policy]:
+        """A learner group per trained policy, settings from this run's config (the engines may be shared)."""
+        seats_of = self.cfg.team.policy_seats()
+        groups = {owner: self._start_group(owner) for owner in seats_of}
+        policies = []
+        for owner, group in groups.items():
+            group.wait_ready()  # every group starts at once; wait here until all ranks are up
+            engines, engine_cfg = self.team.agents[owner].engines, self.team.agents[owner].cfg.engine
+            precision = agent_precision(self.cfg.team.agents[owner], self.cfg.train.logprob_tolerance)
+            sync = make_sync(self.cfg.train.weight_sync, group, engines, precision.engine,
+                             engine_cfg.tensor_parallel_size, engine_cfg.num_gpus > 0)
+            policies.append(Policy(seats_of[owner], group, sync, precision))
+        return policies
+
+    def _start_group(self, owner: int) -> LearnerGroup:
+        agent = self.cfg.team.agents[owner]
+        engines = self.team.agents[owner].engines
+        return LearnerGroup(str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm,
+                            self.value_turns(), self.cfg.seed + owner, what=f"team.agents[{owner}].learner",
+                            placement=engines.placement if engines.sleep_mode else None,
+                            placement_timeout_s=self.cfg.cluster.placement_timeout_s)
+
+    def value_turns(self) -> int:
+        """Outputs of the learner's value head: one per discussion turn."""
+        return self.cfg.turns
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``. A dead learner, or an engine replica that cannot restart (its node lost and no
+        other can hold it), stops the run with the message that says how to resume."""
+        try:
+            return self._fit()
+        except FAULTS as exc:
+            raise TrainingInterrupted(self._interruption(exc)) from exc
+        except checkpoint.CheckpointError as exc:  # a learner lost mid-save: the partial folder is already gone
+            if isinstance(exc.__cause__, FAULTS):
+                raise TrainingInterrupted(self._interruption(exc.__cause__)) from exc
+            raise
+
+    def _fit(self) -> dict[str, Any]:
+        before = self.evaluate("before") if self.step == 0 else None
+        if before is not None:
+            self.tracker.log(self._eval_metrics(before), 0)
+        while self.step < self.cfg.train.steps:
+            metrics = self.train_step()
+            self.step += 1
+            if metrics.get("faults/engine_restarts"):  # a replica moved: say where it runs now
+                self.write_placement()
+            if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
+            self.tracker.log(metrics, self.step)
+            print(self._progress(metrics), flush=True)
+            if self.cfg.train.save_every and (self.step % self.cfg.train.save_every == 0
+                                              or self.step == self.cfg.train.steps):
+                self.save()
+        after = self.evaluate("after")
+        self.tracker.log(self._eval_metrics(after), self.step)
+        return self._write_summary(before, after)
+
+    def train_step(self) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+        result = self.rollout(self.batch(self.step))
+        timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
+        metrics: dict[str, float] = {}
+        rewards = team_rewards(result, self.cfg.rewards, self.cfg.discussion.topology)
+        batches = self.agent_batches(result, rewards)
+        for policy in self.policies:
+            engines = self.team.agents[policy.seats[0]].engines
+            if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
+                engines.sleep()
+            metrics.update(self.update_policy(policy, batches[policy.name], timings))
+            if engines.sleep_mode:
+                engines.wake_up()
+        start = time.perf_counter()
+        self.sync_weights()
+        timings["sync"] = time.perf_counter() - start
+        timings["step"] = time.perf_counter() - step_start
+        metrics.update({f"timing/{k}": v for k, v in timings.items()})
+        metrics.update(self._rollout_metrics(result, rewards))
+        self._log_samples(result)
+        return metrics
+
+    def batch(self, step: int) -> list[Problem]:
+        """The questions of ``step``: a pure function of the step (the data position), so a resumed run draws
+        exactly the batch the uninterrupted run would have."""
+        n = self.cfg.train.batch_questions
+        return [self.pool[(step * n + i) % len(self.pool)] for i in range(n)]
+
+    def rollout(self, problems: list[Problem]) -> DiscussionResult:
+        samples = with_samples(problems, self.cfg.algorithm.samples_per_question)
+        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier, self.step_seed())
+
+    def step_seed(self) -> int:
+        return request_seed(self.cfg.seed, "step", self.step)
+
+    def agent_batches(self, result: DiscussionResult, rewards: np.ndarray) -> dict[str, AgentBatch]:
+        """Per policy: its rows (flagged samples excluded) with their ``team_rewards``, keyed by (question, seat,
+        turn)."""
+        batches = {}
+        for policy in self.policies:
+            batch = AgentBatch([], [], [], [])
+            for (q, a, t), record in sorted(result.records.items()):
+                if a not in policy.seats or record.score is None or not record.token_ids:
+                    continue
+                batch.rows.append(Rollout(record.prompt_ids, record.token_ids, t))
+                batch.keys.append((record.question_id.rsplit("#", 1)[0], a, t))
+                batch.rewards.append(float(rewards[q, a, t]))
+                batch.engine_logprobs.append(record.logprobs)
+            batches[policy.name] = batch
+        return batches
+
+    def update_policy(self, policy: Policy, batch: AgentBatch, timings: dict[str, float]) -> dict[str, float]:
+        prefix = f"train/{policy.name}"
+        if not batch.rows:
+            return {f"{prefix}/skipped_update": 1.0}
+        start = time.perf_counter()
+        stats = policy.group.score(batch.rows)
+        advantages, returns, tensors = self.advantages(batch, stats)
+        timings["advantages"] = timings.get("advantages", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        payload = self._update_payload(batch, stats, advantages, returns)
+        update = policy.group.update(batch.rows, payload, normalizer=float(tensors["mask"].sum()))
+        timings["update"] = timings.get("update", 0.0) + time.perf_counter() - start
+        mask = tensors["mask"]
+        kl = masked_mean(kl_penalty(tensors["logprobs"], tensors["ref_logprobs"], self.cfg.algorithm.kl_estimator),
+                         mask)
+        drift = (tensors["logprobs"] - stack(batch.engine_logprobs, mask.size(1))).abs() * mask
+        metrics = {f"{prefix}/{k}": v for k, v in update.items()}
+        metrics.update({
+            f"{prefix}/reward": float(np.mean(batch.rewards)),
+            f"{prefix}/kl": float(kl),
+            f"{prefix}/logprob_max_diff": float(drift.max()),  # engine vs learner on the sampled tokens
+            f"{prefix}/logprob_tolerance": policy.precision.logprob_tolerance,
+            f"{prefix}/lr": policy.group.call_all("learning_rate")[0],
+        })
+        return metrics
+
+    def advantages(self, batch: AgentBatch, stats: list[RolloutStats]):
+        width = max(len(r.response_ids) for r in batch.rows)
+        mask = stack([[1.0] * len(r.response_ids) for r in batch.rows], width)
+        tensors = {
+            "mask": mask,
+            "logprobs": stack([s.logprobs for s in stats], width),
+            "ref_logprobs": stack([s.ref_logprobs for s in stats], width),
+            "values": stack([s.values for s in stats], width),
+        }
+        algo = self.cfg.algorithm
+        acfg = AdvantageConfig(estimator=algo.estimator, gamma=algo.gamma, lam=algo.lam, kl_coef=algo.kl_coef,
+                               kl_estimator=algo.kl_estimator, kl_in_reward=algo.kl_in_reward,
+                               whiten_advantages=algo.whiten_advantages, scale_by_std=algo.scale_by_std)
+        adv_batch = AdvantageBatch(keys=batch.keys, seq_rewards=torch.tensor(batch.rewards), mask=mask,
+                                   logprobs=tensors["logprobs"], ref_logprobs=tensors["ref_logprobs"],
+                                   values=tensors["values"] if algo.estimator == "gae" else None)
+        advantages, returns = compute_advantages(adv_batch, acfg)
+        return advantages, returns, tensors
+
+    @staticmethod
+    def _update_payload(batch: AgentBatch, stats: list[RolloutStats], advantages: torch.Tensor,
+                        returns: torch.Tensor | None) -> dict[str, list[list[float]]]:
+        lengths = [len(r.response_ids) for r in batch.rows]
+        payload = {
+            "old_logprobs": [s.logprobs for s in stats],
+            "ref_logprobs": [s.ref_logprobs for s in stats],
+            "advantages": [advantages[i, :n].tolist() for i, n in enumerate(lengths)],
+        }
+        if returns is not None:
+            payload["returns"] = [returns[i, :n].tolist() for i, n in enumerate(lengths)]
+            payload["old_values"] = [s.values for s in stats]
+        return payload
+
+    def sync_weights(self) -> None:
+        """Every policy's new weights reach its own engines before the next rollout."""
+        for policy in self.policies:
+            policy.sync.push()
+
+    def write_placement(self) -> None:
+        """placement.json: the node (id, IP) of every engine replica and learner rank, and where each learner group
+        met; rewritten when an engine replica restarts elsewhere."""
+        where: dict[str, list[dict[str, Any]]] = {}
+        for index, engines in self.team.engine_owners().items():
+            where[f"team.agents[{index}].engine"] = engines.call_all(lambda actor: actor.where.remote())
+        for policy in self.policies:
+            where[f"team.agents[{policy.seats[0]}].learner"] = policy.group.call_all("where")
+        write_json(self.out / "placement.json", where)
+
+    # ------------------------------------------------------------------ evaluation, logging, checkpoints
+    def evaluate(self, label: str) -> dict[str, Any]:
+        result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
+        summary = summarize(result, team_rewards(result, self.cfg.rewards, self.cfg.discussion.topology))
+        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"),
+              flush=True)
+        return summary
+
+    def _interruption(self, exc: BaseException) -> str:
+        found = checkpoint.complete_checkpoints(self.out)
+        where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        what = str(exc) if isinstance(exc, ReplicaLost) else f"an actor died ({type(exc).__name__})"
+        return (f"{what} at step {self.step + 1}; {where}: run the same command with train.resume=auto to continue "
+                f"from it")
+
+    def _progress(self, metrics: dict[str, float]) -> str:
+        """One line per step, readable in `ray job logs`: rollout accuracy per turn, reward and KL per agent."""
+        turns = " ".join(f"{metrics[f'rollout/turn_{t + 1}/acc']:.2f}" for t in range(self.cfg.turns))
+        agents = " | ".join(f"{p.name}: reward {metrics[f'train/{p.name}/reward']:.3f} "
+                            f"kl {metrics[f'train/{p.name}/kl']:.4f}"
+                            for p in self.policies if f"train/{p.name}/reward" in metrics)
+        drifting = "".join(f"  {p.name}: engine-vs-learner logprob gap {metrics[f'train/{p.name}/logprob_max_diff']:.3g}"
+                           f" > {p.precision.logprob_tolerance:g} ({p.precision.engine} engines, "
+                           f"{p.precision.learner} learners)" for p in self.policies
+                           if metrics.get(f"train/{p.name}/logprob_max_diff", 0.0) > p.precision.logprob_tolerance)
+        return (f"step {self.step}/{self.cfg.train.steps}  rollout acc per turn [{turns}]  {agents}  "
+                f"{metrics['timing/step']:.1f}s{drifting}")
+
+    @staticmethod
+    def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+        metrics = {f"eval/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
+        for i, per_turn in enumerate(summary["agent_turn_accuracy"]):
+            metrics.update({f"eval/agent_{i}/turn_{t + 1}/acc": acc for t, acc in enumerate(per_turn)})
+        return metrics
+
+    def _rollout_metrics(self, result: DiscussionResult, rewards: np.ndarray) -> dict[str, float]:
+        summary = summarize(result, rewards)
+        seconds = max(result.seconds["generate"], 1e-9)
+        metrics = {f"rollout/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
+        metrics.update({
+            "perf/gen_tokens": summary["gen_tokens"],
+            "perf/prompt_tokens": summary["prompt_tokens"],
+            "perf/tokens_per_s": summary["gen_tokens"] / seconds,
+            "rollout/flagged": summary["flagged"],
+            "faults/verifier_restarts": self.verifier.actor_restarts,
+        })
+        restarts = self.team.engine_restarts()
+        metrics.update({f"faults/agent_{i}/engine_restarts": n for i, n in restarts.items()})
+        metrics["faults/engine_restarts"] = sum(restarts.values())
+        return metrics
+
+    def _log_samples(self, result: DiscussionResult, questions: int = 2) -> None:
+        rows = [
+            [self.step, result.problems[q].question, result.problems[q].gold, a + 1, t + 1, r.text, r.correct, r.score]
+            for (q, a, t), r in sorted(result.records.items())
+            if q < questions
+        ]
+        self.tracker.table("samples/discussions", ["step", "question", "gold", "agent", "turn", "answer", "correct",
+                                                   "score"], rows, self.step + 1)
+
+    def _write_summary(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+        summary = {"steps": self.step, "before": before, "after": after}
+        if before is not None:
+            summary["collaboration_gain_after"] = after["turn_accuracy"][-1] - after["turn_accuracy"][0]
+            summary["last_turn_gain"] = after["turn_accuracy"][-1] - before["turn_accuracy"][-1]
+            plot_turns(self.out / "before_after.png",
+                       {"before training": before["turn_accuracy"], "after training": after["turn_accuracy"]},
+                       f"{self.cfg.team.name}: team accuracy per turn")
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+    def save(self) -> Path:
+        def write_agents(folder: Path) -> None:
+            for policy in self.policies:
+                directory = checkpoint.agent_dir(folder, policy.seats[0])
+                directory.mkdir()
+                policy.group.call_all("save_checkpoint", str(directory))
+
+        state = {"step": self.step, "seed": self.cfg.seed,
+                 "data_position": self.step * self.cfg.train.batch_questions}
+        return checkpoint.write(self.out, self.step, state, self.cfg.train.keep_checkpoints, write_agents)
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoint.read_state(path)
+        for policy in self.policies:
+            policy.group.call_all("load_checkpoint", str(checkpoint.agent_dir(path, policy.seats[0])))
+        self.sync_weights()
+        self.step = int(state["step"])
+        print(f"resumed from {path} at step {self.step}")
+
+    def close(self) -> None:
+        self.tracker.finish()
+        for policy in self.policies:
+            policy.sync.engines.on_restart = None  # a shared team's engines outlive this trainer's learners
+            policy.group.shutdown()
+        if self.owns_team:
+            self.team.shutdown()
+        self.verifier.shutdown()
+
+
+def train(cfg: RunConfig, out: Path, trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
+    """Fit and always release the actors; ``trainer_cls`` picks the method (the Conductor's is a subclass)."""
+    trainer = trainer_cls(cfg, out)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

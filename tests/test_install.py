@@ -1,0 +1,45 @@
+"""A non-editable install works away from the source tree: its Hydra configs ship as package data and models come
+from the user's cache, so `mapoco eval` runs from any directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_venv(path: Path) -> Path:
+    """A new venv that borrows the project venv's third-party packages (no download) but not its editable mapoco:
+    a path in a .pth file is searched, its own .pth hooks (the editable finder among them) are not run."""
+    venv.EnvBuilder(with_pip=True).create(path)
+    site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return path / "bin"
+
+
+@pytest.mark.slow
+def test_pip_install_runs_mapoco_eval_from_another_directory(tmp_path, tiny_models):
+    bin_dir = fresh_venv(tmp_path / "venv")
+    install = subprocess.run([bin_dir / "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    where = subprocess.run([bin_dir / "python", "-c", "import mapoco; print(mapoco.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True).stdout.strip()
+    assert Path(where).is_relative_to(tmp_path / "venv"), f"imported the source tree, not the install: {where}"
+
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run([bin_dir / "mapoco", "eval", "task.limit=4", "turns=2", "output_dir=out"],
+                          capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((workdir / "out" / "summary.json").read_text())
+    assert len(summary["turn_accuracy"]) == 2 and summary["num_questions"] == 4
