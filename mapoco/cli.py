@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mapoco.config import COMMANDS as HYDRA_COMMANDS
+
 if TYPE_CHECKING:
     from mapoco.config import RunConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-HYDRA_COMMANDS = ("eval", "train", "train-verifier", "serve")
 USAGE = (
     "usage: mapoco {eval,train,train-verifier,serve,build-models,sweep-summary} [key=value ...]\n"
     "  mapoco train team=tiny2 train.steps=20 output_dir=outputs/train\n"
@@ -113,26 +114,31 @@ def _dispatch(run_cfg: RunConfig, out: Path) -> None:
 def _hydra_main(command: str, overrides: list[str]) -> None:
     import hydra
 
-    _check_run_dir([*overrides, f"command={command}"])
+    _check_before_hydra([*overrides, f"command={command}"])
     sys.argv = [f"mapoco {command}", *overrides, f"command={command}"]
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(_run)()
 
 
-def _check_run_dir(overrides: list[str]) -> None:
-    """Hydra creates the run directory before mapoco's code runs: an unusable one must be a one-line config
-    error, not Hydra's traceback. (A sweep's directories are Hydra's to make.)"""
+def _check_before_hydra(overrides: list[str]) -> None:
+    """Hydra creates the run directory before mapoco's code runs, so the whole config is validated first: a bad
+    value is a one-line config error and leaves nothing behind, an unusable directory included. (A sweep's jobs
+    are validated each in turn, in their own directories, which are Hydra's to make.)"""
     if "-m" in overrides or "--multirun" in overrides:
         return
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
 
-    from mapoco.config import ConfigError
+    from mapoco.config import ConfigError, from_dict
     from mapoco.evaluation.report import check_output_dir
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            run_dir = compose("config", overrides=overrides, return_hydra_config=True).hydra.run.dir
-        check_output_dir(Path(run_dir))
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        check_output_dir(Path(cfg.hydra.run.dir))
+        if cfg.command != "serve":  # serve's settings come from the checkpoint's run, checked when it loads it
+            from_dict(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                             resolve=True))
     except HydraException:
         return  # a bad override: Hydra itself reports it, with the options
     except ConfigError as exc:

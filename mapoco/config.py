@@ -9,19 +9,38 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mapoco.rollout.topology import TOPOLOGIES
-from mapoco.tasks import TaskConfig, task_names
+from mapoco.tasks import (
+    ANLI_ROUNDS,
+    ARITHMETIC_DEFAULTS,
+    ARITHMETIC_OPERATORS,
+    TASK_PARAMS,
+    TASK_SPLITS,
+    TaskConfig,
+    task_names,
+)
 
+COMMANDS = ("eval", "train", "train-verifier", "serve")  # `mapoco <command>` sets it
 METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
+WANDB_MODES = ("offline", "online", "disabled")
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
+MAX_SEED = 2**31 - 1  # engines seed numpy (< 2**32) with seed + 1000 x agent + replica
+SEED_RANGE = f"an integer in 0..{MAX_SEED}"
+# Kernel views, not storage: a directory there cannot hold a run (root may even pass os.access on them).
+VIRTUAL_FILESYSTEMS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                                 "securityfs", "configfs", "pstore", "bpf", "efivarfs", "mqueue", "hugetlbfs",
+                                 "fusectl", "binfmt_misc"})
 
 
 class ConfigError(ValueError):
@@ -259,8 +278,8 @@ class RunConfig:
 # ---------------------------------------------------------------- dict -> dataclass with type checks
 def _check_scalar(key: str, value: Any, typ: type) -> Any:
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isnan(value):
-            raise ConfigError(key, value, "must be a number, not NaN")
+        if not math.isfinite(value):
+            raise ConfigError(key, value, "must be a finite number")
         return float(value)
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -317,6 +336,95 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def _require_name(key: str, value: str | None, allowed: str = "a non-empty name") -> None:
+    """A name that is not blank (None passes: the optional keys' default)."""
+    _require(value is None or bool(value.strip()), key, value, allowed)
+
+
+def _require_host(key: str, host: str) -> None:
+    _require(re.fullmatch(r"[^\s/]+", host) is not None, key, host,
+             "an address to bind, e.g. 127.0.0.1 (0.0.0.0: every interface)")
+
+
+def _require_env_name(key: str, value: str | None) -> None:
+    _require(value is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) is not None, key, value,
+             "the name of an environment variable (letters, digits and _), or null")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    _require(cfg.command in COMMANDS, "command", cfg.command, f"one of {COMMANDS} (set by `mapoco <command>`)")
+    _require(cfg.method in METHODS, "method", cfg.method, f"one of {METHODS}")
+    _require(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, SEED_RANGE)
+    _require(cfg.turns >= 1, "turns", cfg.turns, "must be an integer >= 1 (number of discussion turns)")
+    check_writable_dir("output_dir", cfg.output_dir)
+    _require(cfg.checkpoint is None or Path(cfg.checkpoint).expanduser().is_dir(), "checkpoint", cfg.checkpoint,
+             "no such directory: a run directory (with checkpoints/step_N) or one of its step_N folders, or null")
+    _require(cfg.discussion.topology in TOPOLOGIES, "discussion.topology", cfg.discussion.topology,
+             f"one of {TOPOLOGIES}")
+    _require(cfg.discussion.batch_size >= 1, "discussion.batch_size", cfg.discussion.batch_size, "must be >= 1")
+
+
+def _validate_task(task: TaskConfig) -> None:
+    from mapoco.models.registry import HUB_ID
+
+    _require(task.name in task_names(), "task.name", task.name, f"one of {task_names()}")
+    splits = TASK_SPLITS[task.name]
+    _require(task.split in splits, "task.split", task.split, f"a split of task {task.name}: one of {splits}")
+    _require(task.limit is None or task.limit >= 1, "task.limit", task.limit, "must be >= 1 or null")
+    for key, path in (("task.path", task.path), ("task.train_path", task.train_path)):
+        _require(path is None or Path(path).expanduser().is_file(), key, path,
+                 "no such file: a local json, jsonl, parquet or csv file, or null")
+    _require(task.hub is None or HUB_ID.fullmatch(task.hub) is not None, "task.hub", task.hub,
+             "a hub dataset id (org/name), or null for the task's own")
+    _require_name("task.hub_config", task.hub_config, "a non-empty dataset config name, or null for the task's own")
+    _require(0 <= task.seed <= MAX_SEED, "task.seed", task.seed, SEED_RANGE)
+    allowed = TASK_PARAMS[task.name]
+    for name, value in task.params.items():
+        _require(name in allowed, f"task.params.{name}", value,
+                 f"not a parameter of task {task.name}; allowed: {', '.join(allowed) or 'none'}")
+    if task.name == "arithmetic":
+        _validate_arithmetic({**ARITHMETIC_DEFAULTS, **task.params})
+    anli_round = task.params.get("round", 1)
+    _require(task.name != "anli" or anli_round in ANLI_ROUNDS, "task.params.round", anli_round,
+             f"one of {ANLI_ROUNDS} (the ANLI round)")
+
+
+def _validate_arithmetic(params: dict[str, Any]) -> None:
+    """reasoning-gym's basic_arithmetic rules, checked here rather than when the first question is drawn."""
+    for low, high in (("min_terms", "max_terms"), ("min_digits", "max_digits")):
+        _require(_is_int(params[low]) and params[low] >= 1, f"task.params.{low}", params[low], "an integer >= 1")
+        _require(_is_int(params[high]) and params[high] >= params[low], f"task.params.{high}", params[high],
+                 f"an integer >= task.params.{low}={params[low]}")
+    ops = params["operators"]
+    _require(isinstance(ops, (list, tuple)) and bool(ops) and all(op in ARITHMETIC_OPERATORS for op in ops),
+             "task.params.operators", ops, f"a non-empty list of {', '.join(ARITHMETIC_OPERATORS)}")
+    for name in ("allow_parentheses", "allow_negation"):
+        _require(isinstance(params[name], bool), f"task.params.{name}", params[name], "true or false")
+
+
+def _validate_team(cfg: RunConfig) -> None:
+    team = cfg.team
+    _require_name("team.name", team.name)
+    _require(len(team.agents) >= 1, "team.agents", team.agents, "needs at least one agent")
+    for i, agent in enumerate(team.agents):
+        _validate_agent(i, agent)
+        _validate_model(i, agent)
+    _require(cfg.command != "train" or any(a.trainable for a in team.agents), "team.agents[0].trainable", False,
+             "mapoco train needs at least one trainable agent (mapoco eval runs frozen ones)")
+    named = [(f"team.agents[{i}].name", a.name) for i, a in enumerate(team.agents)]
+    if cfg.method == "conductor":
+        named += [(f"conductor.http_workers[{i}].name", w.name) for i, w in enumerate(cfg.conductor.http_workers)]
+    seen: dict[str, str] = {}
+    for key, name in named:
+        _require_name(key, name)
+        _require(name not in seen, key, name, f"names must differ: {seen.get(name)} has it too")
+        seen[name] = key
+
+
 def _validate_agent(i: int, agent: AgentConfig) -> None:
     key = f"team.agents[{i}]"
     engine, sampling = agent.engine, agent.sampling
@@ -332,7 +440,9 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
              engine.gpu_memory_utilization, "must be in (0, 1]")
     _require(sampling.temperature >= 0, f"{key}.sampling.temperature", sampling.temperature, "must be >= 0")
     _require(0 < sampling.top_p <= 1, f"{key}.sampling.top_p", sampling.top_p, "must be in (0, 1]")
-    _require(sampling.max_new_tokens >= 1, f"{key}.sampling.max_new_tokens", sampling.max_new_tokens, "must be >= 1")
+    _require(1 <= sampling.max_new_tokens < engine.max_model_len, f"{key}.sampling.max_new_tokens",
+             sampling.max_new_tokens, f"must be in 1..{engine.max_model_len - 1}: the prompt and the answer share "
+                                      f"engine.max_model_len={engine.max_model_len} tokens")
     learner = agent.learner
     _require(learner.num_learners >= 1, f"{key}.learner.num_learners", learner.num_learners, "must be >= 1")
     _require(learner.zero_stage in (0, 1, 2, 3), f"{key}.learner.zero_stage", learner.zero_stage, "one of 0, 1, 2, 3")
@@ -343,6 +453,8 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
              "must be >= 1")
     _require(learner.max_grad_norm > 0, f"{key}.learner.max_grad_norm", learner.max_grad_norm, "must be > 0")
     _require(learner.lora_rank >= 0, f"{key}.learner.lora_rank", learner.lora_rank, "must be >= 0 (0: no LoRA)")
+    _require(learner.lora_alpha >= 1, f"{key}.learner.lora_alpha", learner.lora_alpha,
+             "must be >= 1 (LoRA scales its update by lora_alpha / lora_rank)")
     _require(learner.dtype in DTYPES, f"{key}.learner.dtype", learner.dtype, f"one of {DTYPES}")
     _require(learner.num_cpus >= 0, f"{key}.learner.num_cpus", learner.num_cpus, "must be >= 0")
     _require(learner.num_gpus >= 0, f"{key}.learner.num_gpus", learner.num_gpus, "must be >= 0")
@@ -380,7 +492,7 @@ def _validate_placement(key: str, agent: AgentConfig) -> None:
 
 
 def _validate_training(cfg: RunConfig) -> None:
-    from mapoco.training.algorithms import ESTIMATORS
+    from mapoco.training.algorithms import ESTIMATORS, KL_ESTIMATORS
 
     algo, train = cfg.algorithm, cfg.train
     _require(algo.estimator in ESTIMATORS, "algorithm.estimator", algo.estimator, f"one of {sorted(ESTIMATORS)}")
@@ -393,13 +505,15 @@ def _validate_training(cfg: RunConfig) -> None:
         _require(0 <= getattr(algo, name) <= 1, f"algorithm.{name}", getattr(algo, name), "must be in [0, 1]")
     for name in ("kl_coef", "vf_coef", "entropy_coef"):
         _require(getattr(algo, name) >= 0, f"algorithm.{name}", getattr(algo, name), "must be >= 0")
-    _require(algo.kl_estimator in ("k1", "k2", "k3"), "algorithm.kl_estimator", algo.kl_estimator, "one of k1, k2, k3")
+    _require(algo.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator", algo.kl_estimator,
+             f"one of {', '.join(KL_ESTIMATORS)}")
     _require(algo.kl_in_reward or algo.kl_coef == 0 or algo.kl_estimator != "k1", "algorithm.kl_estimator",
              algo.kl_estimator, "k2 or k3 when algorithm.kl_in_reward=false: k1's gradient in the loss is zero in "
                                 "expectation, so it would not pull towards the reference")
     _require(algo.ppo_epochs >= 1, "algorithm.ppo_epochs", algo.ppo_epochs, "must be >= 1")
     _require(algo.mini_batches >= 1, "algorithm.mini_batches", algo.mini_batches, "must be >= 1")
-    _require(algo.clip_eps > 0, "algorithm.clip_eps", algo.clip_eps, "must be > 0")
+    _require(0 < algo.clip_eps < 1, "algorithm.clip_eps", algo.clip_eps,
+             "must be in (0, 1): the ratio is clipped to [1 - clip_eps, 1 + clip_eps]")
     _require(algo.value_clip_eps > 0, "algorithm.value_clip_eps", algo.value_clip_eps, "must be > 0")
     _require(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
     _require(train.batch_questions >= 1, "train.batch_questions", train.batch_questions, "must be >= 1")
@@ -407,6 +521,8 @@ def _validate_training(cfg: RunConfig) -> None:
         _require(getattr(train, name) >= 0, f"train.{name}", getattr(train, name), "must be >= 0 (0: never)")
     _require(train.eval_limit >= 1, "train.eval_limit", train.eval_limit, "must be >= 1")
     _require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
+    _require(train.resume in (None, "auto") or Path(train.resume).is_dir(), "train.resume", train.resume,
+             "no such checkpoint directory (use auto, or a step_<n> folder)")
     _require(train.weight_sync in ("auto", "object_store", "nccl"), "train.weight_sync", train.weight_sync,
              "one of auto, object_store, nccl")
     _require(train.weight_sync != "nccl" or all(a.learner.num_gpus > 0 and a.engine.num_gpus > 0
@@ -426,15 +542,20 @@ def _validate_training(cfg: RunConfig) -> None:
                  f"algorithm.samples_per_question x turns{' x agents' if seats > 1 else ''})")
 
 
+def _resolve_model(key: str, ref: str) -> Path:
+    from mapoco.models.registry import resolve_model
+
+    try:
+        return resolve_model(ref)
+    except FileNotFoundError as exc:
+        raise ConfigError(key, ref, str(exc)) from None
+
+
 def _validate_model(i: int, agent: AgentConfig) -> None:
-    from mapoco.models.registry import has_chat_template, resolve_model
+    from mapoco.models.registry import has_chat_template
 
     key = f"team.agents[{i}].model"
-    try:
-        path = resolve_model(agent.model)
-    except FileNotFoundError as exc:
-        raise ConfigError(key, agent.model, str(exc)) from None
-    _require(has_chat_template(path), key, agent.model,
+    _require(has_chat_template(_resolve_model(key, agent.model)), key, agent.model,
              "its tokenizer has no chat template (chat_template.jinja or tokenizer_config.json 'chat_template'): "
              "agents talk in chat threads, so use an instruct model or add a template")
 
@@ -451,49 +572,50 @@ def _validate_weights_folder(key: str, path: str) -> None:
         raise ConfigError(key, path, str(exc)) from None
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    _require(cfg.turns >= 1, "turns", cfg.turns, "must be an integer >= 1 (number of discussion turns)")
-    _require(len(cfg.team.agents) >= 1, "team.agents", cfg.team.agents, "needs at least one agent")
-    for i, agent in enumerate(cfg.team.agents):
-        _validate_agent(i, agent)
-        _validate_model(i, agent)
-    _require(cfg.task.name in task_names(), "task.name", cfg.task.name, f"one of {task_names()}")
-    _require(cfg.task.limit is None or cfg.task.limit >= 1, "task.limit", cfg.task.limit, "must be >= 1 or null")
-    _require(cfg.discussion.topology in TOPOLOGIES, "discussion.topology", cfg.discussion.topology,
-             f"one of {TOPOLOGIES}")
-    _require(cfg.discussion.batch_size >= 1, "discussion.batch_size", cfg.discussion.batch_size, "must be >= 1")
-    _require(cfg.verifier.kind in VERIFIER_KINDS, "verifier.kind", cfg.verifier.kind, f"one of {VERIFIER_KINDS}")
-    _require(cfg.command == "train-verifier" or cfg.verifier.kind != "learned" or bool(cfg.verifier.path),
-             "verifier.path", cfg.verifier.path,
+def _validate_verifier(cfg: RunConfig) -> None:
+    ver = cfg.verifier
+    _require(ver.kind in VERIFIER_KINDS, "verifier.kind", ver.kind, f"one of {VERIFIER_KINDS}")
+    _require(cfg.command == "train-verifier" or ver.kind != "learned" or bool(ver.path), "verifier.path", ver.path,
              "a learned verifier needs a checkpoint path (train one with `mapoco train-verifier`)")
-    if cfg.command != "train-verifier" and cfg.verifier.kind == "learned":
-        _validate_weights_folder("verifier.path", cfg.verifier.path)
-    _require(cfg.verifier.timeout_s > 0, "verifier.timeout_s", cfg.verifier.timeout_s, "must be > 0")
-    _require(cfg.verifier.workers >= 1, "verifier.workers", cfg.verifier.workers, "an integer >= 1")
-    _require(cfg.verifier.batch_size >= 1, "verifier.batch_size", cfg.verifier.batch_size, "must be >= 1")
-    _require(cfg.verifier.train_batch_size >= 1, "verifier.train_batch_size", cfg.verifier.train_batch_size,
-             "an integer >= 1")
-    _require(cfg.verifier.epochs >= 1, "verifier.epochs", cfg.verifier.epochs, "must be >= 1")
-    _require(cfg.verifier.lr > 0, "verifier.lr", cfg.verifier.lr, "must be > 0")
-    _require(0 < cfg.verifier.held_out < 1, "verifier.held_out", cfg.verifier.held_out, "must be in (0, 1)")
-    _require(cfg.rewards.gamma >= 0, "rewards.gamma", cfg.rewards.gamma, "must be >= 0")
-    _require(cfg.rewards.incentives in INCENTIVE_MODES, "rewards.incentives", cfg.rewards.incentives,
+    if cfg.command != "train-verifier" and ver.kind == "learned":
+        _validate_weights_folder("verifier.path", ver.path)
+    _require(ver.timeout_s > 0, "verifier.timeout_s", ver.timeout_s, "must be > 0")
+    _require(ver.workers >= 1, "verifier.workers", ver.workers, "an integer >= 1")
+    _require(ver.batch_size >= 1, "verifier.batch_size", ver.batch_size, "must be >= 1")
+    _require(ver.num_cpus > 0, "verifier.num_cpus", ver.num_cpus, "must be > 0: the verifier actor reserves CPUs")
+    _require_name("verifier.base", ver.base, "a model (name, folder or hub id), or null for the first agent's")
+    if cfg.command == "train-verifier" and ver.base is not None:
+        _resolve_model("verifier.base", ver.base)
+    _require(ver.epochs >= 1, "verifier.epochs", ver.epochs, "must be >= 1")
+    _require(ver.lr > 0, "verifier.lr", ver.lr, "must be > 0")
+    _require(ver.train_batch_size >= 1, "verifier.train_batch_size", ver.train_batch_size, "an integer >= 1")
+    _require(0 < ver.held_out < 1, "verifier.held_out", ver.held_out, "must be in (0, 1)")
+
+
+def _validate_rewards(rewards: RewardConfig) -> None:
+    _require(0 <= rewards.gamma <= 1, "rewards.gamma", rewards.gamma, "must be in [0, 1] (a discount factor)")
+    _require(rewards.incentives in INCENTIVE_MODES, "rewards.incentives", rewards.incentives,
              f"one of {INCENTIVE_MODES}")
     for name in ("alpha0", "alpha1", "beta0", "beta1"):
-        value = getattr(cfg.rewards, name)
+        value = getattr(rewards, name)
         _require(value >= 0, f"rewards.{name}", value, "must be >= 0 (signs come from rewards.incentives)")
-    _require(cfg.cluster.placement_timeout_s > 0, "cluster.placement_timeout_s", cfg.cluster.placement_timeout_s,
-             "seconds > 0")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Every key's meaning-based range, before Hydra, Ray or any actor starts; raises ConfigError naming the key."""
+    _validate_run(cfg)
+    _validate_task(cfg.task)
+    _validate_team(cfg)
+    _validate_verifier(cfg)
+    _validate_rewards(cfg.rewards)
     _validate_training(cfg)
     _validate_conductor(cfg)
     _validate_serve(cfg)
-    _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.logger.wandb.mode,
-             "one of offline, online, disabled")
+    _validate_services(cfg)
     return cfg
 
 
 def _validate_conductor(cfg: RunConfig) -> None:
-    _require(cfg.method in METHODS, "method", cfg.method, f"one of {METHODS}")
     if cfg.method != "conductor":
         return
     con = cfg.conductor
@@ -504,6 +626,8 @@ def _validate_conductor(cfg: RunConfig) -> None:
     _require(1 <= con.max_steps <= 5, "conductor.max_steps", con.max_steps, "an integer in 1..5")
     _require(1 <= con.min_pool <= pool, "conductor.min_pool", con.min_pool, f"an integer in 1..{pool} (the pool)")
     _require(con.max_depth >= 1, "conductor.max_depth", con.max_depth, "an integer >= 1")
+    for i, example in enumerate(con.examples):
+        _require_name(f"conductor.examples[{i}]", example, "a non-empty example workflow")
     for i, worker in enumerate(cfg.team.agents[1:], start=1):
         _require(not worker.trainable, f"team.agents[{i}].trainable", True,
                  "workers are frozen in method=conductor: set trainable: false")
@@ -511,35 +635,102 @@ def _validate_conductor(cfg: RunConfig) -> None:
         key = f"conductor.http_workers[{i}]"
         _require(http.base_url.startswith(("http://", "https://")), f"{key}.base_url", http.base_url,
                  "an http(s) URL ending before /chat/completions, e.g. http://127.0.0.1:8000/v1")
+        _require_name(f"{key}.model", http.model, "the endpoint's non-empty model name")
         _require(http.timeout_s > 0, f"{key}.timeout_s", http.timeout_s, "must be > 0")
         _require(http.max_tokens >= 1, f"{key}.max_tokens", http.max_tokens, "must be >= 1")
+        _require(http.temperature >= 0, f"{key}.temperature", http.temperature, "must be >= 0")
         _require(http.concurrency >= 1, f"{key}.concurrency", http.concurrency, "must be >= 1")
+        _require_env_name(f"{key}.api_key_env", http.api_key_env)
         _require(http.api_key_env is None or http.api_key_env in os.environ, f"{key}.api_key_env",
                  http.api_key_env, "names an environment variable that is not set: export it first")
 
 
 def _validate_serve(cfg: RunConfig) -> None:
     srv = cfg.serve
-    _require(bool(srv.host.strip()), "serve.host", srv.host, "an address to bind, e.g. 127.0.0.1 (0.0.0.0: every "
-                                                             "interface)")
+    _require_host("serve.host", srv.host)
     _require(1 <= srv.port <= 65535, "serve.port", srv.port, "a TCP port in 1..65535")
     _require(srv.route_prefix.startswith("/") and (srv.route_prefix == "/" or not srv.route_prefix.endswith("/"))
              and not any(c in srv.route_prefix for c in "{}?# "), "serve.route_prefix", srv.route_prefix,
              "a URL path starting with '/' and not ending with one, e.g. / or /mapoco")
-    _require(srv.model_name is None or bool(srv.model_name.strip()), "serve.model_name", srv.model_name,
-             "a non-empty name, or null for the run directory's name")
+    _require_name("serve.model_name", srv.model_name, "a non-empty name, or null for the run directory's name")
     _require(srv.replicas >= 1, "serve.replicas", srv.replicas, "must be >= 1")
     _require(srv.num_cpus >= 0, "serve.num_cpus", srv.num_cpus, "must be >= 0")
     _require(srv.max_batch_size >= 1, "serve.max_batch_size", srv.max_batch_size, "must be >= 1")
-    _require(0 <= srv.batch_wait_timeout_s < math.inf, "serve.batch_wait_timeout_s", srv.batch_wait_timeout_s,
-             "seconds >= 0")
+    _require(srv.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", srv.batch_wait_timeout_s, "seconds >= 0")
     _require(srv.max_input_chars >= 1, "serve.max_input_chars", srv.max_input_chars, "must be >= 1")
+    _require_env_name("serve.api_key_env", srv.api_key_env)
     if cfg.command != "serve":
         return
     _require(cfg.checkpoint is not None, "checkpoint", cfg.checkpoint,
              "mapoco serve needs checkpoint=DIR: a run directory or one of its checkpoints/step_N folders")
     _require(srv.api_key_env is None or bool(os.environ.get(srv.api_key_env)), "serve.api_key_env",
              srv.api_key_env, "names an environment variable that is not set or empty: export the token first")
+
+
+def _validate_services(cfg: RunConfig) -> None:
+    cluster, wandb = cfg.cluster, cfg.logger.wandb
+    _require(cluster.address is None or _is_ray_address(cluster.address), "cluster.address", cluster.address,
+             "auto, local, HOST:PORT or ray://HOST:PORT, or null ($RAY_ADDRESS if set, else a local instance)")
+    _require(cluster.num_cpus is None or cluster.num_cpus >= 1, "cluster.num_cpus", cluster.num_cpus,
+             "must be >= 1, or null for what the actors ask for")
+    _require_host("cluster.dashboard_host", cluster.dashboard_host)
+    _require(cluster.placement_timeout_s > 0, "cluster.placement_timeout_s", cluster.placement_timeout_s,
+             "seconds > 0")
+    _require(wandb.mode in WANDB_MODES, "logger.wandb.mode", wandb.mode, f"one of {', '.join(WANDB_MODES)}")
+    _require(bool(wandb.project.strip()) and len(wandb.project) <= 128
+             and not any(c in wandb.project for c in WANDB_PROJECT_FORBIDDEN), "logger.wandb.project", wandb.project,
+             f"a wandb project name: 1 to 128 characters, none of {WANDB_PROJECT_FORBIDDEN}")
+    _require_name("logger.wandb.group", wandb.group, "a non-empty group name, or null")
+    _require_name("logger.wandb.name", wandb.name, "a non-empty run name, or null")
+
+
+def _is_ray_address(address: str) -> bool:
+    if address in ("auto", "local"):
+        return True
+    try:
+        parts = urlsplit(address if address.startswith("ray://") else f"ray://{address}")
+        return bool(parts.hostname) and 1 <= (parts.port or 0) and not parts.path
+    except ValueError:  # a port that is not a number in 0..65535
+        return False
+
+
+# ---------------------------------------------------------------- the output directory
+def check_writable_dir(key: str, path: str | Path) -> None:
+    """Fail fast, creating nothing, if ``path`` cannot become a writable directory: its nearest existing ancestor (or
+    itself) must be a directory, writable, on a filesystem that is neither read-only nor virtual (/proc, /sys)."""
+    out = Path(path).expanduser().absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    why = _unwritable_because(existing)
+    _require(why is None, key, str(path), f"is not a writable directory ({why})")
+
+
+def _unwritable_because(existing: Path) -> str | None:
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    fstype = _filesystem_type(existing.resolve())
+    if fstype in VIRTUAL_FILESYSTEMS:
+        return f"{existing} is on a virtual filesystem ({fstype})"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only filesystem"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem that holds ``path`` (absolute, resolved): its innermost mount in /proc/self/mounts
+    (None where that cannot be read)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    found, depth = None, -1
+    for line in mounts:
+        point, fstype = line.split()[1:3]
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)  # octal escapes: \040 is a space
+        if path.is_relative_to(point) and len(point) >= depth:  # the later of two mounts on one point is on top
+            found, depth = fstype, len(point)
+    return found
 
 
 AGENT_DEFAULT_GROUPS = ("engine", "sampling", "learner")

@@ -84,6 +84,14 @@ ARITHMETIC_DEFAULTS: dict[str, Any] = {
 }
 _SPLIT_SEED_OFFSET = {"test": 0, "validation": 1, "train": 2}
 
+# The splits each task's source has (the hub's, or the generator's seed streams; anli reads validation as dev), and
+# the params it takes: config.validate checks task.split and task.params against them.
+TASK_SPLITS = {"arithmetic": ("train", "validation", "test"), "gsm8k": ("train", "test"), "tinygsm": ("train",),
+               "anli": ("train", "dev", "validation", "test")}
+TASK_PARAMS = {"arithmetic": tuple(ARITHMETIC_DEFAULTS), "anli": ("round",), "gsm8k": (), "tinygsm": ()}
+ARITHMETIC_OPERATORS = ("+", "-", "*", "/")  # reasoning-gym basic_arithmetic's
+ANLI_ROUNDS = (1, 2, 3)
+
 
 def arithmetic_problems(cfg: TaskConfig, split: str, size: int, offset: int = 0) -> list[Problem]:
     """``size`` reasoning-gym problems of ``split``; the seed differs per split so splits are distinct streams."""

@@ -59,10 +59,11 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_config_validation_does_not_pull_in_the_conductor():
-    """Checking a config (config -> models) must not import the Conductor's workflow module."""
+    """Checking a config (config -> models) must not import the Conductor's modules or an engine (vLLM)."""
     graph, seen, todo = import_graph(), set(), ["mapoco.config"]
     while todo:
         for dep in graph[todo.pop()] - seen:
             seen.add(dep)
             todo.append(dep)
-    assert "mapoco.conductor.workflow" not in seen and "mapoco.conductor.rollout" not in seen
+    assert not {m for m in seen if m.startswith("mapoco.conductor")}, seen
+    assert "mapoco.rollout.engine" not in seen and "mapoco.rollout.discussion" not in seen

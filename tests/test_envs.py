@@ -6,6 +6,7 @@ from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
 from mapoco.config import DiscussionConfig, RewardConfig
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.rollout.rewards import maporl_rewards
 from mapoco.rollout.verifier import Verdict, VerifyItem, check_gold
 from mapoco.serving.envs import (
     AnyText,
@@ -14,7 +15,6 @@ from mapoco.serving.envs import (
     play_episode,
 )
 from mapoco.tasks import Problem
-from mapoco.training.rewards import maporl_rewards
 
 PROBLEMS = [Problem("q0", "Calculate 2 + 3.", "5"), Problem("q1", "Calculate 4 - 1.", "3"),
             Problem("q2", "Calculate 1 + 1.", "2")]

@@ -8,8 +8,8 @@ import pytest
 from mapoco.config import RewardConfig
 from mapoco.evaluation.report import summarize, turn_table
 from mapoco.rollout.discussion import DiscussionResult, Record
+from mapoco.rollout.rewards import team_rewards
 from mapoco.tasks import Problem
-from mapoco.training.rewards import team_rewards
 
 # (question, agent, turn) -> (answer, correct, verifier score; None = flagged)
 ANSWERS = {

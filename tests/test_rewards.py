@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mapoco.config import RewardConfig
-from mapoco.training.rewards import (
+from mapoco.rollout.rewards import (
     incentives,
     influence_aware,
     maporl_rewards,

@@ -64,15 +64,6 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
         assert metrics[-1][f"timing/{key}"] >= 0
 
 
-def test_higher_learning_rate_moves_weights_further(hetero_training):
-    """Adam's step size scales with lr: the 7e-5 agent's first-layer weights move more than the 2e-5 agent's."""
-    _, _, before, after = hetero_training
-    def rel(name):
-        keys = [k for k in before[name] if "layers.0.self_attn.q_proj.weight" in k]
-        return float((after[name][keys[0]] - before[name][keys[0]]).abs().mean())
-    assert rel("agent_1") > 2 * rel("agent_0")
-
-
 def test_kl_is_zero_at_step_zero_and_engines_match_learners(hetero_training):
     trainer, metrics, _, _ = hetero_training
     for name in ("agent_0", "agent_1"):

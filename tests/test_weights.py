@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from mapoco.training.weights import _quiet_expected_reload_warnings, pack, unpack
+from mapoco.runtime.weights import _quiet_expected_reload_warnings, pack, unpack
 
 LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
 

@@ -18,10 +18,10 @@ from mapoco.evaluation.report import (
     write_transcripts,
 )
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
+from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import init_ray
 from mapoco.tasks import Problem, load_task
-from mapoco.training.rewards import team_rewards
 
 
 def discuss_in_batches(

@@ -54,13 +54,11 @@ def turn_table(summary: dict[str, Any], title: str = "") -> str:
 
 
 def check_output_dir(out: Path) -> None:
-    """Fail fast, creating nothing, if ``out`` cannot become a writable directory (its nearest existing ancestor
-    must be a writable directory)."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        _unwritable(out, f"{existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        _unwritable(out, f"{existing} is not writable")
+    """Fail fast, creating nothing, if ``out`` cannot become a writable directory (``mapoco.config``'s check of
+    ``output_dir``: a file in the way, an unwritable ancestor, a read-only or virtual filesystem)."""
+    from mapoco.config import check_writable_dir
+
+    check_writable_dir("output_dir", out)
 
 
 def prepare_output_dir(out: Path) -> None:

@@ -2,7 +2,8 @@
 
 A run is a folder holding ``summary.json`` (a train run's ``after`` evaluation, or an eval run's); its configuration
 is its Hydra overrides (``.hydra/overrides.yaml``) minus ``seed``, so the seeds of one configuration are averaged.
-Overrides every configuration shares are printed once, not repeated in each label.
+Overrides every configuration shares are printed once (in the table's first line, under the plot's title), not
+repeated in each label; a lone configuration shares all of its overrides, so its label is just "all runs".
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class NoRunsError(ValueError):
@@ -61,9 +66,10 @@ def find_runs(root: Path) -> list[Run]:
 
 
 def _labels(configs: list[tuple[str, ...]]) -> tuple[list[str], list[str]]:
-    """(label per configuration, overrides shared by all of them); with one configuration nothing is shared."""
-    shared = set.intersection(*map(set, configs)) if len(configs) > 1 else set()
-    labels = [",".join(o for o in c if o not in shared) or "(defaults)" for c in configs]
+    """(label per configuration: its overrides that not all of them share; the shared ones)."""
+    shared = set.intersection(*map(set, configs))
+    nothing_left = "all runs" if len(configs) == 1 else "(defaults)"
+    labels = [",".join(o for o in c if o not in shared) or nothing_left for c in configs]
     return labels, sorted(shared)
 
 
@@ -123,16 +129,52 @@ def _cells(values: list[float | None], turns: int) -> list[float | str]:
     return [("" if v is None else round(v, 6)) for v in values] + [""] * (turns - len(values))
 
 
+FIG_WIDTH = 7.0  # inches
+PLOT_HEIGHT = 3.2  # inches for the axes with their tick and axis labels; the title and legend add theirs
+TITLE_CHARS = 76  # per title line at 10 pt, inside FIG_WIDTH
+LABEL_CHARS = 40  # per legend line at "small" size: two columns of the longest labels fit FIG_WIDTH
+
+
+def summary_figure(rows: list[ConfigRow], shared: list[str], name: str) -> Figure:
+    """Mean accuracy per turn, one line per configuration. The legend goes below the axes and the figure grows to
+    hold it, so it never covers or squeezes them; labels and the shared overrides are wrapped to the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(FIG_WIDTH, PLOT_HEIGHT), layout="constrained")
+    FigureCanvasAgg(fig)  # our own canvas (a renderer to measure text), no pyplot state to leak or close
+    ax = fig.add_subplot()
+    labels = [_wrap_label(r.label) for r in rows]
+    for row, label in zip(rows, labels):
+        ax.plot(range(1, len(row.mean) + 1), row.mean, marker="o", label=label)
+    ax.set(xlabel="turn", ylabel="accuracy", ylim=(0, 1), xticks=range(1, max(len(r.mean) for r in rows) + 1))
+    ax.grid(alpha=0.3)
+    lines = [textwrap.fill(f"{name}: final team accuracy", TITLE_CHARS)]
+    if shared:  # at most three lines of them: the table printed beside the plot has them all
+        lines.append(textwrap.fill("shared: " + ", ".join(shared), TITLE_CHARS, max_lines=3, placeholder=" …"))
+    title = ax.set_title("\n".join(lines), fontsize=10)
+    widest = max(len(line) for label in labels for line in label.splitlines())
+    # about 100 "small" characters span FIG_WIDTH; each column also takes ~8 for its marker and spacing
+    ncols = max(1, min(len(rows), 100 // (widest + 8)))
+    legend = fig.legend(loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+    renderer = fig.canvas.get_renderer()
+    fig.set_figheight(PLOT_HEIGHT + sum(t.get_window_extent(renderer).height for t in (title, legend)) / fig.dpi)
+    return fig
+
+
+def _wrap_label(label: str) -> str:
+    """One override per line once they do not fit on one; only an override longer than a line is broken."""
+    return label if len(label) <= LABEL_CHARS else "\n".join(textwrap.fill(o, LABEL_CHARS) for o in label.split(","))
+
+
 def sweep_summary(root: Path) -> list[ConfigRow]:
     """Print the table and write ``sweep_summary.csv`` and ``sweep_summary.png`` into ``root``."""
-    from mapoco.evaluation.report import plot_turns
-
     runs = find_runs(root) if root.is_dir() else []
     if not runs:
         raise NoRunsError(f"no run under {root} (a run is a folder holding summary.json)")
     rows, shared = summarize_runs(runs)
     print(format_table(rows, shared))
     write_csv(root / "sweep_summary.csv", rows)
-    plot_turns(root / "sweep_summary.png", {r.label: r.mean for r in rows}, f"{root.name}: final team accuracy")
+    summary_figure(rows, shared, root.name).savefig(root / "sweep_summary.png", dpi=120, bbox_inches="tight")
     print(f"wrote {root}/sweep_summary.csv, sweep_summary.png ({len(runs)} runs, {len(rows)} configurations)")
     return rows

@@ -1,2 +1,2 @@
-"""Rollout: the vLLM engine actors, the MAPoRL discussion they hold, its prompts and topology, and the verifiers
-that score its answers."""
+"""Rollout: the vLLM engine actors, the MAPoRL discussion they hold (prompts, topology), the verifiers that score
+its answers and the rewards those answers earn."""

@@ -76,7 +76,7 @@ class Team:
                 placement = reserve(engine_bundles(agent, colocated), f"team.agents[{i}].engine",
                                     placement_timeout_s)
                 engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
-                                       restart_timeout_s=placement_timeout_s)
+                                       restart_timeout_s=placement_timeout_s, what=f"team.agents[{i}].engine")
                 self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
             for engines in self.distinct_engines():
                 engines.wait_ready()

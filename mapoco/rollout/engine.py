@@ -1,6 +1,6 @@
 """Engine actors: one Ray actor per agent replica wrapping a vLLM ``LLM``; token ids in, token ids out.
 
-New weights arrive on CPU as a ``mapoco.training.weights`` payload read in place from Ray's object store; on GPU through an
+New weights arrive on CPU as a ``mapoco.runtime.weights`` payload read in place from Ray's object store; on GPU through an
 NCCL broadcast (``mapoco.training.weight_sync``).
 
 A replica that dies (killed, out of memory) is restarted in its placement bundle, gets the trained weights back
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
+from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import Placement, node_of_actor
 from mapoco.runtime.precision import engine_dtype
-from mapoco.training.weights import (
+from mapoco.runtime.weights import (
     WeightPayload,
     init_group_in_worker,
     receive_in_worker,
@@ -49,7 +50,8 @@ def request_seed(run_seed: int, *keys: object) -> int:
 class Engine:
     """The actor body. Environment variables vLLM reads at import are set by ``start_engine`` via runtime_env."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, sleep_mode: bool = False):
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, sleep_mode: bool = False, name: str = "engine"):
+        capture_output(name)  # before vLLM says anything
         import torch
         from vllm import LLM
 
@@ -146,14 +148,14 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
 
 
 def start_engine(model_path: str, cfg: EngineConfig, seed: int, placement: Placement, bundle: int,
-                 sleep_mode: bool) -> ray.actor.ActorHandle:
+                 sleep_mode: bool, name: str = "engine") -> ray.actor.ActorHandle:
     actor_cls = ray.remote(Engine).options(
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         scheduling_strategy=placement.strategy(bundle),
         runtime_env={"env_vars": engine_env(cfg)},
     )
-    return actor_cls.remote(model_path, cfg, seed, sleep_mode)
+    return actor_cls.remote(model_path, cfg, seed, sleep_mode, f"{name}-replica{bundle}")
 
 
 @dataclass
@@ -178,8 +180,9 @@ class AgentEngines:
     node that can hold it, if there is one."""
 
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int, placement: Placement, sleep_mode: bool = False,
-                 restart_timeout_s: float = 120.0):
+                 restart_timeout_s: float = 120.0, what: str = "engine"):
         self.model_path, self.cfg, self.seed, self.placement = model_path, cfg, seed, placement
+        self.what = what
         self.sleep_mode, self.restart_timeout_s = sleep_mode, restart_timeout_s
         self.restarts = 0
         self.on_restart: Callable[[int], None] | None = None
@@ -187,7 +190,8 @@ class AgentEngines:
         self.actors = [self._start(r) for r in range(cfg.replicas)]
 
     def _start(self, replica: int) -> ray.actor.ActorHandle:
-        return start_engine(self.model_path, self.cfg, self.seed + replica, self.placement, replica, self.sleep_mode)
+        return start_engine(self.model_path, self.cfg, self.seed + replica, self.placement, replica, self.sleep_mode,
+                            self.what)
 
     def wait_ready(self) -> None:
         ray.get([a.pid.remote() for a in self.actors])

@@ -16,6 +16,7 @@ import ray
 
 from mapoco.answers import extract_answer, is_correct
 from mapoco.config import VerifierConfig
+from mapoco.runtime.logs import capture_output
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that we own the timeout
 
@@ -114,6 +115,7 @@ class Verifier:
     """The actor body: rule checks against the gold answer, and the learned model's score when configured."""
 
     def __init__(self, cfg: VerifierConfig):
+        capture_output("verifier")
         self.cfg = cfg
         self.gold = GoldChecker(cfg.workers, cfg.timeout_s)
         self.model = None

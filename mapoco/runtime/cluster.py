@@ -6,6 +6,7 @@ bundle is larger than any node) fails with the numbers before any actor starts.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import ray
 
 from mapoco.config import AgentConfig, ConfigError, RunConfig
+from mapoco.runtime.logs import actor_env
 from mapoco.runtime.placement import (
     Bundles,
     check_bundles_fit,
@@ -62,14 +64,22 @@ def start_or_join(cfg: RunConfig, need_cpus: float, who: str, breakdown: str) ->
         return False
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **_output_options(cfg))
         return False
     if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < need_cpus:
         raise ConfigError("cluster.num_cpus", cfg.cluster.num_cpus, f"{who} need {need_cpus:g} CPUs ({breakdown})")
     # address="local": a new instance of its own, never one a test or an earlier run left behind on this machine.
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(math.ceil(need_cpus), os.cpu_count() or 1),
-             include_dashboard=False, dashboard_host=cfg.cluster.dashboard_host, log_to_driver=True)
+             include_dashboard=False, dashboard_host=cfg.cluster.dashboard_host, **_output_options(cfg))
     return True
+
+
+def _output_options(cfg: RunConfig) -> dict[str, Any]:
+    """Actors write their output to the run's logs/ (``mapoco.runtime.logs``); the driver forwards it to the
+    terminal, and Ray says more than warnings, only with ``logger.show_logs``."""
+    show = cfg.logger.show_logs
+    return {"log_to_driver": show, "logging_level": logging.INFO if show else logging.WARNING,
+            "runtime_env": {"env_vars": actor_env(cfg.output_dir, show)}}
 
 
 def check_capacity(groups: dict[str, Bundles], keys: dict[str, tuple[str, Any]], who: str, breakdown: str,

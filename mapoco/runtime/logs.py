@@ -27,14 +27,19 @@ def actor_env(output_dir: str | Path, show_logs: bool) -> dict[str, str]:
     return {LOG_DIR_ENV: str(log_dir(Path(output_dir).resolve())), SHOW_LOGS_ENV: "1" if show_logs else "0"}
 
 
+def log_name(what: str) -> str:
+    """A file name from the config key that sizes an actor group: ``team.agents[1].engine`` -> ``agent1-engine``."""
+    return re.sub(r"team\.agents\[(\d+)\]\.", r"agent\1-", what)
+
+
 def capture_output(name: str) -> Path | None:
-    """Send this process's stdout and stderr to ``<log dir>/<name>.log`` (appending: a restarted actor adds to its
+    """Send this process's stdout and stderr to ``<log dir>/<log_name(name)>.log`` (appending: a restarted actor adds to its
     predecessor's file), and, with show_logs, on to where they went before. Nothing happens outside a run that set
     the log directory (e.g. the test suite's shared Ray instance)."""
     directory = os.environ.get(LOG_DIR_ENV)
     if not directory:
         return None
-    path = Path(directory) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.log"
+    path = Path(directory) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', log_name(name))}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -55,8 +55,8 @@ from mapoco.rollout.discussion import (
     turn_message,
 )
 from mapoco.rollout.engine import Generation, request_seed
+from mapoco.rollout.rewards import team_rewards
 from mapoco.tasks import Problem
-from mapoco.training.rewards import team_rewards
 
 if TYPE_CHECKING:
     from mapoco.config import RunConfig

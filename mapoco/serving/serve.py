@@ -134,7 +134,7 @@ def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> d
 
     from mapoco.models.registry import load_causal_lm
     from mapoco.runtime.precision import learner_dtype
-    from mapoco.training.weights import engine_weights
+    from mapoco.runtime.weights import engine_weights
 
     saved = load_file(str(directory / "model.safetensors"))
     state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head
@@ -159,7 +159,7 @@ def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> None:
     import torch
 
     from mapoco.runtime.precision import engine_dtype
-    from mapoco.training.weights import pack
+    from mapoco.runtime.weights import pack
 
     for owner, seats in cfg.team.policy_seats().items():
         runtime = team.agents[owner]

@@ -1,2 +1,2 @@
-"""Training: the co-training controller (trainer), the DeepSpeed learner groups, the RL math (algorithms, rewards),
-weight movement to the engines, checkpoints and metrics out."""
+"""Training: the co-training controller (trainer), the DeepSpeed learner groups, the RL math (algorithms), who
+sends weights to the engines when (weight_sync), checkpoints and metrics out."""

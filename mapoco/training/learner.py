@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
+from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import (
     READY_TIMEOUT_S,
     Placement,
@@ -28,6 +29,13 @@ from mapoco.runtime.placement import (
     reserve,
 )
 from mapoco.runtime.precision import learner_dtype
+from mapoco.runtime.weights import (
+    WeightPayload,
+    create_communicator,
+    engine_weights,
+    pack,
+    unpack,
+)
 from mapoco.training.algorithms import (
     entropy_from_logits,
     kl_penalty,
@@ -37,13 +45,17 @@ from mapoco.training.algorithms import (
     value_loss,
 )
 from mapoco.training.state_io import load_state, save_state
-from mapoco.training.weights import (
-    WeightPayload,
-    create_communicator,
-    engine_weights,
-    pack,
-    unpack,
-)
+
+SUMMED_STATS = ("policy_loss", "value_loss", "loss")  # normalised by the batch's tokens: parts of one sum
+
+
+def combine_stats(parts: dict[str, list[float]], tokens: list[float]) -> dict[str, float]:
+    """One figure per statistic from its parts (micro-batches of a step, or ranks): a loss is a share of one sum
+    normalised by the whole batch's tokens, so the parts add up; any other statistic is a per-token mean, so the
+    parts are weighted by their tokens. The figures then do not depend on the micro-batch size or the rank count."""
+    weights = np.asarray(tokens, dtype=np.float64)
+    return {key: float(np.sum(values) if key in SUMMED_STATS else np.average(values, weights=weights))
+            for key, values in parts.items()} | {"tokens": float(weights.sum())}
 
 
 @dataclass
@@ -129,7 +141,8 @@ class Learner:
     """One rank of an agent's learner group (the Ray actor body)."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig,
-                 num_turns: int, seed: int):
+                 num_turns: int, seed: int, name: str = "learner"):
+        capture_output(f"{name}-rank{rank}")
         self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
         self.model_path, self.num_turns, self.seed = model_path, num_turns, seed
         self.master: tuple[str, int] | None = None
@@ -226,12 +239,13 @@ class Learner:
     def update(self, rows: list[Rollout], batch: dict[str, list[list[float]]], normalizer: float) -> dict[str, float]:
         """PPO epochs over this rank's shard. ``batch`` holds per-row token lists: old_logprobs, ref_logprobs,
         advantages, returns (gae only), old_values (gae only). Losses are summed per token and divided by
-        ``normalizer`` (the masked tokens of the whole agent batch across ranks), times the world size because
-        DeepSpeed averages gradients over ranks: the result is the token mean over the whole batch."""
+        ``normalizer`` (the masked tokens of the whole agent batch across ranks): the token mean over the whole
+        batch. Statistics are per epoch (the batch's loss, per-token means), averaged over epochs."""
         self.engine.train()
         world = torch.distributed.get_world_size()
         stats: dict[str, list[float]] = {}
         for _ in range(self.algo.ppo_epochs):
+            epoch: dict[str, list[float]] = {}
             for minibatch in self._minibatch_slices(len(rows)):
                 micro = self._micro_batches([rows[i] for i in minibatch])
                 for j, (start, mb) in enumerate(micro):
@@ -239,9 +253,11 @@ class Learner:
                     self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
                     picked = [minibatch[start + k] for k in range(mb.mask.size(0))]
                     self._accumulate(self._to_device(mb), self._tensors(batch, picked, mb.mask.size(1)),
-                                     normalizer / world, stats)
+                                     normalizer, world, epoch)
                 self.engine.step()
                 stats.setdefault("grad_norm", []).append(float(self.engine.get_global_grad_norm() or 0.0))
+            for key, value in combine_stats(epoch, epoch.pop("tokens")).items():
+                stats.setdefault(key, []).append(value)
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
     def _minibatch_slices(self, n: int) -> list[list[int]]:
@@ -258,8 +274,10 @@ class Learner:
             out[key] = t.to(self.device)
         return out
 
-    def _accumulate(self, mb: MicroBatch, t: dict[str, torch.Tensor], normalizer: float,
+    def _accumulate(self, mb: MicroBatch, t: dict[str, torch.Tensor], normalizer: float, world: int,
                     stats: dict[str, list[float]]) -> None:
+        """Backward of this micro-batch's share of the batch loss (times ``world``: DeepSpeed averages gradients
+        over ranks). The shares are logged, so the parts of every rank and micro-batch add up to the batch loss."""
         logits, values = self.engine(mb.input_ids, mb.attention_mask)
         logprobs, token_values, picked = response_outputs(logits, values, mb)
         pg_loss, pstats = policy_loss(logprobs, t["old_logprobs"], t["advantages"], mb.mask,
@@ -271,14 +289,16 @@ class Learner:
                                        clip_eps=self.algo.value_clip_eps, normalizer=normalizer)
             loss = loss + self.algo.vf_coef * vloss
             logged.update(value_loss=vloss.item(), vf_clip_frac=float(vstats["vf_clip_frac"]))
-        entropy = masked_mean(entropy_from_logits(picked), mb.mask)
-        if self.algo.entropy_coef:
-            loss = loss - self.algo.entropy_coef * entropy
+        token_entropy = entropy_from_logits(picked)
+        if self.algo.entropy_coef:  # a share of the batch's token mean too, like every other term
+            loss = loss - self.algo.entropy_coef * masked_sum(token_entropy, mb.mask) / normalizer
+        entropy = masked_mean(token_entropy, mb.mask)
         if not self.algo.kl_in_reward and self.algo.kl_coef:
             kl_tokens = kl_penalty(logprobs, t["ref_logprobs"], self.algo.kl_estimator)
             loss = loss + self.algo.kl_coef * masked_sum(kl_tokens, mb.mask) / normalizer
-        self.engine.backward(loss, scale_wrt_gas=False)
-        logged.update(loss=loss.item(), entropy=entropy.item())  # loss: what was minimised, every term
+        self.engine.backward(loss * world, scale_wrt_gas=False)
+        # loss: what was minimised, every term; tokens: the weight of this micro-batch's means
+        logged.update(loss=loss.item(), entropy=entropy.item(), tokens=float(mb.mask.sum()))
         for key, value in logged.items():
             stats.setdefault(key, []).append(value)
 
@@ -427,7 +447,7 @@ class LearnerGroup:
             ray.remote(Learner).options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu"}},
-            ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed)
+            ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed, what)
             for r in range(cfg.num_learners)
         ]
         # The group meets on rank 0's node, wherever the driver runs: every rank gets rank 0's address (Ray resolves
@@ -454,7 +474,10 @@ class LearnerGroup:
             for actor, idx in zip(self.actors, index_shards)
         ]
         results = gather(refs)
-        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k != "tokens"},
+                                 [r["tokens"] for r in results])
+        combined["grad_norm"] = results[0]["grad_norm"]  # after the all-reduce: the same on every rank
+        return {k: v for k, v in combined.items() if k != "tokens"}
 
     def weights_ref(self, dtype: str) -> ray.ObjectRef:
         """Rank 0's weights, left in the object store: engines read them straight from there, not through the

@@ -30,10 +30,15 @@ class Tracker:
                 name=wandb_cfg.name or out.name,
                 resume="allow" if resumed else None,
                 id=_run_id(out),
+                # wandb's banner and end-of-run history fill a screen; the run's folder and how to sync it are
+                # printed once below (logger.show_logs brings wandb's own output back).
+                settings=wandb.Settings(silent=not cfg.logger.show_logs, console="off"),
             )
             run_info = {"id": self.run.id, "name": self.run.name, "group": self.run.group, "mode": wandb_cfg.mode,
                         "project": wandb_cfg.project}
             (out / "wandb_run.json").write_text(json.dumps(run_info, indent=2))
+            where = f"wandb sync {self.run.dir.removesuffix('/files')}" if wandb_cfg.mode == "offline" else self.run.url
+            print(f"wandb: {wandb_cfg.mode} run {self.run.name} ({where})", flush=True)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:

@@ -29,6 +29,7 @@ from mapoco.evaluation.report import (
 )
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.engine import ReplicaLost, request_seed
+from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import init_ray
 from mapoco.runtime.precision import AgentPrecision, agent_precision
@@ -42,7 +43,6 @@ from mapoco.training.algorithms import (
     masked_mean,
 )
 from mapoco.training.learner import LearnerGroup, Rollout, RolloutStats
-from mapoco.training.rewards import team_rewards
 from mapoco.training.tracking import Tracker
 from mapoco.training.weight_sync import NcclSync, ObjectStoreSync, make_sync
 

@@ -1,7 +1,7 @@
 """Weight sync: after each update an agent's new weights reach its own engines before the next rollout.
 
 ``object_store`` (CPU, and anywhere): learner rank 0 writes the weights into Ray's object store once and every
-engine reads them in place and reloads (both ends: ``mapoco.training.weights``).
+engine reads them in place and reloads (both ends: ``mapoco.runtime.weights``).
 ``nccl`` (GPU): one NCCL broadcast group per agent (learner rank 0 plus every engine worker, a TCP rendezvous of its
 own, so agents never share a group); each sync broadcasts tensor by tensor into buffers the engines reload from.
 """
