@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from mapoco.config import RunConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _register_defaults() -> None:
+    """conf/config.yaml's first default: every key's default, built from the dataclasses (mapoco.config)."""
+    from hydra.core.config_store import ConfigStore
+
+    from mapoco.config import default_tree
+
+    ConfigStore.instance().store(name="mapoco_defaults", node=default_tree())
+
+
+_register_defaults()  # before any Hydra call of this process, by whoever imports the CLI (tests and notebooks too)
 USAGE = (
     "usage: mapoco {eval,train,train-verifier,serve,build-models,sweep-summary} [key=value ...]\n"
     "  mapoco train team=tiny2 train.steps=20 output_dir=outputs/train\n"

@@ -751,6 +751,21 @@ def _merge_agent_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def default_tree() -> dict[str, Any]:
+    """Every key's default, taken from the dataclasses above (the one place defaults live), in the shape of the
+    Hydra config: agent settings (engine, sampling, learner) at the top, where they apply to every agent. The team
+    comes from its config group; conf/ holds only the choices (groups, experiments) and Hydra's own settings."""
+    def default(f: dataclasses.Field) -> Any:
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+    tree = {f.name: default(f) for f in dataclasses.fields(RunConfig) if f.name not in ("task", "team")}
+    tree["task"] = dataclasses.asdict(TaskConfig())
+    agent_fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
+    tree.update({group: default(agent_fields[group]) for group in AGENT_DEFAULT_GROUPS})
+    return tree
+
+
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Plain (resolved) config mapping -> validated RunConfig. ``hydra`` keys are ignored."""
     raw = {k: v for k, v in raw.items() if k != "hydra"}

@@ -145,7 +145,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "verifier.base": ("command=train-verifier", "verifier.base=no-such-org/no-such-model"),  # offline
     "verifier.epochs": "verifier.epochs=0",
     "verifier.lr": "verifier.lr=0",
-    "verifier.train_batch_size": "+verifier.train_batch_size=0",  # rule.yaml omits it
+    "verifier.train_batch_size": "verifier.train_batch_size=0",
     "verifier.held_out": "verifier.held_out=1.0",
     "rewards.gamma": "rewards.gamma=1.5",
     "rewards.incentives": "rewards.incentives=bogus",

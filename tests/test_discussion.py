@@ -4,19 +4,9 @@ import pytest
 
 from mapoco.config import DiscussionConfig
 from mapoco.rollout.discussion import run_discussion
-from mapoco.rollout.topology import audience, visible_peers
 from mapoco.tasks import TaskConfig, load_task
 
 pytestmark = pytest.mark.slow
-
-
-def test_visible_peers_topologies():
-    assert visible_peers(1, 4, "all_to_all") == [0, 2, 3]
-    assert visible_peers(0, 4, "ring") == [3]
-    assert visible_peers(2, 4, "star") == [0] and visible_peers(0, 4, "star") == [1, 2, 3]
-    assert visible_peers(0, 1, "ring") == [] and visible_peers(0, 1, "all_to_all") == []
-    assert audience(0, 4, "ring") == [1] and audience(0, 4, "star") == [1, 2, 3] and audience(3, 4, "star") == [0]
-    assert audience(1, 3, "all_to_all") == [0, 2] and audience(0, 1, "all_to_all") == []
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,17 +19,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fresh_venv(path: Path) -> Path:
     """A new venv that borrows the project venv's third-party packages (no download) but not its editable mapoco:
-    a path in a .pth file is searched, its own .pth hooks (the editable finder among them) are not run."""
-    venv.EnvBuilder(with_pip=True).create(path)
+    a path in a .pth file is searched, its own .pth hooks (the editable finder among them) are not run. No pip of
+    its own: the project's pip installs into it (``--python``), building with the borrowed setuptools."""
+    venv.EnvBuilder(with_pip=False).create(path)
     site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return path / "bin"
 
 
+def source_copy(path: Path) -> Path:
+    """What a clone holds for the package: a build writes its build/ and egg-info next to the sources, so it
+    builds from a copy and the checkout stays clean."""
+    for name in ("pyproject.toml", "README.md"):
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
+    shutil.copytree(ROOT / "mapoco", path / "mapoco", ignore=shutil.ignore_patterns("__pycache__"))
+    return path
+
+
 @pytest.mark.slow
 def test_pip_install_runs_mapoco_eval_from_another_directory(tmp_path, tiny_models):
     bin_dir = fresh_venv(tmp_path / "venv")
-    install = subprocess.run([bin_dir / "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q",
+                              "--no-deps", "--no-build-isolation", str(source_copy(tmp_path / "src"))],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     where = subprocess.run([bin_dir / "python", "-c", "import mapoco; print(mapoco.__file__)"],
@@ -43,3 +56,9 @@ def test_pip_install_runs_mapoco_eval_from_another_directory(tmp_path, tiny_mode
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "out" / "summary.json").read_text())
     assert len(summary["turn_accuracy"]) == 2 and summary["num_questions"] == 4
+    # A quiet terminal: the table and where outputs went; vLLM's output is in the run's logs/, one file per actor.
+    terminal = (proc.stdout + proc.stderr).splitlines()
+    assert len(terminal) < 20 and not any("INFO" in line for line in terminal), "\n".join(terminal)
+    logs = sorted(p.name for p in (workdir / "out" / "logs").iterdir())
+    assert logs == ["agent0-engine-replica0.log", "agent1-engine-replica0.log", "verifier.log"]
+    assert "Resolved architecture" in (workdir / "out" / "logs" / "agent0-engine-replica0.log").read_text()

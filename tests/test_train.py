@@ -57,11 +57,10 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
         for key in ("policy_loss", "value_loss", "loss", "kl", "reward", "entropy", "grad_norm", "clip_frac",
                     "vf_clip_frac"):
             assert np.isfinite(metrics[-1][f"train/{name}/{key}"])
-        assert 0 <= metrics[-1][f"train/{name}/vf_clip_frac"] <= 1
         moved = max(float((after[name][k] - before[name][k]).abs().max()) for k in before[name])
         assert moved > 0, f"{name} weights did not change"
-    for key in ("rollout", "verify", "advantages", "update", "sync", "step"):
-        assert metrics[-1][f"timing/{key}"] >= 0
+    timing = {key: metrics[-1][f"timing/{key}"] for key in ("rollout", "verify", "advantages", "update", "sync")}
+    assert min(timing.values()) > 0 and metrics[-1]["timing/step"] >= sum(timing.values())  # the step's parts
 
 
 def test_kl_is_zero_at_step_zero_and_engines_match_learners(hetero_training):
@@ -175,7 +174,7 @@ def test_train_cli_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "mapoco", "train", "-m", "rewards.alpha1=0,1", f"hydra.sweep.dir={sweep}",
-         "team=tiny2", *[a for a in SMALL if "wandb" not in a], "train.steps=2", "train.save_every=2",
+         "team=tiny2", *[a for a in SMALL if "wandb" not in a], "train.steps=1", "train.save_every=1",
          "train.eval_limit=8"],
         capture_output=True, text=True, timeout=1800,
     )
@@ -192,7 +191,7 @@ def test_train_cli_multirun_sweep(tmp_path):
         for key in ("train/agent_0/policy_loss", "train/agent_1/kl", "eval/turn_2/acc", "eval/agent_1/turn_1/acc",
                     "timing/sync", "perf/tokens_per_s", "train/agent_0/logprob_max_diff"):
             assert key in keys
-        assert (out / "checkpoints" / "step_000002" / "COMPLETE").exists()
+        assert (out / "checkpoints" / "step_000001" / "COMPLETE").exists()
         assert (out / "before_after.png").stat().st_size > 0
         assert list((out / "wandb").glob(f"offline-run-*-{runs[int(job)]['id']}"))  # its own offline wandb run
 

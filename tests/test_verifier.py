@@ -1,5 +1,6 @@
 """The verifier actor (rules, timeouts, failures) and the learned verifier trained on the team's answers."""
 
+import numpy as np
 import pytest
 from conftest import compose_config
 
@@ -73,7 +74,11 @@ def test_train_verifier_end_to_end(hetero_team, tmp_path):
                          "turns=2", "verifier.epochs=1")
     report = train_verifier(cfg, tmp_path, team=hetero_team)
     assert report["held_out_examples"] >= 40 and report["train_examples"] >= 4 * report["held_out_examples"] // 2
-    assert 0.0 <= report["held_out"]["auc"] <= 1.0 and len(report["losses"]) == 1
+    assert len(report["losses"]) == 1 and np.isfinite(report["losses"][0])
+    # Before and after score the same held-out examples, and fitting changed what they say.
+    held_out = report["held_out_examples"]
+    assert report["held_out"]["num_examples"] == report["held_out_before"]["num_examples"] == held_out
+    assert report["held_out"] != report["held_out_before"]
     items = [VerifyItem("Calculate 2 + 3.", "\\boxed{5}", "5"), VerifyItem("Calculate 2 + 3.", "\\boxed{7}", "5")]
     local = LearnedVerifier.load(report["path"]).score([(i.question, i.response) for i in items])
     client = VerifierClient(VerifierConfig(kind="learned", path=report["path"]))

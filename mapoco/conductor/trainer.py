@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mapoco.conductor.rollout import (
     ConductorResult,
     ConductorRunner,
@@ -39,16 +41,20 @@ class ConductorTrainer(Trainer):
     def rollout(self, problems: list[Problem]) -> ConductorResult:
         return self.runner.rollout(with_samples(problems, self.cfg.algorithm.samples_per_question), self.step_seed())
 
-    def agent_batches(self, result: ConductorResult) -> dict[str, AgentBatch]:
+    def rollout_rewards(self, result: ConductorResult) -> np.ndarray:
+        """Each workflow's reward (set in the rollout: parsed, and its answer right), one per question."""
+        return np.array([record.reward for record in result.records])
+
+    def agent_batches(self, result: ConductorResult, rewards: np.ndarray) -> dict[str, AgentBatch]:
         """Every conductor generation (plan, re-plan) with its workflow's reward, grouped by question."""
         batch = AgentBatch([], [], [], [])
-        for record in result.records:
+        for record, reward in zip(result.records, rewards):
             for turn, generation in enumerate(record.turns):
                 if not generation.token_ids:
                     continue
                 batch.rows.append(Rollout(generation.prompt_ids, generation.token_ids, turn))
                 batch.keys.append((record.question_id.rsplit("#", 1)[0], 0, turn))
-                batch.rewards.append(record.reward)
+                batch.rewards.append(float(reward))
                 batch.engine_logprobs.append(generation.logprobs)
         return {self.policies[0].name: batch}
 
@@ -66,7 +72,7 @@ class ConductorTrainer(Trainer):
     def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
         return {f"eval/conductor/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps")}
 
-    def _rollout_metrics(self, result: ConductorResult) -> dict[str, float]:
+    def _rollout_metrics(self, result: ConductorResult, rewards: np.ndarray) -> dict[str, float]:
         summary = summarize_conductor(result)
         metrics = {f"rollout/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps",
                                                          "mean_reward")}

@@ -8,8 +8,8 @@ moved into place with ``os.replace``, so an interrupted build never leaves a fol
 The tiny models are warm-started by a short supervised run on the arithmetic train split (first-turn answers and
 discussion threads in the exact message format of ``mapoco.rollout.prompts``), so RL starts from a model that is
 sometimes right. Two roles share that code path: a *solver* answers questions (the discussion agents, and the
-Conductor's specialist workers, which also learn the workflow-step format of ``mapoco.conductor.workflow``); a *conductor*
-learns to write well-formed workflows whose worker ids are uniformly random, so RL has the routing to learn.
+Conductor's specialist workers, which also learn the workflow-step format of ``mapoco.conductor.workflow``); a
+*conductor* learns to write well-formed workflows whose worker ids are uniformly random, so RL has the routing to learn.
 """
 
 from __future__ import annotations

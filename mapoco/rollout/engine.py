@@ -1,10 +1,10 @@
 """Engine actors: one Ray actor per agent replica wrapping a vLLM ``LLM``; token ids in, token ids out.
 
-New weights arrive on CPU as a ``mapoco.runtime.weights`` payload read in place from Ray's object store; on GPU through an
-NCCL broadcast (``mapoco.training.weight_sync``).
+New weights arrive on CPU as a ``mapoco.runtime.weights`` payload read in place from Ray's object store; on GPU
+through an NCCL broadcast (``mapoco.training.weight_sync``).
 
 A replica that dies (killed, out of memory) is restarted in its placement bundle, gets the trained weights back
-through ``AgentEngines.on_restart``, and the requests it was serving are sent again: sampling seeds are per request,
+(the last ones pushed, or ``AgentEngines.on_restart`` on the NCCL path), and the requests it was serving are sent again: sampling seeds are per request,
 so the retried shard samples what the lost one would have.
 """
 

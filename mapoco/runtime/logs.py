@@ -33,8 +33,8 @@ def log_name(what: str) -> str:
 
 
 def capture_output(name: str) -> Path | None:
-    """Send this process's stdout and stderr to ``<log dir>/<log_name(name)>.log`` (appending: a restarted actor adds to its
-    predecessor's file), and, with show_logs, on to where they went before. Nothing happens outside a run that set
+    """Send this process's stdout and stderr to ``<log dir>/<log_name(name)>.log`` (appending: a restarted actor
+    adds to its predecessor's file), and, with show_logs, on to where they went before. Nothing happens outside a run that set
     the log directory (e.g. the test suite's shared Ray instance)."""
     directory = os.environ.get(LOG_DIR_ENV)
     if not directory:

@@ -191,7 +191,7 @@ class Trainer:
         result = self.rollout(self.batch(self.step))
         timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
         metrics: dict[str, float] = {}
-        rewards = team_rewards(result, self.cfg.rewards, self.cfg.discussion.topology)
+        rewards = self.rollout_rewards(result)
         batches = self.agent_batches(result, rewards)
         for policy in self.policies:
             engines = self.team.agents[policy.seats[0]].engines
@@ -221,6 +221,11 @@ class Trainer:
 
     def step_seed(self) -> int:
         return request_seed(self.cfg.seed, "step", self.step)
+
+    def rollout_rewards(self, result: DiscussionResult) -> np.ndarray:
+        """MAPoRL's reward of every answer, ``[question, agent, turn]``: computed once, read by the update and the
+        step's metrics."""
+        return team_rewards(result, self.cfg.rewards, self.cfg.discussion.topology)
 
     def agent_batches(self, result: DiscussionResult, rewards: np.ndarray) -> dict[str, AgentBatch]:
         """Per policy: its rows (flagged samples excluded) with their ``team_rewards``, keyed by (question, seat,
