@@ -27,8 +27,8 @@ DTYPES = ("float32", "bfloat16")
 
 def _gap(group: LearnerGroup, rows: list[Rollout], engine_logprobs: list[list[float]]) -> tuple[float, float]:
     """Max and mean |engine - learner| logprob over the sampled tokens."""
-    diffs = [abs(a - b) for stats, sampled in zip(group.score(rows), engine_logprobs)
-             for a, b in zip(stats.logprobs, sampled)]
+    learner = group.score(rows).logprobs
+    diffs = [abs(float(learner[i, j]) - b) for i, sampled in enumerate(engine_logprobs) for j, b in enumerate(sampled)]
     return max(diffs), sum(diffs) / len(diffs)
 
 
@@ -57,10 +57,9 @@ def run(model: str = "tiny-qwen", questions: int = 8, max_new_tokens: int = 32, 
             rows = [Rollout(p, g.token_ids, 0) for p, g in zip(prompts, generations)]
             gaps[dtype] = _gap(groups[dtype], rows, [g.logprobs for g in generations])
             stats = groups[dtype].score(batch)
-            payloads[dtype] = {"old_logprobs": [s.logprobs for s in stats], "ref_logprobs": [s.ref_logprobs for s in stats],
-                               "old_values": [s.values for s in stats],
-                               "advantages": [[0.1] * len(s.logprobs) for s in stats],
-                               "returns": [[0.5] * len(s.logprobs) for s in stats]}
+            payloads[dtype] = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs,
+                               "old_values": stats.values, "advantages": torch.full_like(stats.logprobs, 0.1),
+                               "returns": torch.full_like(stats.logprobs, 0.5)}
             groups[dtype].update(batch, payloads[dtype], normalizer)  # warm-up
 
         def generate(dtype: str) -> float:

@@ -84,12 +84,9 @@ def run(model: str = "smollm2", rows: int = 4, response_tokens: int = 128, repea
     try:
         stats = group.score(batch)
         generator = torch.Generator().manual_seed(0)
-        payload = {
-            "old_logprobs": [s.logprobs for s in stats], "ref_logprobs": [s.ref_logprobs for s in stats],
-            "old_values": [s.values for s in stats],
-            "advantages": [torch.randn(len(s.logprobs), generator=generator).tolist() for s in stats],
-            "returns": [torch.rand(len(s.logprobs), generator=generator).tolist() for s in stats],
-        }
+        shape = stats.logprobs.shape
+        payload = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "old_values": stats.values,
+                   "advantages": torch.randn(shape, generator=generator), "returns": torch.rand(shape, generator=generator)}
         normalizer = float(sum(len(r.response_ids) for r in batch))
         ray.get(plain.step.remote(batch, pad_id))  # warm both sides up
         group.update(batch, payload, normalizer)

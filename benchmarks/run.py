@@ -19,6 +19,7 @@ import time
 import ray
 
 from benchmarks import (
+    bench_concurrency,
     bench_precision,
     bench_rollout,
     bench_scaling,
@@ -60,6 +61,12 @@ def run_precision() -> list[Result]:
     return [smol]
 
 
+def run_concurrency() -> Result:
+    tiny, smol = bench_concurrency.run("tiny-qwen"), bench_concurrency.run("smollm2", repeats=3)
+    tiny.extra["smollm2"] = smol.to_json()
+    return tiny
+
+
 def memory(results: list[Result]) -> Result:
     """Peak resident memory of every engine and learner the other benchmarks ran, per model (figures of
     benchmarks not run this time are kept from results.json)."""
@@ -77,6 +84,7 @@ def memory(results: list[Result]) -> Result:
 BENCHMARKS = {
     "sync": run_sync,
     "train": lambda: [bench_train.run()],
+    "concurrency": lambda: [run_concurrency()],
     "scaling": lambda: [bench_scaling.run()],
     "serve": lambda: [bench_serve.run()],
     "precision": run_precision,

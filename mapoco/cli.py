@@ -62,7 +62,7 @@ def _run(cfg) -> None:
     from mapoco.config import ConfigError, from_dict
     from mapoco.tasks import TaskDataError
     from mapoco.training.checkpoint import CheckpointError
-    from mapoco.training.trainer import TrainingInterrupted
+    from mapoco.training.trainer import EnginesOutOfSync, TrainingInterrupted
 
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
@@ -81,7 +81,7 @@ def _run(cfg) -> None:
     except TaskDataError as exc:  # raised while loading data, before any actor starts
         print(f"data error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (TrainingInterrupted, CheckpointError) as exc:
+    except (TrainingInterrupted, CheckpointError, EnginesOutOfSync) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -29,6 +29,7 @@ from mapoco.tasks import (
 )
 
 COMMANDS = ("eval", "train", "train-verifier", "serve")  # `mapoco <command>` sets it
+LOGPROB_BREACH_ACTIONS = ("stop", "warn")
 METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -159,7 +160,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None  # auto: the last complete checkpoint of output_dir; or a checkpoint directory
     logprob_tolerance: float | None = None  # max |engine - learner| logprob that counts as in sync (None: by dtype)
+    logprob_breach_steps: int = 3  # this many steps in a row above the tolerance ...
+    on_logprob_breach: str = "stop"  # ... stop the run | warn (the progress line says so every step)
     weight_sync: str = "auto"  # auto (nccl on GPU, else object_store) | object_store | nccl
+    concurrent_policies: bool = True  # every policy scores, updates and syncs at once (false: one after another)
 
 
 @dataclass
@@ -530,6 +534,10 @@ def _validate_training(cfg: RunConfig) -> None:
              "train.weight_sync", train.weight_sync, "nccl needs GPU learners and engines (learner/engine.num_gpus)")
     _require(train.logprob_tolerance is None or train.logprob_tolerance > 0, "train.logprob_tolerance",
              train.logprob_tolerance, "must be > 0, or null for the dtypes' own (mapoco.runtime.precision)")
+    _require(train.logprob_breach_steps >= 1, "train.logprob_breach_steps", train.logprob_breach_steps,
+             "an integer >= 1 (steps in a row above train.logprob_tolerance before acting)")
+    _require(train.on_logprob_breach in LOGPROB_BREACH_ACTIONS, "train.on_logprob_breach", train.on_logprob_breach,
+             f"one of {', '.join(LOGPROB_BREACH_ACTIONS)}")
     models = {a.model for a in cfg.team.agents}
     _require(not cfg.team.shared_policy or len(models) == 1, "team.shared_policy", True,
              f"one policy for every seat needs one model, got {sorted(models)}")

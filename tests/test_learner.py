@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.training.learner import LearnerGroup, Rollout, combine_stats
@@ -23,9 +24,11 @@ def updated(model_path: str, ranks: int, lr: float) -> tuple[dict, dict, dict]:
         group.wait_ready()
         before = group.weights("float32")
         stats = group.score(ROWS)
-        advantages = [[(-1.0) ** i * (1 + 0.25 * j) for j in range(len(r.response_ids))] for i, r in enumerate(ROWS)]
-        batch = {"old_logprobs": [s.logprobs for s in stats], "ref_logprobs": [s.ref_logprobs for s in stats],
-                 "advantages": advantages}
+        lengths = torch.tensor([len(r.response_ids) for r in ROWS])
+        mask = (torch.arange(stats.logprobs.size(1)) < lengths[:, None]).float()
+        sign = torch.tensor([(-1.0) ** i for i in range(len(ROWS))])[:, None]
+        advantages = sign * (1 + 0.25 * torch.arange(stats.logprobs.size(1))) * mask
+        batch = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
         tokens = sum(len(r.response_ids) for r in ROWS)
         metrics = group.update(ROWS, batch, float(tokens))
         return before, group.weights("float32"), metrics

@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pytest
 import ray
+import torch
 from conftest import compose_config
 from ray.util.placement_group import placement_group_table
 
@@ -60,7 +61,11 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
         moved = max(float((after[name][k] - before[name][k]).abs().max()) for k in before[name])
         assert moved > 0, f"{name} weights did not change"
     timing = {key: metrics[-1][f"timing/{key}"] for key in ("rollout", "verify", "advantages", "update", "sync")}
-    assert min(timing.values()) > 0 and metrics[-1]["timing/step"] >= sum(timing.values())  # the step's parts
+    # The step's sequential phases add up to at most the step; update (every policy's scoring, advantages and
+    # update, together) holds the slowest policy's advantages and each policy's own update time.
+    assert min(timing.values()) > 0 and metrics[-1]["timing/step"] >= sum(timing.values()) - timing["advantages"]
+    assert timing["advantages"] < timing["update"]
+    assert all(0 < metrics[-1][f"train/{name}/update_s"] < timing["update"] for name in ("agent_0", "agent_1"))
 
 
 def test_kl_is_zero_at_step_zero_and_engines_match_learners(hetero_training):
@@ -137,6 +142,52 @@ def _greedy(agent, prompts):
 
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
     return [g.token_ids for g in agent.engines.generate(prompts, greedy, [0] * len(prompts))]
+
+
+def _one_step(team, out, *overrides):
+    """Weights of every policy after one step from the base weights, on step 0's batch and seeds."""
+    trainer = Trainer(compose_config("team=tiny_hetero", *SMALL, "train.save_every=0", *overrides), out, team=team)
+    try:
+        trainer.train_step()
+        return {p.name: p.group.weights("float32") for p in trainer.policies}
+    finally:
+        trainer.close()
+
+
+def test_concurrent_policies_update_as_the_sequential_loop_does(hetero_team, tmp_path):
+    """Each policy's scoring, update and sync run in a thread of their own: its groups and engines are its own,
+    so the updated weights are the one-after-another loop's, bit for bit."""
+    together = _one_step(hetero_team, tmp_path / "together", "train.concurrent_policies=true")
+    in_turn = _one_step(hetero_team, tmp_path / "in_turn", "train.concurrent_policies=false")
+    for name in ("agent_0", "agent_1"):
+        assert together[name].keys() == in_turn[name].keys()
+        assert all(torch.equal(together[name][k], in_turn[name][k]) for k in together[name]), name
+
+
+def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, tmp_path):
+    """Agent 0's engines get other weights than its learners hold after step 1: step 2's gap breaches the
+    tolerance and the run stops naming the agent, the gap and the setting that decides it."""
+    from mapoco.runtime.weights import pack
+    from mapoco.training.trainer import EnginesOutOfSync
+
+    cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=3", "train.save_every=0", "train.eval_limit=4",
+                         "train.logprob_breach_steps=1")
+    trainer = Trainer(cfg, tmp_path, team=hetero_team)
+    policy, engines = trainer.policies[0], hetero_team.agents[0].engines
+    base = policy.group.weights("float32")
+    generator = torch.Generator().manual_seed(0)
+    wrong = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    policy.sync.push = lambda: engines.push_weights(pack(wrong, torch.float32))
+    try:
+        with pytest.raises(EnginesOutOfSync) as stopped:
+            trainer.fit()
+        assert trainer.step == 2, "stopped after the first step whose gap breached"
+    finally:
+        trainer.close()
+        engines.push_weights(pack(base, torch.float32))  # the session's team serves the base weights again
+    message = str(stopped.value)
+    assert message.startswith("agent_0: engine-vs-learner logprob gap") and "train.logprob_tolerance 0.01" in message
+    assert "no checkpoint was written yet" in message
 
 
 def test_lora_agent_trains_against_a_frozen_partner(hetero_team, tmp_path):

@@ -7,6 +7,7 @@ policy (the base model with adapters disabled under LoRA) gives the KL term.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
@@ -69,9 +70,12 @@ class Rollout:
 
 @dataclass
 class RolloutStats:
-    logprobs: list[float]
-    ref_logprobs: list[float]
-    values: list[float]
+    """Per-token statistics of a batch of rollouts, ``[rows, max response length]`` tensors, zero past each row's
+    end: they stay tensors from the learner that computes them to the update that reads them."""
+
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
 
 
 class PolicyWithValue(nn.Module):
@@ -213,18 +217,19 @@ class Learner:
         return MicroBatch(*(t.to(self.device) for t in vars(mb).values()))
 
     @torch.no_grad()
-    def score(self, rows: list[Rollout]) -> list[RolloutStats]:
+    def score(self, rows: list[Rollout]) -> RolloutStats:
         """Old-policy logprobs and values, and reference logprobs, of each rollout (no gradient)."""
         self.engine.eval()
-        out: list[RolloutStats] = []
-        for _, mb in self._micro_batches(rows):
+        width = max((len(r.response_ids) for r in rows), default=0)
+        out = RolloutStats(*(torch.zeros((len(rows), width)) for _ in range(3)))
+        for start, mb in self._micro_batches(rows):
             mb = self._to_device(mb)
             logits, values = self.engine(mb.input_ids, mb.attention_mask)
             logprobs, token_values, _ = response_outputs(logits, values, mb)
             ref = self._reference_logprobs(mb)
-            for i in range(mb.mask.size(0)):
-                n = int(mb.mask[i].sum())
-                out.append(RolloutStats(logprobs[i, :n].tolist(), ref[i, :n].tolist(), token_values[i, :n].tolist()))
+            end, n = start + mb.mask.size(0), mb.mask.size(1)
+            for field, value in (("logprobs", logprobs), ("ref_logprobs", ref), ("values", token_values)):
+                getattr(out, field)[start:end, :n] = (value * mb.mask).float().cpu()
         return out
 
     def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
@@ -236,43 +241,54 @@ class Learner:
         return response_outputs(logits, None, mb)[0]
 
     # ------------------------------------------------------------------ PPO update
-    def update(self, rows: list[Rollout], batch: dict[str, list[list[float]]], normalizer: float) -> dict[str, float]:
-        """PPO epochs over this rank's shard. ``batch`` holds per-row token lists: old_logprobs, ref_logprobs,
-        advantages, returns (gae only), old_values (gae only). Losses are summed per token and divided by
-        ``normalizer`` (the masked tokens of the whole agent batch across ranks): the token mean over the whole
-        batch. Statistics are per epoch (the batch's loss, per-token means), averaged over epochs."""
+    def update(self, rows: list[Rollout], batch: dict[str, torch.Tensor], index: list[int], normalizer: float,
+               step: int) -> dict[str, float]:
+        """PPO epochs over this rank's shard: ``rows``, and rows ``index`` of the agent's ``batch`` (``[rows,
+        length]`` tensors: old_logprobs, ref_logprobs, advantages, returns and old_values for gae), read from the
+        object store. Losses are summed per token and divided by the tokens of the optimizer step's mini-batch
+        across ranks (``normalizer``, the whole batch's, when there is one mini-batch): a token mean. Statistics are
+        per epoch (the loss over the epoch's steps, per-token means), averaged over epochs. ``step`` seeds the
+        mini-batch shuffle, so a resumed run draws the same mini-batches."""
         self.engine.train()
         world = torch.distributed.get_world_size()
+        batch = {key: values[index] for key, values in batch.items()}
         stats: dict[str, list[float]] = {}
-        for _ in range(self.algo.ppo_epochs):
+        for epoch_index in range(self.algo.ppo_epochs):
             epoch: dict[str, list[float]] = {}
-            for minibatch in self._minibatch_slices(len(rows)):
+            minibatches = self._minibatch_slices(len(rows), (self.seed, step, epoch_index))
+            for minibatch in minibatches:
                 micro = self._micro_batches([rows[i] for i in minibatch])
+                tokens = normalizer if len(minibatches) == 1 else self._tokens_across_ranks(micro)
                 for j, (start, mb) in enumerate(micro):
                     # Gradients are reduced across ranks, and the optimizer steps, only at the last micro-batch.
                     self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
                     picked = [minibatch[start + k] for k in range(mb.mask.size(0))]
                     self._accumulate(self._to_device(mb), self._tensors(batch, picked, mb.mask.size(1)),
-                                     normalizer, world, epoch)
+                                     tokens, world, epoch)
                 self.engine.step()
                 stats.setdefault("grad_norm", []).append(float(self.engine.get_global_grad_norm() or 0.0))
             for key, value in combine_stats(epoch, epoch.pop("tokens")).items():
                 stats.setdefault(key, []).append(value)
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
-    def _minibatch_slices(self, n: int) -> list[list[int]]:
-        order = list(range(n))
+    def _minibatch_slices(self, n: int, key: tuple[int, ...]) -> list[list[int]]:
+        """``algorithm.mini_batches`` slices of this rank's rows, drawn anew each epoch (seeded by ``key``: the same
+        on every rank, and on a resumed run). One mini-batch keeps the rows in order."""
         chunks = max(1, min(self.algo.mini_batches, n))
+        if chunks == 1:
+            return [list(range(n))]
+        seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         return [order[i::chunks] for i in range(chunks)]
 
-    def _tensors(self, batch: dict[str, list[list[float]]], rows: list[int], width: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, values in batch.items():
-            t = torch.zeros((len(rows), width), dtype=torch.float32)
-            for i, r in enumerate(rows):
-                t[i, : len(values[r])] = torch.tensor(values[r], dtype=torch.float32)
-            out[key] = t.to(self.device)
-        return out
+    def _tokens_across_ranks(self, micro: list[tuple[int, MicroBatch]]) -> float:
+        """The response tokens of one optimizer step's mini-batch, on every rank together."""
+        count = torch.tensor([float(sum(mb.mask.sum() for _, mb in micro))], device=self.device)
+        torch.distributed.all_reduce(count)
+        return max(float(count), 1.0)
+
+    def _tensors(self, batch: dict[str, torch.Tensor], rows: list[int], width: int) -> dict[str, torch.Tensor]:
+        return {key: values[rows, :width].to(self.device, torch.float32) for key, values in batch.items()}
 
     def _accumulate(self, mb: MicroBatch, t: dict[str, torch.Tensor], normalizer: float, world: int,
                     stats: dict[str, list[float]]) -> None:
@@ -463,16 +479,23 @@ class LearnerGroup:
         n = len(self.actors)
         return [items[r::n] for r in range(n)]
 
-    def score(self, rows: list[Rollout]) -> list[RolloutStats]:
+    def score(self, rows: list[Rollout]) -> RolloutStats:
+        """Each rank scores its shard; the shards' tensors are put back in row order."""
         shards = gather([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
-        return _unshard(shards, len(rows))
+        width = max((len(r.response_ids) for r in rows), default=0)
+        out = RolloutStats(*(torch.zeros((len(rows), width)) for _ in range(3)))
+        for index, shard in zip(self.shard(list(range(len(rows)))), shards):
+            for field in ("logprobs", "ref_logprobs", "values"):
+                part = getattr(shard, field)
+                getattr(out, field)[index, : part.size(1)] = part
+        return out
 
-    def update(self, rows: list[Rollout], batch: dict[str, list[list[float]]], normalizer: float) -> dict[str, float]:
-        index_shards = self.shard(list(range(len(rows))))
-        refs = [
-            actor.update.remote([rows[i] for i in idx], {k: [v[i] for i in idx] for k, v in batch.items()}, normalizer)
-            for actor, idx in zip(self.actors, index_shards)
-        ]
+    def update(self, rows: list[Rollout], batch: dict[str, torch.Tensor], normalizer: float,
+               step: int = 0) -> dict[str, float]:
+        """``batch`` goes into the object store once; every rank reads its rows of it there."""
+        batch_ref = ray.put(batch)
+        refs = [actor.update.remote([rows[i] for i in idx], batch_ref, idx, normalizer, step)
+                for actor, idx in zip(self.actors, self.shard(list(range(len(rows)))))]
         results = gather(refs)
         combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k != "tokens"},
                                  [r["tokens"] for r in results])
@@ -507,11 +530,3 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
         done, pending = ray.wait(pending, num_returns=1)
         ray.get(done)  # raises the rank's error
     return ray.get(refs)
-
-
-def _unshard(shards: list[list[Any]], n: int) -> list[Any]:
-    out: list[Any] = [None] * n
-    for r, shard in enumerate(shards):
-        for j, item in enumerate(shard):
-            out[r + j * len(shards)] = item
-    return out

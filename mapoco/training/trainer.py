@@ -3,13 +3,16 @@
 rollout (discussions, verifier inside) -> MAPoRL rewards -> advantages -> update -> weight sync -> eval / checkpoint.
 
 Each trained policy has its own learner group and pushes its weights to its own engines. With
-``team.shared_policy`` one policy plays every seat; untrainable agents stay frozen partners.
+``team.shared_policy`` one policy plays every seat; untrainable agents stay frozen partners. The policies learn
+at once (``train.concurrent_policies``): each one's scoring, update and sync run in a driver thread of its own, so a
+step's learning costs the slowest agent, not the sum of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,11 @@ from mapoco.training.weight_sync import NcclSync, ObjectStoreSync, make_sync
 
 class TrainingInterrupted(RuntimeError):
     """A learner actor died: the run stops, and ``train.resume=auto`` continues from the last checkpoint."""
+
+
+class EnginesOutOfSync(RuntimeError):
+    """An agent's engines sampled with other weights than its learners hold, ``train.logprob_breach_steps`` steps
+    in a row: its updates would be off-policy by an unknown amount."""
 
 
 # What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
@@ -98,6 +106,7 @@ def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
 
 
 def stack(lists: list[list[float]], width: int) -> torch.Tensor:
+    """Per-row token lists (the engines' sampling logprobs) as one zero-padded ``[rows, width]`` tensor."""
     out = torch.zeros((len(lists), width), dtype=torch.float32)
     for i, values in enumerate(lists):
         out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
@@ -119,6 +128,7 @@ class Trainer:
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
+        self.breaches: dict[str, int] = {}  # per policy: consecutive steps above its logprob tolerance
         self.write_placement()
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -178,6 +188,7 @@ class Trainer:
                 metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
             self.tracker.log(metrics, self.step)
             print(self._progress(metrics), flush=True)
+            self._check_sync(metrics)
             if self.cfg.train.save_every and (self.step % self.cfg.train.save_every == 0
                                               or self.step == self.cfg.train.steps):
                 self.save()
@@ -190,16 +201,13 @@ class Trainer:
         step_start = time.perf_counter()
         result = self.rollout(self.batch(self.step))
         timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
-        metrics: dict[str, float] = {}
         rewards = self.rollout_rewards(result)
         batches = self.agent_batches(result, rewards)
-        for policy in self.policies:
-            engines = self.team.agents[policy.seats[0]].engines
-            if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
-                engines.sleep()
-            metrics.update(self.update_policy(policy, batches[policy.name], timings))
-            if engines.sleep_mode:
-                engines.wake_up()
+        start = time.perf_counter()
+        learned = self.for_each_policy(lambda policy: self.learn(policy, batches[policy.name]))
+        timings["update"] = time.perf_counter() - start  # scoring, advantages and update of every policy
+        timings["advantages"] = max((m.pop("advantages_s", 0.0) for m in learned), default=0.0)
+        metrics = {k: v for m in learned for k, v in m.items()}
         start = time.perf_counter()
         self.sync_weights()
         timings["sync"] = time.perf_counter() - start
@@ -243,22 +251,39 @@ class Trainer:
             batches[policy.name] = batch
         return batches
 
-    def update_policy(self, policy: Policy, batch: AgentBatch, timings: dict[str, float]) -> dict[str, float]:
+    def for_each_policy(self, work) -> list:
+        """``work(policy)`` for every policy: together, each in a thread of its own (the groups run on their own
+        actors; the driver only waits), or one after another with ``train.concurrent_policies=false``. The first
+        error, in policy order, is raised once every policy's work has ended."""
+        if not self.cfg.train.concurrent_policies or len(self.policies) == 1:
+            return [work(policy) for policy in self.policies]
+        with ThreadPoolExecutor(max_workers=len(self.policies), thread_name_prefix="policy") as pool:
+            futures = [pool.submit(work, policy) for policy in self.policies]
+        return [future.result() for future in futures]
+
+    def learn(self, policy: Policy, batch: AgentBatch) -> dict[str, float]:
+        engines = self.team.agents[policy.seats[0]].engines
+        if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
+            engines.sleep()
+        try:
+            return self.update_policy(policy, batch)
+        finally:
+            if engines.sleep_mode:
+                engines.wake_up()
+
+    def update_policy(self, policy: Policy, batch: AgentBatch) -> dict[str, float]:
         prefix = f"train/{policy.name}"
         if not batch.rows:
             return {f"{prefix}/skipped_update": 1.0}
         start = time.perf_counter()
         stats = policy.group.score(batch.rows)
-        advantages, returns, tensors = self.advantages(batch, stats)
-        timings["advantages"] = timings.get("advantages", 0.0) + time.perf_counter() - start
+        advantages, returns, mask = self.advantages(batch, stats)
+        advantages_s = time.perf_counter() - start
         start = time.perf_counter()
-        payload = self._update_payload(batch, stats, advantages, returns)
-        update = policy.group.update(batch.rows, payload, normalizer=float(tensors["mask"].sum()))
-        timings["update"] = timings.get("update", 0.0) + time.perf_counter() - start
-        mask = tensors["mask"]
-        kl = masked_mean(kl_penalty(tensors["logprobs"], tensors["ref_logprobs"], self.cfg.algorithm.kl_estimator),
-                         mask)
-        drift = (tensors["logprobs"] - stack(batch.engine_logprobs, mask.size(1))).abs() * mask
+        payload = self._update_payload(stats, advantages, returns)
+        update = policy.group.update(batch.rows, payload, normalizer=float(mask.sum()), step=self.step)
+        kl = masked_mean(kl_penalty(stats.logprobs, stats.ref_logprobs, self.cfg.algorithm.kl_estimator), mask)
+        drift = (stats.logprobs - stack(batch.engine_logprobs, mask.size(1))).abs() * mask
         metrics = {f"{prefix}/{k}": v for k, v in update.items()}
         metrics.update({
             f"{prefix}/reward": float(np.mean(batch.rewards)),
@@ -266,46 +291,53 @@ class Trainer:
             f"{prefix}/logprob_max_diff": float(drift.max()),  # engine vs learner on the sampled tokens
             f"{prefix}/logprob_tolerance": policy.precision.logprob_tolerance,
             f"{prefix}/lr": policy.group.call_all("learning_rate")[0],
+            f"{prefix}/update_s": time.perf_counter() - start,
+            "advantages_s": advantages_s,
         })
         return metrics
 
-    def advantages(self, batch: AgentBatch, stats: list[RolloutStats]):
-        width = max(len(r.response_ids) for r in batch.rows)
-        mask = stack([[1.0] * len(r.response_ids) for r in batch.rows], width)
-        tensors = {
-            "mask": mask,
-            "logprobs": stack([s.logprobs for s in stats], width),
-            "ref_logprobs": stack([s.ref_logprobs for s in stats], width),
-            "values": stack([s.values for s in stats], width),
-        }
+    def advantages(self, batch: AgentBatch, stats: RolloutStats):
+        lengths = torch.tensor([len(r.response_ids) for r in batch.rows])
+        mask = (torch.arange(stats.logprobs.size(1)) < lengths[:, None]).float()
         algo = self.cfg.algorithm
         acfg = AdvantageConfig(estimator=algo.estimator, gamma=algo.gamma, lam=algo.lam, kl_coef=algo.kl_coef,
                                kl_estimator=algo.kl_estimator, kl_in_reward=algo.kl_in_reward,
                                whiten_advantages=algo.whiten_advantages, scale_by_std=algo.scale_by_std)
         adv_batch = AdvantageBatch(keys=batch.keys, seq_rewards=torch.tensor(batch.rewards), mask=mask,
-                                   logprobs=tensors["logprobs"], ref_logprobs=tensors["ref_logprobs"],
-                                   values=tensors["values"] if algo.estimator == "gae" else None)
+                                   logprobs=stats.logprobs, ref_logprobs=stats.ref_logprobs,
+                                   values=stats.values if algo.estimator == "gae" else None)
         advantages, returns = compute_advantages(adv_batch, acfg)
-        return advantages, returns, tensors
+        return advantages, returns, mask
 
     @staticmethod
-    def _update_payload(batch: AgentBatch, stats: list[RolloutStats], advantages: torch.Tensor,
-                        returns: torch.Tensor | None) -> dict[str, list[list[float]]]:
-        lengths = [len(r.response_ids) for r in batch.rows]
-        payload = {
-            "old_logprobs": [s.logprobs for s in stats],
-            "ref_logprobs": [s.ref_logprobs for s in stats],
-            "advantages": [advantages[i, :n].tolist() for i, n in enumerate(lengths)],
-        }
+    def _update_payload(stats: RolloutStats, advantages: torch.Tensor,
+                        returns: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What the learners read per token, as ``[rows, length]`` tensors (zero past each row's end)."""
+        payload = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
         if returns is not None:
-            payload["returns"] = [returns[i, :n].tolist() for i, n in enumerate(lengths)]
-            payload["old_values"] = [s.values for s in stats]
+            payload.update(returns=returns, old_values=stats.values)
         return payload
 
     def sync_weights(self) -> None:
-        """Every policy's new weights reach its own engines before the next rollout."""
+        """Every policy's new weights reach its own engines before the next rollout (all policies at once)."""
+        self.for_each_policy(lambda policy: policy.sync.push())
+
+    def _check_sync(self, metrics: dict[str, float]) -> None:
+        """``train.logprob_tolerance`` enforced: a policy whose engines and learners disagree beyond it for
+        ``train.logprob_breach_steps`` steps in a row stops the run (``train.on_logprob_breach=stop``) or is
+        reported on every such step (``warn``, on the progress line)."""
         for policy in self.policies:
-            policy.sync.push()
+            gap = metrics.get(f"train/{policy.name}/logprob_max_diff")
+            breached = gap is not None and gap > policy.precision.logprob_tolerance
+            self.breaches[policy.name] = self.breaches.get(policy.name, 0) + 1 if breached else 0
+            if self.breaches[policy.name] >= self.cfg.train.logprob_breach_steps \
+                    and self.cfg.train.on_logprob_breach == "stop":
+                raise EnginesOutOfSync(
+                    f"{policy.name}: engine-vs-learner logprob gap {gap:.3g} > train.logprob_tolerance "
+                    f"{policy.precision.logprob_tolerance:g} for {self.breaches[policy.name]} step(s) in a row "
+                    f"(step {self.step}): its engines sample with other weights than its learners hold, so its "
+                    f"updates are off-policy by an unknown amount; {self._last_checkpoint()}. Check the weight sync "
+                    "(train.weight_sync) and the dtypes; train.on_logprob_breach=warn keeps going")
 
     def write_placement(self) -> None:
         """placement.json: the node (id, IP) of every engine replica and learner rank, and where each learner group
@@ -326,11 +358,13 @@ class Trainer:
         return summary
 
     def _interruption(self, exc: BaseException) -> str:
-        found = checkpoint.complete_checkpoints(self.out)
-        where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
         what = str(exc) if isinstance(exc, ReplicaLost) else f"an actor died ({type(exc).__name__})"
-        return (f"{what} at step {self.step + 1}; {where}: run the same command with train.resume=auto to continue "
-                f"from it")
+        return f"{what} at step {self.step + 1}; {self._last_checkpoint()}: run the same command with " \
+               "train.resume=auto to continue from it"
+
+    def _last_checkpoint(self) -> str:
+        found = checkpoint.complete_checkpoints(self.out)
+        return f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
     def _progress(self, metrics: dict[str, float]) -> str:
         """One line per step, readable in `ray job logs`: rollout accuracy per turn, reward and KL per agent."""
