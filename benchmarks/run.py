@@ -61,12 +61,6 @@ def run_precision() -> list[Result]:
     return [smol]
 
 
-def run_concurrency() -> Result:
-    tiny, smol = bench_concurrency.run("tiny-qwen"), bench_concurrency.run("smollm2", repeats=3)
-    tiny.extra["smollm2"] = smol.to_json()
-    return tiny
-
-
 def memory(results: list[Result]) -> Result:
     """Peak resident memory of every engine and learner the other benchmarks ran, per model (figures of
     benchmarks not run this time are kept from results.json)."""
@@ -84,7 +78,7 @@ def memory(results: list[Result]) -> Result:
 BENCHMARKS = {
     "sync": run_sync,
     "train": lambda: [bench_train.run()],
-    "concurrency": lambda: [run_concurrency()],
+    "concurrency": lambda: [bench_concurrency.run()],
     "scaling": lambda: [bench_scaling.run()],
     "serve": lambda: [bench_serve.run()],
     "precision": run_precision,

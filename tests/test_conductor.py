@@ -4,6 +4,8 @@ a DeepSpeed learner, HTTP workers that fail, recursion, and `mapoco eval method=
 import http.server
 import json
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,16 +58,48 @@ def failing_endpoint():
     server.server_close()
 
 
-def test_grpo_two_iterations_train_the_conductor(conductor_team, tmp_path):
-    cfg = compose_config(*SMALL, "train.steps=2", "train.save_every=2")
-    trainer = ConductorTrainer(cfg, tmp_path, team=conductor_team)
+SERVED = Problem(id="served-q", question="Calculate 6 * 7.", gold="")
+
+
+@dataclass
+class TrainedConductor:
+    out: Path
+    seats: list
+    before: dict
+    after: dict
+    summary: dict
+    served: object  # the trained conductor's workflow for SERVED, on the trainer's engines
+
+
+@pytest.fixture(scope="module")
+def trained(conductor_team, tmp_path_factory):
+    """Two GRPO steps, checkpointed, in a run directory `mapoco serve` can read (Hydra's saved config too)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mapoco.cli import CONF_DIR
+    from mapoco.serving.serve import NullVerifier
+
+    out = tmp_path_factory.mktemp("conductor-run")
+    overrides = [*SMALL, "command=train", "train.steps=2", "train.save_every=2", f"output_dir={out}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        (out / ".hydra").mkdir()
+        OmegaConf.save(compose("config", overrides=overrides), out / ".hydra" / "config.yaml")
+    trainer = ConductorTrainer(compose_config(*overrides), out, team=conductor_team)
     try:
         before = trainer.policies[0].group.weights("float32")
         summary = trainer.fit()
         after = trainer.policies[0].group.weights("float32")
+        (served,) = ConductorRunner(conductor_team, trainer.cfg.conductor, NullVerifier()).rollout(
+            [SERVED], seed=0, verify=False).records
     finally:
         trainer.close()
-    assert [p.seats for p in trainer.policies] == [[0]]  # only the conductor learns; workers stay frozen
+    return TrainedConductor(out, [p.seats for p in trainer.policies], before, after, summary, served)
+
+
+def test_grpo_two_iterations_train_the_conductor(trained):
+    tmp_path, before, after, summary = trained.out, trained.before, trained.after, trained.summary
+    assert trained.seats == [[0]]  # only the conductor learns; workers stay frozen
     assert max(float((after[k] - before[k]).abs().max()) for k in before) > 0
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
@@ -148,34 +182,17 @@ def test_eval_reports_the_conductor_against_every_baseline(conductor_team, tmp_p
         [json.loads(line)["correct"] for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]))
 
 
-def test_a_served_conductor_answers_with_its_trained_workflow(conductor_team, tmp_path):
-    """`mapoco serve` of a conductor run on real engines: one GRPO step, checkpointed, then served over HTTP. The
-    reply is the workflow the trained conductor writes on the trainer's own engines for the same question and seed:
-    the conductor's text, each worker step's response and the final answer."""
+def test_a_served_conductor_answers_with_its_trained_workflow(trained):
+    """`mapoco serve` of the conductor run on real engines, over HTTP: the reply is the workflow the trained
+    conductor writes on the trainer's own engines for the same question and seed: the conductor's text, each worker
+    step's response and the final answer."""
     import httpx
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
     from ray import serve
 
-    from mapoco.cli import CONF_DIR
-    from mapoco.serving.serve import NullVerifier, load_config, start
+    from mapoco.serving.serve import load_config, start
     from mapoco.training.learner import free_port
 
-    overrides = [*SMALL, "command=train", "train.steps=1", f"output_dir={tmp_path}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):  # what Hydra saves for a run
-        (tmp_path / ".hydra").mkdir()
-        OmegaConf.save(compose("config", overrides=overrides), tmp_path / ".hydra" / "config.yaml")
-    trainer = ConductorTrainer(compose_config(*overrides), tmp_path, team=conductor_team)
-    question = Problem(id="served-q", question="Calculate 6 * 7.", gold="")
-    try:
-        trainer.train_step()
-        trainer.step += 1
-        trainer.save()
-        (expected,) = ConductorRunner(conductor_team, trainer.cfg.conductor, NullVerifier()).rollout(
-            [question], seed=0, verify=False).records
-    finally:
-        trainer.close()
-
+    question, expected, tmp_path = SERVED, trained.served, trained.out
     cfg, path = load_config(str(tmp_path), {"port": free_port()})
     client = httpx.Client(base_url=start(cfg, path), timeout=300)
     try:
@@ -193,4 +210,4 @@ def test_a_served_conductor_answers_with_its_trained_workflow(conductor_team, tm
     responses = [r.text if r else None for r in expected.job.responses] if expected.job else []
     assert [s["response"] for s in workflow["steps"]] == responses
     assert served["answer"] == expected.answer and workflow["pool"] == expected.pool
-    assert card["mapoco"]["checkpoint"] == "step_000001"
+    assert card["mapoco"]["checkpoint"] == "step_000002"

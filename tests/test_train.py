@@ -216,7 +216,8 @@ def test_lora_agent_trains_against_a_frozen_partner(hetero_team, tmp_path):
 
 def test_train_cli_multirun_sweep(tmp_path):
     """`mapoco train -m` end to end in its own Ray instance: two jobs of a homogeneous team in one process, each
-    with its own directory, checkpoint, metrics and wandb run in one group; then `mapoco sweep-summary`."""
+    with its own directory, checkpoint, metrics and wandb run in one group; then `mapoco sweep-summary`. One policy
+    plays both seats (team.shared_policy): the sweep's mechanics, at half the actors."""
     import csv
     import json
     import subprocess
@@ -225,8 +226,8 @@ def test_train_cli_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "mapoco", "train", "-m", "rewards.alpha1=0,1", f"hydra.sweep.dir={sweep}",
-         "team=tiny2", *[a for a in SMALL if "wandb" not in a], "train.steps=1", "train.save_every=1",
-         "train.eval_limit=8"],
+         "team=tiny2", "team.shared_policy=true", *[a for a in SMALL if "wandb" not in a], "train.steps=1",
+         "train.save_every=1", "train.eval_limit=4"],
         capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -239,7 +240,7 @@ def test_train_cli_multirun_sweep(tmp_path):
         assert len(summary["before"]["turn_accuracy"]) == 2 and len(summary["after"]["turn_accuracy"]) == 2
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         keys = set().union(*rows)
-        for key in ("train/agent_0/policy_loss", "train/agent_1/kl", "eval/turn_2/acc", "eval/agent_1/turn_1/acc",
+        for key in ("train/agent_0/policy_loss", "train/agent_0/kl", "eval/turn_2/acc", "eval/agent_1/turn_1/acc",
                     "timing/sync", "perf/tokens_per_s", "train/agent_0/logprob_max_diff"):
             assert key in keys
         assert (out / "checkpoints" / "step_000001" / "COMPLETE").exists()
