@@ -77,6 +77,13 @@ class RolloutStats:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
 
+    FIELDS = ("logprobs", "ref_logprobs", "values")
+
+    @classmethod
+    def zeros(cls, rows: list[Rollout]) -> RolloutStats:
+        width = max((len(r.response_ids) for r in rows), default=0)
+        return cls(*(torch.zeros((len(rows), width)) for _ in cls.FIELDS))
+
 
 class PolicyWithValue(nn.Module):
     """The causal LM plus a linear value head with one output per discussion turn (MAPoRL: V per agent and turn)."""
@@ -220,8 +227,7 @@ class Learner:
     def score(self, rows: list[Rollout]) -> RolloutStats:
         """Old-policy logprobs and values, and reference logprobs, of each rollout (no gradient)."""
         self.engine.eval()
-        width = max((len(r.response_ids) for r in rows), default=0)
-        out = RolloutStats(*(torch.zeros((len(rows), width)) for _ in range(3)))
+        out = RolloutStats.zeros(rows)
         for start, mb in self._micro_batches(rows):
             mb = self._to_device(mb)
             logits, values = self.engine(mb.input_ids, mb.attention_mask)
@@ -482,10 +488,9 @@ class LearnerGroup:
     def score(self, rows: list[Rollout]) -> RolloutStats:
         """Each rank scores its shard; the shards' tensors are put back in row order."""
         shards = gather([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
-        width = max((len(r.response_ids) for r in rows), default=0)
-        out = RolloutStats(*(torch.zeros((len(rows), width)) for _ in range(3)))
+        out = RolloutStats.zeros(rows)
         for index, shard in zip(self.shard(list(range(len(rows)))), shards):
-            for field in ("logprobs", "ref_logprobs", "values"):
+            for field in RolloutStats.FIELDS:
                 part = getattr(shard, field)
                 getattr(out, field)[index, : part.size(1)] = part
         return out

@@ -322,14 +322,19 @@ class Trainer:
         """Every policy's new weights reach its own engines before the next rollout (all policies at once)."""
         self.for_each_policy(lambda policy: policy.sync.push())
 
+    @staticmethod
+    def _gap_over_tolerance(policy: Policy, metrics: dict[str, float]) -> float | None:
+        """The step's engine-vs-learner logprob gap of ``policy`` when it exceeds the tolerance, else None."""
+        gap = metrics.get(f"train/{policy.name}/logprob_max_diff")
+        return gap if gap is not None and gap > policy.precision.logprob_tolerance else None
+
     def _check_sync(self, metrics: dict[str, float]) -> None:
         """``train.logprob_tolerance`` enforced: a policy whose engines and learners disagree beyond it for
         ``train.logprob_breach_steps`` steps in a row stops the run (``train.on_logprob_breach=stop``) or is
         reported on every such step (``warn``, on the progress line)."""
         for policy in self.policies:
-            gap = metrics.get(f"train/{policy.name}/logprob_max_diff")
-            breached = gap is not None and gap > policy.precision.logprob_tolerance
-            self.breaches[policy.name] = self.breaches.get(policy.name, 0) + 1 if breached else 0
+            gap = self._gap_over_tolerance(policy, metrics)
+            self.breaches[policy.name] = self.breaches.get(policy.name, 0) + 1 if gap is not None else 0
             if self.breaches[policy.name] >= self.cfg.train.logprob_breach_steps \
                     and self.cfg.train.on_logprob_breach == "stop":
                 raise EnginesOutOfSync(
@@ -352,7 +357,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def evaluate(self, label: str) -> dict[str, Any]:
         result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
-        summary = summarize(result, team_rewards(result, self.cfg.rewards, self.cfg.discussion.topology))
+        summary = summarize(result, self.rollout_rewards(result))
         print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"),
               flush=True)
         return summary
@@ -372,10 +377,9 @@ class Trainer:
         agents = " | ".join(f"{p.name}: reward {metrics[f'train/{p.name}/reward']:.3f} "
                             f"kl {metrics[f'train/{p.name}/kl']:.4f}"
                             for p in self.policies if f"train/{p.name}/reward" in metrics)
-        drifting = "".join(f"  {p.name}: engine-vs-learner logprob gap {metrics[f'train/{p.name}/logprob_max_diff']:.3g}"
-                           f" > {p.precision.logprob_tolerance:g} ({p.precision.engine} engines, "
-                           f"{p.precision.learner} learners)" for p in self.policies
-                           if metrics.get(f"train/{p.name}/logprob_max_diff", 0.0) > p.precision.logprob_tolerance)
+        drifting = "".join(f"  {p.name}: engine-vs-learner logprob gap {gap:.3g} > {p.precision.logprob_tolerance:g}"
+                           f" ({p.precision.engine} engines, {p.precision.learner} learners)"
+                           for p in self.policies if (gap := self._gap_over_tolerance(p, metrics)) is not None)
         return (f"step {self.step}/{self.cfg.train.steps}  rollout acc per turn [{turns}]  {agents}  "
                 f"{metrics['timing/step']:.1f}s{drifting}")
 
