@@ -23,7 +23,7 @@ def run(repeats: int = 5, batch_questions: int = 32) -> Result:
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, Path(out), team=None)
         try:
-            result = trainer.rollout(trainer.batch(0))
+            result = trainer.rollout(trainer.batch(0), 0)
             batches = trainer.agent_batches(result, trainer.rollout_rewards(result))
 
             def learning_phase(concurrent: bool) -> float:

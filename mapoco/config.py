@@ -164,6 +164,8 @@ class TrainConfig:
     on_logprob_breach: str = "stop"  # ... stop the run | warn (the progress line says so every step)
     weight_sync: str = "auto"  # auto (nccl on GPU, else object_store) | object_store | nccl
     concurrent_policies: bool = True  # every policy scores, updates and syncs at once (false: one after another)
+    off_policy_steps: int = 0  # 1: the next step's rollout runs during this step's update (weights one update old)
+    is_weight_cap: float = 2.0  # off-policy: truncated importance weights pi_learner / pi_engine are at most this
 
 
 @dataclass
@@ -538,6 +540,15 @@ def _validate_training(cfg: RunConfig) -> None:
              "an integer >= 1 (steps in a row above train.logprob_tolerance before acting)")
     _require(train.on_logprob_breach in LOGPROB_BREACH_ACTIONS, "train.on_logprob_breach", train.on_logprob_breach,
              f"one of {', '.join(LOGPROB_BREACH_ACTIONS)}")
+    _require(train.off_policy_steps in (0, 1), "train.off_policy_steps", train.off_policy_steps,
+             "0 (on-policy) or 1 (the next rollout overlaps this update; one rollout in flight already keeps the "
+             "engines busy, so a deeper pipeline adds staleness, not speed)")
+    _require(train.is_weight_cap >= 1, "train.is_weight_cap", train.is_weight_cap,
+             "must be >= 1 (a cap below 1 would down-weight on-policy tokens too)")
+    colocated = [i for i, a in enumerate(cfg.team.agents) if a.trainable and a.learner.colocate]
+    _require(not train.off_policy_steps or not colocated, "train.off_policy_steps", train.off_policy_steps,
+             f"0 with colocated learners (team.agents{colocated}.learner.colocate): their engines sleep while the "
+             "learner updates, so no rollout can overlap the update")
     models = {a.model for a in cfg.team.agents}
     _require(not cfg.team.shared_policy or len(models) == 1, "team.shared_policy", True,
              f"one policy for every seat needs one model, got {sorted(models)}")

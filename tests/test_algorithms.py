@@ -23,6 +23,7 @@ from mapoco.training.algorithms import (
     policy_loss,
     token_mean,
     token_rewards,
+    truncated_is_weights,
     value_loss,
 )
 
@@ -262,6 +263,27 @@ def test_policy_loss_clips_far_ratios_and_gradient_flows():
     assert stats["approx_kl"].item() == pytest.approx(0.5 * 3 / 6)
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0 and logp.grad[0, 1] != 0
+
+
+def test_truncated_is_weights_hand_example():
+    behaviour = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, float("nan")]])
+    proximal = torch.tensor([[-1.0, -1.0, -0.5 - math.log(4)], [-0.2 + math.log(3), -3.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # padding may hold garbage
+    weights = truncated_is_weights(proximal, behaviour, mask, cap=2.0)
+    expected = torch.tensor([[1.0, 2.0, 0.25], [2.0, 1.0, 0.0]])  # e^1 and 3 are capped at 2
+    assert torch.allclose(weights, expected)
+
+
+def test_is_weights_scale_each_tokens_surrogate():
+    """With ratio 1 the surrogate is -A per token: weights turn the mean into a weighted sum over the tokens."""
+    adv = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    logp = torch.zeros(2, 2)
+    ones, _ = policy_loss(logp, logp, adv, mask, is_weights=mask.clone())
+    plain, _ = policy_loss(logp, logp, adv, mask)
+    weighted, _ = policy_loss(logp, logp, adv, mask, is_weights=torch.tensor([[0.5, 2.0], [1.5, 9.0]]))
+    assert ones.item() == plain.item() == pytest.approx(-(1 - 2 + 3) / 3)
+    assert weighted.item() == pytest.approx(-(0.5 * 1 - 2.0 * 2 + 1.5 * 3) / 3)
 
 
 def test_micro_batch_losses_sum_to_full_batch_loss():

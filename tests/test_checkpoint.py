@@ -60,6 +60,30 @@ def test_state_round_trips_without_pickle(tmp_path):
     assert back["python_rng"] == state["python_rng"]
 
 
+def test_a_rollout_in_flight_round_trips_without_pickle(tmp_path):
+    """The off-policy trainer keeps the next step's rollout in its checkpoint: mapoco's dataclasses (tuple keys,
+    frozen nested plans, None, NaN-free floats) come back equal; a class from anywhere else is refused."""
+    from mapoco.conductor.workflow import Parsed, Plan, Step
+    from mapoco.rollout.discussion import DiscussionResult, Record
+    from mapoco.tasks import Problem
+    from mapoco.training.trainer import Sampled
+
+    record = Record("q1#0", 1, 2, [5, 6], [7, 8, 9], [-0.5, -1.25, -3.0], "42", "stop", "42", True, None)
+    result = DiscussionResult([Problem("q1", "6*7?", "42")], 2, 2, {(0, 1, 1): record},
+                              {"generate": 1.5, "verify": 0.25})
+    parsed = Parsed(Plan((Step(0, "multiply", False), Step(1, "add", True))))
+    save_state({"sampled": Sampled(result, 3), "parsed": parsed}, tmp_path / "pending")
+    back = load_state(tmp_path / "pending")
+    assert back["sampled"] == Sampled(result, 3) and back["parsed"] == parsed
+    assert isinstance(back["parsed"].plan.steps, tuple)
+
+    structure = json.loads((tmp_path / "pending.json").read_text())
+    structure["__dict__"][1][1]["__dataclass__"] = "subprocess:Popen"
+    (tmp_path / "pending.json").write_text(json.dumps(structure))
+    with pytest.raises(TypeError, match="not one of mapoco's dataclasses"):
+        load_state(tmp_path / "pending")
+
+
 def _write_under_file_size_limit(out, queue):
     """In a child process: a kernel file-size limit (RLIMIT_FSIZE) makes the checkpoint's big write fail the way
     a full disk does, with a real OSError from write(2)."""

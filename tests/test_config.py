@@ -74,6 +74,8 @@ def test_bad_config_names_the_key(tiny_models, override, key):
          "engine.num_gpus + learner.num_gpus = 1.25 > 1"),
         (["learner.colocate=true", "engine.num_gpus=0.5", "learner.num_gpus=0.5", "learner.num_learners=2",
           "train.batch_questions=4"], "team.agents[0].learner.num_learners", "set it to engine.replicas=1"),
+        (["learner.colocate=true", "engine.num_gpus=0.5", "learner.num_gpus=0.5", "train.off_policy_steps=1"],
+         "train.off_policy_steps", "their engines sleep while the learner updates"),
         (["learner.placement=SCATTER"], "team.agents[0].learner.placement", "one of ('PACK', 'SPREAD'"),
         (["engine.resources={node_a: 0}"], "team.agents[0].engine.resources.node_a", "an amount > 0"),
         (["engine.resources={CPU: 2}"], "team.agents[0].engine.resources.CPU", "set engine.num_cpus"),

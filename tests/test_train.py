@@ -88,7 +88,7 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
     first.train_step()
     first.step = 1
     first.save()
-    expected = first.rollout(first.batch(1))
+    expected = first.rollout(first.batch(1), 1)
     first.train_step()
     uninterrupted = {p.name: p.group.weights("float32") for p in first.policies}
     ray.kill(first.policies[1].group.actors[0])  # a learner dies: the run stops and says how to resume
@@ -101,13 +101,58 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
     try:
         assert resumed.step == 1
         assert [p.id for p in resumed.batch(1)] == [p.id for p in first.batch(1)]
-        assert _tokens(resumed.rollout(resumed.batch(1))) == _tokens(expected)
+        assert _tokens(resumed.rollout(resumed.batch(1), 1)) == _tokens(expected)
         resumed.train_step()
         for policy in resumed.policies:
             got = policy.group.weights("float32")
             for key, tensor in uninterrupted[policy.name].items():
                 # float32 learners on every CPU (mapoco.runtime.precision): the resumed update repeats the same arithmetic
                 assert float((got[key] - tensor).abs().max()) < 1e-6, key
+    finally:
+        resumed.close()
+
+
+def _weights(trainer):
+    return {p.name: p.group.weights("float32") for p in trainer.policies}
+
+
+def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(hetero_team, tmp_path):
+    """train.off_policy_steps=1: step k+1's rollout runs during step k's update, with the weights step k started
+    from. Step 0 samples on-policy (importance weights exactly 1, the sync checked as usual); later steps are one
+    update stale (reweighted, capped). A checkpoint keeps the rollout already sampled, so the resumed run trains on
+    the same tokens and lands on the uninterrupted run's weights."""
+    overrides = [*SMALL, "train.steps=3", "train.off_policy_steps=1", "train.save_every=0"]
+    first = Trainer(compose_config("team=tiny_hetero", *overrides), tmp_path, team=hetero_team)
+    try:
+        metrics = []
+        for step in range(3):
+            first.step = step
+            if step == 2:
+                first.save()
+                pending = _tokens(first.pending.result)
+            metrics.append(first.train_step())
+        assert first.pending is None  # the last step samples nothing ahead
+        uninterrupted = _weights(first)
+    finally:
+        first.close()
+    assert [m["rollout/staleness"] for m in metrics] == [0, 1, 1]
+    assert ["timing/rollout_wait" in m for m in metrics] == [True, True, False]
+    for name in ("agent_0", "agent_1"):
+        assert metrics[0][f"train/{name}/is_weight_mean"] == 1.0 and metrics[0][f"train/{name}/is_weight_capped"] == 0
+        assert_engines_match_learner(metrics[0], name)
+        for later in metrics[1:]:  # the gap to a stale sample is the policy's own change, not a sync error
+            assert f"train/{name}/logprob_max_diff" not in later and later[f"train/{name}/policy_lag_max_diff"] > 0
+            assert 0 < later[f"train/{name}/is_weight_mean"] <= 2.0 and 0 <= later[f"train/{name}/is_weight_capped"] < 1
+            assert np.isfinite(later[f"train/{name}/policy_loss"])
+
+    resumed = Trainer(compose_config("team=tiny_hetero", *overrides, "train.resume=auto"), tmp_path,
+                      team=hetero_team)
+    try:
+        assert (resumed.step, resumed.engine_version, resumed.pending.version) == (2, 2, 1)
+        assert _tokens(resumed.pending.result) == pending
+        assert resumed.train_step()["rollout/staleness"] == 1
+        for name, weights in _weights(resumed).items():
+            assert max(float((weights[k] - uninterrupted[name][k]).abs().max()) for k in weights) < 1e-6, name
     finally:
         resumed.close()
 

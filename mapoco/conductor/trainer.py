@@ -38,8 +38,9 @@ class ConductorTrainer(Trainer):
     def value_turns(self) -> int:
         return 1 + int(self.cfg.conductor.replan)  # the plan, and the re-plan
 
-    def rollout(self, problems: list[Problem]) -> ConductorResult:
-        return self.runner.rollout(with_samples(problems, self.cfg.algorithm.samples_per_question), self.step_seed())
+    def rollout(self, problems: list[Problem], step: int) -> ConductorResult:
+        return self.runner.rollout(with_samples(problems, self.cfg.algorithm.samples_per_question),
+                                   self.step_seed(step))
 
     def rollout_rewards(self, result: ConductorResult) -> np.ndarray:
         """Each workflow's reward (set in the rollout: parsed, and its answer right), one per question."""

@@ -284,8 +284,13 @@ def policy_loss(
     mask: Tensor,
     clip_eps: float = 0.2,
     normalizer: float | Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, max(-A r, -A clip(r, 1-eps, 1+eps)) per token, reduced by ``token_mean``.
+
+    ``old_logprobs`` are the learner's own at the update's start (the proximal policy); a sample drawn by older
+    weights carries ``is_weights`` (``truncated_is_weights``), which scale its tokens' terms: the decoupled
+    objective, whose trust region is around the current policy whatever policy sampled.
 
     stats (detached, over this micro-batch's masked tokens): clip_frac (share of tokens where the clipped term
     wins), approx_kl (mean of (logp - logp_old)^2 / 2).
@@ -295,13 +300,22 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = token_mean(torch.maximum(unclipped, clipped), mask, normalizer)
+    surrogate = torch.maximum(unclipped, clipped)
+    loss = token_mean(surrogate if is_weights is None else is_weights * surrogate, mask, normalizer)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
         }
     return loss, stats
+
+
+def truncated_is_weights(proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Per-token pi_proximal / pi_behaviour, at most ``cap``: reweights tokens the engines sampled with older weights
+    to the learner's current policy. Unbiased where the ratio stays under the cap; the cap bounds the variance a rare
+    token could add. Zero outside ``mask``."""
+    log_ratio = torch.where(mask.bool(), proximal_logprobs - behaviour_logprobs, torch.zeros_like(proximal_logprobs))
+    return torch.exp(log_ratio).clamp(max=cap) * mask
 
 
 def value_loss(

@@ -250,7 +250,8 @@ class Learner:
     def update(self, rows: list[Rollout], batch: dict[str, torch.Tensor], index: list[int], normalizer: float,
                step: int) -> dict[str, float]:
         """PPO epochs over this rank's shard: ``rows``, and rows ``index`` of the agent's ``batch`` (``[rows,
-        length]`` tensors: old_logprobs, ref_logprobs, advantages, returns and old_values for gae), read from the
+        length]`` tensors: old_logprobs, ref_logprobs, advantages, returns and old_values for gae, is_weights for a
+        sample drawn by older weights), read from the
         object store. Losses are summed per token and divided by the tokens of the optimizer step's mini-batch
         across ranks (``normalizer``, the whole batch's, when there is one mini-batch): a token mean. Statistics are
         per epoch (the loss over the epoch's steps, per-token means), averaged over epochs. ``step`` seeds the
@@ -303,7 +304,8 @@ class Learner:
         logits, values = self.engine(mb.input_ids, mb.attention_mask)
         logprobs, token_values, picked = response_outputs(logits, values, mb)
         pg_loss, pstats = policy_loss(logprobs, t["old_logprobs"], t["advantages"], mb.mask,
-                                      clip_eps=self.algo.clip_eps, normalizer=normalizer)
+                                      clip_eps=self.algo.clip_eps, normalizer=normalizer,
+                                      is_weights=t.get("is_weights"))
         loss = pg_loss
         logged = {"policy_loss": pg_loss.item(), "clip_frac": float(pstats["clip_frac"])}
         if "returns" in t:

@@ -6,6 +6,10 @@ Each trained policy has its own learner group and pushes its weights to its own 
 ``team.shared_policy`` one policy plays every seat; untrainable agents stay frozen partners. The policies learn
 at once (``train.concurrent_policies``): each one's scoring, update and sync run in a driver thread of its own, so a
 step's learning costs the slowest agent, not the sum of them.
+
+With ``train.off_policy_steps=1`` the next step's rollout runs while this step updates: the engines sample with the
+weights of one update ago, the loss corrects for it with truncated importance weights (``train.is_weight_cap``),
+and the weights reach the engines once that rollout has ended, never mid-request.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from mapoco.training.algorithms import (
     compute_advantages,
     kl_penalty,
     masked_mean,
+    truncated_is_weights,
 )
 from mapoco.training.learner import LearnerGroup, Rollout, RolloutStats
+from mapoco.training.state_io import load_state, save_state
 from mapoco.training.tracking import Tracker
 from mapoco.training.weight_sync import NcclSync, ObjectStoreSync, make_sync
 
@@ -58,6 +64,8 @@ class EnginesOutOfSync(RuntimeError):
     """An agent's engines sampled with other weights than its learners hold, ``train.logprob_breach_steps`` steps
     in a row: its updates would be off-policy by an unknown amount."""
 
+
+PENDING_ROLLOUT = "pending_rollout"  # in a checkpoint: the next step's rollout, sampled off-policy
 
 # What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
 # lost with the node that held them, a replica that found no node to restart on.
@@ -76,6 +84,14 @@ class Policy:
     @property
     def name(self) -> str:
         return f"agent_{self.seats[0]}"
+
+
+@dataclass
+class Sampled:
+    """A finished rollout and the weights its engines sampled with: ``version`` updates in."""
+
+    result: Any  # a DiscussionResult, or the Conductor's ConductorResult
+    version: int
 
 
 @dataclass
@@ -128,6 +144,8 @@ class Trainer:
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
+        self.engine_version = 0  # the updates the engines' weights hold
+        self.pending: Sampled | None = None  # off-policy: the next step's rollout, sampled during this step's update
         self.breaches: dict[str, int] = {}  # per policy: consecutive steps above its logprob tolerance
         self.write_placement()
         if self.resume_from is not None:
@@ -199,23 +217,39 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
-        result = self.rollout(self.batch(self.step))
+        sampled, self.pending = self.pending or self.sample(self.step), None
+        result, staleness = sampled.result, self.step - sampled.version
         timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
         rewards = self.rollout_rewards(result)
         batches = self.agent_batches(result, rewards)
-        start = time.perf_counter()
-        learned = self.for_each_policy(lambda policy: self.learn(policy, batches[policy.name]))
-        timings["update"] = time.perf_counter() - start  # scoring, advantages and update of every policy
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ahead:
+            upcoming = ahead.submit(self.sample, self.step + 1) if self._samples_ahead() else None
+            start = time.perf_counter()
+            learned = self.for_each_policy(lambda policy: self.learn(policy, batches[policy.name], staleness))
+            timings["update"] = time.perf_counter() - start  # scoring, advantages and update of every policy
+            if upcoming is not None:  # weights move only between rollouts: wait for the one in flight
+                start = time.perf_counter()
+                self.pending = upcoming.result()
+                timings["rollout_wait"] = time.perf_counter() - start
         timings["advantages"] = max((m.pop("advantages_s", 0.0) for m in learned), default=0.0)
         metrics = {k: v for m in learned for k, v in m.items()}
         start = time.perf_counter()
         self.sync_weights()
+        self.engine_version = self.step + 1  # this step's update
         timings["sync"] = time.perf_counter() - start
         timings["step"] = time.perf_counter() - step_start
         metrics.update({f"timing/{k}": v for k, v in timings.items()})
+        metrics["rollout/staleness"] = float(staleness)
         metrics.update(self._rollout_metrics(result, rewards))
         self._log_samples(result)
         return metrics
+
+    def _samples_ahead(self) -> bool:
+        """Off-policy: the next step's rollout starts now, with the engines' current weights."""
+        return self.cfg.train.off_policy_steps > 0 and self.step + 1 < self.cfg.train.steps
+
+    def sample(self, step: int) -> Sampled:
+        return Sampled(self.rollout(self.batch(step), step), self.engine_version)
 
     def batch(self, step: int) -> list[Problem]:
         """The questions of ``step``: a pure function of the step (the data position), so a resumed run draws
@@ -223,12 +257,13 @@ class Trainer:
         n = self.cfg.train.batch_questions
         return [self.pool[(step * n + i) % len(self.pool)] for i in range(n)]
 
-    def rollout(self, problems: list[Problem]) -> DiscussionResult:
+    def rollout(self, problems: list[Problem], step: int) -> DiscussionResult:
         samples = with_samples(problems, self.cfg.algorithm.samples_per_question)
-        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier, self.step_seed())
+        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier,
+                              self.step_seed(step))
 
-    def step_seed(self) -> int:
-        return request_seed(self.cfg.seed, "step", self.step)
+    def step_seed(self, step: int) -> int:
+        return request_seed(self.cfg.seed, "step", step)
 
     def rollout_rewards(self, result: DiscussionResult) -> np.ndarray:
         """MAPoRL's reward of every answer, ``[question, agent, turn]``: computed once, read by the update and the
@@ -261,17 +296,20 @@ class Trainer:
             futures = [pool.submit(work, policy) for policy in self.policies]
         return [future.result() for future in futures]
 
-    def learn(self, policy: Policy, batch: AgentBatch) -> dict[str, float]:
+    def learn(self, policy: Policy, batch: AgentBatch, staleness: int = 0) -> dict[str, float]:
         engines = self.team.agents[policy.seats[0]].engines
         if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
             engines.sleep()
         try:
-            return self.update_policy(policy, batch)
+            return self.update_policy(policy, batch, staleness)
         finally:
             if engines.sleep_mode:
                 engines.wake_up()
 
-    def update_policy(self, policy: Policy, batch: AgentBatch) -> dict[str, float]:
+    def update_policy(self, policy: Policy, batch: AgentBatch, staleness: int = 0) -> dict[str, float]:
+        """Score, advantages and update on ``batch``, sampled ``staleness`` updates ago. A stale batch's tokens are
+        reweighted towards the learner's current policy (truncated importance sampling); its engine-vs-learner gap
+        is then the policy's own change, logged as ``policy_lag_max_diff`` instead of checked as a sync error."""
         prefix = f"train/{policy.name}"
         if not batch.rows:
             return {f"{prefix}/skipped_update": 1.0}
@@ -280,20 +318,28 @@ class Trainer:
         advantages, returns, mask = self.advantages(batch, stats)
         advantages_s = time.perf_counter() - start
         start = time.perf_counter()
+        behaviour = stack(batch.engine_logprobs, mask.size(1))
         payload = self._update_payload(stats, advantages, returns)
+        if staleness:
+            payload["is_weights"] = truncated_is_weights(stats.logprobs, behaviour, mask, self.cfg.train.is_weight_cap)
         update = policy.group.update(batch.rows, payload, normalizer=float(mask.sum()), step=self.step)
         kl = masked_mean(kl_penalty(stats.logprobs, stats.ref_logprobs, self.cfg.algorithm.kl_estimator), mask)
-        drift = (stats.logprobs - stack(batch.engine_logprobs, mask.size(1))).abs() * mask
+        gap = float(((stats.logprobs - behaviour).abs() * mask).max())  # engine vs learner on the sampled tokens
         metrics = {f"{prefix}/{k}": v for k, v in update.items()}
         metrics.update({
             f"{prefix}/reward": float(np.mean(batch.rewards)),
             f"{prefix}/kl": float(kl),
-            f"{prefix}/logprob_max_diff": float(drift.max()),  # engine vs learner on the sampled tokens
+            f"{prefix}/{'policy_lag_max_diff' if staleness else 'logprob_max_diff'}": gap,
             f"{prefix}/logprob_tolerance": policy.precision.logprob_tolerance,
             f"{prefix}/lr": policy.group.call_all("learning_rate")[0],
             f"{prefix}/update_s": time.perf_counter() - start,
             "advantages_s": advantages_s,
         })
+        if self.cfg.train.off_policy_steps:
+            weights = payload.get("is_weights", mask)  # on-policy tokens weigh exactly 1
+            metrics.update({f"{prefix}/is_weight_mean": float(masked_mean(weights, mask)),
+                            f"{prefix}/is_weight_capped": float(masked_mean(
+                                (weights >= self.cfg.train.is_weight_cap).float(), mask))})
         return metrics
 
     def advantages(self, batch: AgentBatch, stats: RolloutStats):
@@ -427,22 +473,28 @@ class Trainer:
         return summary
 
     def save(self) -> Path:
-        def write_agents(folder: Path) -> None:
+        """Every policy's learner state, the controller's position and, off-policy, the rollout already sampled
+        for the next step (its weights are gone after this step's sync, so a resumed run could not redraw it)."""
+        def write_parts(folder: Path) -> None:
             for policy in self.policies:
                 directory = checkpoint.agent_dir(folder, policy.seats[0])
                 directory.mkdir()
                 policy.group.call_all("save_checkpoint", str(directory))
+            if self.pending is not None:
+                save_state(self.pending, folder / PENDING_ROLLOUT)
 
         state = {"step": self.step, "seed": self.cfg.seed,
                  "data_position": self.step * self.cfg.train.batch_questions}
-        return checkpoint.write(self.out, self.step, state, self.cfg.train.keep_checkpoints, write_agents)
+        return checkpoint.write(self.out, self.step, state, self.cfg.train.keep_checkpoints, write_parts)
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.read_state(path)
         for policy in self.policies:
             policy.group.call_all("load_checkpoint", str(checkpoint.agent_dir(path, policy.seats[0])))
         self.sync_weights()
-        self.step = int(state["step"])
+        self.step = self.engine_version = int(state["step"])
+        if (path / PENDING_ROLLOUT).with_suffix(".json").exists():
+            self.pending = load_state(path / PENDING_ROLLOUT)
         print(f"resumed from {path} at step {self.step}")
 
     def close(self) -> None:
