@@ -20,6 +20,7 @@ import ray
 
 from benchmarks import (
     bench_concurrency,
+    bench_overlap,
     bench_precision,
     bench_rollout,
     bench_scaling,
@@ -79,6 +80,7 @@ BENCHMARKS = {
     "sync": run_sync,
     "train": lambda: [bench_train.run()],
     "concurrency": lambda: [bench_concurrency.run()],
+    "overlap": lambda: [bench_overlap.run()],
     "scaling": lambda: [bench_scaling.run()],
     "serve": lambda: [bench_serve.run()],
     "precision": run_precision,

@@ -73,7 +73,8 @@ class TrainedConductor:
 
 @pytest.fixture(scope="module")
 def trained(conductor_team, tmp_path_factory):
-    """Two GRPO steps, checkpointed, in a run directory `mapoco serve` can read (Hydra's saved config too)."""
+    """Two GRPO steps, the second one's rollout sampled during the first one's update (train.off_policy_steps=1),
+    checkpointed, in a run directory `mapoco serve` can read (Hydra's saved config too)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -81,7 +82,8 @@ def trained(conductor_team, tmp_path_factory):
     from mapoco.serving.serve import NullVerifier
 
     out = tmp_path_factory.mktemp("conductor-run")
-    overrides = [*SMALL, "command=train", "train.steps=2", "train.save_every=2", f"output_dir={out}"]
+    overrides = [*SMALL, "command=train", "train.steps=2", "train.save_every=2", "train.off_policy_steps=1",
+                 f"output_dir={out}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         (out / ".hydra").mkdir()
         OmegaConf.save(compose("config", overrides=overrides), out / ".hydra" / "config.yaml")
@@ -104,6 +106,10 @@ def test_grpo_two_iterations_train_the_conductor(trained):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert (tmp_path / "checkpoints" / "step_000002").is_dir()
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "rollout/staleness" in m]
+    assert [m["rollout/staleness"] for m in steps] == [0, 1]  # the second step's plans came from the first weights
+    assert steps[0]["train/agent_0/is_weight_mean"] == 1.0 and steps[1]["train/agent_0/is_weight_mean"] > 0
     records = [json.loads(line) for line in (tmp_path / "transcripts_after.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["reward"] in (0.0, 0.5, 1.0) for r in records)
     # The summary is the after-training transcripts', recounted here by hand.
