@@ -36,9 +36,9 @@ def run(repeats: int = 3, window: int = 4, batch_questions: int = 16) -> Result:
                 trainer.step += 1
                 seconds += metrics["timing/step"]
                 if not off_policy_steps:
-                    for name in phases:
-                        phases[name].append(metrics[f"timing/{name}"] + (metrics["timing/verify"]
-                                                                        if name == "rollout" else 0.0))
+                    for name, values in phases.items():
+                        values.append(metrics[f"timing/{name}"] + (metrics["timing/verify"] if name == "rollout"
+                                                                   else 0.0))
             return window / seconds
 
         try:
