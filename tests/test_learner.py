@@ -16,29 +16,37 @@ ROWS = [Rollout(prompt_ids=[3 + i, 10, 11, 12 + i], response_ids=[20 + i, 21, 22
 ALGO = AlgorithmConfig(estimator="grpo", ppo_epochs=2, mini_batches=1, kl_in_reward=True, entropy_coef=0.0)
 
 
-def updated(model_path: str, ranks: int, lr: float) -> tuple[dict, dict, dict]:
-    """Weights before and after one update on ROWS, and the update's statistics."""
+def start(model_path: str, ranks: int, lr: float) -> LearnerGroup:
     cfg = LearnerConfig(num_learners=ranks, zero_stage=2, lr=lr, micro_batch_size=2)
-    group = LearnerGroup(model_path, cfg, ALGO, num_turns=2, seed=0, what=f"test.learner[{ranks}]")
-    try:
-        group.wait_ready()
-        before = group.weights("float32")
-        stats = group.score(ROWS)
-        lengths = torch.tensor([len(r.response_ids) for r in ROWS])
-        mask = (torch.arange(stats.logprobs.size(1)) < lengths[:, None]).float()
-        sign = torch.tensor([(-1.0) ** i for i in range(len(ROWS))])[:, None]
-        advantages = sign * (1 + 0.25 * torch.arange(stats.logprobs.size(1))) * mask
-        batch = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
-        tokens = sum(len(r.response_ids) for r in ROWS)
-        metrics = group.update(ROWS, batch, float(tokens))
-        return before, group.weights("float32"), metrics
-    finally:
-        group.shutdown()
+    return LearnerGroup(model_path, cfg, ALGO, num_turns=2, seed=0, what=f"test.learner[{ranks} ranks, lr {lr}]")
+
+
+def updated(group: LearnerGroup) -> tuple[dict, dict, dict]:
+    """Weights before and after one update on ROWS, and the update's statistics."""
+    group.wait_ready()
+    before = group.weights("float32")
+    stats = group.score(ROWS)
+    lengths = torch.tensor([len(r.response_ids) for r in ROWS])
+    mask = (torch.arange(stats.logprobs.size(1)) < lengths[:, None]).float()
+    sign = torch.tensor([(-1.0) ** i for i in range(len(ROWS))])[:, None]
+    advantages = sign * (1 + 0.25 * torch.arange(stats.logprobs.size(1))) * mask
+    batch = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
+    tokens = sum(len(r.response_ids) for r in ROWS)
+    metrics = group.update(ROWS, batch, float(tokens))
+    return before, group.weights("float32"), metrics
 
 
 @pytest.fixture(scope="module")
-def one_rank(ray_session, tiny_models):
-    return updated(str(tiny_models["tiny-qwen"]), ranks=1, lr=1e-4)
+def updates(ray_session, tiny_models):
+    """The groups the tests compare, on one model: started at once (a start is mostly imports and loading), then
+    each updated on ROWS."""
+    path = str(tiny_models["tiny-qwen"])
+    groups = {"one_rank": start(path, 1, 1e-4), "two_ranks": start(path, 2, 1e-4), "double_lr": start(path, 1, 2e-4)}
+    try:
+        return {name: updated(group) for name, group in groups.items()}
+    finally:
+        for group in groups.values():
+            group.shutdown()
 
 
 def _moved(before: dict, after: dict) -> dict:
@@ -46,12 +54,11 @@ def _moved(before: dict, after: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_same_update_as_one(one_rank, tiny_models):
+def test_two_ranks_give_the_same_update_as_one(updates):
     """Two ranks split the rows; the loss normalised by the whole batch's tokens times the world size, then
     DeepSpeed's gradient average, must be the one-rank gradient. AdamW's first step hides a gradient's scale, so
     the gradient norm and the loss are compared too: a wrong normaliser would halve or double them."""
-    before, after, metrics = one_rank
-    before2, after2, metrics2 = updated(str(tiny_models["tiny-qwen"]), ranks=2, lr=1e-4)
+    (before, after, metrics), (before2, after2, metrics2) = updates["one_rank"], updates["two_ranks"]
     assert all(float((before[k] - before2[k]).abs().max()) == 0.0 for k in before)  # the same start
     moved = max(float(m.max()) for m in _moved(before, after).values())
     assert moved > 5e-5, "the update did not move the weights"
@@ -66,10 +73,9 @@ def test_two_ranks_give_the_same_update_as_one(one_rank, tiny_models):
 
 
 @pytest.mark.slow
-def test_learning_rate_scales_the_update(one_rank, tiny_models):
+def test_learning_rate_scales_the_update(updates):
     """AdamW's step is about lr * sign(gradient): twice the rate, twice the distance, weight by weight."""
-    before, after, _ = one_rank
-    before3, after3, _ = updated(str(tiny_models["tiny-qwen"]), ranks=1, lr=2e-4)
+    (before, after, _), (before3, after3, _) = updates["one_rank"], updates["double_lr"]
     slow, fast = _moved(before, after), _moved(before3, after3)
     ratios = [float(fast[k].mean() / slow[k].mean()) for k in slow if float(slow[k].mean()) > 1e-6]
     assert ratios and 1.8 < np.median(ratios) < 2.2

@@ -179,42 +179,37 @@ def test_an_engine_replica_on_a_lost_node_restarts_where_capacity_remains(nodes,
     assert {r["node_id"] for r in replicas} <= survivors and len({r["node_id"] for r in replicas}) == 2
 
 
-def test_a_lost_engine_node_with_nowhere_to_go_stops_the_run_and_resume_continues(nodes, tmp_path):
-    nodes.add("only", {"solo_slot": 1})
-    out = tmp_path / "stop"
-    overrides = ["train.steps=5", "train.save_every=1", "engine.resources={solo_slot: 1}",
-                 "cluster.placement_timeout_s=15"]
-    lost_at: list[float] = []
-    run = train(nodes, out, *overrides, watch=r"step 2/5",
-                then=lambda: (nodes.remove("only"), lost_at.append(time.time())))
-    assert run.returncode == 1, run.stdout[-4000:]
-    assert "could not restart: no node could hold its bundle within 15s" in run.stdout and RESUME in run.stdout
-    assert time.time() - lost_at[0] < 15 + 60, f"stopped {time.time() - lost_at[0]:.0f}s after the loss"
-
-    nodes.add("back", {"solo_slot": 1})  # capacity returns: the same command resumes on it
-    resumed = train(nodes, out, *overrides, "train.resume=auto")
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert re.search(r"resumed from .*step_0000\d\d at step \d+", resumed.stdout)
-    assert json.loads((out / "summary.json").read_text())["steps"] == 5
-    assert placement(out)["team.agents[0].engine"][0]["node_id"] == nodes.node_id("back")
-
-
-def test_a_lost_learner_node_stops_the_run_and_leaves_its_checkpoints_intact(nodes, tmp_path):
+def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(nodes, tmp_path):
+    """The engine's only node is lost with nowhere to go: the run stops within the placement timeout, saying how to
+    resume. Capacity returns and the same command resumes there, until the learner's node is lost mid-run too:
+    that run stops as well, naming its last complete checkpoint, which it wrote after the resume."""
     from safetensors.torch import load_file
 
     from mapoco.training import checkpoint
 
+    nodes.add("only", {"solo_slot": 1})
     nodes.add("trainer", {"trainer_slot": 1})
-    out = tmp_path / "learner"
-    run = train(nodes, out, "train.steps=6", "train.save_every=1", "learner.resources={trainer_slot: 1}",
-                "engine.resources={head_slot: 1}", watch=r"step 2/6", then=lambda: nodes.remove("trainer"))
+    out = tmp_path / "lost"
+    overrides = ["train.steps=6", "train.save_every=1", "engine.resources={solo_slot: 1}",
+                 "learner.resources={trainer_slot: 1}", "cluster.placement_timeout_s=15"]
+    lost_at: list[float] = []
+    run = train(nodes, out, *overrides, watch=r"step 2/6",
+                then=lambda: (nodes.remove("only"), lost_at.append(time.time())))
     assert run.returncode == 1, run.stdout[-4000:]
-    assert "an actor died" in run.stdout and RESUME in run.stdout
+    assert "could not restart: no node could hold its bundle within 15s" in run.stdout and RESUME in run.stdout
+    assert time.time() - lost_at[0] < 15 + 60, f"stopped {time.time() - lost_at[0]:.0f}s after the loss"
+    resumed_at = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["step"]
+
+    nodes.add("back", {"solo_slot": 1})  # capacity returns: the same command resumes on it
+    resumed = train(nodes, out, *overrides, "train.resume=auto", watch=rf"step {resumed_at + 2}/6",
+                    then=lambda: nodes.remove("trainer"))
+    assert re.search(rf"resumed from .*step_0000\d\d at step {resumed_at}", resumed.stdout), resumed.stdout[-4000:]
+    assert placement(out)["team.agents[0].engine"][0]["node_id"] == nodes.node_id("back")
+    assert resumed.returncode == 1, resumed.stdout[-4000:]
+    assert "an actor died" in resumed.stdout and RESUME in resumed.stdout
     complete = checkpoint.complete_checkpoints(out)
-    assert complete, "no complete checkpoint"
-    named = re.search(r"the last complete checkpoint is (\S+step_\d+)", run.stdout).group(1)
+    named = re.search(r"the last complete checkpoint is (\S+step_\d+)", resumed.stdout).group(1)
     assert Path(named) == complete[-1]
-    state = checkpoint.read_state(complete[-1])
-    assert state["step"] >= 2
+    assert checkpoint.read_state(complete[-1])["step"] > resumed_at  # written by the resumed run
     weights = load_file(str(checkpoint.agent_dir(complete[-1], 0) / "model.safetensors"))
     assert weights and all(t.isfinite().all() for t in weights.values())

@@ -68,7 +68,7 @@ def test_a_finished_run_is_kept_and_the_conditions_share_the_testbed():
     assert all(overrides[0] == "+experiment=collab" for name, overrides in reproduce.CONDITIONS.items()
                if name != "tiny2_cotrain")
     assert {"cotrain", "single_adder", "single_multiplier", "frozen_partner", "alpha0_2", "alpha1_2", "beta0_2",
-            "beta1_2", "tiny2_cotrain"} == set(reproduce.CONDITIONS)
+            "beta1_2", "tiny2_cotrain", "cotrain_overlap"} == set(reproduce.CONDITIONS)
 
 
 @pytest.mark.parametrize("condition", sorted(reproduce.CONDITIONS))
@@ -85,6 +85,7 @@ def test_every_condition_is_a_valid_run_of_the_same_questions(talk_models, tiny_
         return
     assert cfg.turns == 2 and models == ["talk-add", "talk-mul"]
     assert [a.trainable for a in cfg.team.agents] == [True, condition != "frozen_partner"]
+    assert cfg.train.off_policy_steps == (condition == "cotrain_overlap")
     coefs = {k: getattr(cfg.rewards, k) for k in ("alpha0", "alpha1", "beta0", "beta1")}
     assert coefs == {k: 2.0 if condition == f"{k}_2" else 0.0 for k in coefs}
 

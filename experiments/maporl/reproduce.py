@@ -42,6 +42,8 @@ CONDITIONS: dict[str, list[str]] = {
        for name, model in ALONE.items()},
     "frozen_partner": [*COLLAB, "+team.agents.1.trainable=false"],  # the adder trains; the multiplier is frozen
     **{f"{coef}_2": [*COLLAB, f"rewards.{coef}=2"] for coef in ("alpha0", "alpha1", "beta0", "beta1")},
+    # `cotrain` with the next rollout sampled during each update (one update stale, importance-weighted)
+    "cotrain_overlap": [*COLLAB, "train.off_policy_steps=1"],
     "tiny2_cotrain": ["+experiment=tiny2", "train.steps=80", "train.save_every=0"],
 }
 DERIVED = {"untrained": "cotrain"}  # its figures are the `before` evaluation of these runs
