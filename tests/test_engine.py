@@ -55,3 +55,17 @@ def test_engine_logprobs_follow_pushed_weights_including_a_tied_embedding(hetero
         logprobs = torch.log_softmax(model(torch.tensor([prompt + out.token_ids])).logits[0, :-1], -1)
     learner = [logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     assert max(abs(a - b) for a, b in zip(learner, out.logprobs)) < 1e-3
+
+
+@pytest.mark.parametrize("agent_index", [0, 1])
+def test_engine_scores_the_tokens_it_sampled_as_it_sampled_them(hetero_team, agent_index):
+    """`score` (prompt logprobs of prompt + response) is the sync check of an overlapped run: on the engine's own
+    samples it must give their sampling logprobs, token by token."""
+    agent = hetero_team.agents[agent_index]
+    prompts = [agent.render([{"role": "user", "content": f"Calculate {i} * {i + 2}."}]) for i in range(3)]
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    generations = agent.engines.generate(prompts, sampling, [7, 8, 9])
+    (scores,) = agent.engines.score([(g.prompt_ids, g.token_ids) for g in generations])
+    assert [len(s) for s in scores] == [len(g.token_ids) for g in generations]
+    gaps = [abs(a - b) for g, s in zip(generations, scores) for a, b in zip(g.logprobs, s)]
+    assert max(gaps) < 1e-3 and min(min(g.logprobs) for g in generations) < -0.1  # sampled, not all near-certain

@@ -100,6 +100,17 @@ class Engine:
         logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs)]
         return Generation(list(prompt), token_ids, logprobs, completion.text, str(completion.finish_reason))
 
+    def score(self, rows: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """The logprob of every response token after its prompt and the tokens before it, under the loaded weights:
+        the engine's side of a sync check on tokens it did not sample itself."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)  # the prompt's own tokens only
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response) for prompt, response in rows],
+                                    params, use_tqdm=False)
+        return [[out.prompt_logprobs[len(prompt) + i][token].logprob for i, token in enumerate(response)]
+                for (prompt, response), out in zip(rows, outputs)]
+
     def update_weights(self, payload: WeightPayload) -> int:
         """Load new weights; cached prefixes were computed with the old ones, so drop them."""
         loaded = self.llm.collective_rpc(reload_in_worker, args=(payload,))[0]
@@ -238,6 +249,10 @@ class AgentEngines:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         return self.collect(self.submit(prompts, sampling, seeds), sampling)
+
+    def score(self, rows: list[tuple[list[int], list[int]]]) -> list[list[list[float]]]:
+        """``Engine.score`` of the same rows on every replica: each must hold the pushed weights."""
+        return self.call_all(lambda actor: actor.score.remote(rows))
 
     def push_weights(self, payload: WeightPayload | ray.ObjectRef) -> None:
         """Weights, or a reference to them in the object store (each replica reads them from there itself). They are

@@ -66,6 +66,7 @@ class EnginesOutOfSync(RuntimeError):
 
 
 PENDING_ROLLOUT = "pending_rollout"  # in a checkpoint: the next step's rollout, sampled off-policy
+PROBE_ROWS = 4  # rows of a stale batch its engines score again to check the sync
 
 # What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
 # lost with the node that held them, a replica that found no node to restart on.
@@ -92,6 +93,19 @@ class Sampled:
 
     result: Any  # a DiscussionResult, or the Conductor's ConductorResult
     version: int
+
+
+@dataclass
+class Probe:
+    """Rows ``index`` of a stale batch as every engine replica of its policy scores them now."""
+
+    index: list[int]
+    replicas: list[list[list[float]]]  # per replica, per row: the response tokens' logprobs
+
+    def gap(self, learner_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+        """The largest engine-vs-learner logprob gap on these rows, over every replica."""
+        learner, rows = learner_logprobs[self.index], mask[self.index]
+        return max(float(((learner - stack(scores, rows.size(1))).abs() * rows).max()) for scores in self.replicas)
 
 
 @dataclass
@@ -222,10 +236,17 @@ class Trainer:
         timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
         rewards = self.rollout_rewards(result)
         batches = self.agent_batches(result, rewards)
+        probes: dict[str, Probe | None] = {}
+        if staleness:  # before the next rollout takes the engines
+            start = time.perf_counter()
+            probes = dict(zip([p.name for p in self.policies],
+                              self.for_each_policy(lambda policy: self.probe(policy, batches[policy.name]))))
+            timings["probe"] = time.perf_counter() - start
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ahead:
             upcoming = ahead.submit(self.sample, self.step + 1) if self._samples_ahead() else None
             start = time.perf_counter()
-            learned = self.for_each_policy(lambda policy: self.learn(policy, batches[policy.name], staleness))
+            learned = self.for_each_policy(lambda policy: self.learn(policy, batches[policy.name], staleness,
+                                                                     probes.get(policy.name)))
             timings["update"] = time.perf_counter() - start  # scoring, advantages and update of every policy
             if upcoming is not None:  # weights move only between rollouts: wait for the one in flight
                 start = time.perf_counter()
@@ -296,20 +317,34 @@ class Trainer:
             futures = [pool.submit(work, policy) for policy in self.policies]
         return [future.result() for future in futures]
 
-    def learn(self, policy: Policy, batch: AgentBatch, staleness: int = 0) -> dict[str, float]:
+    def probe(self, policy: Policy, batch: AgentBatch) -> Probe | None:
+        """A stale batch: its engines score its first rows with the weights they and the learners hold now, so the
+        sync is still checked when the samples are older."""
+        agent = self.team.agents[policy.seats[0]]
+        fits = [i for i, row in enumerate(batch.rows)  # room for the one token the scoring request generates
+                if len(row.prompt_ids) + len(row.response_ids) < agent.cfg.engine.max_model_len]
+        index = fits[:PROBE_ROWS]
+        if not index:
+            return None
+        return Probe(index, agent.engines.score([(batch.rows[i].prompt_ids, batch.rows[i].response_ids)
+                                                 for i in index]))
+
+    def learn(self, policy: Policy, batch: AgentBatch, staleness: int = 0,
+              probe: Probe | None = None) -> dict[str, float]:
         engines = self.team.agents[policy.seats[0]].engines
         if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
             engines.sleep()
         try:
-            return self.update_policy(policy, batch, staleness)
+            return self.update_policy(policy, batch, staleness, probe)
         finally:
             if engines.sleep_mode:
                 engines.wake_up()
 
-    def update_policy(self, policy: Policy, batch: AgentBatch, staleness: int = 0) -> dict[str, float]:
+    def update_policy(self, policy: Policy, batch: AgentBatch, staleness: int = 0,
+                      probe: Probe | None = None) -> dict[str, float]:
         """Score, advantages and update on ``batch``, sampled ``staleness`` updates ago. A stale batch's tokens are
-        reweighted towards the learner's current policy (truncated importance sampling); its engine-vs-learner gap
-        is then the policy's own change, logged as ``policy_lag_max_diff`` instead of checked as a sync error."""
+        reweighted towards the learner's current policy (truncated importance sampling); its gap to the sampling
+        logprobs is then the policy's own change (``policy_lag_max_diff``), and the sync is checked on ``probe``."""
         prefix = f"train/{policy.name}"
         if not batch.rows:
             return {f"{prefix}/skipped_update": 1.0}
@@ -324,12 +359,17 @@ class Trainer:
             payload["is_weights"] = truncated_is_weights(stats.logprobs, behaviour, mask, self.cfg.train.is_weight_cap)
         update = policy.group.update(batch.rows, payload, normalizer=float(mask.sum()), step=self.step)
         kl = masked_mean(kl_penalty(stats.logprobs, stats.ref_logprobs, self.cfg.algorithm.kl_estimator), mask)
-        gap = float(((stats.logprobs - behaviour).abs() * mask).max())  # engine vs learner on the sampled tokens
+        lag = float(((stats.logprobs - behaviour).abs() * mask).max())  # sampling engines vs learner, sampled tokens
         metrics = {f"{prefix}/{k}": v for k, v in update.items()}
+        if not staleness:  # engines and learners held the same weights: the gap is the sync's
+            metrics[f"{prefix}/logprob_max_diff"] = lag
+        else:
+            metrics[f"{prefix}/policy_lag_max_diff"] = lag
+            if probe is not None:
+                metrics[f"{prefix}/logprob_max_diff"] = probe.gap(stats.logprobs, mask)
         metrics.update({
             f"{prefix}/reward": float(np.mean(batch.rewards)),
             f"{prefix}/kl": float(kl),
-            f"{prefix}/{'policy_lag_max_diff' if staleness else 'logprob_max_diff'}": gap,
             f"{prefix}/logprob_tolerance": policy.precision.logprob_tolerance,
             f"{prefix}/lr": policy.group.call_all("learning_rate")[0],
             f"{prefix}/update_s": time.perf_counter() - start,
