@@ -102,12 +102,14 @@ class Engine:
 
     def score(self, rows: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """The logprob of every response token after its prompt and the tokens before it, under the loaded weights:
-        the engine's side of a sync check on tokens it did not sample itself."""
+        the engine's side of a sync check on tokens it did not sample itself. It leaves no cached prefix behind, so
+        the next rollout runs as it would have without it (cold, as after every push)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)  # the prompt's own tokens only
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response) for prompt, response in rows],
                                     params, use_tqdm=False)
+        self.reset_prefix_cache()
         return [[out.prompt_logprobs[len(prompt) + i][token].logprob for i, token in enumerate(response)]
                 for (prompt, response), out in zip(rows, outputs)]
 
