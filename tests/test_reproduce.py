@@ -51,6 +51,23 @@ def test_results_have_every_seed_mean_std_and_transitions(runs):
         runs / "results.md").read_text()
 
 
+def test_recorded_seeds_stay_when_their_runs_are_gone_and_runs_on_disk_win(runs):
+    """A fresh clone holds results.json but no runs: `--only cotrain_overlap` must add that condition, keep the
+    others' recorded figures, and let a run on disk replace its own seed's."""
+    recorded = reproduce.summarize()
+    recorded["conditions"]["beta0_2"] = reproduce.condition_figures(  # recorded on another machine, no run here
+        [{"seed": s, "turn_accuracy": [0.5, 0.6 + s / 100], "agent_turn_accuracy": [[0.5, 0.6]] * 2,
+          "transitions": [{"turn": 2, "wrong_to_right": 9, "right_to_wrong": 3}]} for s in (0, 1, 2)])
+    (runs / "results.json").write_text(json.dumps(recorded))
+    seed_1 = reproduce.RUNS.dir("cotrain", 1) / "summary.json"
+    seed_1.write_text(json.dumps(_summary([0.38, 0.28], [0.47, 0.74], (74, 3))))  # re-run: 0.84 -> 0.74
+    conditions = reproduce.summarize()["conditions"]
+    assert conditions["beta0_2"]["turn_accuracy_mean"] == pytest.approx([0.5, 0.61])
+    assert [s["turn_accuracy"][-1] for s in conditions["cotrain"]["seeds"]] == [0.80, 0.74, 0.82]
+    seed_1.unlink()  # the run is gone: its seed keeps what was recorded last
+    assert reproduce.summarize()["conditions"]["cotrain"]["seeds"][1]["turn_accuracy"] == [0.47, 0.74]
+
+
 def test_claims_are_computed_from_the_figures(runs):
     claims = reproduce.summarize()["claims"]
     assert claims["collaboration_gain"] == pytest.approx(0.37)  # every seed gains 0.35, 0.37, 0.39 -> std 0.02

@@ -9,7 +9,8 @@ Every run is a plain `mapoco train` into outputs/maporl/<condition>/seed_<s>/; a
 kept, so an interrupted reproduction goes on where it stopped. All conditions are evaluated on the same 200
 held-out test questions (task.split=test, task.seed 0, whatever the run's seed). results.json keeps, per condition,
 every seed's per-turn team accuracy after training and the turn-to-turn transitions; `untrained` is the co-trained
-runs' evaluation before their first step (the same team, the same questions).
+runs' evaluation before their first step (the same team, the same questions). A seed whose run is not on disk
+(a fresh clone) keeps the figures results.json recorded, so `--only X` adds X's runs to the table, not replaces it.
 """
 
 from __future__ import annotations
@@ -51,12 +52,15 @@ DERIVED = {"untrained": "cotrain"}  # its figures are the `before` evaluation of
 CORE = ("cotrain", "single_adder", "single_multiplier", "frozen_partner")
 
 
-def condition_figures(summaries: list[tuple[int, dict[str, Any]]], when: str) -> dict[str, Any]:
-    """One condition over its seeds: per-turn team accuracy (mean, std), the collaboration gain, transitions;
-    ``when`` is the evaluation to read (``before`` or ``after`` training)."""
-    seeds = [{"seed": s, "turn_accuracy": summary[when]["turn_accuracy"],
-              "agent_turn_accuracy": summary[when]["agent_turn_accuracy"],
-              "transitions": summary[when]["transitions"]} for s, summary in summaries]
+def seed_figures(summaries: list[tuple[int, dict[str, Any]]], when: str) -> list[dict[str, Any]]:
+    """Each run's figures from its summary.json; ``when`` is the evaluation to read (``before`` or ``after``)."""
+    return [{"seed": s, "turn_accuracy": summary[when]["turn_accuracy"],
+             "agent_turn_accuracy": summary[when]["agent_turn_accuracy"],
+             "transitions": summary[when]["transitions"]} for s, summary in summaries]
+
+
+def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One condition over its seeds: per-turn team accuracy (mean, std), the collaboration gain, transitions."""
     mean, std = columns_mean_std([s["turn_accuracy"] for s in seeds])
     gain_mean, gain_std = mean_std([s["turn_accuracy"][-1] - s["turn_accuracy"][0] for s in seeds])
     transitions = [{key: statistics.fmean(s["transitions"][t][key] for s in seeds)
@@ -67,11 +71,17 @@ def condition_figures(summaries: list[tuple[int, dict[str, Any]]], when: str) ->
 
 
 def summarize() -> dict[str, Any]:
+    """results.json from every finished run on disk; a seed whose run is not here (a fresh clone, another
+    machine's runs) keeps the figures the last results.json recorded for it."""
+    recorded = json.loads((HERE / "results.json").read_text())["conditions"] if (HERE / "results.json").exists() \
+        else {}
     conditions = {}
     for name in [*CONDITIONS, *DERIVED]:
+        seeds = {entry["seed"]: entry for entry in recorded.get(name, {}).get("seeds", [])}
         found = RUNS.summaries(DERIVED.get(name, name))
-        if found:
-            conditions[name] = condition_figures(found, "before" if name in DERIVED else "after")
+        seeds.update({entry["seed"]: entry for entry in seed_figures(found, "before" if name in DERIVED else "after")})
+        if seeds:
+            conditions[name] = condition_figures([seeds[s] for s in sorted(seeds)])
     results = {"conditions": conditions, "claims": claims(conditions),
                "command": "make reproduce", "date": dt.date.today().isoformat(),
                "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
