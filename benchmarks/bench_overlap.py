@@ -18,11 +18,21 @@ from benchmarks.common import Figure, Result, side_by_side
 from mapoco.cli import compose
 from mapoco.training.trainer import Trainer
 
+TEAMS = {  # team -> overrides and what the sizes say
+    "tiny2": (["team=tiny2", "train.batch_questions=16", "algorithm.samples_per_question=2"], {}),
+    # One SmolLM2 policy in both seats (one engine, one learner): two full fine-tuning SmolLM2 learners and engines do
+    # not fit this 24 GiB machine. Short answers and few rows keep a step under a minute.
+    "smollm2": (["team=smollm2x2", "team.shared_policy=true", "train.batch_questions=2",
+                 "algorithm.samples_per_question=1", "sampling.max_new_tokens=32",
+                 "team.agents.0.sampling.max_new_tokens=32", "team.agents.1.sampling.max_new_tokens=32",
+                 "learner.micro_batch_size=4"], {"shared_policy": True, "max_new_tokens": 32}),
+}
 
-def run(repeats: int = 3, window: int = 4, batch_questions: int = 16) -> Result:
-    cfg = compose("team=tiny2", "turns=2", f"train.batch_questions={batch_questions}",
-                  "algorithm.samples_per_question=2", "train.eval_every=0", "train.eval_limit=8",
-                  "train.save_every=0", "logger.wandb.mode=disabled")
+
+def run(team: str = "tiny2", repeats: int = 3, window: int = 4) -> Result:
+    overrides, sizes = TEAMS[team]
+    cfg = compose(*overrides, "turns=2", "train.eval_every=0", "train.eval_limit=8", "train.save_every=0",
+                  "logger.wandb.mode=disabled")
     phases: dict[str, list[float]] = {"rollout": [], "update": [], "sync": []}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, Path(out), team=None)
@@ -53,8 +63,9 @@ def run(repeats: int = 3, window: int = 4, batch_questions: int = 16) -> Result:
     on_separate_devices = (rollout + update + sync) / (max(rollout, update) + sync)
     return Result("step_overlapped_vs_onpolicy", Figure("off_policy_steps=1", "steps/s", overlapped),
                   Figure("off_policy_steps=0", "steps/s", on_policy), ratios=ratios,
-                  sizes={"team": "tiny2", "turns": 2, "batch_questions": batch_questions, "samples_per_question": 2,
-                         "steps_per_window": window},
+                  sizes={"team": team, "turns": 2, "batch_questions": cfg.train.batch_questions,
+                         "samples_per_question": cfg.algorithm.samples_per_question, "steps_per_window": window,
+                         **sizes},
                   extra={"onpolicy_phase_s": {"rollout": round(rollout, 3), "update": round(update, 3),
                                               "sync": round(sync, 3)},
                          "modelled_ratio_on_separate_devices": round(on_separate_devices, 3)})

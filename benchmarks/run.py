@@ -56,6 +56,12 @@ def run_sync() -> list[Result]:
     return [smol]
 
 
+def run_overlap() -> list[Result]:
+    tiny, smol = bench_overlap.run("tiny2"), bench_overlap.run("smollm2", repeats=2, window=2)
+    tiny.extra["smollm2"] = smol.to_json()
+    return [tiny]
+
+
 def run_precision() -> list[Result]:
     smol, tiny = bench_precision.run("smollm2", questions=8, max_new_tokens=24), bench_precision.run("tiny-qwen")
     smol.extra["tiny_model"] = tiny.to_json()
@@ -80,7 +86,7 @@ BENCHMARKS = {
     "sync": run_sync,
     "train": lambda: [bench_train.run()],
     "concurrency": lambda: [bench_concurrency.run()],
-    "overlap": lambda: [bench_overlap.run()],
+    "overlap": run_overlap,
     "scaling": lambda: [bench_scaling.run()],
     "serve": lambda: [bench_serve.run()],
     "precision": run_precision,
