@@ -60,6 +60,20 @@ class RunSet:
                            env={**os.environ, **self.env})
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """An experiment's last results.json (empty before its first run)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def with_recorded(found: list[dict[str, Any]], recorded: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One condition's per-seed figures, by seed: those of its runs on disk, and for every seed without one what
+    ``recorded`` (the condition in the last results.json) kept. A fresh clone holds results.json but no runs, so a
+    reproduction of one condition adds it to the table instead of erasing the others."""
+    seeds = {entry["seed"]: entry for entry in (recorded or {}).get("seeds", [])}
+    seeds.update({entry["seed"]: entry for entry in found})
+    return [seeds[s] for s in sorted(seeds)]
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

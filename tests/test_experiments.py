@@ -58,6 +58,15 @@ def test_conductor_claims_need_a_margin_of_twice_the_std(conductor_runs):
     assert claims["best_worker_accuracy"]["margin"] > 0 and not claims["best_worker_accuracy"]["beats_by_twice_std"]
 
 
+def test_conductor_seeds_without_runs_keep_their_recorded_figures(conductor_runs):
+    conductor.summarize()
+    (conductor.RUNS.dir("routing", 2) / "summary.json").unlink()  # a fresh clone: seed 2's run is not here
+    (conductor.RUNS.dir("routing", 0) / "summary.json").write_text(json.dumps(_conductor_summary(0.70, 0.44)))
+    routing = conductor.summarize()["routing"]
+    assert [s["conductor_accuracy"] for s in routing["seeds"]] == [0.70, 0.86, 0.88]  # seed 0 re-run, 2 recorded
+    assert routing["conductor_accuracy_mean"] == pytest.approx((0.70 + 0.86 + 0.88) / 3)
+
+
 def test_the_routing_condition_is_the_conductor_demo(conductor_models):
     demo = compose_config("command=train", "+experiment=conductor")
     assert vars(compose_config("command=train", *conductor.CONDITIONS["routing"])) == vars(demo)
@@ -82,6 +91,18 @@ def test_portability_sets_the_other_build_beside_the_native_figures(tmp_path, mo
     for seed, after in enumerate((0.95, 0.50, 0.60)):  # noisy: the claim fails on this build
         (portability.RUNS.dir("routing", seed) / "summary.json").write_text(json.dumps(_conductor_summary(after, 0.45)))
     assert portability.summarize()["headlines"]["routing"]["claim_holds"]["other"] is False
+
+
+def test_portability_reads_the_cotrain_runs_as_the_maporl_experiment_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(portability, "RUNS", RunSet(tmp_path / "runs", env=portability.RUNS.env))
+    monkeypatch.setattr(portability, "HERE", tmp_path)
+    evaluation = {"agent_turn_accuracy": [[0.5, 0.6]] * 2, "transitions": [{"turn": 2, "wrong_to_right": 9,
+                                                                           "right_to_wrong": 3}]}
+    _write(portability.RUNS, "cotrain", [{"after": {"turn_accuracy": [0.5, last], **evaluation}}
+                                         for last in (0.70, 0.72, 0.74)])
+    cotrain = portability.summarize()["headlines"]["cotrain"]
+    assert cotrain["figures"]["last turn"]["other_mean"] == pytest.approx(0.72)
+    assert cotrain["figures"]["collaboration gain"]["other_std"] == pytest.approx(0.02)
 
 
 def test_runs_are_kept_once_finished_and_run_in_their_environment(tmp_path, monkeypatch):

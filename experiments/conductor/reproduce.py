@@ -20,7 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.runs import ROOT, SEEDS, RunSet, mean_std, write_readme_block
+from experiments.runs import (
+    ROOT,
+    SEEDS,
+    RunSet,
+    mean_std,
+    read_results,
+    with_recorded,
+    write_readme_block,
+)
 
 HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "conductor")
@@ -38,11 +46,15 @@ FIGURES = {
 BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote_accuracy", "random_workflow_accuracy")
 
 
-def condition_figures(summaries: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Every figure of one condition per seed, and its mean and std over the seeds."""
-    seeds = [{"seed": s, **{name: read(summary) for name, read in FIGURES.items()},
-              "worker_accuracy": dict(zip(summary["workers"], summary["worker_accuracy"]))}
-             for s, summary in summaries]
+def seed_figures(summaries: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every figure of each run, from its summary.json."""
+    return [{"seed": s, **{name: read(summary) for name, read in FIGURES.items()},
+             "worker_accuracy": dict(zip(summary["workers"], summary["worker_accuracy"]))}
+            for s, summary in summaries]
+
+
+def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One condition's figures per seed, and their mean and std over the seeds."""
     out: dict[str, Any] = {"seeds": seeds}
     for name in FIGURES:
         out[f"{name}_mean"], out[f"{name}_std"] = mean_std([s[name] for s in seeds])
@@ -58,7 +70,10 @@ def claims(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize() -> dict[str, Any]:
-    conditions = {name: condition_figures(found) for name in CONDITIONS if (found := RUNS.summaries(name))}
+    """results.json from every finished run on disk; a seed without one keeps what results.json recorded."""
+    recorded = read_results(HERE / "results.json")
+    conditions = {name: condition_figures(seeds) for name in CONDITIONS
+                  if (seeds := with_recorded(seed_figures(RUNS.summaries(name)), recorded.get(name)))}
     results = {**conditions, "claims": {name: claims(f) for name, f in conditions.items()},
                "command": "make reproduce-conductor", "date": dt.date.today().isoformat(),
                "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}

@@ -29,6 +29,8 @@ from experiments.runs import (
     RunSet,
     columns_mean_std,
     mean_std,
+    read_results,
+    with_recorded,
     write_readme_block,
 )
 
@@ -73,15 +75,12 @@ def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize() -> dict[str, Any]:
     """results.json from every finished run on disk; a seed whose run is not here (a fresh clone, another
     machine's runs) keeps the figures the last results.json recorded for it."""
-    recorded = json.loads((HERE / "results.json").read_text())["conditions"] if (HERE / "results.json").exists() \
-        else {}
+    recorded = read_results(HERE / "results.json").get("conditions", {})
     conditions = {}
     for name in [*CONDITIONS, *DERIVED]:
-        seeds = {entry["seed"]: entry for entry in recorded.get(name, {}).get("seeds", [])}
-        found = RUNS.summaries(DERIVED.get(name, name))
-        seeds.update({entry["seed"]: entry for entry in seed_figures(found, "before" if name in DERIVED else "after")})
-        if seeds:
-            conditions[name] = condition_figures([seeds[s] for s in sorted(seeds)])
+        found = seed_figures(RUNS.summaries(DERIVED.get(name, name)), "before" if name in DERIVED else "after")
+        if seeds := with_recorded(found, recorded.get(name)):
+            conditions[name] = condition_figures(seeds)
     results = {"conditions": conditions, "claims": claims(conditions),
                "command": "make reproduce", "date": dt.date.today().isoformat(),
                "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}

@@ -59,14 +59,15 @@ def _conductor_above_best_worker(c: dict[str, Any]) -> bool:
 HEADLINES = {
     "cotrain": Headline(
         "maporl", maporl.CONDITIONS["cotrain"], ("talk-add", "talk-mul"),
-        lambda found: maporl.condition_figures(found, "after"), lambda results: results["conditions"]["cotrain"],
+        lambda found: maporl.condition_figures(maporl.seed_figures(found, "after")),
+        lambda results: results["conditions"]["cotrain"],
         {"turn 1": lambda c: (c["turn_accuracy_mean"][0], c["turn_accuracy_std"][0]),
          "last turn": lambda c: (c["turn_accuracy_mean"][-1], c["turn_accuracy_std"][-1]),
          "collaboration gain": lambda c: (c["collaboration_gain_mean"], c["collaboration_gain_std"])},
         ("collaboration gain > 2 std", _gain_above_twice_its_std)),
     "routing": Headline(
         "conductor", conductor.CONDITIONS["routing"], ("tiny-add", "tiny-mul", "tiny-conductor"),
-        conductor.condition_figures, lambda results: results["routing"],
+        lambda found: conductor.condition_figures(conductor.seed_figures(found)), lambda results: results["routing"],
         {"conductor after": lambda c: (c["conductor_accuracy_mean"], c["conductor_accuracy_std"]),
          "best worker": lambda c: (c["best_worker_accuracy_mean"], c["best_worker_accuracy_std"])},
         ("conductor - best worker > 2 std", _conductor_above_best_worker)),
