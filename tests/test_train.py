@@ -150,7 +150,7 @@ def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(
     resumed = Trainer(compose_config("team=tiny_hetero", *overrides, "train.resume=auto"), tmp_path,
                       team=hetero_team)
     try:
-        assert (resumed.step, resumed.engine_version, resumed.pending.version) == (2, 2, 1)
+        assert (resumed.step, resumed.pending.version) == (2, 1)
         assert _tokens(resumed.pending.result) == pending
         assert resumed.train_step()["rollout/staleness"] == 1
         for name, weights in _weights(resumed).items():

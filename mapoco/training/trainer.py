@@ -158,7 +158,6 @@ class Trainer:
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
-        self.engine_version = 0  # the updates the engines' weights hold
         self.pending: Sampled | None = None  # off-policy: the next step's rollout, sampled during this step's update
         self.breaches: dict[str, int] = {}  # per policy: consecutive steps above its logprob tolerance
         self.write_placement()
@@ -256,7 +255,6 @@ class Trainer:
         metrics = {k: v for m in learned for k, v in m.items()}
         start = time.perf_counter()
         self.sync_weights()
-        self.engine_version = self.step + 1  # this step's update
         timings["sync"] = time.perf_counter() - start
         timings["step"] = time.perf_counter() - step_start
         metrics.update({f"timing/{k}": v for k, v in timings.items()})
@@ -270,7 +268,10 @@ class Trainer:
         return self.cfg.train.off_policy_steps > 0 and self.step + 1 < self.cfg.train.steps
 
     def sample(self, step: int) -> Sampled:
-        return Sampled(self.rollout(self.batch(step), step), self.engine_version)
+        # Every sampling starts at the top of a step, when the engines hold that step's weights (synced at the end of
+        # the one before, or on restore): ``self.step`` updates in, read before the rollout.
+        version = self.step
+        return Sampled(self.rollout(self.batch(step), step), version)
 
     def batch(self, step: int) -> list[Problem]:
         """The questions of ``step``: a pure function of the step (the data position), so a resumed run draws
@@ -532,7 +533,7 @@ class Trainer:
         for policy in self.policies:
             policy.group.call_all("load_checkpoint", str(checkpoint.agent_dir(path, policy.seats[0])))
         self.sync_weights()
-        self.step = self.engine_version = int(state["step"])
+        self.step = int(state["step"])
         if (path / PENDING_ROLLOUT).with_suffix(".json").exists():
             self.pending = load_state(path / PENDING_ROLLOUT)
         print(f"resumed from {path} at step {self.step}")
