@@ -190,10 +190,12 @@ def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(no
     nodes.add("only", {"solo_slot": 1})
     nodes.add("trainer", {"trainer_slot": 1})
     out = tmp_path / "lost"
-    overrides = ["train.steps=6", "train.save_every=1", "engine.resources={solo_slot: 1}",
+    # More steps than either run reaches: each stops at a lost node, however fast the steps after the loss run.
+    steps = 20
+    overrides = [f"train.steps={steps}", "train.save_every=1", "engine.resources={solo_slot: 1}",
                  "learner.resources={trainer_slot: 1}", "cluster.placement_timeout_s=15"]
     lost_at: list[float] = []
-    run = train(nodes, out, *overrides, watch=r"step 2/6",
+    run = train(nodes, out, *overrides, watch=rf"step 2/{steps}",
                 then=lambda: (nodes.remove("only"), lost_at.append(time.time())))
     assert run.returncode == 1, run.stdout[-4000:]
     assert "could not restart: no node could hold its bundle within 15s" in run.stdout and RESUME in run.stdout
@@ -201,7 +203,7 @@ def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(no
     resumed_at = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["step"]
 
     nodes.add("back", {"solo_slot": 1})  # capacity returns: the same command resumes on it
-    resumed = train(nodes, out, *overrides, "train.resume=auto", watch=rf"step {resumed_at + 2}/6",
+    resumed = train(nodes, out, *overrides, "train.resume=auto", watch=rf"step {resumed_at + 2}/{steps}",
                     then=lambda: nodes.remove("trainer"))
     assert re.search(rf"resumed from .*step_0000\d\d at step {resumed_at}", resumed.stdout), resumed.stdout[-4000:]
     assert placement(out)["team.agents[0].engine"][0]["node_id"] == nodes.node_id("back")
