@@ -18,7 +18,7 @@ from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.models.registry import resolve_model
 from mapoco.runtime.precision import learner_dtype
-from mapoco.training.learner import LearnerGroup, Rollout, collate, free_port
+from mapoco.training.learner import LearnerGroup, Rollout, collate, free_port, init_distributed
 
 GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 
@@ -45,7 +45,7 @@ class PlainDeepSpeed:
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed("gloo")
         dtype = getattr(torch, learner_dtype(cfg))
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

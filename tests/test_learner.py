@@ -3,6 +3,10 @@ scale it (one model, one ZeRO stage, one batch, so nothing else differs)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +91,22 @@ def test_losses_add_up_and_means_weigh_by_tokens():
                               "entropy": [2.0, 6.0]}, tokens=[3.0, 1.0])
     assert combined == pytest.approx({"loss": 0.75, "policy_loss": 0.2, "clip_frac": 0.25, "entropy": 3.0,
                                       "tokens": 4.0})
+
+
+def test_init_distributed_compiles_nothing_and_the_group_reduces(tmp_path):
+    """DeepSpeed's shared-memory op would compile C++ (about a minute on 2 cores) into TORCH_EXTENSIONS_DIR; the
+    learners' group must start without it and still sum across its ranks through torch.distributed."""
+    script = """
+import os, torch, torch.distributed as dist
+from mapoco.training.learner import free_port, init_distributed
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+init_distributed("gloo")
+value = torch.tensor([2.5])
+dist.all_reduce(value)
+print("sum", value.item(), dist.get_backend())
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sum 2.5 gloo" in run.stdout
+    assert not (tmp_path / "extensions").exists(), "an op was compiled"

@@ -43,9 +43,12 @@ class MultiNodeCluster:
         from ray.cluster_utils import Cluster
 
         self.dashboard_port = free_port()
+        # A lost node is declared dead after 3 failed health checks 1 s apart (Ray's default: 5 checks 3 s apart):
+        # a killed raylet refuses at once, while a busy live one still has each check's 10 s to answer.
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": 2, "resources": {"head_slot": 4}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": self.dashboard_port, "dashboard_agent_listen_port": free_port()})
+            "dashboard_port": self.dashboard_port, "dashboard_agent_listen_port": free_port(),
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
         self.address = self.cluster.address  # the GCS: `cluster.address=` for drivers
         self.nodes: dict[str, object] = {}
         self._ips = (f"127.0.0.{i}" for i in itertools.count(2))

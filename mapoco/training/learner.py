@@ -141,6 +141,16 @@ def response_outputs(logits: torch.Tensor, values: torch.Tensor | None, mb: Micr
     return logprobs, token_values, picked
 
 
+def init_distributed(backend: str) -> None:
+    """``deepspeed.init_distributed`` without DeepSpeed's shared-memory all-reduce op. That op serves only inference
+    tensor parallelism (training reduces through torch.distributed), yet on a CPU its first load compiles C++ for
+    about a minute on 2 cores, and again whenever the build command changes (another venv, another Ray node)."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the dict DeepSpeed consults before building
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def free_port() -> int:
     """A TCP port free on every interface of this node."""
     with socket.socket() as s:
@@ -176,7 +186,7 @@ class Learner:
         cfg, model_path = self.cfg, self.model_path
         torch.manual_seed(self.seed)
         self.on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        init_distributed("nccl" if self.on_gpu else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.dtype = getattr(torch, learner_dtype(cfg))  # auto: bf16 on GPUs, float32 on every CPU
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
