@@ -18,7 +18,13 @@ from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.models.registry import resolve_model
 from mapoco.runtime.precision import learner_dtype
-from mapoco.training.learner import LearnerGroup, Rollout, collate, free_port, init_distributed
+from mapoco.training.learner import (
+    LearnerGroup,
+    Rollout,
+    collate,
+    free_port,
+    init_distributed,
+)
 
 GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 
