@@ -161,8 +161,9 @@ def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(
 
 def test_an_engine_killed_mid_rollout_is_restarted_and_training_goes_on(hetero_team, tmp_path):
     """The dead replica is restarted in its bundle, gets the learner's weights back, and serves its requests
-    again; the run's metrics count the restart."""
-    cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=0")
+    again; the run's metrics count the restart. Only agent 1 trains: its partner's learners would add nothing."""
+    cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=0",
+                         "+team.agents.0.trainable=false")
     trainer = Trainer(cfg, tmp_path, team=hetero_team)
     engines = hetero_team.agents[1].engines
     victim, restarts_before = engines.actors[0], engines.restarts
@@ -220,7 +221,8 @@ def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, tmp_path
     from mapoco.training.trainer import EnginesOutOfSync
 
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=3", "train.save_every=0", "train.eval_limit=4",
-                         "train.logprob_breach_steps=1", f"train.off_policy_steps={off_policy_steps}")
+                         "train.logprob_breach_steps=1", f"train.off_policy_steps={off_policy_steps}",
+                         "+team.agents.1.trainable=false")  # only agent 0's sync is under test
     trainer = Trainer(cfg, tmp_path, team=hetero_team)
     policy, engines = trainer.policies[0], hetero_team.agents[0].engines
     base = policy.group.weights("float32")
