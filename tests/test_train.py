@@ -307,9 +307,9 @@ def test_train_cli_multirun_sweep(tmp_path):
 
 
 def test_smollm2_shared_policy_smoke(ray_session, tmp_path):
-    """A real pretrained model through the same path: one SmolLM2 policy plays both seats for one step. One question
-    and one PPO epoch: a 135M float32 update of these 4 answers costs about 20 s an epoch on 2 cores."""
-    cfg = compose_config("team=smollm2x2", "team.shared_policy=true", "turns=2", "train.batch_questions=1",
+    """A real pretrained model through the same path: one SmolLM2 policy plays both seats for one step. One turn, one
+    question and one PPO epoch: a 135M float32 update costs about 5 s per answer and epoch on 2 cores."""
+    cfg = compose_config("team=smollm2x2", "team.shared_policy=true", "turns=1", "train.batch_questions=1",
                          "algorithm.samples_per_question=1", "algorithm.ppo_epochs=1", "train.steps=1",
                          "train.eval_every=0",
                          "train.eval_limit=2", "logger.wandb.mode=disabled",
