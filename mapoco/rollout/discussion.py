@@ -56,11 +56,12 @@ class Team:
 
     ``colocate_learners`` (training): agents with ``learner.colocate`` reserve room for their learner ranks in
     their engines' bundles, and their engines can sleep while the learner updates. ``placement_timeout_s`` bounds
-    the wait for a placement group, and for a dead replica's bundle to find a node again.
+    the wait for a placement group, and for a dead replica's bundle to find a node again. ``wait=False`` returns
+    once the engines are placed, still loading: the caller starts its other actors meanwhile, then ``wait_ready``.
     """
 
     def __init__(self, cfg: TeamConfig, seed: int, colocate_learners: bool = False,
-                 placement_timeout_s: float = READY_TIMEOUT_S):
+                 placement_timeout_s: float = READY_TIMEOUT_S, wait: bool = True):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -78,16 +79,25 @@ class Team:
                 engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
                                        restart_timeout_s=placement_timeout_s, what=f"team.agents[{i}].engine")
                 self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
-            for engines in self.distinct_engines():
-                engines.wait_ready()
         except BaseException:
             self.shutdown()  # engines already started must not outlive a team that failed to start
             raise
+        if wait:
+            self.wait_ready()
 
     @classmethod
-    def of_run(cls, cfg: RunConfig, colocate_learners: bool = False) -> Team:
+    def of_run(cls, cfg: RunConfig, colocate_learners: bool = False, wait: bool = True) -> Team:
         """The run's team: its agents and seed; placement waits are bounded by ``cluster.placement_timeout_s``."""
-        return cls(cfg.team, cfg.seed, colocate_learners, cfg.cluster.placement_timeout_s)
+        return cls(cfg.team, cfg.seed, colocate_learners, cfg.cluster.placement_timeout_s, wait)
+
+    def wait_ready(self) -> None:
+        """Until every engine replica serves (an engine's start-up error raises here, after the team shut down)."""
+        try:
+            for engines in self.distinct_engines():
+                engines.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
 
     def engine_owners(self) -> dict[int, AgentEngines]:
         """Each distinct set of engines under the first seat that uses it (seats sharing a policy share them)."""

@@ -154,7 +154,8 @@ class Trainer:
         self.pool = training_pool(cfg)
         init_ray(cfg)
         self.owns_team = team is None
-        self.team = team or Team.of_run(cfg, colocate_learners=True)
+        # Engines, verifier and learners load at once (an engine's vLLM start-up is the longest); all are up after.
+        self.team = team or Team.of_run(cfg, colocate_learners=True, wait=False)
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
@@ -168,12 +169,26 @@ class Trainer:
         self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
 
     def _start_learners(self) -> list[Policy]:
-        """A learner group per trained policy, settings from this run's config (the engines may be shared)."""
+        """A learner group per trained policy, settings from this run's config (the engines may be shared). The
+        groups load while the team's engines do; a start-up that fails takes down what this trainer started."""
         seats_of = self.cfg.team.policy_seats()
-        groups = {owner: self._start_group(owner) for owner in seats_of}
+        groups: dict[int, LearnerGroup] = {}
+        try:
+            for owner in seats_of:
+                groups[owner] = self._start_group(owner)
+            if self.owns_team:
+                self.team.wait_ready()
+            for group in groups.values():
+                group.wait_ready()
+        except BaseException:
+            for group in groups.values():
+                group.shutdown()
+            if self.owns_team:
+                self.team.shutdown()
+            self.verifier.shutdown()
+            raise
         policies = []
         for owner, group in groups.items():
-            group.wait_ready()  # every group starts at once; wait here until all ranks are up
             engines, engine_cfg = self.team.agents[owner].engines, self.team.agents[owner].cfg.engine
             precision = agent_precision(self.cfg.team.agents[owner], self.cfg.train.logprob_tolerance)
             sync = make_sync(self.cfg.train.weight_sync, group, engines, precision.engine,
