@@ -28,7 +28,7 @@ QUESTION = Problem(id="q", question="Calculate 3 * 4.", gold="12")
 def conductor_team(ray_session, conductor_models):
     from mapoco.rollout.discussion import Team
 
-    team = Team(compose_config(*SMALL).team, seed=0)
+    team = Team(compose_config(*SMALL).team, seed=0, wait=False)  # the first user, the trainer, waits for it
     yield team
     team.shutdown()
 

@@ -249,7 +249,7 @@ def trained(ray_session, tiny_models, tmp_path_factory):
     OmegaConf.save(conf, run_dir / ".hydra" / "config.yaml")
     cfg = compose_config(*RUN, "command=train", f"output_dir={run_dir}")
     problems = load_task(cfg.task).problems[:2]
-    team = Team(cfg.team, cfg.seed)
+    team = Team(cfg.team, cfg.seed, wait=False)  # loads while the trainer's learners do; the trainer waits
     try:
         trainer = Trainer(cfg, run_dir, team=team)
         try:

@@ -132,9 +132,10 @@ def evaluate_conductor(cfg: RunConfig, out: Path, team: Team | None = None) -> d
     problems = load_task(cfg.task).problems  # before any actor: a bad dataset or output directory fails fast
     prepare_output_dir(out)
     init_ray(cfg)
-    running, verifier = team or Team.of_run(cfg), VerifierClient(cfg.verifier)
+    running, verifier = team or Team.of_run(cfg, wait=False), VerifierClient(cfg.verifier)  # all load at once
     runner = ConductorRunner(running, cfg.conductor, verifier)
     try:
+        running.wait_ready()
         result = runner.rollout(problems, cfg.seed)
         baselines = runner.baselines(problems, cfg.seed) if cfg.conductor.baselines else {}
     finally:

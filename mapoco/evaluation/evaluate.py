@@ -49,8 +49,9 @@ def evaluate(cfg: RunConfig, out: Path) -> dict[str, Any]:
     data = load_task(cfg.task)  # before any actor: a bad dataset or output directory fails fast
     prepare_output_dir(out)
     init_ray(cfg)
-    team, verifier = Team.of_run(cfg), VerifierClient(cfg.verifier)
+    team, verifier = Team.of_run(cfg, wait=False), VerifierClient(cfg.verifier)  # all load at once
     try:
+        team.wait_ready()
         result = discuss_in_batches(team, data.problems, cfg, verifier)
     finally:
         team.shutdown()

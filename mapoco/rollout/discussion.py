@@ -79,11 +79,11 @@ class Team:
                 engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
                                        restart_timeout_s=placement_timeout_s, what=f"team.agents[{i}].engine")
                 self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
+            if wait:
+                self.wait_ready()
         except BaseException:
             self.shutdown()  # engines already started must not outlive a team that failed to start
             raise
-        if wait:
-            self.wait_ready()
 
     @classmethod
     def of_run(cls, cfg: RunConfig, colocate_learners: bool = False, wait: bool = True) -> Team:
@@ -91,13 +91,9 @@ class Team:
         return cls(cfg.team, cfg.seed, colocate_learners, cfg.cluster.placement_timeout_s, wait)
 
     def wait_ready(self) -> None:
-        """Until every engine replica serves (an engine's start-up error raises here, after the team shut down)."""
-        try:
-            for engines in self.distinct_engines():
-                engines.wait_ready()
-        except BaseException:
-            self.shutdown()
-            raise
+        """Until every engine replica serves (an engine's start-up error raises here; the owner shuts down)."""
+        for engines in self.distinct_engines():
+            engines.wait_ready()
 
     def engine_owners(self) -> dict[int, AgentEngines]:
         """Each distinct set of engines under the first seat that uses it (seats sharing a policy share them)."""

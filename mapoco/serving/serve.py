@@ -203,10 +203,11 @@ class ServedTeam:
 
         self.cfg = cfg
         self.kind = TASK_KINDS.get(cfg.task.name, "math")
-        self.team = Team.of_run(cfg)
+        self.team = Team.of_run(cfg, wait=False)  # the checkpoint's weights are read while the engines load
         self.runner = None
         try:
             push_checkpoint(self.team, cfg, checkpoint)
+            self.team.wait_ready()  # frozen agents' engines, which got no weights
             if cfg.method == "conductor":
                 from mapoco.conductor.rollout import ConductorRunner
 

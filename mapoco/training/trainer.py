@@ -176,8 +176,7 @@ class Trainer:
         try:
             for owner in seats_of:
                 groups[owner] = self._start_group(owner)
-            if self.owns_team:
-                self.team.wait_ready()
+            self.team.wait_ready()
             for group in groups.values():
                 group.wait_ready()
         except BaseException:
