@@ -7,6 +7,7 @@ Every error names the key, the value and what is allowed, e.g.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -33,6 +34,7 @@ LOGPROB_BREACH_ACTIONS = ("stop", "warn")
 METHODS = ("discussion", "conductor")
 VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks (a test compares the two)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 WANDB_MODES = ("offline", "online", "disabled")
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
@@ -84,6 +86,9 @@ class EngineConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None  # custom Ray resources per replica: pin it to the nodes with them
     placement: str = "PACK"  # how the replicas spread over nodes (PLACEMENT_STRATEGIES)
+    # The shared adapter engine only (team.lora_engine):
+    max_loras: int = 0  # adapters in one batch; 0: one per agent on the engine
+    max_lora_rank: int = 0  # 0: the smallest rank vLLM offers that holds every adapter on the engine
 
 
 @dataclass
@@ -110,6 +115,7 @@ class AgentConfig:
     name: str
     model: str
     trainable: bool = True  # false: a frozen partner (MAPoRL's single-agent-trained baseline)
+    adapter: str | None = None  # a frozen agent on the shared LoRA engine: its fixed peft adapter (None: the base)
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -120,6 +126,17 @@ class TeamConfig:
     name: str
     agents: list[AgentConfig]
     shared_policy: bool = False  # one policy (engines + learner) plays every seat; agents must share a model
+    # One engine serves every agent on the LoRA-trained agents' base model, each with its own adapter; agents on
+    # other models keep their own engines.
+    lora_engine: bool = False
+
+    def lora_seats(self) -> list[int]:
+        """The seats the shared LoRA engine serves: every agent on the base model of the first agent that trains
+        LoRA (validation makes every LoRA-trained agent use that model). Empty without ``lora_engine``."""
+        trained = [a.model for a in self.agents if a.trainable and a.learner.lora_rank > 0]
+        if not self.lora_engine or not trained:
+            return []
+        return [i for i, a in enumerate(self.agents) if a.model == trained[0]]
 
     def policy_seats(self) -> dict[int, list[int]]:
         """Trained policies: owner seat (whose engines and learner config it uses) -> the seats it plays. A
@@ -421,6 +438,7 @@ def _validate_team(cfg: RunConfig) -> None:
         _validate_model(i, agent)
     _require(cfg.command != "train" or any(a.trainable for a in team.agents), "team.agents[0].trainable", False,
              "mapoco train needs at least one trainable agent (mapoco eval runs frozen ones)")
+    _validate_lora_engine(team)
     named = [(f"team.agents[{i}].name", a.name) for i, a in enumerate(team.agents)]
     if cfg.method == "conductor":
         named += [(f"conductor.http_workers[{i}].name", w.name) for i, w in enumerate(cfg.conductor.http_workers)]
@@ -534,6 +552,8 @@ def _validate_training(cfg: RunConfig) -> None:
     _require(train.weight_sync != "nccl" or all(a.learner.num_gpus > 0 and a.engine.num_gpus > 0
                                                  for a in cfg.team.agents if a.trainable),
              "train.weight_sync", train.weight_sync, "nccl needs GPU learners and engines (learner/engine.num_gpus)")
+    _require(train.weight_sync != "nccl" or not cfg.team.lora_engine, "train.weight_sync", train.weight_sync,
+             "auto or object_store with team.lora_engine: adapters move through the object store")
     _require(train.logprob_tolerance is None or train.logprob_tolerance > 0, "train.logprob_tolerance",
              train.logprob_tolerance, "must be > 0, or null for the dtypes' own (mapoco.runtime.precision)")
     _require(train.logprob_breach_steps >= 1, "train.logprob_breach_steps", train.logprob_breach_steps,
@@ -568,6 +588,90 @@ def _resolve_model(key: str, ref: str) -> Path:
         return resolve_model(ref)
     except FileNotFoundError as exc:
         raise ConfigError(key, ref, str(exc)) from None
+
+
+def lora_engine_config(team: TeamConfig) -> EngineConfig:
+    """The shared LoRA engine's settings (its first seat's), ``max_loras`` and ``max_lora_rank`` resolved: as set,
+    or one slot per adapter and the smallest rank vLLM offers that holds every adapter on it."""
+    seats = team.lora_seats()
+    engine = team.agents[seats[0]].engine
+    ranks = [_adapter_rank(team.agents[i]) for i in seats]
+    return dataclasses.replace(
+        engine, max_loras=engine.max_loras or sum(1 for r in ranks if r > 0),
+        max_lora_rank=engine.max_lora_rank or min(r for r in VLLM_LORA_RANKS if r >= max(ranks)))
+
+
+def _adapter_rank(agent: AgentConfig) -> int:
+    """The rank an agent's adapter has on the LoRA engine (0: it plays the base model)."""
+    if agent.trainable:
+        return agent.learner.lora_rank
+    if agent.adapter is None:
+        return 0
+    return int(json.loads((Path(agent.adapter).expanduser() / "adapter_config.json").read_text())["r"])
+
+
+def _validate_lora_engine(team: TeamConfig) -> None:
+    """One engine, one base model, an adapter per agent: everything that would make vLLM refuse it, named here."""
+    for i, agent in enumerate(team.agents):
+        key = f"team.agents[{i}]"
+        _require(agent.engine.max_loras >= 0, f"{key}.engine.max_loras", agent.engine.max_loras,
+                 "must be >= 0 (0: one slot per agent on the shared LoRA engine)")
+        _require(agent.engine.max_lora_rank == 0 or agent.engine.max_lora_rank in VLLM_LORA_RANKS,
+                 f"{key}.engine.max_lora_rank", agent.engine.max_lora_rank,
+                 f"0 (from the adapters) or a rank vLLM offers: {', '.join(map(str, VLLM_LORA_RANKS))}")
+    if not team.lora_engine:
+        for i, agent in enumerate(team.agents):
+            _require(agent.adapter is None, f"team.agents[{i}].adapter", agent.adapter,
+                     "a fixed adapter is played on the shared LoRA engine: set team.lora_engine=true")
+        return
+    _require(not team.shared_policy, "team.lora_engine", True,
+             "team.shared_policy=true already has one policy for every seat; pick one of the two")
+    trained = [i for i, a in enumerate(team.agents) if a.trainable and a.learner.lora_rank > 0]
+    _require(bool(trained), "team.lora_engine", True,
+             "no trainable agent trains LoRA: set learner.lora_rank > 0 (for every agent) or "
+             "team.agents.N.learner.lora_rank")
+    base = team.agents[trained[0]].model
+    for i in trained[1:]:
+        _require(team.agents[i].model == base, f"team.agents[{i}].model", team.agents[i].model,
+                 f"one LoRA engine serves one base model: team.agents[{trained[0]}] trains LoRA on {base}; give "
+                 "every agent that trains LoRA that model")
+    seats = team.lora_seats()
+    first = team.agents[seats[0]]
+    for i in seats:
+        agent, key = team.agents[i], f"team.agents[{i}]"
+        _require(not agent.trainable or agent.learner.lora_rank > 0, f"{key}.learner.lora_rank", 0,
+                 f"must be > 0 on the shared LoRA engine ({base}): a trained agent there trains an adapter; or "
+                 "give it another model, for an engine of its own")
+        _require(not (agent.trainable and agent.adapter), f"{key}.adapter", agent.adapter,
+                 "must be null for a trained agent: its adapter is the one its learner trains")
+        _require(not agent.learner.colocate, f"{key}.learner.colocate", True,
+                 "false on the shared LoRA engine: it serves every agent, it cannot sleep for one learner")
+        _require(agent.engine == first.engine, f"{key}.engine", "differs",
+                 f"agents on one LoRA engine share its settings: make them team.agents[{seats[0]}].engine's")
+        if agent.adapter is not None:
+            folder = Path(agent.adapter).expanduser()
+            _require((folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file(),
+                     f"{key}.adapter", agent.adapter,
+                     "a peft adapter folder: adapter_config.json and adapter_model.safetensors")
+        _require(_adapter_rank(agent) <= VLLM_LORA_RANKS[-1], f"{key}.learner.lora_rank", _adapter_rank(agent),
+                 f"must be <= {VLLM_LORA_RANKS[-1]}, the largest adapter rank vLLM serves")
+    for i, agent in enumerate(team.agents):
+        _require(agent.adapter is None or i in seats, f"team.agents[{i}].adapter", agent.adapter,
+                 f"a fixed adapter needs the shared LoRA engine's base model, {base}")
+    rank = lora_engine_config(team).max_lora_rank
+    for i in seats:
+        _require(_adapter_rank(team.agents[i]) <= rank, f"team.agents[{seats[0]}].engine.max_lora_rank", rank,
+                 f"must be >= {_adapter_rank(team.agents[i])}, team.agents[{i}]'s adapter rank")
+    adapters = sum(1 for i in seats if _adapter_rank(team.agents[i]) > 0)
+    _require(first.engine.max_loras == 0 or first.engine.max_loras >= adapters,
+             f"team.agents[{seats[0]}].engine.max_loras", first.engine.max_loras,
+             f"must be >= {adapters}, the adapters on the shared LoRA engine (0: exactly that many)")
+    from mapoco.models.registry import lora_support
+
+    architecture, supported = lora_support(_resolve_model(f"team.agents[{seats[0]}].model", base))
+    _require(supported, f"team.agents[{seats[0]}].model", base,
+             f"vLLM serves no LoRA adapters for its architecture {architecture}: train these agents with "
+             "team.lora_engine=false (merged weights, an engine each)")
 
 
 def _validate_model(i: int, agent: AgentConfig) -> None:
@@ -780,6 +884,8 @@ def default_tree() -> dict[str, Any]:
 
     tree = {f.name: default(f) for f in dataclasses.fields(RunConfig) if f.name not in ("task", "team")}
     tree["task"] = dataclasses.asdict(TaskConfig())
+    tree["team"] = {f.name: default(f) for f in dataclasses.fields(TeamConfig)  # its group adds name and agents
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     agent_fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
     tree.update({group: default(agent_fields[group]) for group in AGENT_DEFAULT_GROUPS})
     return tree

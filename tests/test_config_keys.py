@@ -62,7 +62,10 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "team.agents[0].name": "team.agents.0.name=' '",
     "team.agents[0].model": "team.agents.0.model=/no/such/model",
     "team.agents[0].trainable": ("command=train", "team=tiny1", "+team.agents.0.trainable=false"),
+    "team.agents[0].adapter": "+team.agents.0.adapter=/no/such/adapter",  # only on the shared LoRA engine
     "team.agents[0].engine.replicas": "engine.replicas=0",
+    "team.agents[0].engine.max_loras": "engine.max_loras=-1",
+    "team.agents[0].engine.max_lora_rank": "engine.max_lora_rank=7",  # vLLM offers 1, 8, 16, ...
     "team.agents[0].engine.dtype": "engine.dtype=fp8",
     "team.agents[0].engine.max_model_len": "engine.max_model_len=32",
     "team.agents[0].engine.kv_cache_gib": "engine.kv_cache_gib=0",
@@ -93,6 +96,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "team.agents[0].learner.placement": "learner.placement=SCATTER",
     "team.agents[0].learner.colocate": "learner.colocate=true",  # without GPUs to share
     "team.shared_policy": ("team=tiny_hetero", "team.shared_policy=true"),  # two models cannot be one policy
+    "team.lora_engine": "team.lora_engine=true",  # no agent trains LoRA
     "algorithm.estimator": "algorithm.estimator=ppo2",
     "algorithm.samples_per_question": "algorithm.samples_per_question=0",
     "algorithm.gamma": "algorithm.gamma=1.5",

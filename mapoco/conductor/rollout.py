@@ -151,8 +151,7 @@ class ConductorRunner:
         return rng.sample(everyone, size)
 
     def generate_plans(self, threads: list[Thread], seeds: list[int]) -> list[Generation]:
-        agent = self.conductor
-        return agent.engines.generate([agent.render(t) for t in threads], agent.cfg.sampling, seeds)
+        return self.conductor.generate(threads, seeds)
 
     # ------------------------------------------------------------------ execution
     def execute(self, jobs: Sequence[Job]) -> None:

@@ -62,9 +62,8 @@ class LocalWorker:
     def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
         if not threads:
             return Ready([])
-        engines, sampling = self.agent.engines, self.agent.cfg.sampling
-        shards = engines.submit([self.agent.render(t) for t in threads], sampling, seeds)
-        return _Later(lambda: [Reply(g.text) for g in engines.collect(shards, sampling)])
+        shards = self.agent.submit(threads, seeds)
+        return _Later(lambda: [Reply(g.text) for g in self.agent.engines.collect(shards)])
 
 
 class HttpWorker:

@@ -68,6 +68,17 @@ def load_causal_lm(path: str | Path, dtype: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
 
 
+def lora_support(path: Path) -> tuple[str, bool]:
+    """A model folder's architecture, and whether vLLM serves LoRA adapters for it. vLLM's registry is the only
+    source of truth; importing it costs the driver ~15 s on 2 cores, so only the shared LoRA engine asks."""
+    from vllm.model_executor.models.interfaces import supports_lora
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    architecture = (json.loads((path / "config.json").read_text()).get("architectures") or ["unknown"])[0]
+    model_cls = ModelRegistry._try_load_model_cls(architecture)
+    return architecture, model_cls is not None and supports_lora(model_cls)
+
+
 def _from_hub(repo_id: str) -> Path:
     """A hub model's local snapshot (downloaded once into the HF cache; HF_HUB_OFFLINE=1 uses the cache only)."""
     from huggingface_hub import snapshot_download

@@ -15,11 +15,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from mapoco.answers import extract_answer
-from mapoco.config import AgentConfig, DiscussionConfig, RunConfig, TeamConfig
+from mapoco.config import (
+    AgentConfig,
+    DiscussionConfig,
+    RunConfig,
+    TeamConfig,
+    lora_engine_config,
+)
 from mapoco.models.registry import resolve_model
-from mapoco.rollout.engine import AgentEngines, Generation, request_seed
+from mapoco.rollout.engine import AgentEngines, Generation, Shard, request_seed
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.rollout.topology import visible_peers
 from mapoco.rollout.verifier import VerifierClient, VerifyItem
@@ -29,6 +36,7 @@ from mapoco.runtime.placement import (
     learner_shares_engines,
     reserve,
 )
+from mapoco.runtime.weights import AdapterPayload, read_adapter
 from mapoco.tasks import Problem
 
 
@@ -39,6 +47,21 @@ class AgentRuntime:
     model_path: Path
     tokenizer: object
     engines: AgentEngines
+    adapter: str | None = None  # on a shared LoRA engine: the adapter its requests carry (None: the base model)
+
+    def load_adapter(self, adapter: AdapterPayload | ray.ObjectRef) -> None:
+        """This agent's adapter onto its shared LoRA engine (under its name); its requests carry it from now on.
+        Until then the agent plays the base model (``mapoco eval`` of an untrained LoRA team)."""
+        self.engines.push_adapter(self.cfg.name, adapter)
+        self.adapter = self.cfg.name
+
+    def submit(self, threads: list[list[dict[str, str]]], seeds: list[int]) -> list[Shard]:
+        """This agent's answers to its chat threads, started (``engines.collect`` gathers them)."""
+        return self.engines.submit([self.render(t) for t in threads], self.cfg.sampling, seeds,
+                                   [self.adapter] * len(threads) if self.adapter else None)
+
+    def generate(self, threads: list[list[dict[str, str]]], seeds: list[int]) -> list[Generation]:
+        return self.engines.collect(self.submit(threads, seeds))
 
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         """Chat-template a thread into prompt ids; if it no longer fits the context, keep only the last message."""
@@ -66,19 +89,28 @@ class Team:
 
         self.cfg = cfg
         self.agents = []
+        lora_seats = cfg.lora_seats()
         try:
             for i, agent in enumerate(cfg.agents):
-                if cfg.shared_policy and self.agents:  # one policy plays every seat: the same engines serve all
-                    first = self.agents[0]
+                # One policy in every seat, or every agent on the shared LoRA engine: the first seat's engines
+                # serve them all.
+                host = 0 if cfg.shared_policy and self.agents else lora_seats[0] if i in lora_seats[1:] else None
+                if host is not None:
+                    first = self.agents[host]
                     self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
                     continue
                 path = resolve_model(agent.model)
+                if i in lora_seats:
+                    agent = replace(agent, engine=lora_engine_config(cfg))
+                else:  # only the shared LoRA engine serves adapters (a top-level engine.max_loras set it for all)
+                    agent = replace(agent, engine=replace(agent.engine, max_loras=0))
                 colocated = learner_shares_engines(agent, training=colocate_learners)
                 placement = reserve(engine_bundles(agent, colocated), f"team.agents[{i}].engine",
                                     placement_timeout_s)
                 engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
                                        restart_timeout_s=placement_timeout_s, what=f"team.agents[{i}].engine")
-                self.agents.append(AgentRuntime(i, agent, path, AutoTokenizer.from_pretrained(path), engines))
+                self.agents.append(AgentRuntime(i, cfg.agents[i], path, AutoTokenizer.from_pretrained(path), engines))
+            self._load_fixed_adapters()
             if wait:
                 self.wait_ready()
         except BaseException:
@@ -89,6 +121,12 @@ class Team:
     def of_run(cls, cfg: RunConfig, colocate_learners: bool = False, wait: bool = True) -> Team:
         """The run's team: its agents and seed; placement waits are bounded by ``cluster.placement_timeout_s``."""
         return cls(cfg.team, cfg.seed, colocate_learners, cfg.cluster.placement_timeout_s, wait)
+
+    def _load_fixed_adapters(self) -> None:
+        """Frozen agents that play a fixed adapter get it once (trained ones get theirs at every weight sync)."""
+        for agent in self.agents:
+            if agent.cfg.adapter is not None:
+                agent.load_adapter(read_adapter(Path(agent.cfg.adapter).expanduser()))
 
     def wait_ready(self) -> None:
         """Until every engine replica serves (an engine's start-up error raises here; the owner shuts down)."""
@@ -200,10 +238,27 @@ def run_discussion(
 def generate_turn(team: Team, threads: dict[int, list[list[dict[str, str]]]],
                   seeds: dict[int, list[int]]) -> dict[int, list[Generation]]:
     """Each agent answers its chat threads, one sampling seed per thread. Every agent's requests are submitted before
-    any is collected, so all of a turn is in flight together."""
-    shards = {a.index: a.engines.submit([a.render(t) for t in threads[a.index]], a.cfg.sampling, seeds[a.index])
-              for a in team.agents}
-    return {a.index: a.engines.collect(shards[a.index], a.cfg.sampling) for a in team.agents}
+    any is collected, so all of a turn is in flight together; agents that share engines (one policy in every seat,
+    the shared LoRA engine) send theirs as one batch, each request with its agent's sampling and adapter."""
+    sharing: dict[int, list[AgentRuntime]] = {}
+    for agent in team.agents:
+        sharing.setdefault(id(agent.engines), []).append(agent)
+    pending = []
+    for agents in sharing.values():
+        prompts, sampling, batch_seeds, adapters = [], [], [], []
+        for a in agents:
+            prompts += [a.render(t) for t in threads[a.index]]
+            sampling += [a.cfg.sampling] * len(threads[a.index])
+            batch_seeds += seeds[a.index]
+            adapters += [a.adapter] * len(threads[a.index])
+        pending.append((agents, agents[0].engines.submit(prompts, sampling, batch_seeds, adapters)))
+    out: dict[int, list[Generation]] = {}
+    for agents, shards in pending:
+        generations = agents[0].engines.collect(shards)
+        for a in agents:
+            count = len(threads[a.index])
+            out[a.index], generations = generations[:count], generations[count:]
+    return out
 
 
 def record_turn(

@@ -3,18 +3,24 @@
 New weights arrive on CPU as a ``mapoco.runtime.weights`` payload read in place from Ray's object store; on GPU
 through an NCCL broadcast (``mapoco.training.weight_sync``).
 
+A shared LoRA engine (``team.lora_engine``) serves several agents on one base model, each request with its agent's
+adapter (``load_adapter``: written as a peft folder, loaded by vLLM in place); one batch mixes adapters.
+
 A replica that dies (killed, out of memory) is restarted in its placement bundle, gets the trained weights back
-(the last ones pushed, or ``AgentEngines.on_restart`` on the NCCL path), and the requests it was serving are sent again: sampling seeds are per request,
-so the retried shard samples what the lost one would have.
+(the last ones pushed, every adapter, or ``AgentEngines.on_restart`` on the NCCL path), and the requests it was
+serving are sent again: sampling seeds are per request, so the retried shard samples what the lost one would have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
@@ -23,10 +29,12 @@ from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import Placement, node_of_actor
 from mapoco.runtime.precision import engine_dtype
 from mapoco.runtime.weights import (
+    AdapterPayload,
     WeightPayload,
     init_group_in_worker,
     receive_in_worker,
     reload_in_worker,
+    write_adapter,
 )
 
 MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
@@ -61,6 +69,10 @@ class Engine:
             "enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
         # Tensor-parallel workers live inside this actor, which holds all their GPUs (see mapoco.runtime.placement).
         executor = {"distributed_executor_backend": "mp"} if cfg.tensor_parallel_size > 1 else {}
+        lora = {"enable_lora": True, "max_loras": cfg.max_loras, "max_cpu_loras": cfg.max_loras,
+                "max_lora_rank": cfg.max_lora_rank} if cfg.max_loras else {}
+        self.adapters: dict[str, object] = {}  # agent name -> its LoRARequest (id and folder fixed for the run)
+        self.adapter_dir = adapter_folder()
         self.llm = LLM(
             model=model_path,
             load_format="safetensors",  # never a pickle checkpoint (mapoco.models.require_safetensors)
@@ -75,23 +87,50 @@ class Engine:
             enable_sleep_mode=sleep_mode,
             **whole_prefills,
             **executor,
+            **lora,
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig | Sequence[SamplingConfig],
+                 seeds: list[int], adapters: Sequence[str | None] | None = None) -> list[Generation]:
+        """One batch; ``sampling`` for all or per prompt, ``adapters`` (agent names, None: the base) per prompt."""
         from vllm import SamplingParams, TokensPrompt
 
+        per_prompt = [sampling] * len(prompts) if isinstance(sampling, SamplingConfig) else sampling
         params = [
             SamplingParams(
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens,
+                temperature=each.temperature,
+                top_p=each.top_p,
+                max_tokens=each.max_new_tokens,
                 seed=seed,
                 logprobs=0,  # the sampled token's logprob only
             )
-            for seed in seeds
+            for each, seed in zip(per_prompt, seeds, strict=True)
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                    lora_request=self._lora_requests(adapters))
         return [self._to_generation(prompt, out) for prompt, out in zip(prompts, outputs)]
+
+    def _lora_requests(self, adapters: Sequence[str | None] | None) -> list | None:
+        if adapters is None or not any(adapters):
+            return None
+        unknown = {a for a in adapters if a is not None} - set(self.adapters)
+        if unknown:
+            raise KeyError(f"no adapter loaded for {sorted(unknown)} (loaded: {sorted(self.adapters)})")
+        return [self.adapters[a] if a is not None else None for a in adapters]
+
+    def load_adapter(self, name: str, adapter: AdapterPayload) -> None:
+        """Load agent ``name``'s adapter, or replace it in place (same id, same folder); prefixes cached under the
+        old one were computed with it, so they go."""
+        from vllm.lora.request import LoRARequest
+
+        config, payload = adapter
+        folder = self.adapter_dir / name
+        write_adapter(folder, config, payload)
+        lora_id = self.adapters[name].lora_int_id if name in self.adapters else len(self.adapters) + 1
+        self.llm.llm_engine.add_lora(LoRARequest(name, lora_id, str(folder), load_inplace=True))
+        # Requests carry the plain request: in-place loading on every batch would re-read the folder each step.
+        self.adapters[name] = LoRARequest(name, lora_id, str(folder))
+        self.reset_prefix_cache()
 
     @staticmethod
     def _to_generation(prompt: list[int], out) -> Generation:
@@ -100,15 +139,16 @@ class Engine:
         logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs)]
         return Generation(list(prompt), token_ids, logprobs, completion.text, str(completion.finish_reason))
 
-    def score(self, rows: list[tuple[list[int], list[int]]]) -> list[list[float]]:
-        """The logprob of every response token after its prompt and the tokens before it, under the loaded weights:
-        the engine's side of a sync check on tokens it did not sample itself. It leaves no cached prefix behind, so
-        the next rollout runs as it would have without it (cold, as after every push)."""
+    def score(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[float]]:
+        """The logprob of every response token after its prompt and the tokens before it, under the loaded weights
+        (and ``adapter``): the engine's side of a sync check on tokens it did not sample itself. It leaves no cached
+        prefix behind, so the next rollout runs as it would have without it (cold, as after every push)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)  # the prompt's own tokens only
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response) for prompt, response in rows],
-                                    params, use_tqdm=False)
+                                    params, use_tqdm=False,
+                                    lora_request=self._lora_requests([adapter] * len(rows)))
         self.reset_prefix_cache()
         return [[out.prompt_logprobs[len(prompt) + i][token].logprob for i, token in enumerate(response)]
                 for (prompt, response), out in zip(rows, outputs)]
@@ -148,7 +188,22 @@ class Engine:
     def describe(self) -> dict[str, str | int | None]:
         """Where this replica runs and with what (tests check placement and settings reached it)."""
         return {"pid": os.getpid(), "placement_group": ray.get_runtime_context().get_placement_group_id(),
-                **node_of_actor(), "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")}
+                **node_of_actor(), "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
+                "adapters": sorted(self.adapters)}
+
+
+ADAPTER_PREFIX = "mapoco-adapters-"
+
+
+def adapter_folder() -> Path:
+    """This engine's folder for its adapters, rewritten after every update: in RAM-backed /dev/shm where there is
+    one. A killed engine cannot clean up, so each new one removes the folders of engines no longer alive."""
+    scratch = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    for old in scratch.glob(f"{ADAPTER_PREFIX}*"):
+        pid = old.name.removeprefix(ADAPTER_PREFIX).split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{ADAPTER_PREFIX}{os.getpid()}-", dir=scratch))
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
@@ -177,8 +232,13 @@ class Shard:
 
     replica: int
     prompts: list[list[int]]
+    sampling: SamplingConfig | list[SamplingConfig]
     seeds: list[int]
-    ref: ray.ObjectRef
+    adapters: list[str | None] | None
+    ref: ray.ObjectRef | None = None
+
+    def send(self, actor: ray.actor.ActorHandle) -> ray.ObjectRef:
+        return actor.generate.remote(self.prompts, self.sampling, self.seeds, self.adapters)
 
 
 class ReplicaLost(RuntimeError):
@@ -200,6 +260,7 @@ class AgentEngines:
         self.restarts = 0
         self.on_restart: Callable[[int], None] | None = None
         self.weights: WeightPayload | ray.ObjectRef | None = None  # the last pushed, for replicas that restart
+        self.adapters: dict[str, AdapterPayload | ray.ObjectRef] = {}  # a shared LoRA engine's, likewise
         self.actors = [self._start(r) for r in range(cfg.replicas)]
 
     def _start(self, replica: int) -> ray.actor.ActorHandle:
@@ -228,33 +289,44 @@ class AgentEngines:
             self.on_restart(replica)
         elif self.weights is not None:
             ray.get(self.actors[replica].update_weights.remote(self.weights))
+        ray.get([self.actors[replica].load_adapter.remote(name, a) for name, a in self.adapters.items()])
         self.restarts += 1
         print(f"engine replica {replica} of {self.model_path} restarted ({self.restarts} so far)", flush=True)
 
-    def submit(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Shard]:
-        """Start generation on every replica at once; one shard per non-empty slice, in order."""
+    def submit(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig], seeds: list[int],
+               adapters: list[str | None] | None = None) -> list[Shard]:
+        """Start generation on every replica at once; one shard per non-empty slice, in order. ``sampling`` is one
+        for all prompts or one per prompt; ``adapters`` (a shared LoRA engine) one per prompt."""
         n = len(self.actors)
         size = -(-len(prompts) // n) if prompts else 0
-        return [
-            Shard(r, prompts[i : i + size], seeds[i : i + size],
-                  self.actors[r].generate.remote(prompts[i : i + size], sampling, seeds[i : i + size]))
-            for r, i in enumerate(range(0, len(prompts), size or 1))
-        ]
+        shards = []
+        for r, i in enumerate(range(0, len(prompts), size or 1)):
+            part = slice(i, i + size)
+            each = sampling if isinstance(sampling, SamplingConfig) else sampling[part]
+            shard = Shard(r, prompts[part], each, seeds[part], adapters[part] if adapters is not None else None)
+            shard.ref = shard.send(self.actors[r])
+            shards.append(shard)
+        return shards
 
-    def collect(self, shards: list[Shard], sampling: SamplingConfig) -> list[Generation]:
+    def collect(self, shards: list[Shard]) -> list[Generation]:
         """Every shard's generations in order; a shard whose replica died is served again by its restart."""
         out: list[Generation] = []
         for shard in shards:
-            resend = lambda actor: actor.generate.remote(shard.prompts, sampling, shard.seeds)  # noqa: E731
-            out += self._call(shard.replica, resend, shard.ref)
+            out += self._call(shard.replica, shard.send, shard.ref)
         return out
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
-        return self.collect(self.submit(prompts, sampling, seeds), sampling)
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig], seeds: list[int],
+                 adapters: list[str | None] | None = None) -> list[Generation]:
+        return self.collect(self.submit(prompts, sampling, seeds, adapters))
 
-    def score(self, rows: list[tuple[list[int], list[int]]]) -> list[list[list[float]]]:
-        """``Engine.score`` of the same rows on every replica: each must hold the pushed weights."""
-        return self.call_all(lambda actor: actor.score.remote(rows))
+    def score(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[list[float]]]:
+        """``Engine.score`` of the same rows on every replica (under ``adapter``): each must hold what was pushed."""
+        return self.call_all(lambda actor: actor.score.remote(rows, adapter))
+
+    def push_adapter(self, name: str, adapter: AdapterPayload | ray.ObjectRef) -> None:
+        """Agent ``name``'s adapter into every replica (kept, as weights are, for a replica that restarts)."""
+        self.adapters[name] = adapter
+        self.call_all(lambda actor: actor.load_adapter.remote(name, adapter))
 
     def push_weights(self, payload: WeightPayload | ray.ObjectRef) -> None:
         """Weights, or a reference to them in the object store (each replica reads them from there itself). They are

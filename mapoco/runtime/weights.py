@@ -1,10 +1,11 @@
 """Weight movement, both ends and both paths: what leaves a learner and how an engine takes it in.
 
 - Learner side: ``engine_weights`` names a policy's tensors as its engines load them (LoRA merged, tied once);
-  ``pack`` turns them into the CPU payload; ``create_communicator`` joins the GPU broadcast group.
+  ``adapter_weights`` is a LoRA policy's adapter alone, for the shared LoRA engine; ``pack`` turns either into the
+  CPU payload; ``create_communicator`` joins the GPU broadcast group.
 - Engine side (runs inside vLLM's workers through ``collective_rpc``): ``reload_in_worker`` (CPU, from a payload
   read in place from Ray's object store), ``init_group_in_worker`` and ``receive_in_worker`` (GPU, NCCL broadcast).
-  Both re-tie a tied output head after the reload.
+  Both re-tie a tied output head after the reload. ``write_adapter`` puts an adapter where vLLM loads it from.
 
 The CPU payload is one flat byte array per tensor plus its dtype and shape, a form Ray's object store holds without
 pickling the data. The learner's one copy is Ray writing the arrays into shared memory; an engine reads them in
@@ -17,15 +18,19 @@ numpy has no bfloat16. Who sends when (object store or NCCL, restarts) is ``mapo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 WeightPayload = dict[str, tuple[str, list[int], np.ndarray]]
+AdapterPayload = tuple[dict[str, Any], WeightPayload]  # peft's adapter config, and the adapter's tensors
 
 
 def pack(state: dict[str, torch.Tensor], dtype: torch.dtype) -> WeightPayload:
@@ -63,6 +68,35 @@ def engine_weights(policy: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
             seen.add(tensor.data_ptr())
             out[name] = tensor
     return out
+
+
+def adapter_weights(policy: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A LoRA policy's adapter as a shared LoRA engine loads it: peft's adapter config (JSON-ready) and the
+    adapter tensors alone, under the names peft saves them with (what vLLM's adapter loader reads)."""
+    from peft import get_peft_model_state_dict
+
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in policy.peft_config["default"].to_dict().items()}
+    return config, {k: v.detach() for k, v in get_peft_model_state_dict(policy).items()}
+
+
+def write_adapter(directory: Path, config: dict[str, Any], payload: WeightPayload) -> None:
+    """Engine side: an adapter as the peft folder vLLM loads (``adapter_config.json``, ``adapter_model.safetensors``),
+    written to a temporary name first so a load never reads half a file."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / "adapter_model.safetensors.partial"
+    save_file({k: v.clone() for k, v in unpack(payload).items()}, str(partial))
+    (directory / "adapter_config.json").write_text(json.dumps(config, default=str))
+    partial.replace(directory / "adapter_model.safetensors")
+
+
+def read_adapter(folder: Path) -> AdapterPayload:
+    """A peft adapter folder (a checkpoint's, or a fixed one a frozen agent plays) as an engine loads it."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    return json.loads((folder / "adapter_config.json").read_text()), pack(state, next(iter(state.values())).dtype)
 
 
 def reload_in_worker(worker, payload: WeightPayload) -> int:

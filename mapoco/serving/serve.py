@@ -119,11 +119,13 @@ def _apply_overrides(conf: Any, overrides: Sequence[str]) -> None:
 
 def check_checkpoint(cfg: RunConfig, path: Path) -> None:
     """Every trained policy's weights are there (checked before anything starts)."""
+    lora_seats = cfg.team.lora_seats()
     for owner, seats in cfg.team.policy_seats().items():
-        weights = checkpoints.agent_dir(path, seats[0]) / "model.safetensors"
-        if not weights.is_file():
-            raise ConfigError("checkpoint", str(path), f"{weights} is missing: team.agents[{owner}] is trained in "
-                                                       "this run's configuration, so its checkpoint holds its weights")
+        folder = checkpoints.agent_dir(path, seats[0])
+        for weights in [folder / "model.safetensors"] + [folder / checkpoints.ADAPTER_DIR] * (owner in lora_seats):
+            if not weights.exists():
+                raise ConfigError("checkpoint", str(path), f"{weights} is missing: team.agents[{owner}] is trained "
+                                                           "in this run's configuration, so its checkpoint holds it")
 
 
 def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> dict[str, Any]:
@@ -135,21 +137,22 @@ def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> d
     from mapoco.models.registry import load_causal_lm
     from mapoco.runtime.precision import learner_dtype
     from mapoco.runtime.weights import engine_weights
+    from mapoco.training.learner import with_lora
 
     saved = load_file(str(directory / "model.safetensors"))
     state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head
     model = load_causal_lm(model_path, getattr(torch, learner_dtype(learner)))
-    if learner.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=learner.lora_rank, lora_alpha=learner.lora_alpha,
-                                                 lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-    try:
-        model.load_state_dict(state, strict=True)
+    lora = learner.lora_rank > 0
+    if lora:
+        model = with_lora(model, learner)
+    try:  # a LoRA checkpoint holds what trained; the base comes from the model folder
+        missing, _ = model.load_state_dict(state, strict=not lora)
+        if lora and any("lora_" in name for name in missing):
+            raise RuntimeError(f"no adapter weights for {min(n for n in missing if 'lora_' in n)}")
     except RuntimeError as exc:
         raise ConfigError("checkpoint", str(directory), f"its weights do not fit {model_path} "
                                                         f"({str(exc).splitlines()[0]})") from None
-    return engine_weights(model, lora=learner.lora_rank > 0)
+    return engine_weights(model, lora=lora)
 
 
 def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> None:
@@ -159,10 +162,13 @@ def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> None:
     import torch
 
     from mapoco.runtime.precision import engine_dtype
-    from mapoco.runtime.weights import pack
+    from mapoco.runtime.weights import pack, read_adapter
 
     for owner, seats in cfg.team.policy_seats().items():
         runtime = team.agents[owner]
+        if owner in cfg.team.lora_seats():  # the shared LoRA engine: only the adapter moves
+            runtime.load_adapter(read_adapter(checkpoints.agent_dir(path, seats[0]) / checkpoints.ADAPTER_DIR))
+            continue
         state = engine_state(checkpoints.agent_dir(path, seats[0]), runtime.model_path, cfg.team.agents[owner].learner)
         runtime.engines.push_weights(ray.put(pack(state, getattr(torch, engine_dtype(runtime.cfg.engine)))))
 

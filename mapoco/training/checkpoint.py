@@ -1,4 +1,5 @@
 """Checkpoints: ``<output_dir>/checkpoints/step_<n>/`` with one folder per trained agent and the controller state.
+A LoRA agent's folder holds what trains (adapter, value head) and its adapter as a peft folder, ``adapter/``.
 
 A checkpoint is written into ``step_<n>.tmp`` and renamed into place only after its ``COMPLETE`` marker is written,
 so a job killed mid-write leaves a ``.tmp`` folder that is never resumed from (and is removed by the next save).
@@ -17,6 +18,7 @@ from typing import Any
 from mapoco.config import ConfigError
 
 COMPLETE = "COMPLETE"
+ADAPTER_DIR = "adapter"  # in a LoRA agent's folder: adapter_config.json + adapter_model.safetensors (peft's format)
 STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

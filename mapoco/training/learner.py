@@ -31,11 +31,14 @@ from mapoco.runtime.placement import (
 )
 from mapoco.runtime.precision import learner_dtype
 from mapoco.runtime.weights import (
+    AdapterPayload,
     WeightPayload,
+    adapter_weights,
     create_communicator,
     engine_weights,
     pack,
     unpack,
+    write_adapter,
 )
 from mapoco.training.algorithms import (
     entropy_from_logits,
@@ -45,6 +48,7 @@ from mapoco.training.algorithms import (
     policy_loss,
     value_loss,
 )
+from mapoco.training.checkpoint import ADAPTER_DIR, CheckpointError
 from mapoco.training.state_io import load_state, save_state
 
 SUMMED_STATS = ("policy_loss", "value_loss", "loss")  # normalised by the batch's tokens: parts of one sum
@@ -151,6 +155,14 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def with_lora(policy: nn.Module, cfg: LearnerConfig) -> nn.Module:
+    """The policy with LoRA adapters on every linear layer (the output head excepted), as the learner trains it."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
 def free_port() -> int:
     """A TCP port free on every interface of this node."""
     with socket.socket() as s:
@@ -193,7 +205,7 @@ class Learner:
         policy = load_causal_lm(model_path, self.dtype)
         self.reference = None
         if cfg.lora_rank > 0:
-            policy = self._with_lora(policy)
+            policy = with_lora(policy, cfg)
         else:
             self.reference = load_causal_lm(model_path, self.dtype).eval()
             self.reference.requires_grad_(False)
@@ -206,13 +218,6 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config()
         )
-
-    def _with_lora(self, policy: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        return get_peft_model(policy, lora)
 
     def _ds_config(self) -> dict[str, Any]:
         return {
@@ -349,6 +354,14 @@ class Learner:
             return None
         return pack(state, getattr(torch, dtype))
 
+    def adapter(self, dtype: str) -> AdapterPayload | None:
+        """A LoRA policy's adapter alone, for the shared LoRA engine (rank 0; every rank calls, as for weights)."""
+        with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
+            if self.rank != 0:
+                return None
+            config, state = adapter_weights(self.engine.module.policy)
+            return config, pack(state, getattr(torch, dtype))
+
     def init_sync_group(self, host: str, port: int, world_size: int) -> None:
         """GPU weight sync: rank 0 is rank 0 of this agent's NCCL broadcast group with its engines."""
         self.sync_comm = create_communicator(host, port, 0, world_size, self.device)
@@ -369,15 +382,20 @@ class Learner:
                 stream.synchronize()
 
     def save_checkpoint(self, directory: str) -> None:
-        """Trainable weights (incl. value head, LoRA adapters) as safetensors; optimizer, scheduler, RNG per rank."""
+        """The weights as safetensors (a LoRA policy: only what trains, the adapter and the value head; its adapter
+        also as a peft folder, ``adapter/``); optimizer, scheduler, RNG per rank."""
         from safetensors.torch import save_file
 
         path = Path(directory)
         params = list(self.engine.module.parameters())
         with _gathered(params, self.cfg.zero_stage):
             if self.rank == 0:
-                state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+                state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()
+                         if k in self._saved_names()}
                 save_file(state, str(path / "model.safetensors"))
+                if self.cfg.lora_rank > 0:
+                    config, adapter = adapter_weights(self.engine.module.policy)
+                    write_adapter(path / ADAPTER_DIR, config, pack(adapter, next(iter(adapter.values())).dtype))
         save_state(
             {
                 "optimizer": self._base_optimizer().state_dict(),
@@ -395,8 +413,11 @@ class Learner:
         path = Path(directory)
         params = list(self.engine.module.parameters())
         state = load_file(str(path / "model.safetensors"))
+        missing = self._saved_names() - set(state)
+        if missing:
+            raise CheckpointError(f"{path / 'model.safetensors'} lacks {len(missing)} weights, e.g. {min(missing)}")
         with _gathered(params, self.cfg.zero_stage, modify=True):
-            self.engine.module.load_state_dict(state)
+            self.engine.module.load_state_dict(state, strict=self.cfg.lora_rank == 0)
         if hasattr(self.optimizer, "_restore_from_bit16_weights"):  # ZeRO keeps fp32 master copies: refresh them
             self.optimizer._restore_from_bit16_weights()
         extra = load_state(path / f"trainer_rank{self.rank}")
@@ -405,6 +426,14 @@ class Learner:
         torch.set_rng_state(extra["torch_rng"])
         np.random.set_state(_numpy_rng_tuple(extra["numpy_rng"]))
         random.setstate(_python_rng_tuple(extra["python_rng"]))
+
+    def _saved_names(self) -> set[str]:
+        """What a checkpoint holds: every weight, or for a LoRA policy only the trained ones (the base is the
+        model folder's, unchanged)."""
+        module = self.engine.module
+        if self.cfg.lora_rank == 0:
+            return set(module.state_dict())
+        return {name for name, p in module.named_parameters() if p.requires_grad}
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer inside DeepSpeed's ZeRO wrapper: its state is plain tensors and numbers (Adam
@@ -528,6 +557,12 @@ class LearnerGroup:
 
     def weights(self, dtype: str) -> dict[str, torch.Tensor]:
         return unpack(ray.get(self.weights_ref(dtype)))
+
+    def adapter_ref(self, dtype: str) -> ray.ObjectRef:
+        """Rank 0's adapter, left in the object store as ``weights_ref`` leaves the weights."""
+        refs = [a.adapter.remote(dtype) for a in self.actors]
+        gather(refs[1:])
+        return refs[0]
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return gather([getattr(a, method).remote(*args) for a in self.actors])

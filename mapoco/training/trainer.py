@@ -53,7 +53,12 @@ from mapoco.training.algorithms import (
 from mapoco.training.learner import LearnerGroup, Rollout, RolloutStats
 from mapoco.training.state_io import load_state, save_state
 from mapoco.training.tracking import Tracker
-from mapoco.training.weight_sync import NcclSync, ObjectStoreSync, make_sync
+from mapoco.training.weight_sync import (
+    AdapterSync,
+    NcclSync,
+    ObjectStoreSync,
+    make_sync,
+)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -79,7 +84,7 @@ class Policy:
 
     seats: list[int]
     group: LearnerGroup
-    sync: ObjectStoreSync | NcclSync
+    sync: ObjectStoreSync | NcclSync | AdapterSync
     precision: AgentPrecision  # its engines' and learners' dtypes, and the logprob gap they allow
 
     @property
@@ -188,10 +193,13 @@ class Trainer:
             raise
         policies = []
         for owner, group in groups.items():
-            engines, engine_cfg = self.team.agents[owner].engines, self.team.agents[owner].cfg.engine
+            agent = self.team.agents[owner]
             precision = agent_precision(self.cfg.team.agents[owner], self.cfg.train.logprob_tolerance)
-            sync = make_sync(self.cfg.train.weight_sync, group, engines, precision.engine,
-                             engine_cfg.tensor_parallel_size, engine_cfg.num_gpus > 0)
+            if owner in self.cfg.team.lora_seats():  # only its adapter moves, onto the shared LoRA engine
+                sync = AdapterSync(group, agent, precision.engine)
+            else:
+                sync = make_sync(self.cfg.train.weight_sync, group, agent.engines, precision.engine,
+                                 agent.cfg.engine.tensor_parallel_size, agent.cfg.engine.num_gpus > 0)
             policies.append(Policy(seats_of[owner], group, sync, precision))
         return policies
 
@@ -342,7 +350,7 @@ class Trainer:
         if not index:
             return None
         return Probe(index, agent.engines.score([(batch.rows[i].prompt_ids, batch.rows[i].response_ids)
-                                                 for i in index]))
+                                                 for i in index], agent.adapter))
 
     def learn(self, policy: Policy, batch: AgentBatch, staleness: int = 0,
               probe: Probe | None = None) -> dict[str, float]:

@@ -4,12 +4,14 @@
 engine reads them in place and reloads (both ends: ``mapoco.runtime.weights``).
 ``nccl`` (GPU): one NCCL broadcast group per agent (learner rank 0 plus every engine worker, a TCP rendezvous of its
 own, so agents never share a group); each sync broadcasts tensor by tensor into buffers the engines reload from.
+An agent on the shared LoRA engine sends only its adapter, through the object store (``AdapterSync``).
 """
 
 from __future__ import annotations
 
 import ray
 
+from mapoco.rollout.discussion import AgentRuntime
 from mapoco.rollout.engine import AgentEngines
 from mapoco.training.learner import LearnerGroup
 
@@ -22,6 +24,16 @@ class ObjectStoreSync:
 
     def push(self) -> None:
         self.engines.push_weights(self.group.weights_ref(self.dtype))
+
+
+class AdapterSync:
+    """The shared LoRA engine: only this agent's adapter moves, in place of the adapter it had there."""
+
+    def __init__(self, group: LearnerGroup, agent: AgentRuntime, dtype: str):
+        self.group, self.agent, self.engines, self.dtype = group, agent, agent.engines, dtype
+
+    def push(self) -> None:
+        self.agent.load_adapter(self.group.adapter_ref(self.dtype))
 
 
 class NcclSync:
