@@ -172,7 +172,7 @@ def test_an_engine_replica_on_a_lost_node_restarts_where_capacity_remains(nodes,
     # Lost after step 1: step 2's rollout meets the dead replica, restarts it, and the run goes on to the end.
     run = train(nodes, out, "train.steps=5", "train.save_every=0", "engine.replicas=2", "engine.placement=SPREAD",
                 "engine.resources={replica_slot: 1}", "learner.resources={head_slot: 1}",  # the spare stays free
-                "cluster.placement_timeout_s=60", watch=r"step 1/5", then=lose_replica_1)
+                "cluster.placement_timeout_s=20", watch=r"step 1/5", then=lose_replica_1)
     assert run.returncode == 0, run.stdout[-4000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
     assert "engine replica 1 of" in run.stdout and "restarted" in run.stdout

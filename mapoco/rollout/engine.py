@@ -26,7 +26,7 @@ import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
 from mapoco.runtime.logs import capture_output
-from mapoco.runtime.placement import Placement, node_of_actor
+from mapoco.runtime.placement import READY_TIMEOUT_S, Placement, node_of_actor
 from mapoco.runtime.precision import engine_dtype
 from mapoco.runtime.weights import (
     AdapterPayload,
@@ -271,20 +271,25 @@ class AgentEngines:
         ray.get([a.pid.remote() for a in self.actors])
 
     def restart(self, replica: int) -> None:
-        """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights."""
+        """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights. The
+        bundle must find a live node within ``restart_timeout_s``; the new engine then has ``READY_TIMEOUT_S`` to
+        start there (a busy node's slow vLLM start-up is not a lost node)."""
         deadline = time.monotonic() + self.restart_timeout_s
-        while True:  # a bundle whose node died is moved by Ray, if some node can hold it; until then starts fail
-            ray.kill(self.actors[replica], no_restart=True)
-            self.actors[replica] = self._start(replica)
-            try:
-                ray.get(self.actors[replica].pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-                break
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        while True:
+            while self.placement.bundle_node(replica) is None:  # Ray moves a lost node's bundle, if it can
                 if time.monotonic() >= deadline:
                     ray.kill(self.actors[replica], no_restart=True)
                     raise ReplicaLost(f"engine replica {replica} of {self.model_path} died and could not restart: "
-                                      f"no node could hold its bundle within {self.restart_timeout_s:g}s") from None
-                time.sleep(1.0)
+                                      f"no node could hold its bundle within {self.restart_timeout_s:g}s")
+                time.sleep(0.5)
+            ray.kill(self.actors[replica], no_restart=True)
+            self.actors[replica] = self._start(replica)
+            if self._started(replica):
+                break
+            if time.monotonic() >= deadline:  # it keeps dying as it starts, on a live node: a real fault
+                ray.kill(self.actors[replica], no_restart=True)
+                raise ReplicaLost(f"engine replica {replica} of {self.model_path} died again as it restarted, for "
+                                  f"{self.restart_timeout_s:g}s (its log, in the run's logs/, says why)")
         if self.on_restart is not None:
             self.on_restart(replica)
         elif self.weights is not None:
@@ -292,6 +297,23 @@ class AgentEngines:
         ray.get([self.actors[replica].load_adapter.remote(name, a) for name, a in self.adapters.items()])
         self.restarts += 1
         print(f"engine replica {replica} of {self.model_path} restarted ({self.restarts} so far)", flush=True)
+
+    def _started(self, replica: int) -> bool:
+        """Whether the new replica came up; False if it died starting or its bundle's node went away meanwhile
+        (a node that dies is only declared dead after its health checks): the caller places it again."""
+        ready = self.actors[replica].pid.remote()
+        give_up = time.monotonic() + READY_TIMEOUT_S
+        while not ray.wait([ready], timeout=1.0)[0]:
+            if self.placement.bundle_node(replica) is None:
+                return False
+            if time.monotonic() >= give_up:
+                raise ReplicaLost(f"engine replica {replica} of {self.model_path} restarted but did not start "
+                                  f"within {READY_TIMEOUT_S:g}s (its log, in the run's logs/, says why)")
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError:
+            return False
+        return True
 
     def submit(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig], seeds: list[int],
                adapters: list[str | None] | None = None) -> list[Shard]:

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -72,6 +73,15 @@ class Placement:
 
     def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
+
+    def bundle_node(self, bundle: int) -> str | None:
+        """The live node that holds ``bundle``; None while none does (its node was lost and Ray has not placed it
+        elsewhere yet, or cannot)."""
+        table = placement_group_table(self.group)
+        node = table["bundles_to_node_id"].get(bundle)
+        if table["state"] != "CREATED" or not node:
+            return None
+        return node if any(n["NodeID"] == node and n["Alive"] for n in ray.nodes()) else None
 
     def remove(self) -> None:
         remove_placement_group(self.group)
