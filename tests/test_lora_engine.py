@@ -178,7 +178,9 @@ def test_lora_agents_on_one_engine_learn(lora_run):
 @pytest.mark.slow
 def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run, tiny_models):
     """The step-2 checkpoint keeps each trained agent's adapter (a peft folder) and what trains, not the base;
-    a trainer resumed from it on the same engine samples step 3's exact tokens."""
+    a trainer resumed from it on the same engine samples step 3's exact tokens; serving loads the same adapters."""
+    import shutil
+
     from safetensors.torch import load_file
 
     from mapoco.training import checkpoint
@@ -196,12 +198,11 @@ def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run
     assert (checkpoint.agent_dir(step2, 0) / "model.safetensors").stat().st_size < base_bytes / 5
 
     resumed_dir = lora_run.out.parent / "lora-resumed"
-    import shutil
-
     shutil.copytree(lora_run.out / "checkpoints" / "step_000002", resumed_dir / "checkpoints" / "step_000002")
     cfg = compose_config(*LORA, f"+team.agents.3.adapter={lora_run.trainer.cfg.team.agents[3].adapter}",
                          "train.resume=auto")
-    resumed = Trainer(cfg, resumed_dir, team=lora_run.trainer.team)
+    team = lora_run.trainer.team
+    resumed = Trainer(cfg, resumed_dir, team=team)
     try:
         assert resumed.step == 2
         again = resumed.rollout(resumed.batch(2), 2)
@@ -209,6 +210,21 @@ def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run
                {k: r.token_ids for k, r in lora_run.step3.records.items()}
     finally:
         resumed.close()
+
+    # `mapoco serve`'s loading: the checkpoint's peft folders onto the engine give what the resumed learners sent.
+    from mapoco.serving.serve import check_checkpoint, push_checkpoint
+
+    rows = [(r.prompt_ids, r.token_ids) for r in list(lora_run.step3.records.values())[:4]]
+    engines = team.agents[0].engines
+    sent = {name: engines.score(rows, name) for name in ("qwen_a", "qwen_b", "qwen_c")}
+    ray.get(engines.actors[0].reset_prefix_cache.remote())
+    check_checkpoint(cfg, step2)
+    push_checkpoint(team, cfg, step2)
+    for name, scores in sent.items():
+        assert engines.score(rows, name) == scores, name
+    shutil.rmtree(checkpoint.agent_dir(resumed_dir / "checkpoints" / "step_000002", 1) / checkpoint.ADAPTER_DIR)
+    with pytest.raises(ConfigError, match="adapter is missing"):
+        check_checkpoint(cfg, resumed_dir / "checkpoints" / "step_000002")
 
 
 @pytest.mark.slow

@@ -92,9 +92,7 @@ class Team:
         lora_seats = cfg.lora_seats()
         try:
             for i, agent in enumerate(cfg.agents):
-                # One policy in every seat, or every agent on the shared LoRA engine: the first seat's engines
-                # serve them all.
-                host = 0 if cfg.shared_policy and self.agents else lora_seats[0] if i in lora_seats[1:] else None
+                host = self._engine_host(i)
                 if host is not None:
                     first = self.agents[host]
                     self.agents.append(AgentRuntime(i, agent, first.model_path, first.tokenizer, first.engines))
@@ -116,6 +114,14 @@ class Team:
         except BaseException:
             self.shutdown()  # engines already started must not outlive a team that failed to start
             raise
+
+    def _engine_host(self, seat: int) -> int | None:
+        """The earlier seat whose engines ``seat`` shares: the first, when one policy plays every seat; the first
+        on the shared LoRA engine, for the others there. None: it gets engines of its own."""
+        lora_seats = self.cfg.lora_seats()
+        if self.cfg.shared_policy and seat > 0:
+            return 0
+        return lora_seats[0] if seat in lora_seats[1:] else None
 
     @classmethod
     def of_run(cls, cfg: RunConfig, colocate_learners: bool = False, wait: bool = True) -> Team:
