@@ -4,6 +4,7 @@
     python -m benchmarks.run --only sync train    # some of them
     python -m benchmarks.run --only precision     # float32 vs bf16 on this CPU (9 min; not in the default set)
     python -m benchmarks.run --only overlap       # overlapped vs on-policy steps, tiny2 and SmolLM2 (13.5 min; same)
+    python -m benchmarks.run --only lora          # 4 SmolLM2 LoRA agents on one shared engine (not in the default set)
     python -m benchmarks.run --full               # the rollout at the full sizes (32 questions x 3 turns)
 
 ``benchmarks/README.md`` keeps the latest table (``--readme`` rewrites it from results.json).
@@ -21,6 +22,7 @@ import ray
 
 from benchmarks import (
     bench_concurrency,
+    bench_lora,
     bench_overlap,
     bench_precision,
     bench_rollout,
@@ -91,10 +93,11 @@ BENCHMARKS = {
     "scaling": lambda: [bench_scaling.run()],
     "serve": lambda: [bench_serve.run()],
     "precision": run_precision,
+    "lora": lambda: [*bench_lora.run_rollout(), bench_lora.run_sync()],
 }
 # Too long for make bench's budget: bf16 is emulated on AVX2 CPUs (its SmolLM2 learner alone takes minutes), and the
 # overlap's SmolLM2 team updates for ~50 s a step on CPU (13.5 min in all).
-OPT_IN = ("precision", "overlap")
+OPT_IN = ("precision", "overlap", "lora")
 
 
 def write_readme_table() -> None:
