@@ -1,4 +1,4 @@
-"""experiments/conductor and experiments/portability: figures, claims and comparisons from run summaries written by
+"""experiments/conductor, experiments/lora and experiments/portability: figures, claims and comparisons from run summaries written by
 hand (the runs themselves are `mapoco train`, tested elsewhere)."""
 
 import json
@@ -11,6 +11,7 @@ from conftest import compose_config
 
 from experiments import runs
 from experiments.conductor import reproduce as conductor
+from experiments.lora import reproduce as lora
 from experiments.portability import reproduce as portability
 from experiments.runs import RunSet
 
@@ -71,6 +72,38 @@ def test_the_routing_condition_is_the_conductor_demo(conductor_models):
     demo = compose_config("command=train", "+experiment=conductor")
     assert vars(compose_config("command=train", *conductor.CONDITIONS["routing"])) == vars(demo)
     assert (demo.task.split, demo.task.seed, demo.task.limit) == ("test", 0, 200)
+
+
+def _discussion_summary(before: list[float], after: list[float]) -> dict:
+    evaluation = {"agent_turn_accuracy": [[0.5, 0.6]] * 4, "transitions": [{"turn": 2, "wrong_to_right": 30,
+                                                                           "right_to_wrong": 10}]}
+    return {"before": {"turn_accuracy": before, **evaluation}, "after": {"turn_accuracy": after, **evaluation}}
+
+
+def test_lora_results_set_the_trained_team_against_itself_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(lora, "RUNS", RunSet(tmp_path / "runs"))
+    monkeypatch.setattr(lora, "HERE", tmp_path)
+    _write(lora.RUNS, "shared", [_discussion_summary([0.50, b], [0.52, a])
+                                 for b, a in ((0.44, 0.80), (0.46, 0.84), (0.45, 0.88))])
+    results = lora.summarize()
+    assert list(results["conditions"]) == ["untrained", "shared"]  # no `separate` runs yet: no row, no claim
+    assert results["conditions"]["untrained"]["turn_accuracy_mean"] == pytest.approx([0.50, 0.45])
+    claims = results["claims"]
+    assert claims["last_turn_after"] == pytest.approx(0.84) and claims["last_turn_gain"] == pytest.approx(0.39)
+    assert claims["gain_exceeds_twice_std"] is True and "separate_last_turn_after" not in claims
+    assert "| `shared` | 3 | 0.520 ± 0.000 | 0.840 ± 0.040 |" in (tmp_path / "results.md").read_text()
+    _write(lora.RUNS, "separate", [_discussion_summary([0.5, 0.45], [0.5, a]) for a in (0.5, 0.9, 0.4)])
+    assert lora.summarize()["claims"]["separate_last_turn_after"] == pytest.approx(0.6)
+
+
+def test_the_lora_conditions_are_one_experiment_in_two_engine_modes(talk_models):
+    shared, separate = (compose_config("command=train", *lora.CONDITIONS[name]) for name in ("shared", "separate"))
+    assert shared.team.lora_engine and not separate.team.lora_engine
+    assert shared.team.lora_seats() == [1, 2, 3] and separate.team.lora_seats() == []
+    assert [a.trainable for a in shared.team.agents] == [False, True, True, True]
+    assert shared.discussion.topology == "star" and (shared.task.split, shared.task.limit) == ("test", 200)
+    shared.team.lora_engine = separate.team.lora_engine
+    assert vars(shared) == vars(separate)  # the engine mode is the only difference
 
 
 def test_portability_sets_the_other_build_beside_the_native_figures(tmp_path, monkeypatch):
