@@ -61,6 +61,16 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def learner_pool(ray_session):
+    """Learner groups that trainers of the session take and give back (reset for each run, not started again)."""
+    from mapoco.training.learner import LearnerPool
+
+    pool = LearnerPool()
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="session")
 def hetero_team(ray_session, tiny_models):
     """A heterogeneous 2-agent team (Qwen2 + Llama, different tokenizers) with real vLLM engines in Ray actors."""
     from mapoco.rollout.discussion import Team

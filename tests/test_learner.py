@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
-from mapoco.training.learner import LearnerGroup, Rollout, combine_stats
+from mapoco.training.learner import LearnerGroup, LearnerPool, Rollout, combine_stats
 
 ROWS = [Rollout(prompt_ids=[3 + i, 10, 11, 12 + i], response_ids=[20 + i, 21, 22 + 2 * i, 5][: 2 + i % 3], turn=i % 2)
         for i in range(6)]
@@ -20,9 +20,8 @@ ROWS = [Rollout(prompt_ids=[3 + i, 10, 11, 12 + i], response_ids=[20 + i, 21, 22
 ALGO = AlgorithmConfig(estimator="grpo", ppo_epochs=2, mini_batches=1, kl_in_reward=True, entropy_coef=0.0)
 
 
-def start(model_path: str, ranks: int, lr: float) -> LearnerGroup:
-    cfg = LearnerConfig(num_learners=ranks, zero_stage=2, lr=lr, micro_batch_size=2)
-    return LearnerGroup(model_path, cfg, ALGO, num_turns=2, seed=0, what=f"test.learner[{ranks} ranks, lr {lr}]")
+def learner_config(ranks: int, lr: float) -> LearnerConfig:
+    return LearnerConfig(num_learners=ranks, zero_stage=2, lr=lr, micro_batch_size=2)
 
 
 def updated(group: LearnerGroup) -> tuple[dict, dict, dict]:
@@ -42,15 +41,26 @@ def updated(group: LearnerGroup) -> tuple[dict, dict, dict]:
 
 @pytest.fixture(scope="module")
 def updates(ray_session, tiny_models):
-    """The groups the tests compare, on one model: started at once (a start is mostly imports and loading), then
-    each updated on ROWS."""
+    """The groups the tests compare, on one model, each updated on ROWS: one rank and two ranks, started at once (a
+    start is mostly imports and loading); then the one-rank group, back in a pool, taken again at twice the
+    learning rate (reset: the model reloaded, a new optimizer)."""
     path = str(tiny_models["tiny-qwen"])
-    groups = {"one_rank": start(path, 1, 1e-4), "two_ranks": start(path, 2, 1e-4), "double_lr": start(path, 1, 2e-4)}
+    pool = LearnerPool()
+    one_rank = pool.take(path, learner_config(1, 1e-4), ALGO, 2, 0, "test.learner[1 rank]")
+    two_ranks = LearnerGroup(path, learner_config(2, 1e-4), ALGO, 2, 0, "test.learner[2 ranks]")
     try:
-        return {name: updated(group) for name, group in groups.items()}
+        out = {"one_rank": updated(one_rank), "two_ranks": updated(two_ranks)}
+        pids = one_rank.call_all("pid")
+        pool.give_back(one_rank)
+        double_lr = pool.take(path, learner_config(1, 2e-4), ALGO, 2, 0, "test.learner[1 rank, 2x lr]")
+        out["double_lr"] = updated(double_lr)
+        out["double_lr_reused"] = double_lr is one_rank and double_lr.call_all("pid") == pids
+        out["double_lr_describe"] = double_lr.call_all("describe")
+        pool.give_back(double_lr)
+        return out
     finally:
-        for group in groups.values():
-            group.shutdown()
+        pool.shutdown()
+        two_ranks.shutdown()
 
 
 def _moved(before: dict, after: dict) -> dict:
@@ -78,8 +88,13 @@ def test_two_ranks_give_the_same_update_as_one(updates):
 
 @pytest.mark.slow
 def test_learning_rate_scales_the_update(updates):
-    """AdamW's step is about lr * sign(gradient): twice the rate, twice the distance, weight by weight."""
+    """AdamW's step is about lr * sign(gradient): twice the rate, twice the distance, weight by weight. The faster
+    group is the slower one reset: it starts from the base weights again, with a fresh optimizer (moments left
+    from the first update would change the step's size and direction)."""
     (before, after, _), (before3, after3, _) = updates["one_rank"], updates["double_lr"]
+    assert updates["double_lr_reused"], "the pool started a new group instead of resetting the one it held"
+    assert [d["lr"] for d in updates["double_lr_describe"]] == pytest.approx([2e-4])
+    assert all(torch.equal(before[k], before3[k]) for k in before)  # reloaded from the model's files
     slow, fast = _moved(before, after), _moved(before3, after3)
     ratios = [float(fast[k].mean() / slow[k].mean()) for k in slow if float(slow[k].mean()) > 1e-6]
     assert ratios and 1.8 < np.median(ratios) < 2.2

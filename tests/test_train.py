@@ -33,7 +33,7 @@ def hetero_training(hetero_team, tmp_path_factory):
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=0",
                          "+team.agents.0.learner.lr=2e-5", "+team.agents.0.learner.num_learners=2",
                          "+team.agents.1.learner.lr=7e-5", "+team.agents.1.learner.zero_stage=3")
-    trainer = Trainer(cfg, tmp_path_factory.mktemp("hetero"), team=hetero_team)
+    trainer = Trainer(cfg, tmp_path_factory.mktemp("hetero"), team=hetero_team)  # its own shapes: not pooled
     before = {p.name: p.group.weights("float32") for p in trainer.policies}
     metrics = [trainer.train_step()]
     trainer.step += 1
@@ -80,11 +80,11 @@ def _tokens(result):
     return {k: r.token_ids for k, r in result.records.items()}
 
 
-def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(hetero_team, learner_pool, tmp_path):
     """Checkpoint after step 1; a new trainer with resume=auto draws the same step-2 batch, samples the same
     tokens, and its step-2 update lands on the same weights as the uninterrupted run."""
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=1")
-    first = Trainer(cfg, tmp_path, team=hetero_team)
+    first = Trainer(cfg, tmp_path, team=hetero_team, learners=learner_pool)
     first.train_step()
     first.step = 1
     first.save()
@@ -97,7 +97,7 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, tmp_path):
     first.close()
 
     resumed = Trainer(compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.resume=auto"), tmp_path,
-                      team=hetero_team)
+                      team=hetero_team, learners=learner_pool)
     try:
         assert resumed.step == 1
         assert [p.id for p in resumed.batch(1)] == [p.id for p in first.batch(1)]
@@ -116,13 +116,13 @@ def _weights(trainer):
     return {p.name: p.group.weights("float32") for p in trainer.policies}
 
 
-def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(hetero_team, tmp_path):
+def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(hetero_team, learner_pool, tmp_path):
     """train.off_policy_steps=1: step k+1's rollout runs during step k's update, with the weights step k started
     from. Step 0 samples on-policy (importance weights exactly 1, the sync checked as usual); later steps are one
     update stale (reweighted, capped). A checkpoint keeps the rollout already sampled, so the resumed run trains on
     the same tokens and lands on the uninterrupted run's weights."""
     overrides = [*SMALL, "train.steps=3", "train.off_policy_steps=1", "train.save_every=0"]
-    first = Trainer(compose_config("team=tiny_hetero", *overrides), tmp_path, team=hetero_team)
+    first = Trainer(compose_config("team=tiny_hetero", *overrides), tmp_path, team=hetero_team, learners=learner_pool)
     try:
         metrics = []
         for step in range(3):
@@ -148,7 +148,7 @@ def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(
             assert np.isfinite(later[f"train/{name}/policy_loss"])
 
     resumed = Trainer(compose_config("team=tiny_hetero", *overrides, "train.resume=auto"), tmp_path,
-                      team=hetero_team)
+                      team=hetero_team, learners=learner_pool)
     try:
         assert (resumed.step, resumed.pending.version) == (2, 1)
         assert _tokens(resumed.pending.result) == pending
@@ -159,12 +159,12 @@ def test_an_overlapped_run_stays_within_its_staleness_bound_and_resumes_exactly(
         resumed.close()
 
 
-def test_an_engine_killed_mid_rollout_is_restarted_and_training_goes_on(hetero_team, tmp_path):
+def test_an_engine_killed_mid_rollout_is_restarted_and_training_goes_on(hetero_team, learner_pool, tmp_path):
     """The dead replica is restarted in its bundle, gets the learner's weights back, and serves its requests
     again; the run's metrics count the restart. Only agent 1 trains: its partner's learners would add nothing."""
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "train.save_every=0",
                          "+team.agents.0.trainable=false")
-    trainer = Trainer(cfg, tmp_path, team=hetero_team)
+    trainer = Trainer(cfg, tmp_path, team=hetero_team, learners=learner_pool)
     engines = hetero_team.agents[1].engines
     victim, restarts_before = engines.actors[0], engines.restarts
     old_pid = ray.get(victim.pid.remote())
@@ -192,9 +192,10 @@ def _greedy(agent, prompts):
     return [g.token_ids for g in agent.engines.generate(prompts, greedy, [0] * len(prompts))]
 
 
-def _one_step(team, out, *overrides):
+def _one_step(team, learners, out, *overrides):
     """Weights of every policy after one step from the base weights, on step 0's batch and seeds."""
-    trainer = Trainer(compose_config("team=tiny_hetero", *SMALL, "train.save_every=0", *overrides), out, team=team)
+    cfg = compose_config("team=tiny_hetero", *SMALL, "train.save_every=0", *overrides)
+    trainer = Trainer(cfg, out, team=team, learners=learners)
     try:
         trainer.train_step()
         return {p.name: p.group.weights("float32") for p in trainer.policies}
@@ -202,18 +203,18 @@ def _one_step(team, out, *overrides):
         trainer.close()
 
 
-def test_concurrent_policies_update_as_the_sequential_loop_does(hetero_team, tmp_path):
+def test_concurrent_policies_update_as_the_sequential_loop_does(hetero_team, learner_pool, tmp_path):
     """Each policy's scoring, update and sync run in a thread of their own: its groups and engines are its own,
     so the updated weights are the one-after-another loop's, bit for bit."""
-    together = _one_step(hetero_team, tmp_path / "together", "train.concurrent_policies=true")
-    in_turn = _one_step(hetero_team, tmp_path / "in_turn", "train.concurrent_policies=false")
+    together = _one_step(hetero_team, learner_pool, tmp_path / "together", "train.concurrent_policies=true")
+    in_turn = _one_step(hetero_team, learner_pool, tmp_path / "in_turn", "train.concurrent_policies=false")
     for name in ("agent_0", "agent_1"):
         assert together[name].keys() == in_turn[name].keys()
         assert all(torch.equal(together[name][k], in_turn[name][k]) for k in together[name]), name
 
 
 @pytest.mark.parametrize("off_policy_steps", [0, 1])
-def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, tmp_path, off_policy_steps):
+def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, learner_pool, tmp_path, off_policy_steps):
     """Agent 0's engines get other weights than its learners hold after step 1: step 2's gap breaches the
     tolerance and the run stops naming the agent, the gap and the setting that decides it. Overlapped, step 2's
     batch was sampled before the wrong push: the engines' re-scoring of its rows catches it."""
@@ -223,7 +224,7 @@ def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, tmp_path
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=3", "train.save_every=0", "train.eval_limit=4",
                          "train.logprob_breach_steps=1", f"train.off_policy_steps={off_policy_steps}",
                          "+team.agents.1.trainable=false")  # only agent 0's sync is under test
-    trainer = Trainer(cfg, tmp_path, team=hetero_team)
+    trainer = Trainer(cfg, tmp_path, team=hetero_team, learners=learner_pool)
     policy, engines = trainer.policies[0], hetero_team.agents[0].engines
     base = policy.group.weights("float32")
     generator = torch.Generator().manual_seed(0)
@@ -241,11 +242,11 @@ def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, tmp_path
     assert "no checkpoint was written yet" in message
 
 
-def test_lora_agent_trains_against_a_frozen_partner(hetero_team, tmp_path):
+def test_lora_agent_trains_against_a_frozen_partner(hetero_team, learner_pool, tmp_path):
     """MAPoRL's baseline: one agent trained (here with LoRA adapters), its partner frozen."""
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=2", "+team.agents.0.learner.lora_rank=4",
                          "+team.agents.0.learner.lr=1e-3", "+team.agents.1.trainable=false")
-    trainer = Trainer(cfg, tmp_path, team=hetero_team)
+    trainer = Trainer(cfg, tmp_path, team=hetero_team, learners=learner_pool)
     frozen = hetero_team.agents[1]
     prompts = [frozen.render([{"role": "user", "content": f"Calculate {i} + 7."}]) for i in range(4)]
     try:

@@ -187,19 +187,29 @@ class Learner:
 
     def setup(self, master: tuple[str, int]) -> None:
         """Join the group at rank 0's ``master`` address, load the model and build the DeepSpeed engine."""
+        self.master = master
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        self.on_gpu = self.cfg.num_gpus > 0 and torch.cuda.is_available()
+        init_distributed("nccl" if self.on_gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self._build()
+
+    def reset(self, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int) -> None:
+        """Start over as a new rank of the same group would: the model reloaded from its files, a new optimizer
+        and DeepSpeed engine with these settings (the group, its world size and its device stay)."""
+        self.cfg, self.algo, self.num_turns, self.seed = cfg, algo, num_turns, seed
+        self.engine = self.optimizer = self.scheduler = self.reference = None
+        self._build()
+
+    def _build(self) -> None:
         import deepspeed
         from transformers import AutoTokenizer
 
         from mapoco.models.registry import load_causal_lm
 
-        self.master = master
-        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         cfg, model_path = self.cfg, self.model_path
         torch.manual_seed(self.seed)
-        self.on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
-        init_distributed("nccl" if self.on_gpu else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.dtype = getattr(torch, learner_dtype(cfg))  # auto: bf16 on GPUs, float32 on every CPU
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         policy = load_causal_lm(model_path, self.dtype)
@@ -503,7 +513,7 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
                  what: str, placement: Placement | None = None, placement_timeout_s: float = READY_TIMEOUT_S):
-        self.cfg = cfg
+        self.model_path, self.cfg = model_path, cfg
         self.owned_placement = None if placement else reserve(learner_bundles(cfg), what, placement_timeout_s)
         placement = placement or self.owned_placement
         self.actors = [
@@ -567,11 +577,61 @@ class LearnerGroup:
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return gather([getattr(a, method).remote(*args) for a in self.actors])
 
+    def reset(self, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int) -> None:
+        """Every rank starts over with these settings (``Learner.reset``); ``wait_ready`` waits for it."""
+        self.cfg = cfg
+        self._ready = [a.reset.remote(cfg, algo, num_turns, seed) for a in self.actors]
+
+    def alive(self) -> bool:
+        try:
+            self.call_all("where")
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            return False
+        return True
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         if self.owned_placement is not None:
             self.owned_placement.remove()
+
+
+class LearnerPool:
+    """Learner groups that outlive the runs they serve, within one driver (a test session): a run that asks for a
+    group of a model and shape the pool holds gets one back, rebuilt from the model's files with the run's settings
+    (``LearnerGroup.reset``: seconds, against a new group's process start-up, imports and rendezvous). A group goes
+    back to the pool when its run closes; one with a dead rank is shut down instead."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple, LearnerGroup] = {}
+
+    @staticmethod
+    def key(model_path: str, cfg: LearnerConfig) -> tuple:
+        """What a reset cannot change: the model, the ranks and what each rank holds and where."""
+        return (model_path, cfg.num_learners, cfg.num_cpus, cfg.num_gpus, cfg.placement,
+                tuple(sorted((cfg.resources or {}).items())))
+
+    def take(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
+             what: str, placement_timeout_s: float = READY_TIMEOUT_S) -> LearnerGroup:
+        group = self.free.pop(self.key(model_path, cfg), None)
+        if group is None:
+            return LearnerGroup(model_path, cfg, algo, num_turns, seed, what, placement_timeout_s=placement_timeout_s)
+        group.reset(cfg, algo, num_turns, seed)
+        return group
+
+    def give_back(self, group: LearnerGroup) -> None:
+        """Kept for the next run that asks for its shape; shut down if a rank died or the pool holds one already
+        (an idle group's processes keep their memory)."""
+        key = self.key(group.model_path, group.cfg)
+        if key not in self.free and group.alive():
+            self.free[key] = group
+        else:
+            group.shutdown()
+
+    def shutdown(self) -> None:
+        for group in self.free.values():
+            group.shutdown()
+        self.free.clear()
 
 
 def gather(refs: list[ray.ObjectRef]) -> list[Any]:

@@ -50,7 +50,7 @@ from mapoco.training.algorithms import (
     masked_mean,
     truncated_is_weights,
 )
-from mapoco.training.learner import LearnerGroup, Rollout, RolloutStats
+from mapoco.training.learner import LearnerGroup, LearnerPool, Rollout, RolloutStats
 from mapoco.training.state_io import load_state, save_state
 from mapoco.training.tracking import Tracker
 from mapoco.training.weight_sync import (
@@ -149,9 +149,10 @@ def stack(lists: list[list[float]], width: int) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None):
-        """``team``: already running engines to train (tests share them); by default the trainer starts its own."""
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None, learners: LearnerPool | None = None):
+        """``team``: already running engines to train (tests share them); by default the trainer starts its own.
+        ``learners``: a pool to take learner groups from and give them back to at ``close`` (tests share one)."""
+        self.cfg, self.out, self.learners = cfg, out, learners
         # Everything that can be wrong with the inputs fails here, before any actor starts.
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
         prepare_output_dir(out)
@@ -206,10 +207,13 @@ class Trainer:
     def _start_group(self, owner: int) -> LearnerGroup:
         agent = self.cfg.team.agents[owner]
         engines = self.team.agents[owner].engines
-        return LearnerGroup(str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm,
-                            self.value_turns(), self.cfg.seed + owner, what=f"team.agents[{owner}].learner",
-                            placement=engines.placement if engines.sleep_mode else None,
-                            placement_timeout_s=self.cfg.cluster.placement_timeout_s)
+        args = (str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm, self.value_turns(),
+                self.cfg.seed + owner, f"team.agents[{owner}].learner")
+        if engines.sleep_mode:  # colocated: the ranks live in the engines' bundles
+            return LearnerGroup(*args, placement=engines.placement)
+        if self.learners is not None:
+            return self.learners.take(*args, placement_timeout_s=self.cfg.cluster.placement_timeout_s)
+        return LearnerGroup(*args, placement_timeout_s=self.cfg.cluster.placement_timeout_s)
 
     def value_turns(self) -> int:
         """Outputs of the learner's value head: one per discussion turn."""
@@ -564,7 +568,10 @@ class Trainer:
         self.tracker.finish()
         for policy in self.policies:
             policy.sync.engines.on_restart = None  # a shared team's engines outlive this trainer's learners
-            policy.group.shutdown()
+            if self.learners is not None and policy.group.owned_placement is not None:
+                self.learners.give_back(policy.group)
+            else:
+                policy.group.shutdown()
         if self.owns_team:
             self.team.shutdown()
         self.verifier.shutdown()
