@@ -111,11 +111,24 @@ class LearnerConfig:
 
 
 @dataclass
+class PriceConfig:
+    """What one call of a Conductor worker costs (method=conductor), in any unit: a price per call plus one per
+    generated token."""
+
+    per_call: float = 0.0
+    per_token: float = 0.0
+
+    def of(self, tokens: int) -> float:
+        return self.per_call + self.per_token * tokens
+
+
+@dataclass
 class AgentConfig:
     name: str
     model: str
     trainable: bool = True  # false: a frozen partner (MAPoRL's single-agent-trained baseline)
     adapter: str | None = None  # a frozen agent on the shared LoRA engine: its fixed peft adapter (None: the base)
+    price: PriceConfig = field(default_factory=PriceConfig)  # a Conductor worker's cost per call
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -204,6 +217,7 @@ class HttpWorkerConfig:
     max_tokens: int = 256
     temperature: float = 0.0
     concurrency: int = 16  # requests in flight at once to this endpoint
+    price: PriceConfig = field(default_factory=PriceConfig)
 
 
 @dataclass
@@ -219,6 +233,9 @@ class ConductorConfig:
     replan: bool = False  # one re-plan round after seeing the final answer
     examples: list[str] = field(default_factory=list)  # few-shot examples shown in the prompt
     baselines: bool = True  # eval: also each worker alone, majority vote, a random workflow
+    # reward = correctness - cost_weight * (the workflow's cost / cost_scale); a malformed plan still earns 0
+    cost_weight: float = 0.0
+    cost_scale: float = 0.0  # the cost that counts as 1 (0: one call of the priciest worker at its token limit)
 
 
 @dataclass
@@ -738,7 +755,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _validate_prices(cfg: RunConfig) -> None:
+    priced = [(f"team.agents[{i}].price", a.price) for i, a in enumerate(cfg.team.agents)]
+    priced += [(f"conductor.http_workers[{i}].price", h.price) for i, h in enumerate(cfg.conductor.http_workers)]
+    for key, price in priced:
+        for name in ("per_call", "per_token"):
+            value = getattr(price, name)
+            _require(math.isfinite(value) and value >= 0, f"{key}.{name}", value, "a price >= 0")
+
+
 def _validate_conductor(cfg: RunConfig) -> None:
+    _validate_prices(cfg)
     if cfg.method != "conductor":
         return
     con = cfg.conductor
@@ -751,6 +778,14 @@ def _validate_conductor(cfg: RunConfig) -> None:
     _require(con.max_depth >= 1, "conductor.max_depth", con.max_depth, "an integer >= 1")
     for i, example in enumerate(con.examples):
         _require_name(f"conductor.examples[{i}]", example, "a non-empty example workflow")
+    _require(math.isfinite(con.cost_weight) and con.cost_weight >= 0, "conductor.cost_weight", con.cost_weight,
+             "a number >= 0 (0: cost does not enter the reward)")
+    _require(math.isfinite(con.cost_scale) and con.cost_scale >= 0, "conductor.cost_scale", con.cost_scale,
+             "a cost > 0, or 0 for one call of the priciest worker at its token limit")
+    workers = [a.price for a in cfg.team.agents[1:]] + [h.price for h in con.http_workers]
+    _require(con.cost_weight == 0 or con.cost_scale > 0 or any(p.of(1) > 0 for p in workers),
+             "conductor.cost_weight", con.cost_weight,
+             "0 while every worker is free: give workers a price (team.agents.N.price.per_call or per_token)")
     for i, worker in enumerate(cfg.team.agents[1:], start=1):
         _require(not worker.trainable, f"team.agents[{i}].trainable", True,
                  "workers are frozen in method=conductor: set trainable: false")

@@ -1,6 +1,8 @@
 """The Conductor with real parts: a tiny conductor and two tiny specialist workers on vLLM engines, GRPO through
 a DeepSpeed learner, HTTP workers that fail, recursion, and `mapoco eval method=conductor`."""
 
+import contextlib
+import dataclasses
 import http.server
 import json
 import threading
@@ -14,7 +16,7 @@ from conftest import compose_config
 from mapoco.conductor.rollout import ConductorRunner, Job
 from mapoco.conductor.trainer import ConductorTrainer, evaluate_conductor
 from mapoco.conductor.workflow import Plan, Step
-from mapoco.config import ConductorConfig, HttpWorkerConfig
+from mapoco.config import ConductorConfig, HttpWorkerConfig, PriceConfig
 from mapoco.tasks import Problem
 
 pytestmark = pytest.mark.slow
@@ -177,6 +179,62 @@ def test_random_pools_are_renumbered_subsets(conductor_team, rule_verifier):
     assert all(1 <= len(p) <= 2 and len(set(p)) == len(p) for p in pools)
     assert {len(p) for p in pools} == {1, 2} and {tuple(p) for p in pools if len(p) == 2} == {(0, 1), (1, 0)}
     assert pools == [runner.pool(Problem(id=f"p{i}", question="x", gold="1"), seed=0) for i in range(40)]
+
+
+def test_renumbered_pools_never_show_worker_names_to_the_conductor(conductor_team, rule_verifier):
+    """The conductor sees "Model 0 .. Model k-1" only: whom a number stands for changes with every question."""
+    runner = ConductorRunner(conductor_team, ConductorConfig(random_pools=True), rule_verifier)
+    candidates = [Problem(id=f"p{i}", question=f"Calculate {i} + 2.", gold=str(i + 2)) for i in range(40)]
+    first_of = {}  # one question per pool: both orders of the two workers, and each alone
+    for problem in candidates:
+        first_of.setdefault(tuple(runner.pool(problem, seed=0)), problem)
+    assert set(first_of) == {(0, 1), (1, 0), (0,), (1,)}
+    result = runner.rollout(list(first_of.values()), seed=0)
+    assert [tuple(r.pool) for r in result.records] == [tuple(runner.names[w] for w in pool) for pool in first_of]
+    tokenizer = conductor_team.agents[0].tokenizer
+    for record in result.records:
+        prompt = tokenizer.decode(record.turns[0].prompt_ids)
+        assert f"Workers: {', '.join(f'Model {i}' for i in range(len(record.pool)))}\n" in prompt
+        assert not any(name in prompt for name in runner.names)
+
+
+@contextlib.contextmanager
+def priced(team, prices: dict[int, PriceConfig]):
+    """The team's workers with these prices, for one test (the module's team is shared)."""
+    saved = {i: team.agents[i].cfg for i in prices}
+    for i, price in prices.items():
+        team.agents[i].cfg = dataclasses.replace(saved[i], price=price)
+    try:
+        yield
+    finally:
+        for i, cfg in saved.items():
+            team.agents[i].cfg = cfg
+
+
+def test_each_step_costs_its_workers_price_and_the_reward_pays_for_it(conductor_team, rule_verifier):
+    """Local workers: a step costs its worker's price per call plus per generated token; a question costs its
+    workflow's steps; the reward loses cost_weight times that cost over the scale (the priciest worker's call at
+    its token limit: the multiplier's 3 + 0.5 * max_new_tokens)."""
+    adder, multiplier = PriceConfig(per_call=1.0), PriceConfig(per_call=3.0, per_token=0.5)
+    with priced(conductor_team, {1: adder, 2: multiplier}):
+        runner = ConductorRunner(conductor_team, ConductorConfig(cost_weight=0.2), rule_verifier)
+        max_tokens = conductor_team.agents[2].cfg.sampling.max_new_tokens
+        assert runner.cost_scale == 3.0 + 0.5 * max_tokens
+        plan = Plan((Step(0, "Solve the problem.", False), Step(1, "Check the work so far and give the final "
+                                                                "answer.", True)))
+        job = Job(QUESTION, plan, [0, 1], seed=0)
+        runner.execute([job])
+        first, second = job.responses
+        assert first.cost == 1.0 and 0 < second.tokens <= max_tokens and second.cost == 3.0 + 0.5 * second.tokens
+        assert job.cost() == first.cost + second.cost
+        problems = [Problem(id=f"p{i}", question=f"Calculate {i} * 3.", gold=str(i * 3)) for i in range(6)]
+        for record in runner.rollout(problems, seed=0).records:
+            steps = record.job.responses if record.job else []
+            assert record.cost == sum(r.cost for r in steps)
+            base = 0.0 if record.malformed else (1.0 if record.correct else 0.5)
+            penalty = 0.0 if record.malformed else 0.2 * record.cost / runner.cost_scale
+            assert record.reward == pytest.approx(base - penalty)
+            assert record.cost > 0 or record.job is None
 
 
 def test_eval_reports_the_conductor_against_every_baseline(conductor_team, tmp_path):

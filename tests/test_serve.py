@@ -26,8 +26,8 @@ slow = pytest.mark.slow
 TOKEN_ENV = "MAPOCO_TEST_SERVE_TOKEN"
 TOKEN = "test-token-8d1f"
 MAX_INPUT_CHARS = 300
-# 2 tiny-qwen agents x 2 turns; only agent 0 trains (one step, lr high enough to move the answers).
-RUN = ["team=tiny2", "+team.agents.1.trainable=false", "turns=2",
+# The session's heterogeneous pair x 2 turns; only agent 0 trains (one step, lr high enough to move the answers).
+RUN = ["team=tiny_hetero", "+team.agents.1.trainable=false", "turns=2",
        "learner.lr=1e-2", "train.steps=1", "train.batch_questions=4", "algorithm.samples_per_question=2",
        "train.eval_every=0", "train.eval_limit=4", "train.save_every=1", "logger.wandb.mode=disabled", "task.limit=40"]
 
@@ -154,10 +154,10 @@ def test_conductor_answers_carry_the_workflow():
             records = []
             for i, problem in enumerate(problems):
                 parsed = Parsed(plan) if i == 0 else Parsed(None, "unequal lists")
-                job = Job(problem, plan, [0], seed, [Reply("so \\boxed{7}")]) if i == 0 else None
+                job = Job(problem, plan, [0], seed, [Reply("so \\boxed{7}", tokens=4, cost=1.5)]) if i == 0 else None
                 records.append(ConductorRecord(problem.id, ["adder"], [ConductorTurn([1, 2, 3], [4, 5], [0.0, 0.0],
                                                                                      plan.lists(), parsed)],
-                                               job, "7" if i == 0 else None, False, 0.0))
+                                               job, "7" if i == 0 else None, False, 0.0, job.cost() if job else 0.0))
             return ConductorResult(list(problems), records)
 
     served = object.__new__(ServedTeam)  # no engines: only the answer assembly is under test
@@ -167,6 +167,7 @@ def test_conductor_answers_carry_the_workflow():
     assert good["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     workflow = good["transcript"]["workflow"]
     assert workflow["steps"][0]["response"] == "so \\boxed{7}" and workflow["pool"] == ["adder"]
+    assert workflow["steps"][0]["cost"] == 1.5 and workflow["cost"] == 1.5  # what the answer cost, step by step
     assert "gold" not in workflow and "reward" not in workflow
     assert (malformed["content"], malformed["answer"]) == ("[malformed workflow]", None)
 
@@ -231,14 +232,16 @@ class TrainedRun:
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tiny_models, tmp_path_factory):
-    """One training step, checkpointed; `mapoco eval`'s discussion of two questions before and after it."""
+def trained(hetero_team, learner_pool, tmp_path_factory):
+    """One training step on the session's team, checkpointed; `mapoco eval`'s discussion of two questions before and
+    after it. The team's engines serve the base weights again afterwards, as the other modules expect."""
+    import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from mapoco.cli import CONF_DIR
     from mapoco.evaluation.evaluate import discuss_in_batches
-    from mapoco.rollout.discussion import Team
+    from mapoco.runtime.weights import pack
     from mapoco.tasks import load_task
     from mapoco.training.trainer import Trainer
 
@@ -249,19 +252,17 @@ def trained(ray_session, tiny_models, tmp_path_factory):
     OmegaConf.save(conf, run_dir / ".hydra" / "config.yaml")
     cfg = compose_config(*RUN, "command=train", f"output_dir={run_dir}")
     problems = load_task(cfg.task).problems[:2]
-    team = Team(cfg.team, cfg.seed, wait=False)  # loads while the trainer's learners do; the trainer waits
+    trainer = Trainer(cfg, run_dir, team=hetero_team, learners=learner_pool)
+    base = trainer.policies[0].group.weights("float32")
     try:
-        trainer = Trainer(cfg, run_dir, team=team)
-        try:
-            before = [discuss_in_batches(team, [p], cfg, trainer.verifier) for p in problems]
-            trainer.train_step()
-            trainer.step += 1
-            trainer.save()
-            after = [discuss_in_batches(team, [p], cfg, trainer.verifier) for p in problems]
-        finally:
-            trainer.close()
+        before = [discuss_in_batches(hetero_team, [p], cfg, trainer.verifier) for p in problems]
+        trainer.train_step()
+        trainer.step += 1
+        trainer.save()
+        after = [discuss_in_batches(hetero_team, [p], cfg, trainer.verifier) for p in problems]
     finally:
-        team.shutdown()
+        trainer.close()
+        hetero_team.agents[0].engines.push_weights(pack(base, torch.float32))
     yield TrainedRun(run_dir, problems, before, after)
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from mapoco.conductor.workers import HttpWorker, Reply
-from mapoco.config import HttpWorkerConfig
+from mapoco.config import HttpWorkerConfig, PriceConfig
 
 KEY_ENV, KEY = "MAPOCO_TEST_WORKER_KEY", "sk-mapoco-test"
 THREADS = [[{"role": "user", "content": f"Calculate {i} + {i + 3}."}] for i in range(8)]
@@ -69,6 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b'{"object": "error"}')
         elif mode == "null":
             self._send(200, b'{"choices": [{"message": {"role": "assistant", "content": null}}]}')
+        elif mode == "usage":  # charged by the tokens it says it generated: the request's max_tokens
+            tokens = json.loads(body)["max_tokens"]
+            self._send(200, json.dumps({"choices": [{"message": {"content": "ok"}}],
+                                        "usage": {"completion_tokens": tokens}}).encode())
         else:
             echo = {"request": json.loads(body), "authorization": self.headers.get("Authorization")}
             self._send(200, json.dumps({"choices": [{"message": {"content": json.dumps(echo)}}]}).encode())
@@ -145,6 +149,16 @@ def test_null_content_is_an_empty_reply(fake_server: str):
     assert _ask(f"{fake_server}/null/v1", THREADS[:2]) == [Reply(""), Reply("")]
 
 
+def test_each_reply_costs_the_call_and_its_generated_tokens(fake_server: str):
+    price = PriceConfig(per_call=0.5, per_token=0.25)
+    replies = _ask(f"{fake_server}/usage/v1", THREADS[:2], max_tokens=6, price=price)
+    assert [(r.tokens, r.cost) for r in replies] == [(6, 0.5 + 6 * 0.25)] * 2
+    no_usage = _ask(f"{fake_server}/ok/v1", THREADS[:1], price=price)  # the endpoint reports no usage
+    assert [(r.tokens, r.cost) for r in no_usage] == [(0, 0.5)]
+    failed = _ask(f"{fake_server}/fail/v1", THREADS[:1], price=price)  # a failed call generated nothing
+    assert [(r.error is not None, r.tokens, r.cost) for r in failed] == [(True, 0, 0.5)]
+
+
 def test_connection_refused_gives_error_replies():
     _assert_all_failed(_ask(f"http://127.0.0.1:{_free_port()}/v1", timeout_s=5), "ConnectError")
 
@@ -203,6 +217,7 @@ def test_vllm_server_answers_a_batch(vllm_server: str, monkeypatch: pytest.Monke
     greedy = _vllm(vllm_server, KEY, monkeypatch, temperature=0.0)
     assert [r.error for r in greedy] == [None] * len(THREADS)
     assert all(r.text.strip() for r in greedy)
+    assert all(0 < r.tokens <= 24 for r in greedy)  # vLLM's usage.completion_tokens, within max_tokens
     assert _vllm(vllm_server, KEY, monkeypatch, temperature=0.0) == greedy  # temperature 0: deterministic
     sampled = _vllm(vllm_server, KEY, monkeypatch, temperature=1.0)
     assert [r.error for r in sampled] == [None] * len(THREADS)

@@ -286,3 +286,14 @@ def test_conductor_message_hides_names():
     message = conductor_message("What is 3 + 4?", 3, examples=["model_id = [0]"])
     assert "Workers: Model 0, Model 1, Model 2\n" in message
     assert message.startswith("Example:\nmodel_id = [0]\n\n") and "Question: What is 3 + 4?" in message
+
+
+@pytest.mark.parametrize(("malformed", "correct", "penalty", "reward"), [
+    (False, True, 0.3, 0.7), (False, False, 0.3, 0.2),  # the cost comes off either
+    (False, False, 0.75, -0.25),  # a wrong answer that cost much ends below a malformed plan
+    (True, True, 0.3, 0.0), (True, False, 0.0, 0.0),  # a malformed plan earns 0, whatever it cost
+])
+def test_the_reward_pays_for_the_workflows_cost(malformed, correct, penalty, reward):
+    parsed = parse_workflow("no lists here", 2) if malformed else parse_workflow(WELL_FORMED["plain"], 2)
+    assert parsed.malformed is malformed
+    assert conductor_reward(parsed, correct, penalty) == pytest.approx(reward)

@@ -3,7 +3,8 @@
 For a batch of questions: draw each question's worker pool (all workers, or a random renumbered subset), ask the
 conductor for a workflow, parse it, run every parsed workflow round by round (a round's steps from all questions
 go to their workers together, every worker at once), verify the last step's answer and score the plan (0
-malformed, 0.5 wrong, 1 right). The conductor's exact prompt/token ids and logprobs are kept for GRPO.
+malformed, 0.5 wrong, 1 right, less ``conductor.cost_weight`` times what its calls cost over
+``conductor.cost_scale``). The conductor's exact prompt/token ids and logprobs are kept for GRPO.
 
 Evaluation baselines run through the same executor: each worker alone (a one-step plan), majority vote over
 their answers, and a random well-formed workflow.
@@ -60,6 +61,9 @@ class Job:
     def answer(self) -> str:
         return self.responses[-1].text if self.responses and self.responses[-1] else ""
 
+    def cost(self) -> float:
+        return sum(r.cost for r in self.responses if r)
+
 
 @dataclass
 class ConductorTurn:
@@ -81,6 +85,7 @@ class ConductorRecord:
     answer: str | None
     correct: bool
     reward: float
+    cost: float  # of every worker call made for the question (a re-planned workflow's too)
 
     @property
     def malformed(self) -> bool:
@@ -101,6 +106,8 @@ class ConductorWorker:
     """The conductor as one of its own workers (recursion): it plans and runs a sub-workflow for the step's
     request, one level deeper; at the depth limit the sub-pool no longer contains it."""
 
+    max_cost = 0.0  # its calls cost what the sub-workflow's do: not a price of its own
+
     def __init__(self, name: str):
         self.name = name
         self.runner: ConductorRunner | None = None  # set by the runner that owns it
@@ -114,7 +121,7 @@ class ConductorWorker:
             result = self.runner.rollout(problems, seeds[0] if seeds else 0, depth=self.depth, verify=False)
         finally:
             self.depth -= 1
-        return Ready([Reply(r.job.answer() if r.job else "[malformed workflow]") for r in result.records])
+        return Ready([Reply(r.job.answer() if r.job else "[malformed workflow]", cost=r.cost) for r in result.records])
 
 
 def _thread_text(thread: Thread) -> str:
@@ -136,6 +143,7 @@ class ConductorRunner:
             me.runner = self
             self.self_index = len(self.workers)
             self.workers.append(me)
+        self.cost_scale = cfg.cost_scale or max((w.max_cost for w in self.workers), default=0.0)
 
     @property
     def names(self) -> list[str]:
@@ -191,8 +199,11 @@ class ConductorRunner:
                 for p, t, pool in zip(problems, turns, pools)]
         self.execute([j for j in jobs if j])
         histories = [[t] for t in turns]
+        spent = [job.cost() if job else 0.0 for job in jobs]
         if self.cfg.replan:
-            jobs = self._replan(problems, threads, histories, jobs, seed)
+            replanned = self._replan(problems, threads, histories, jobs, seed)
+            spent = [c + (new.cost() if new and new is not old else 0.0) for c, old, new in zip(spent, jobs, replanned)]
+            jobs = replanned
         result.seconds["generate"] = time.perf_counter() - start
         start = time.perf_counter()
         answered = [i for i, job in enumerate(jobs) if job]
@@ -204,8 +215,12 @@ class ConductorRunner:
             result.records.append(ConductorRecord(
                 problem.id, [self.names[w] for w in pools[i]], histories[i], job,
                 extract_answer(job.answer(), problem.kind) if job else None, ok,
-                conductor_reward(histories[i][-1].parsed, ok)))
+                conductor_reward(histories[i][-1].parsed, ok, self.cost_penalty(spent[i])), spent[i]))
         return result
+
+    def cost_penalty(self, cost: float) -> float:
+        """What ``cost`` takes off the reward: ``cost_weight`` times the cost in units of ``cost_scale``."""
+        return self.cfg.cost_weight * cost / self.cost_scale if self.cost_scale > 0 else 0.0
 
     def _plan(self, threads: list[Thread], seeds: list[int], pools: list[list[int]]) -> list[ConductorTurn]:
         generations = self.generate_plans(threads, seeds)
@@ -247,10 +262,14 @@ class ConductorRunner:
         vote = [majority_credit([a[q] for a in answers], [c[q] for c in correct]) for q in range(len(problems))]
         random_correct = self.verify(problems, [j.answer() for j in randomized])
         n = max(len(problems), 1)
+        worker_cost = [sum(j.cost() for j in jobs) / n for jobs in alone]
         return {"workers": [self.names[i] for i in everyone],
                 "worker_accuracy": [sum(c) / n for c in correct],
+                "worker_cost": worker_cost,
                 "majority_vote_accuracy": sum(vote) / n,
-                "random_workflow_accuracy": sum(random_correct) / n}
+                "majority_vote_cost": sum(worker_cost),  # every worker answers every question
+                "random_workflow_accuracy": sum(random_correct) / n,
+                "random_workflow_cost": sum(j.cost() for j in randomized) / n}
 
     def close(self) -> None:
         for worker in self.workers:
@@ -267,6 +286,7 @@ def summarize_conductor(result: ConductorResult) -> dict[str, Any]:
         "malformed_rate": sum(r.malformed for r in result.records) / n,
         "mean_steps": sum(steps) / max(len(steps), 1),  # of the workflows that ran
         "mean_reward": sum(r.reward for r in result.records) / n,
+        "mean_cost": sum(r.cost for r in result.records) / n,  # per question
         "gen_tokens": sum(len(t.token_ids) for r in result.records for t in r.turns),
         "prompt_tokens": sum(len(t.prompt_ids) for r in result.records for t in r.turns),
     }
@@ -277,8 +297,10 @@ def transcript(problem: Problem, record: ConductorRecord) -> dict[str, Any]:
     job = record.job
     steps = [] if job is None else [
         {"worker": record.pool[s.worker], "model_id": s.worker, "subtask": s.subtask,
-         "access": ["all"] if s.sees_all else [], "response": r.text if r else None, "error": r.error if r else None}
+         "access": ["all"] if s.sees_all else [], "response": r.text if r else None, "error": r.error if r else None,
+         "cost": r.cost if r else 0.0}
         for s, r in zip(job.plan.steps, job.responses)]
     return {"id": problem.id, "question": problem.question, "gold": problem.gold, "pool": record.pool,
             "conductor": [{"text": t.text, "error": t.parsed.error, "accepts": t.parsed.accepts} for t in record.turns],
-            "steps": steps, "answer": record.answer, "correct": record.correct, "reward": record.reward}
+            "steps": steps, "answer": record.answer, "correct": record.correct, "reward": record.reward,
+            "cost": record.cost}

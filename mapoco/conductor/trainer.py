@@ -71,12 +71,13 @@ class ConductorTrainer(Trainer):
 
     @staticmethod
     def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-        return {f"eval/conductor/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps")}
+        return {f"eval/conductor/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps",
+                                                            "mean_cost")}
 
     def _rollout_metrics(self, result: ConductorResult, rewards: np.ndarray) -> dict[str, float]:
         summary = summarize_conductor(result)
         metrics = {f"rollout/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps",
-                                                         "mean_reward")}
+                                                         "mean_reward", "mean_cost")}
         metrics.update({"perf/gen_tokens": summary["gen_tokens"], "perf/prompt_tokens": summary["prompt_tokens"],
                         "faults/verifier_restarts": self.verifier.actor_restarts,
                         "faults/engine_restarts": sum(self.team.engine_restarts().values())})
@@ -108,15 +109,16 @@ class ConductorTrainer(Trainer):
 
 
 def conductor_table(summary: dict[str, Any], title: str) -> str:
-    rows = [("conductor", summary["conductor_accuracy"])]
-    rows += [(f"worker {name} alone", acc) for name, acc in zip(summary.get("workers", []),
-                                                                 summary.get("worker_accuracy", []))]
-    for key, label in (("majority_vote_accuracy", "majority vote of the workers"),
-                       ("random_workflow_accuracy", "random workflow")):
-        if key in summary:
-            rows.append((label, summary[key]))
+    """Accuracy and mean cost per question of the conductor and of every baseline the summary holds."""
+    rows = [("conductor", summary["conductor_accuracy"], summary["mean_cost"])]
+    rows += [(f"worker {name} alone", acc, cost) for name, acc, cost in zip(
+        summary.get("workers", []), summary.get("worker_accuracy", []), summary.get("worker_cost", []))]
+    for key, label in (("majority_vote", "majority vote of the workers"), ("random_workflow", "random workflow")):
+        if f"{key}_accuracy" in summary:
+            rows.append((label, summary[f"{key}_accuracy"], summary[f"{key}_cost"]))
     width = max(len(r[0]) for r in rows)
-    lines = [title, *(f"  {label:<{width}}  {acc:.3f}" for label, acc in rows),
+    lines = [title, f"  {'':<{width}}  accuracy  cost/question",
+             *(f"  {label:<{width}}  {acc:8.3f}  {cost:13.3f}" for label, acc, cost in rows),
              f"  malformed plans {summary['malformed_rate']:.3f}, mean steps {summary['mean_steps']:.2f}"]
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@
 OpenAI-compatible ``/chat/completions`` endpoint (closed models, remote servers). Both start a batch with
 ``submit`` and return its replies with ``result``, so the workflow runner keeps every worker busy at once.
 A worker that fails on a request (timeout, HTTP error, bad reply) answers it with an error reply; the workflow
-goes on with that text as the step's response.
+goes on with that text as the step's response. Every reply carries what the call cost: the worker's price per call
+plus its price per generated token (a failed call generated none).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from mapoco.config import HttpWorkerConfig
+from mapoco.config import HttpWorkerConfig, PriceConfig
 from mapoco.rollout.discussion import AgentRuntime
 
 Thread = list[dict[str, str]]
@@ -25,6 +26,8 @@ Thread = list[dict[str, str]]
 class Reply:
     text: str
     error: str | None = None  # why the worker failed; ``text`` then says so to later steps
+    tokens: int = 0  # generated
+    cost: float = 0.0
 
 
 class Pending(Protocol):
@@ -33,6 +36,7 @@ class Pending(Protocol):
 
 class Worker(Protocol):
     name: str
+    max_cost: float  # of one call at the worker's token limit
 
     def submit(self, threads: list[Thread], seeds: list[int]) -> Pending: ...
 
@@ -57,13 +61,15 @@ class LocalWorker:
     """A frozen team agent: its chat template, sampling settings and engines."""
 
     def __init__(self, agent: AgentRuntime):
-        self.agent, self.name = agent, agent.cfg.name
+        self.agent, self.name, self.price = agent, agent.cfg.name, agent.cfg.price
+        self.max_cost = self.price.of(agent.cfg.sampling.max_new_tokens)
 
     def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
         if not threads:
             return Ready([])
         shards = self.agent.submit(threads, seeds)
-        return _Later(lambda: [Reply(g.text) for g in self.agent.engines.collect(shards)])
+        return _Later(lambda: [_priced(self.price, g.text, len(g.token_ids))
+                               for g in self.agent.engines.collect(shards)])
 
 
 class HttpWorker:
@@ -72,7 +78,7 @@ class HttpWorker:
     def __init__(self, cfg: HttpWorkerConfig):
         import httpx
 
-        self.cfg, self.name = cfg, cfg.name
+        self.cfg, self.name, self.max_cost = cfg, cfg.name, cfg.price.of(cfg.max_tokens)
         headers = {"Authorization": f"Bearer {os.environ[cfg.api_key_env]}"} if cfg.api_key_env else {}
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout_s,
                                    limits=httpx.Limits(max_connections=cfg.concurrency))
@@ -90,18 +96,24 @@ class HttpWorker:
         try:
             response = self.client.post("/chat/completions", json=body)
             response.raise_for_status()
-            return Reply(response.json()["choices"][0]["message"]["content"] or "")
+            reply = response.json()
+            usage = reply.get("usage") or {}  # an endpoint without usage is charged per call only
+            return _priced(self.cfg.price, reply["choices"][0]["message"]["content"] or "",
+                           int(usage.get("completion_tokens") or 0))
         except httpx.TimeoutException:
-            return _failed(f"timed out after {self.cfg.timeout_s:g} s")
+            return self._failed(f"timed out after {self.cfg.timeout_s:g} s")
         except httpx.HTTPStatusError as exc:
-            return _failed(f"HTTP {exc.response.status_code}: {exc.response.text[:200]}")
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            return _failed(f"{type(exc).__name__}: {exc}"[:300])
+            return self._failed(f"HTTP {exc.response.status_code}: {exc.response.text[:200]}")
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            return self._failed(f"{type(exc).__name__}: {exc}"[:300])
+
+    def _failed(self, why: str) -> Reply:
+        return Reply(f"[worker error: {why}]", error=why, cost=self.cfg.price.of(0))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 
-def _failed(why: str) -> Reply:
-    return Reply(f"[worker error: {why}]", error=why)
+def _priced(price: PriceConfig, text: str, tokens: int) -> Reply:
+    return Reply(text, tokens=tokens, cost=price.of(tokens))

@@ -185,11 +185,12 @@ def worker_thread(problem: Problem, plan: Plan, index: int, responses: Sequence[
     return [*messages, {"role": "user", "content": content}]
 
 
-def conductor_reward(parsed: Parsed, correct: bool) -> float:
-    """0 for a malformed plan, 0.5 for a parsed plan with a wrong answer, 1 for a right answer."""
+def conductor_reward(parsed: Parsed, correct: bool, cost_penalty: float = 0.0) -> float:
+    """0 for a malformed plan; a parsed plan earns 1 for a right answer, 0.5 for a wrong one, less what its
+    calls cost (``cost_penalty``, already weighted and scaled)."""
     if parsed.malformed:
         return 0.0
-    return 1.0 if correct else 0.5
+    return (1.0 if correct else 0.5) - cost_penalty
 
 
 def random_plan(num_workers: int, rng: random.Random, max_steps: int = 5) -> Plan:
