@@ -8,6 +8,7 @@ portability check builds and trains with other float32 kernels and its own model
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -93,3 +94,12 @@ def write_readme_block(marker: str, body: str, readme: Path = ROOT / "README.md"
         raise ValueError(f"{readme} has no {start} marker")
     _, _, tail = rest.partition(end)
     readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def reproduce_parser(doc: str | None, conditions: Sequence[str]) -> argparse.ArgumentParser:
+    """Every reproduction's command line: ``--only`` some of its conditions, ``--seeds``, ``--summarize``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(conditions), help="run only these conditions")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    return parser

@@ -13,7 +13,6 @@ well-formed workflow as baselines (frozen workers: measured on the same question
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
@@ -22,10 +21,10 @@ from typing import Any
 
 from experiments.runs import (
     ROOT,
-    SEEDS,
     RunSet,
     mean_std,
     read_results,
+    reproduce_parser,
     with_recorded,
     write_readme_block,
 )
@@ -96,10 +95,7 @@ def table(conditions: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(CONDITIONS), help="run only these conditions")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    parser = reproduce_parser(__doc__, CONDITIONS)
     args = parser.parse_args(argv)
     if not args.summarize:
         for seed in args.seeds:  # seed-major: an interrupted run has every condition's first seeds

@@ -18,15 +18,13 @@ seed (the figures and table code are `make reproduce`'s).
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.maporl.reproduce import condition_figures, plot, seed_figures, table
-from experiments.runs import ROOT, SEEDS, RunSet, read_results, with_recorded, write_readme_block
+from experiments.maporl.reproduce import discussion_results, table
+from experiments.runs import ROOT, RunSet, reproduce_parser, write_readme_block
 
 HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "lora")
@@ -38,22 +36,9 @@ DERIVED = {"untrained": "shared"}  # its figures are the `before` evaluation of 
 
 
 def summarize() -> dict[str, Any]:
-    """results.json, results.md and turn_accuracy.png from the finished runs on disk (a seed not on disk keeps
-    what the last results.json recorded)."""
-    recorded = read_results(HERE / "results.json").get("conditions", {})
-    conditions = {}
-    for name in [*DERIVED, *CONDITIONS]:
-        found = seed_figures(RUNS.summaries(DERIVED.get(name, name)), "before" if name in DERIVED else "after")
-        if seeds := with_recorded(found, recorded.get(name)):
-            conditions[name] = condition_figures(seeds)
-    results = {"conditions": conditions, "claims": claims(conditions),
-               "command": "python -m experiments.lora.reproduce", "date": dt.date.today().isoformat(),
-               "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "results.md").write_text(table(conditions) + "\n")
-    if conditions:
-        plot(conditions, HERE / "turn_accuracy.png")
-    return results
+    """results.json, results.md and turn_accuracy.png from the finished runs on disk (`make reproduce`'s code)."""
+    return discussion_results(RUNS, HERE, [*DERIVED, *CONDITIONS], DERIVED, claims,
+                              "python -m experiments.lora.reproduce")
 
 
 def claims(conditions: dict[str, Any]) -> dict[str, Any]:
@@ -76,10 +61,7 @@ def write_readme_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(CONDITIONS), help="run only these conditions")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    parser = reproduce_parser(__doc__, CONDITIONS)
     args = parser.parse_args(argv)
     if not args.summarize:
         for condition in args.only or list(CONDITIONS):  # the mode under test first, every seed

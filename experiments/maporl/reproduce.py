@@ -15,21 +15,21 @@ runs' evaluation before their first step (the same team, the same questions). A 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from experiments.runs import (
     ROOT,
-    SEEDS,
     RunSet,
     columns_mean_std,
     mean_std,
     read_results,
+    reproduce_parser,
     with_recorded,
     write_readme_block,
 )
@@ -73,21 +73,27 @@ def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize() -> dict[str, Any]:
-    """results.json from every finished run on disk; a seed whose run is not here (a fresh clone, another
-    machine's runs) keeps the figures the last results.json recorded for it."""
-    recorded = read_results(HERE / "results.json").get("conditions", {})
+    return discussion_results(RUNS, HERE, [*CONDITIONS, *DERIVED], DERIVED, claims, "make reproduce")
+
+
+def discussion_results(runs: RunSet, here: Path, names: Sequence[str], derived: dict[str, str],
+                       claims: Callable[[dict[str, Any]], dict[str, Any]], command: str) -> dict[str, Any]:
+    """A discussion experiment's results.json, results.md and turn_accuracy.png in ``here``, from every finished run
+    of ``names`` on disk (a derived name reads its source condition's ``before`` evaluation); a seed whose run is
+    not here (a fresh clone, another machine's runs) keeps the figures the last results.json recorded for it."""
+    recorded = read_results(here / "results.json").get("conditions", {})
     conditions = {}
-    for name in [*CONDITIONS, *DERIVED]:
-        found = seed_figures(RUNS.summaries(DERIVED.get(name, name)), "before" if name in DERIVED else "after")
+    for name in names:
+        found = seed_figures(runs.summaries(derived.get(name, name)), "before" if name in derived else "after")
         if seeds := with_recorded(found, recorded.get(name)):
             conditions[name] = condition_figures(seeds)
     results = {"conditions": conditions, "claims": claims(conditions),
-               "command": "make reproduce", "date": dt.date.today().isoformat(),
+               "command": command, "date": dt.date.today().isoformat(),
                "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "results.md").write_text(table(conditions) + "\n")
+    (here / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (here / "results.md").write_text(table(conditions) + "\n")
     if conditions:
-        plot(conditions, HERE / "turn_accuracy.png")
+        plot(conditions, here / "turn_accuracy.png")
     return results
 
 
@@ -166,10 +172,7 @@ def verdict(run: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(CONDITIONS), help="run only these conditions")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    parser = reproduce_parser(__doc__, CONDITIONS)
     parser.add_argument("--verdict", type=Path, help="print one finished run's verdict against the controls")
     args = parser.parse_args(argv)
     if args.verdict:

@@ -15,7 +15,6 @@ beside the native figures in experiments/<experiment>/results.json, with whether
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 
 from experiments.conductor import reproduce as conductor
 from experiments.maporl import reproduce as maporl
-from experiments.runs import ROOT, SEEDS, RunSet, write_readme_block
+from experiments.runs import ROOT, RunSet, reproduce_parser, write_readme_block
 
 HERE = Path(__file__).resolve().parent
 KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
@@ -109,10 +108,7 @@ def table(headlines: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(HEADLINES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
+    parser = reproduce_parser(__doc__, HEADLINES)
     args = parser.parse_args(argv)
     chosen = args.only or list(HEADLINES)
     if not args.summarize:
