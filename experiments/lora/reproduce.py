@@ -18,12 +18,10 @@ seed (the figures and table code are `make reproduce`'s).
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.maporl.reproduce import discussion_results, table
+from experiments.maporl.reproduce import discussion_results, report, table
 from experiments.runs import ROOT, RunSet, reproduce_parser, write_readme_block
 
 HERE = Path(__file__).resolve().parent
@@ -68,11 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 RUNS.run(condition, seed, CONDITIONS[condition])
                 summarize()
-    results = summarize()
-    if results["conditions"]:
-        write_readme_table(results)
-    print(table(results["conditions"]) if results["conditions"] else "no finished runs")
-    print(json.dumps(results["claims"], indent=2), file=sys.stderr)
+    report(summarize(), write_readme_table)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,14 @@ def verdict(run: Path) -> str:
     return line
 
 
+def report(results: dict[str, Any], write_table: Callable[[dict[str, Any]], None]) -> None:
+    """A discussion experiment's last word: its README table rewritten, the table and the claims printed."""
+    if results["conditions"]:
+        write_table(results)
+    print(table(results["conditions"]) if results["conditions"] else "no finished runs")
+    print(json.dumps(results["claims"], indent=2), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = reproduce_parser(__doc__, CONDITIONS)
     parser.add_argument("--verdict", type=Path, help="print one finished run's verdict against the controls")
@@ -185,11 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                 for condition in group:
                     RUNS.run(condition, seed, CONDITIONS[condition])
                     summarize()
-    results = summarize()
-    if results["conditions"]:
-        write_readme_table(results)
-    print(table(results["conditions"]) if results["conditions"] else "no finished runs")
-    print(json.dumps(results["claims"], indent=2), file=sys.stderr)
+    report(summarize(), write_readme_table)
 
 
 if __name__ == "__main__":
