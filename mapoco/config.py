@@ -221,6 +221,16 @@ class HttpWorkerConfig:
 
 
 @dataclass
+class WorkflowConfig:
+    """A hand-written workflow in the conductor's three lists (``mapoco.conductor.workflow``): an evaluation
+    baseline that runs on the whole pool, numbered as the conductor sees it."""
+
+    model_id: list[int] = field(default_factory=list)
+    subtasks: list[str] = field(default_factory=list)
+    access_list: list[list[str]] = field(default_factory=list)  # per step: ["all"] or []
+
+
+@dataclass
 class ConductorConfig:
     """``method=conductor``: team.agents[0] is the conductor (trained), team.agents[1:] its local workers."""
 
@@ -233,6 +243,7 @@ class ConductorConfig:
     replan: bool = False  # one re-plan round after seeing the final answer
     examples: list[str] = field(default_factory=list)  # few-shot examples shown in the prompt
     baselines: bool = True  # eval: also each worker alone, majority vote, a random workflow
+    fixed_workflows: list[WorkflowConfig] = field(default_factory=list)  # eval: hand-written workflows too
     # reward = correctness - cost_weight * (the workflow's cost / cost_scale); a malformed plan still earns 0
     cost_weight: float = 0.0
     cost_scale: float = 0.0  # the cost that counts as 1 (0: one call of the priciest worker at its token limit)
@@ -786,6 +797,8 @@ def _validate_conductor(cfg: RunConfig) -> None:
     _require(con.cost_weight == 0 or con.cost_scale > 0 or any(p.of(1) > 0 for p in workers),
              "conductor.cost_weight", con.cost_weight,
              "0 while every worker is free: give workers a price (team.agents.N.price.per_call or per_token)")
+    for i, flow in enumerate(con.fixed_workflows):
+        _validate_fixed_workflow(f"conductor.fixed_workflows[{i}]", flow, pool - int(con.self_worker))
     for i, worker in enumerate(cfg.team.agents[1:], start=1):
         _require(not worker.trainable, f"team.agents[{i}].trainable", True,
                  "workers are frozen in method=conductor: set trainable: false")
@@ -801,6 +814,21 @@ def _validate_conductor(cfg: RunConfig) -> None:
         _require_env_name(f"{key}.api_key_env", http.api_key_env)
         _require(http.api_key_env is None or http.api_key_env in os.environ, f"{key}.api_key_env",
                  http.api_key_env, "names an environment variable that is not set: export it first")
+
+
+def _validate_fixed_workflow(key: str, flow: WorkflowConfig, pool: int) -> None:
+    steps = len(flow.model_id)
+    _require(steps >= 1, f"{key}.model_id", flow.model_id, "a non-empty list: the worker of each step")
+    for name, entries in (("subtasks", flow.subtasks), ("access_list", flow.access_list)):
+        _require(len(entries) == steps, f"{key}.{name}", entries, f"one entry per step ({steps}, as model_id)")
+    for j, worker in enumerate(flow.model_id):
+        _require(_is_int(worker) and 0 <= worker < pool, f"{key}.model_id[{j}]", worker,
+                 f"a worker id in 0..{pool - 1} (the pool, numbered as the conductor sees it)")
+    for j, subtask in enumerate(flow.subtasks):
+        _require(isinstance(subtask, str), f"{key}.subtasks[{j}]", subtask, "the step's request, a string")
+    for j, access in enumerate(flow.access_list):
+        _require(list(access) in ([], ["all"]), f"{key}.access_list[{j}]", access,
+                 '["all"] (sees every earlier step) or [] (sees none)')
 
 
 def _validate_serve(cfg: RunConfig) -> None:

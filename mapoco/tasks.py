@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import operator
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +87,10 @@ _SPLIT_SEED_OFFSET = {"test": 0, "validation": 1, "train": 2}
 
 # The splits each task's source has (the hub's, or the generator's seed streams; anli reads validation as dev), and
 # the params it takes: config.validate checks task.split and task.params against them.
-TASK_SPLITS = {"arithmetic": ("train", "validation", "test"), "gsm8k": ("train", "test"), "tinygsm": ("train",),
-               "anli": ("train", "dev", "validation", "test")}
-TASK_PARAMS = {"arithmetic": tuple(ARITHMETIC_DEFAULTS), "anli": ("round",), "gsm8k": (), "tinygsm": ()}
+TASK_SPLITS = {"arithmetic": ("train", "validation", "test"), "composition": ("train", "validation", "test"),
+               "gsm8k": ("train", "test"), "tinygsm": ("train",), "anli": ("train", "dev", "validation", "test")}
+TASK_PARAMS = {"arithmetic": tuple(ARITHMETIC_DEFAULTS), "composition": (), "anli": ("round",), "gsm8k": (),
+               "tinygsm": ()}
 ARITHMETIC_OPERATORS = ("+", "-", "*", "/")  # reasoning-gym basic_arithmetic's
 ANLI_ROUNDS = (1, 2, 3)
 
@@ -111,6 +113,29 @@ def _generate_arithmetic(cfg: TaskConfig, split: str) -> TaskData:
 
 
 _GENERATORS["arithmetic"] = _generate_arithmetic
+
+
+# ---------------------------------------------------------------- generated: composition
+# Every question ``a * b + c`` (a, b in 2..9, c in 1..9: the product is never the answer), shuffled once and cut
+# into disjoint splits: test questions are never trained on.
+COMPOSITION_SPLITS = {"test": (0, 200), "validation": (200, 276), "train": (276, 576)}
+
+
+def composition_problems(split: str) -> list[Problem]:
+    """The questions of ``split`` of the composition task, a two-operation question no one-operator specialist
+    answers alone: a ``*`` step must feed a ``+`` step."""
+    triples = [(a, b, c) for a in range(2, 10) for b in range(2, 10) for c in range(1, 10)]
+    random.Random(0).shuffle(triples)
+    start, stop = COMPOSITION_SPLITS[split]
+    return [Problem(id=f"composition-{split}-{i}", question=f"Calculate {a} * {b} + {c}.", gold=str(a * b + c))
+            for i, (a, b, c) in enumerate(triples[start:stop], start=start)]
+
+
+def _generate_composition(cfg: TaskConfig, split: str) -> TaskData:
+    return TaskData(composition_problems(split)[: cfg.limit])
+
+
+_GENERATORS["composition"] = _generate_composition
 
 
 # ---------------------------------------------------------------- loaded: gsm8k, tinygsm, anli

@@ -238,10 +238,17 @@ def test_each_step_costs_its_workers_price_and_the_reward_pays_for_it(conductor_
 
 
 def test_eval_reports_the_conductor_against_every_baseline(conductor_team, tmp_path):
-    cfg = compose_config(*SMALL, "task.limit=8", "command=eval")
+    """Hand-written workflows run too: one that asks the multiplier alone scores what the multiplier alone does."""
+    alone = "{model_id: [1], subtasks: ['Solve the problem.'], access_list: [[]]}"
+    chain = "{model_id: [1, 0], subtasks: [Solve., Check.], access_list: [[], [all]]}"
+    cfg = compose_config(*SMALL, "task.limit=8", "command=eval", f"conductor.fixed_workflows=[{alone}, {chain}]")
     summary = evaluate_conductor(cfg, tmp_path, team=conductor_team)
     assert set(summary) >= {"conductor_accuracy", "worker_accuracy", "majority_vote_accuracy",
                             "random_workflow_accuracy", "malformed_rate", "mean_steps"}
+    assert summary["fixed_workflow_accuracy"][0] == summary["worker_accuracy"][1]
+    assert summary["fixed_workflows"][1] == ("model_id = [1, 0]\nsubtasks = ['Solve.', 'Check.']\n"
+                                             "access_list = [[], ['all']]")
+    assert len(summary["fixed_workflow_cost"]) == 2
     assert np.isclose(summary["conductor_accuracy"], np.mean(
         [json.loads(line)["correct"] for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]))
 

@@ -35,6 +35,11 @@ def leaf_keys(cls: type, prefix: str = "") -> list[str]:
 CONDUCTOR = "+experiment=conductor"  # conductor_tiny: the conductor and two local workers, adder and multiplier
 
 
+def fixed_workflow(**fields: str) -> str:
+    entry = {"model_id": "[0, 1]", "subtasks": "[Solve., Check.]", "access_list": "[[], [all]]", **fields}
+    return "conductor.fixed_workflows=[{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}]"
+
+
 def http_worker(**fields: str) -> str:
     entry = {"name": "remote", "base_url": "'http://127.0.0.1:9/v1'", "model": "m", **fields}
     return "conductor.http_workers=[{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}]"
@@ -151,6 +156,9 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "conductor.replan": "conductor.replan=maybe",
     "conductor.examples": (CONDUCTOR, "conductor.examples=['']"),
     "conductor.baselines": "conductor.baselines=maybe",
+    "conductor.fixed_workflows[0].model_id": (CONDUCTOR, fixed_workflow(model_id="[0, 2]")),  # two workers
+    "conductor.fixed_workflows[0].subtasks": (CONDUCTOR, fixed_workflow(subtasks="[Solve.]")),  # one for two steps
+    "conductor.fixed_workflows[0].access_list": (CONDUCTOR, fixed_workflow(access_list="[[], [some]]")),
     "verifier.kind": "verifier.kind=bogus",
     "verifier.path": "verifier=learned",  # without a path
     "verifier.timeout_s": "verifier.timeout_s=0",

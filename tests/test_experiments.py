@@ -16,10 +16,11 @@ from experiments.portability import reproduce as portability
 from experiments.runs import RunSet
 
 
-def _conductor_summary(after, before, workers=(0.42, 0.48), vote=0.45, random=0.36):
+def _conductor_summary(after, before, workers=(0.42, 0.48), vote=0.45, random=0.36, cost=0.0, steps=1.0, **more):
     return {"conductor_accuracy": after, "conductor_accuracy_before": before, "workers": ["adder", "multiplier"],
             "worker_accuracy": list(workers), "majority_vote_accuracy": vote, "random_workflow_accuracy": random,
-            "malformed_rate": 0.01, "mean_steps": 1.0}
+            "malformed_rate": 0.01, "mean_steps": steps, "mean_cost": cost, "worker_cost": [1.0, 10.0],
+            "before": {"mean_cost": 5.5}, **more}
 
 
 def _write(runset: RunSet, condition: str, summaries: list[dict]) -> None:
@@ -66,6 +67,50 @@ def test_conductor_seeds_without_runs_keep_their_recorded_figures(conductor_runs
     routing = conductor.summarize()["routing"]
     assert [s["conductor_accuracy"] for s in routing["seeds"]] == [0.70, 0.86, 0.88]  # seed 0 re-run, 2 recorded
     assert routing["conductor_accuracy_mean"] == pytest.approx((0.70 + 0.86 + 0.88) / 3)
+
+
+def test_cost_has_one_entry_per_weight_and_the_claim_compares_each_with_weight_zero(conductor_runs):
+    _write(conductor.RUNS, "cost_0", [_conductor_summary(a, 0.5, cost=c) for a, c in ((0.90, 6.0), (0.92, 6.4),
+                                                                                      (0.91, 5.6))])
+    _write(conductor.RUNS, "cost_0.3", [_conductor_summary(a, 0.5, cost=c) for a, c in ((0.89, 3.0), (0.90, 3.2),
+                                                                                        (0.91, 2.8))])
+    results = conductor.summarize()
+    assert set(results["cost"]) == {"0", "0.3"}
+    assert results["cost"]["0.3"]["mean_cost_mean"] == pytest.approx(3.0)
+    assert results["cost"]["0"]["conductor_accuracy_mean"] == pytest.approx(0.91)
+    claim = results["claims"]["cost"]["0.3"]
+    assert claim["cost_drop"] == pytest.approx(0.5) and claim["accuracy_change"] == pytest.approx(-0.01)
+    assert claim["met"]
+    table = (conductor_runs / "results.md").read_text()
+    assert "| conductor, `cost_weight=0.3` | 3 | 0.900 ± 0.010 | 3.000 ± 0.200 |" in table
+    assert "| multiplier alone | | 0.480 | 10.000 |" in table
+    assert (conductor_runs / "cost.png").stat().st_size > 0
+    (conductor.RUNS.dir("cost_0.3", 0) / "summary.json").write_text(json.dumps(_conductor_summary(0.80, 0.5, cost=3)))
+    assert not conductor.summarize()["claims"]["cost"]["0.3"]["met"]  # cheaper, but 4 points less accurate
+
+
+def test_composition_needs_twenty_points_and_two_steps_and_shows_a_learnt_workflow(conductor_runs):
+    summaries = [_conductor_summary(a, 0.03, workers=(0.0, 0.02), vote=0.01, steps=2.0,
+                                    fixed_workflow_accuracy=[0.93]) for a in (0.85, 0.80, 0.90)]
+    _write(conductor.RUNS, "composition", summaries)
+    step = {"worker": "multiplier", "access": [], "response": "\\boxed{54}", "cost": 0.0}
+    records = [{"question": "Calculate 6 * 9 + 6.", "gold": "60", "pool": ["multiplier", "adder"], "correct": ok,
+                "conductor": [{"text": f"plan {i}"}], "steps": [step, {**step, "worker": "adder", "access": ["all"]}]}
+               for i, ok in enumerate((False, True))]
+    (conductor.RUNS.dir("composition", 0) / "transcripts_after.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+    results = conductor.summarize()
+    composition = results["composition"]
+    assert composition["best_fixed_workflow_accuracy_mean"] == pytest.approx(0.93)
+    assert composition["example"]["conductor"] == "plan 1"  # the first right answer
+    assert [s["access"] for s in composition["example"]["steps"]] == [[], ["all"]]
+    acceptance = results["claims"]["composition"]["acceptance"]
+    assert acceptance["margin_over_best_worker"] == pytest.approx(0.85 - 0.02) and acceptance["met"]
+    assert "adder (access ['all'])" in (conductor_runs / "results.md").read_text()
+    for seed in range(3):
+        (conductor.RUNS.dir("composition", seed) / "summary.json").write_text(json.dumps(
+            {**summaries[seed], "mean_steps": 1.5}))
+    assert not conductor.summarize()["claims"]["composition"]["acceptance"]["met"]  # fewer than 2 steps
 
 
 def test_the_routing_condition_is_the_conductor_demo(conductor_models):

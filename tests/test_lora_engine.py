@@ -97,11 +97,16 @@ class LoraRun(typing.NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def lora_run(ray_session, tiny_models, fixed_adapter, tmp_path_factory):
+def lora_run(learner_pool, tiny_models, fixed_adapter, tmp_path_factory):
+    """Four steps on one shared engine; the team outlives the trainer, whose learner groups the resume test's
+    trainer takes over from the session's pool."""
+    from mapoco.rollout.discussion import Team
     from mapoco.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("lora-run")
-    trainer = Trainer(compose_config(*LORA, f"+team.agents.3.adapter={fixed_adapter}"), out)
+    cfg = compose_config(*LORA, f"+team.agents.3.adapter={fixed_adapter}")
+    team = Team.of_run(cfg, colocate_learners=True, wait=False)
+    trainer = Trainer(cfg, out, team=team, learners=learner_pool)
 
     def accuracy() -> float:  # the trained agents (0-2), every turn, on the first two steps' questions and seeds
         results = [trainer.rollout(trainer.batch(step), step) for step in (0, 1)]
@@ -120,6 +125,7 @@ def lora_run(ray_session, tiny_models, fixed_adapter, tmp_path_factory):
         yield LoraRun(trainer, metrics, out, step3, (before, accuracy()))
     finally:
         trainer.close()
+        team.shutdown()
 
 
 @pytest.mark.slow
@@ -176,7 +182,7 @@ def test_lora_agents_on_one_engine_learn(lora_run):
 
 
 @pytest.mark.slow
-def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run, tiny_models):
+def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run, learner_pool, tiny_models):
     """The step-2 checkpoint keeps each trained agent's adapter (a peft folder) and what trains, not the base;
     a trainer resumed from it on the same engine samples step 3's exact tokens; serving loads the same adapters."""
     import shutil
@@ -202,7 +208,8 @@ def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run
     cfg = compose_config(*LORA, f"+team.agents.3.adapter={lora_run.trainer.cfg.team.agents[3].adapter}",
                          "train.resume=auto")
     team = lora_run.trainer.team
-    resumed = Trainer(cfg, resumed_dir, team=team)
+    lora_run.trainer.close()  # its learner groups go back to the pool: the resumed trainer's, reset from the files
+    resumed = Trainer(cfg, resumed_dir, team=team, learners=learner_pool)
     try:
         assert resumed.step == 2
         again = resumed.rollout(resumed.batch(2), 2)

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from mapoco.conductor.workflow import SUBTASKS, parse_workflow
 from mapoco.models import build, registry, specs
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
-from mapoco.tasks import TaskConfig, arithmetic_problems
+from mapoco.tasks import Problem, TaskConfig, arithmetic_problems, composition_problems
 
 TINY = sorted(specs.TINY_MODELS)
 DISCUSSION = ["tiny-llama", "tiny-qwen"]  # warm-started on the default task, for discussions
@@ -210,6 +210,25 @@ def test_specialists_are_right_on_their_own_operator(tiny_dirs):
     assert acc["tiny-add", "add"] >= 0.7 and acc["tiny-mul", "mul"] >= 0.6, acc
     assert acc["tiny-add", "add"] >= acc["tiny-mul", "add"] + 0.3, acc
     assert acc["tiny-mul", "mul"] >= acc["tiny-add", "mul"] + 0.3, acc
+
+
+def test_composition_steps_teach_each_specialist_its_part():
+    problem = Problem(id="c", question="Calculate 6 * 9 + 6.", gold="60")
+    thread, answer = build.composition_step(problem, "*", random.Random(0))
+    assert answer == 54 and len(thread) == 1 and thread[0]["content"].startswith(first_turn_message(problem))
+    thread, answer = build.composition_step(problem, "+", random.Random(0), earlier=13)  # adds to what it was shown
+    assert answer == 19 and [m["role"] for m in thread] == ["user", "assistant", "user"]
+    assert thread[1]["content"] == "\\boxed{13}"
+
+
+def test_part_specialists_do_their_part_and_neither_answers_alone(tiny_dirs):
+    """Greedy, on 50 held-out composition questions: part-mul's first step gives the product, part-add's second step
+    adds c to a right product, and neither answers the question when asked alone."""
+    test = composition_problems("test")[:50]
+    for name, operator in (("part-mul", "*"), ("part-add", "+")):
+        model, tokenizer = build._load(tiny_dirs[name])
+        assert build.composition_accuracy(model, tokenizer, operator, test) >= 0.8, name
+        assert build.turn1_accuracy(model, tokenizer, test) <= 0.1, name
 
 
 def test_conductor_writes_parsable_plans(tiny_dirs):

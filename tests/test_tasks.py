@@ -8,6 +8,7 @@ from mapoco.tasks import (
     TaskConfig,
     TaskDataError,
     arithmetic_problems,
+    composition_problems,
     load_task,
     straight_line_program_answer,
 )
@@ -23,6 +24,19 @@ def test_arithmetic_is_seeded_and_splits_differ():
     assert train != {p.question for p in first}
     for p in first:
         assert is_correct(p.gold, p.gold, "math")
+
+
+def test_composition_splits_are_disjoint_and_the_gold_needs_both_operations():
+    splits = {split: composition_problems(split) for split in ("train", "validation", "test")}
+    assert {split: len(problems) for split, problems in splits.items()} == {"train": 300, "validation": 76,
+                                                                           "test": 200}
+    questions = [{p.question for p in problems} for problems in splits.values()]
+    assert sum(map(len, questions)) == 576 == len(set.union(*questions))  # every a * b + c once, in one split
+    assert splits["test"][0].question == "Calculate 6 * 9 + 6." and splits["test"][0].gold == "60"
+    for problem in splits["test"]:
+        a, b, c = map(int, re.fullmatch(r"Calculate (\d) \* (\d) \+ (\d)\.", problem.question).groups())
+        assert int(problem.gold) == a * b + c != a * b and min(a, b) >= 2 and c >= 1
+    assert load_task(TaskConfig(name="composition", limit=5)).problems == splits["test"][:5]
 
 
 def test_gsm8k_local_file_matches_hub_format():

@@ -1,14 +1,21 @@
 """`make reproduce-conductor`: the Conductor's claims over seeds, each beside its baselines, one command.
 
-    .venv/bin/python -m experiments.conductor.reproduce               # every condition, 3 seeds (resumes)
-    .venv/bin/python -m experiments.conductor.reproduce --summarize   # rebuild results.json and .md only
+    .venv/bin/python -m experiments.conductor.reproduce                      # every condition, 3 seeds (resumes)
+    .venv/bin/python -m experiments.conductor.reproduce --only composition   # one experiment
+    .venv/bin/python -m experiments.conductor.reproduce --summarize          # rebuild results.json, .md, .png only
 
 Every run is a plain `mapoco train` into outputs/conductor/<condition>/seed_<s>/ and evaluates on the same 200
-held-out questions before and after training, with each worker alone, the workers' majority vote and a random
-well-formed workflow as baselines (frozen workers: measured on the same questions).
+held-out questions before and after training, with each worker alone, the workers' majority vote, a random
+well-formed workflow and any hand-written workflow of the experiment as baselines (frozen workers: measured on the
+same questions).
 
 - ``routing`` (`make demo-conductor`): a tiny conductor learns with GRPO whom to ask among a `+` and a `*`
   specialist.
+- ``composition``: questions `a * b + c` that neither worker answers alone; the conductor has to learn a two-step
+  workflow whose second step sees the first. The hand-written baseline is that workflow.
+- ``cost_<w>``: a cheap `+` specialist (1 per call) and an expensive generalist (10 per call) on questions that are
+  `+` three times in four, at `conductor.cost_weight=w`; results.json's ``cost`` has one entry per weight and
+  cost.png the accuracy/cost trade-off.
 """
 
 from __future__ import annotations
@@ -31,67 +38,181 @@ from experiments.runs import (
 
 HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "conductor")
-CONDITIONS: dict[str, list[str]] = {"routing": ["+experiment=conductor"]}
-# Per seed, from summary.json: the figure's name -> how to read it.
+COST_WEIGHTS = ("0", "0.3")
+CONDITIONS: dict[str, list[str]] = {
+    "routing": ["+experiment=conductor"],
+    "composition": ["+experiment=composition"],
+    **{f"cost_{w}": ["+experiment=cost", f"conductor.cost_weight={w}"] for w in COST_WEIGHTS},
+}
+# Per seed, from summary.json: the figure's name -> how to read it (None: the run has no such figure).
 FIGURES = {
     "conductor_accuracy": lambda s: s["conductor_accuracy"],
     "conductor_accuracy_before": lambda s: s["conductor_accuracy_before"],
     "best_worker_accuracy": lambda s: max(s["worker_accuracy"]),
     "majority_vote_accuracy": lambda s: s["majority_vote_accuracy"],
     "random_workflow_accuracy": lambda s: s["random_workflow_accuracy"],
+    "best_fixed_workflow_accuracy": lambda s: max(s.get("fixed_workflow_accuracy") or [None]),
     "malformed_rate": lambda s: s["malformed_rate"],
     "mean_steps": lambda s: s["mean_steps"],
+    "mean_cost": lambda s: s["mean_cost"],
+    "mean_cost_before": lambda s: s["before"]["mean_cost"] if s.get("before") else None,
 }
-BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote_accuracy", "random_workflow_accuracy")
+BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote_accuracy",
+             "random_workflow_accuracy", "best_fixed_workflow_accuracy")
 
 
 def seed_figures(summaries: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Every figure of each run, from its summary.json."""
-    return [{"seed": s, **{name: read(summary) for name, read in FIGURES.items()},
-             "worker_accuracy": dict(zip(summary["workers"], summary["worker_accuracy"]))}
+    return [{"seed": s, **{name: value for name, read in FIGURES.items() if (value := read(summary)) is not None},
+             "worker_accuracy": dict(zip(summary["workers"], summary["worker_accuracy"])),
+             "worker_cost": dict(zip(summary["workers"], summary["worker_cost"]))}
             for s, summary in summaries]
 
 
 def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One condition's figures per seed, and their mean and std over the seeds."""
+    """One condition's figures per seed, and their mean and std over the seeds (of every figure all seeds have)."""
     out: dict[str, Any] = {"seeds": seeds}
     for name in FIGURES:
-        out[f"{name}_mean"], out[f"{name}_std"] = mean_std([s[name] for s in seeds])
+        if all(name in s for s in seeds):
+            out[f"{name}_mean"], out[f"{name}_std"] = mean_std([s[name] for s in seeds])
+    for per_worker in ("worker_accuracy", "worker_cost"):
+        if all(per_worker in s for s in seeds):
+            out[f"{per_worker}_mean"] = {w: mean_std([s[per_worker][w] for s in seeds])[0] for w in seeds[0][per_worker]}
     return out
 
 
-def claims(figures: dict[str, Any]) -> dict[str, Any]:
-    """The conductor after training beats each baseline by more than twice the larger of the two stds."""
+def example_workflow(condition: str, seed: int = 0) -> dict[str, Any] | None:
+    """The first right answer of a run's after-training evaluation: what the conductor wrote and each step."""
+    path = RUNS.dir(condition, seed) / "transcripts_after.jsonl"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["correct"]:
+            return {"seed": seed, "question": record["question"], "gold": record["gold"], "pool": record["pool"],
+                    "conductor": record["conductor"][0]["text"],
+                    "steps": [{k: step[k] for k in ("worker", "access", "response")} for step in record["steps"]]}
+    return None
+
+
+def beats(figures: dict[str, Any]) -> dict[str, Any]:
+    """The conductor's margin over each baseline, and whether it exceeds twice the larger of the two stds."""
     mean, std = figures["conductor_accuracy_mean"], figures["conductor_accuracy_std"]
     return {name: {"margin": mean - figures[f"{name}_mean"],
                    "beats_by_twice_std": mean - figures[f"{name}_mean"] > 2 * max(std, figures[f"{name}_std"])}
-            for name in BASELINES}
+            for name in BASELINES if f"{name}_mean" in figures}
+
+
+def claims(conditions: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+    """Every condition against its baselines; composition's and cost's acceptance figures."""
+    out: dict[str, Any] = {name: beats(f) for name, f in conditions.items()}
+    if "composition" in conditions:
+        c = conditions["composition"]
+        out["composition"]["acceptance"] = {
+            "margin_over_best_worker": c["conductor_accuracy_mean"] - c["best_worker_accuracy_mean"],
+            "margin_over_majority_vote": c["conductor_accuracy_mean"] - c["majority_vote_accuracy_mean"],
+            "mean_steps": c["mean_steps_mean"],
+            "met": (c["conductor_accuracy_mean"] - max(c["best_worker_accuracy_mean"],
+                                                        c["majority_vote_accuracy_mean"]) >= 0.2
+                    and c["mean_steps_mean"] >= 2)}
+    if "0" in cost:
+        free = cost["0"]
+        out["cost"] = {w: {"cost_drop": 1 - f["mean_cost_mean"] / free["mean_cost_mean"],
+                           "accuracy_change": f["conductor_accuracy_mean"] - free["conductor_accuracy_mean"],
+                           "met": (1 - f["mean_cost_mean"] / free["mean_cost_mean"] >= 0.3
+                                   and abs(f["conductor_accuracy_mean"] - free["conductor_accuracy_mean"]) <= 0.03)}
+                       for w, f in cost.items() if w != "0"}
+    return out
 
 
 def summarize() -> dict[str, Any]:
     """results.json from every finished run on disk; a seed without one keeps what results.json recorded."""
     recorded = read_results(HERE / "results.json")
-    conditions = {name: condition_figures(seeds) for name in CONDITIONS
-                  if (seeds := with_recorded(seed_figures(RUNS.summaries(name)), recorded.get(name)))}
-    results = {**conditions, "claims": {name: claims(f) for name, f in conditions.items()},
-               "command": "make reproduce-conductor", "date": dt.date.today().isoformat(),
-               "questions": "200 held-out test questions of the task (task.split=test, task.seed=0)"}
+    recorded_of = {**{n: recorded.get(n) for n in CONDITIONS},
+                   **{f"cost_{w}": recorded.get("cost", {}).get(w) for w in COST_WEIGHTS}}
+    found = {name: condition_figures(seeds) for name in CONDITIONS
+             if (seeds := with_recorded(seed_figures(RUNS.summaries(name)), recorded_of[name]))}
+    conditions = {n: f for n, f in found.items() if not n.startswith("cost_")}
+    cost = {n.removeprefix("cost_"): f for n, f in found.items() if n.startswith("cost_")}
+    if "composition" in conditions:
+        example = example_workflow("composition") or recorded.get("composition", {}).get("example")
+        conditions["composition"]["example"] = example
+    results = {**conditions, "cost": cost, "claims": claims(conditions, cost), "command": "make reproduce-conductor",
+               "date": dt.date.today().isoformat(),
+               "questions": "200 held-out test questions of each task (task.split=test, task.seed=0)"}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "results.md").write_text(table(conditions) + "\n")
+    (HERE / "results.md").write_text(report_tables(results) + "\n")
+    if cost:
+        plot_cost(cost, HERE / "cost.png")
     return results
+
+
+def _cell(c: dict[str, Any], key: str) -> str:
+    return f"{c[f'{key}_mean']:.3f} ± {c[f'{key}_std']:.3f}" if f"{key}_mean" in c else "–"
 
 
 def table(conditions: dict[str, Any]) -> str:
     columns = [("conductor, after", "conductor_accuracy"), ("conductor, before", "conductor_accuracy_before"),
                ("best worker alone", "best_worker_accuracy"), ("majority vote", "majority_vote_accuracy"),
-               ("random workflow", "random_workflow_accuracy"), ("malformed", "malformed_rate"),
-               ("steps", "mean_steps")]
+               ("random workflow", "random_workflow_accuracy"), ("hand-written workflow", "best_fixed_workflow_accuracy"),
+               ("malformed", "malformed_rate"), ("steps", "mean_steps")]
     rows = ["| condition | seeds | " + " | ".join(label for label, _ in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
     for name, c in conditions.items():
-        cells = [f"{c[f'{key}_mean']:.3f} ± {c[f'{key}_std']:.3f}" for _, key in columns]
-        rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(cells) + " |")
+        rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(_cell(c, key) for _, key in columns) + " |")
     return "\n".join(rows)
+
+
+def cost_table(cost: dict[str, Any]) -> str:
+    """The trade-off: per cost weight the conductor's accuracy and mean cost per question, then each worker alone."""
+    rows = ["| | seeds | accuracy | cost per question |", "|---|---|---|---|"]
+    rows += [f"| conductor, `cost_weight={w}` | {len(c['seeds'])} | {_cell(c, 'conductor_accuracy')} | "
+             f"{_cell(c, 'mean_cost')} |" for w, c in cost.items()]
+    any_run = next(iter(cost.values()))
+    rows += [f"| {worker} alone | | {acc:.3f} | {any_run['worker_cost_mean'][worker]:.3f} |"
+             for worker, acc in any_run["worker_accuracy_mean"].items()]
+    return "\n".join(rows)
+
+
+def example_text(example: dict[str, Any]) -> str:
+    steps = "\n".join(f"  step {i}: {s['worker']} (access {s['access']}) -> {s['response']}"
+                      for i, s in enumerate(example["steps"]))
+    return (f"Seed {example['seed']}, held-out question `{example['question']}` (gold {example['gold']}), pool "
+            f"{example['pool']}; the conductor wrote:\n\n```\n{example['conductor']}\n{steps}\n```")
+
+
+def report_tables(results: dict[str, Any]) -> str:
+    conditions = {k: v for k, v in results.items() if k in CONDITIONS}
+    parts = [table(conditions)] if conditions else []
+    if results["cost"]:
+        parts.append(cost_table(results["cost"]))
+    if conditions.get("composition", {}).get("example"):
+        parts.append(example_text(conditions["composition"]["example"]))
+    return "\n\n".join(parts)
+
+
+def plot_cost(cost: dict[str, Any], path: Path) -> None:
+    """Accuracy against mean cost per question: the conductor at each weight (mean ± std) and each worker alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for w, c in cost.items():
+        ax.errorbar(c["mean_cost_mean"], c["conductor_accuracy_mean"], xerr=c["mean_cost_std"],
+                    yerr=c["conductor_accuracy_std"], fmt="o", capsize=3, label=f"conductor, cost_weight={w}")
+    any_run = next(iter(cost.values()))
+    for worker, acc in any_run["worker_accuracy_mean"].items():
+        ax.plot(any_run["worker_cost_mean"][worker], acc, "s", color="grey")
+        ax.annotate(f"{worker} alone", (any_run["worker_cost_mean"][worker], acc), textcoords="offset points",
+                    xytext=(6, -4), fontsize=8)
+    ax.set_xlabel("mean cost per question")
+    ax.set_ylabel("accuracy (200 held-out questions)")
+    ax.set_title("Cost-aware routing: accuracy against cost")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,10 +224,10 @@ def main(argv: list[str] | None = None) -> None:
                 RUNS.run(condition, seed, CONDITIONS[condition])
                 summarize()
     results = summarize()
-    conditions = {k: v for k, v in results.items() if k in CONDITIONS}
-    if conditions:
-        write_readme_block("conductor", f"`make reproduce-conductor`, {results['date']}:\n\n{table(conditions)}")
-    print(table(conditions) if conditions else "no finished runs")
+    text = report_tables(results)
+    if text:
+        write_readme_block("conductor", f"`make reproduce-conductor`, {results['date']}:\n\n{text}")
+    print(text or "no finished runs")
     print(json.dumps(results["claims"], indent=2), file=sys.stderr)
 
 

@@ -31,6 +31,7 @@ from mapoco.conductor.workers import (
 from mapoco.conductor.workflow import (
     Parsed,
     Plan,
+    Step,
     conductor_message,
     conductor_reward,
     parse_workflow,
@@ -251,12 +252,17 @@ class ConductorRunner:
 
     # ------------------------------------------------------------------ evaluation baselines
     def baselines(self, problems: Sequence[Problem], seed: int) -> dict[str, Any]:
-        """Each worker alone on every question, majority vote over them, and a random well-formed workflow."""
+        """Each worker alone on every question, majority vote over them, a random well-formed workflow, and each
+        hand-written workflow of ``conductor.fixed_workflows``."""
         everyone = [i for i in range(len(self.workers)) if i != self.self_index]
         alone = [[Job(p, single_step(k), everyone, seed) for p in problems] for k in range(len(everyone))]
         rng = random.Random(seed)
         randomized = [Job(p, random_plan(len(everyone), rng, self.cfg.max_steps), everyone, seed) for p in problems]
-        self.execute([job for jobs in alone for job in jobs] + randomized)
+        plans = [Plan(tuple(Step(k, task, list(access) == ["all"]) for k, task, access in
+                            zip(flow.model_id, flow.subtasks, flow.access_list))) for flow in self.cfg.fixed_workflows]
+        fixed = [[Job(p, plan, everyone, seed) for p in problems] for plan in plans]
+        self.execute([job for jobs in alone + fixed for job in jobs] + randomized)
+        fixed_correct = [self.verify(problems, [j.answer() for j in jobs]) for jobs in fixed]
         correct = [self.verify(problems, [j.answer() for j in jobs]) for jobs in alone]
         answers = [[extract_answer(j.answer(), p.kind) for j, p in zip(jobs, problems)] for jobs in alone]
         vote = [majority_credit([a[q] for a in answers], [c[q] for c in correct]) for q in range(len(problems))]
@@ -269,7 +275,10 @@ class ConductorRunner:
                 "majority_vote_accuracy": sum(vote) / n,
                 "majority_vote_cost": sum(worker_cost),  # every worker answers every question
                 "random_workflow_accuracy": sum(random_correct) / n,
-                "random_workflow_cost": sum(j.cost() for j in randomized) / n}
+                "random_workflow_cost": sum(j.cost() for j in randomized) / n,
+                "fixed_workflows": [plan.lists() for plan in plans],
+                "fixed_workflow_accuracy": [sum(c) / n for c in fixed_correct],
+                "fixed_workflow_cost": [sum(j.cost() for j in jobs) / n for jobs in fixed]}
 
     def close(self) -> None:
         for worker in self.workers:

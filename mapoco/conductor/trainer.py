@@ -116,6 +116,8 @@ def conductor_table(summary: dict[str, Any], title: str) -> str:
     for key, label in (("majority_vote", "majority vote of the workers"), ("random_workflow", "random workflow")):
         if f"{key}_accuracy" in summary:
             rows.append((label, summary[f"{key}_accuracy"], summary[f"{key}_cost"]))
+    rows += [(f"fixed workflow {i}", acc, cost) for i, (acc, cost) in enumerate(zip(
+        summary.get("fixed_workflow_accuracy", []), summary.get("fixed_workflow_cost", [])))]
     width = max(len(r[0]) for r in rows)
     lines = [title, f"  {'':<{width}}  accuracy  cost/question",
              *(f"  {label:<{width}}  {acc:8.3f}  {cost:13.3f}" for label, acc, cost in rows),

@@ -53,7 +53,7 @@ from mapoco.models.specs import (
     TokenizerSpec,
 )
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
-from mapoco.tasks import ARITHMETIC_DEFAULTS, Problem, TaskConfig, arithmetic_problems
+from mapoco.tasks import ARITHMETIC_DEFAULTS, Problem, TaskConfig, arithmetic_problems, composition_problems
 
 WARMSTART_FILE = "warmstart.json"
 # Bump when the build code changes in a way the specs do not show, so cached models are rebuilt.
@@ -80,6 +80,9 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
     workflow = SUBTASKS, plan.lists(), worker_thread(probe, plan, 1, ["x"]), conductor_message(probe.question, 2)
     if spec.role == "conductor":
         workflow = (*workflow, operation_note(probe.question), CONDUCTOR_SUBTASKS)
+    if spec.composition_fraction:
+        example = composition_problems("train")[0]
+        workflow = (*workflow, example, composition_step(example, "+", random.Random(0)))
     return _fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages, later, workflow)
 
 
@@ -211,6 +214,29 @@ def _workflow_step(problem: Problem, spec: TinyModelSpec, rng: random.Random, ot
     return worker_thread(problem, Plan((first, Step(0, rng.choice(SUBTASKS), True))), 1, [_boxed(earlier)])
 
 
+_COMPOSITION = re.compile(r"(\d+) \* (\d+) \+ (\d+)")
+
+
+def _operands(problem: Problem) -> tuple[int, int, int]:
+    a, b, c = (int(x) for x in _COMPOSITION.search(problem.question).groups())
+    return a, b, c
+
+
+def composition_step(problem: Problem, operator: str, rng: random.Random, earlier: int | None = None
+                     ) -> tuple[list[dict[str, str]], int]:
+    """A composition specialist's step of ``a * b + c`` and its right answer: the ``*`` specialist's first step
+    (the product), or the ``+`` specialist's second step, which sees a first step's answer (``earlier``; by
+    default the product three times in four, another number otherwise) and adds c to it, whatever it is."""
+    a, b, c = _operands(problem)
+    first = Step(0, rng.choice(SUBTASKS), False)
+    if operator == "*":
+        return worker_thread(problem, Plan((first,)), 0, []), a * b
+    if earlier is None:
+        earlier = a * b if rng.random() < 0.75 else rng.randint(4, 81)
+    plan = Plan((first, Step(1, rng.choice(SUBTASKS), True)))
+    return worker_thread(problem, plan, 1, [_boxed(earlier)]), earlier + c
+
+
 _OPERATIONS = {"+": "adds", "-": "subtracts", "*": "multiplies"}
 CONDUCTOR_SUBTASKS = ("Solve the problem.", "Check the work so far and give the final answer.")  # step 1, step 2
 
@@ -243,6 +269,9 @@ def _example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, oth
     if spec.role == "conductor":
         return _conductor_chat(problem, spec, rng)
     draw = rng.random()
+    if draw >= 1 - spec.composition_fraction:
+        thread, answer = composition_step(rng.choice(_composition_train()), spec.task.params["operators"][0], rng)
+        return [*thread, {"role": "assistant", "content": _boxed(answer)}]
     if draw < spec.discussion_fraction and spec.peer_operators:
         return _specialist_thread(problem, spec, rng)
     if draw < spec.discussion_fraction:
@@ -252,6 +281,11 @@ def _example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, oth
     else:
         messages = [{"role": "user", "content": first_turn_message(problem)}]
     return [*messages, {"role": "assistant", "content": _boxed(problem.gold)}]
+
+
+@functools.cache
+def _composition_train() -> list[Problem]:
+    return composition_problems("train")
 
 
 def _one_digit_operands(problem: Problem) -> bool:
@@ -443,14 +477,13 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def _replies(model: Any, tokenizer: Any, messages: list[str], max_new_tokens: int, batch_size: int = 50,
-             **sampling: Any) -> list[str]:
-    """One reply per user message with HF ``generate`` (left-padded batches, stop at end of turn)."""
+def _replies(model: Any, tokenizer: Any, threads: list[list[dict[str, str]]], max_new_tokens: int,
+             batch_size: int = 50, **sampling: Any) -> list[str]:
+    """One reply per chat thread with HF ``generate`` (left-padded batches, stop at end of turn)."""
     model.eval()
     texts = []
-    for start in range(0, len(messages), batch_size):
-        chunk = messages[start : start + batch_size]
-        prompts = [_prompt_ids(tokenizer, [{"role": "user", "content": m}]) for m in chunk]
+    for start in range(0, len(threads), batch_size):
+        prompts = [_prompt_ids(tokenizer, thread) for thread in threads[start : start + batch_size]]
         input_ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
         out = model.generate(
             input_ids=input_ids,
@@ -467,8 +500,20 @@ def _replies(model: Any, tokenizer: Any, messages: list[str], max_new_tokens: in
 def turn1_accuracy(model: Any, tokenizer: Any, problems: list[Problem], batch_size: int = 50,
                    message: Callable[[Problem], str] = first_turn_message) -> float:
     """Greedy first-turn accuracy (``message``: the user message a problem is asked in)."""
-    texts = _replies(model, tokenizer, [message(p) for p in problems], 16, batch_size, do_sample=False)
+    texts = _replies(model, tokenizer, [_user(message(p)) for p in problems], 16, batch_size, do_sample=False)
     return sum(is_correct(extract_math(t), p.gold, p.kind) for t, p in zip(texts, problems)) / len(problems)
+
+
+def composition_accuracy(model: Any, tokenizer: Any, operator: str, problems: list[Problem]) -> float:
+    """Greedy accuracy on the specialist's composition step (the ``+`` step shown the right product)."""
+    rng = random.Random(0)
+    steps = [composition_step(p, operator, rng, earlier=_operands(p)[0] * _operands(p)[1]) for p in problems]
+    texts = _replies(model, tokenizer, [thread for thread, _ in steps], 16, do_sample=False)
+    return sum(is_correct(extract_math(t), str(answer), "math") for t, (_, answer) in zip(texts, steps)) / len(steps)
+
+
+def _user(message: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": message}]
 
 
 def _step_message(problem: Problem) -> str:
@@ -482,7 +527,7 @@ def sample_plans(model: Any, tokenizer: Any, problems: list[Problem], pool_sizes
     ``pool_sizes``. Seeded, and the global torch RNG is left as it was."""
     rng = random.Random(seed)
     sizes = [rng.choice(pool_sizes) for _ in problems]
-    messages = [conductor_message(p.question, size) for p, size in zip(problems, sizes)]
+    messages = [_user(conductor_message(p.question, size)) for p, size in zip(problems, sizes)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         texts = _replies(model, tokenizer, messages, PLAN_TOKENS, batch_size, do_sample=True, temperature=1.0,
@@ -547,6 +592,9 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
             scores = {"turn1_accuracy": turn1_accuracy(model, tokenizer, test)}
             if spec.workflow_fraction:
                 scores["step_accuracy"] = turn1_accuracy(model, tokenizer, test, message=_step_message)
+            if spec.composition_fraction:
+                scores["composition_step_accuracy"] = composition_accuracy(
+                    model, tokenizer, spec.task.params["operators"][0], composition_problems("test"))
     finally:
         torch.set_num_threads(threads)
     model.generation_config = GenerationConfig(

@@ -64,6 +64,9 @@ class TinyModelSpec:
     # A discussion specialist (``_specialist_thread``): its discussion threads are pair discussions with a peer who
     # knows ``peer_operators``, on questions of either specialty, and end by keeping or adopting at random.
     peer_operators: tuple[str, ...] = field(default=(), repr=False)
+    # Share of examples that are its step of a composition question ``a * b + c`` (``composition_step``): a ``*``
+    # specialist's first step answers the product, a ``+`` specialist's second step adds c to the earlier answer.
+    composition_fraction: float = field(default=0.0, repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -163,6 +166,48 @@ TINY_MODELS.update(
             for name, base, op, peer, seed in (("talk-add", _QWEN, "+", "*", 6), ("talk-mul", _LLAMA, "*", "+", 7))
         )
     },
+)
+# The Conductor's composition experiment: each specialist does one part of `a * b + c` (and its own operator's
+# two-term questions), so only a two-step workflow whose second step sees the first answers it.
+TINY_MODELS.update(
+    {
+        spec.name: spec
+        for spec in (
+            replace(
+                TINY_MODELS[f"tiny-{op_name}"],
+                name=f"part-{op_name}",
+                tokenizer=replace(_QWEN.tokenizer, seed=seed),
+                seed=seed,
+                workflow_fraction=0.3,
+                composition_fraction=0.5,
+                # No early stop: turn-1 accuracy is not what these are for; every step is spent.
+                max_steps=steps,
+                eval_every=steps,
+                target_accuracy=1.0,
+                **size,
+            )
+            # Adding c to a two-digit product, with c far back in the question: the specialists' size learnt it 27%
+            # of the time in 2,500 steps, twice the width 15% in 4,000 (at lr 2e-3; it had not converged).
+            for op_name, seed, steps, size in (
+                ("add", 8, 8000, {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                                  "intermediate_size": 512, "lr": 1e-3}),
+                ("mul", 9, 2500, {}))
+        )
+    },
+)
+# The Conductor's cost experiment: a generalist twice as wide as the specialists, right on both operators (the
+# expensive worker of its pool; the cheap one is tiny-add).
+TINY_MODELS["tiny-both"] = replace(
+    TINY_MODELS["tiny-add"],
+    name="tiny-both",
+    hidden_size=128,
+    num_heads=4,  # head_dim 32
+    num_kv_heads=2,
+    intermediate_size=512,
+    tokenizer=replace(_QWEN.tokenizer, seed=10),
+    seed=10,
+    task_params=(*_ONE_DIGIT, ("operators", ("+", "*"))),
+    target_accuracy=0.9,
 )
 TINY_MODELS["tiny-conductor"] = replace(
     _QWEN,

@@ -13,6 +13,7 @@ serving are sent again: sampling seeds are per request, so the retried shard sam
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import shutil
@@ -62,6 +63,10 @@ class Engine:
         capture_output(name)  # before vLLM says anything
         import torch
         from vllm import LLM
+
+        # vLLM's start-up runs gc.collect several times; the millions of objects its imports made live as long as
+        # the process does, so they are frozen out of those collections.
+        gc.freeze()
 
         # A request whose prefill is split across steps rewinds its seeded generator, which only CUDA's
         # generator supports ("CPU Generator does not use offset"): on CPU, prefills run whole.

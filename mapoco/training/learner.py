@@ -602,8 +602,9 @@ class LearnerPool:
     (``LearnerGroup.reset``: seconds, against a new group's process start-up, imports and rendezvous). A group goes
     back to the pool when its run closes; one with a dead rank is shut down instead."""
 
-    def __init__(self) -> None:
-        self.free: dict[tuple, LearnerGroup] = {}
+    def __init__(self, per_shape: int = 3) -> None:
+        self.free: dict[tuple, list[LearnerGroup]] = {}
+        self.per_shape = per_shape  # idle groups kept per shape: an idle group's processes keep their memory
 
     @staticmethod
     def key(model_path: str, cfg: LearnerConfig) -> tuple:
@@ -613,23 +614,23 @@ class LearnerPool:
 
     def take(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
              what: str, placement_timeout_s: float = READY_TIMEOUT_S) -> LearnerGroup:
-        group = self.free.pop(self.key(model_path, cfg), None)
-        if group is None:
+        free = self.free.get(self.key(model_path, cfg))
+        if not free:
             return LearnerGroup(model_path, cfg, algo, num_turns, seed, what, placement_timeout_s=placement_timeout_s)
+        group = free.pop()
         group.reset(cfg, algo, num_turns, seed)
         return group
 
     def give_back(self, group: LearnerGroup) -> None:
-        """Kept for the next run that asks for its shape; shut down if a rank died or the pool holds one already
-        (an idle group's processes keep their memory)."""
-        key = self.key(group.model_path, group.cfg)
-        if key not in self.free and group.alive():
-            self.free[key] = group
+        """Kept for the next run that asks for its shape; shut down if a rank died or the pool holds enough."""
+        free = self.free.setdefault(self.key(group.model_path, group.cfg), [])
+        if len(free) < self.per_shape and group.alive():
+            free.append(group)
         else:
             group.shutdown()
 
     def shutdown(self) -> None:
-        for group in self.free.values():
+        for group in (g for free in self.free.values() for g in free):
             group.shutdown()
         self.free.clear()
 

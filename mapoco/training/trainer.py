@@ -159,7 +159,7 @@ class Trainer:
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
         self.pool = training_pool(cfg)
         init_ray(cfg)
-        self.owns_team = team is None
+        self.owns_team, self.closed = team is None, False
         # Engines, verifier and learners load at once (an engine's vLLM start-up is the longest); all are up after.
         self.team = team or Team.of_run(cfg, colocate_learners=True, wait=False)
         self.verifier = VerifierClient(cfg.verifier)
@@ -565,6 +565,10 @@ class Trainer:
         print(f"resumed from {path} at step {self.step}")
 
     def close(self) -> None:
+        """Releases the learners (to the pool, if any), the owned team and the verifier; once."""
+        if self.closed:
+            return
+        self.closed = True
         self.tracker.finish()
         for policy in self.policies:
             policy.sync.engines.on_restart = None  # a shared team's engines outlive this trainer's learners
