@@ -175,10 +175,11 @@ def cost_table(cost: dict[str, Any]) -> str:
 
 
 def example_text(example: dict[str, Any]) -> str:
-    steps = "\n".join(f"  step {i}: {s['worker']} (access {s['access']}) -> {s['response']}"
+    steps = "\n".join(f"step {i}: {s['worker']} (access {s['access']}) -> {s['response']}"
                       for i, s in enumerate(example["steps"]))
     return (f"Seed {example['seed']}, held-out question `{example['question']}` (gold {example['gold']}), pool "
-            f"{example['pool']}; the conductor wrote:\n\n```\n{example['conductor']}\n{steps}\n```")
+            f"{example['pool']} (the conductor sees Model 0, Model 1); it wrote\n\n```\n{example['conductor']}\n"
+            f"```\n\nand the steps answered\n\n```\n{steps}\n```")
 
 
 def report_tables(results: dict[str, Any]) -> str:
