@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import compose_config
 
-from mapoco.conductor.rollout import ConductorRunner, Job
+from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
 from mapoco.conductor.trainer import ConductorTrainer, evaluate_conductor
 from mapoco.conductor.workflow import Plan, Step
 from mapoco.config import ConductorConfig, HttpWorkerConfig, PriceConfig
@@ -160,6 +160,31 @@ def test_failing_http_worker_gives_an_error_step_and_the_workflow_goes_on(conduc
         assert len(result.records) == 4
     finally:
         runner.close()
+
+
+def test_a_replan_round_scores_the_first_answer_and_keeps_it_only_when_accepted(conductor_team, rule_verifier):
+    runner = ConductorRunner(conductor_team, ConductorConfig(replan=True), rule_verifier)
+    problems = [Problem(id=f"p{i}", question=f"Calculate {i} + 5.", gold=str(i + 5)) for i in range(6)]
+    result = runner.rollout(problems, seed=0)
+    records = result.records
+    for record in records:
+        assert record.first_correct is not None
+        if record.turns[0].parsed.malformed:
+            assert len(record.turns) == 1 and record.job is None and not record.correct
+            continue
+        assert len(record.turns) == 2 and "The workflow answered:" in conductor_team.agents[0].tokenizer.decode(
+            record.turns[1].prompt_ids)
+        if record.turns[1].parsed.accepts:
+            assert record.correct == record.first_correct
+        elif record.turns[1].parsed.malformed:
+            assert record.job is None and record.reward == 0.0
+    summary = summarize_conductor(result)
+    assert summary["first_plan_accuracy"] == sum(r.first_correct for r in records) / len(records)
+    assert summary["conductor_accuracy"] - summary["first_plan_accuracy"] == pytest.approx(
+        summary["replan_fixed_rate"] - summary["replan_broke_rate"])
+    assert 0 <= summary["replan_accept_rate"] <= 1
+    assert "first_plan_accuracy" not in summarize_conductor(
+        ConductorRunner(conductor_team, ConductorConfig(), rule_verifier).rollout(problems[:2], seed=0))
 
 
 def test_conductor_as_its_own_worker_recurses_to_the_depth_limit(conductor_team, rule_verifier):

@@ -16,6 +16,8 @@ same questions).
 - ``cost_<w>``: a cheap `+` specialist (1 per call) and an expensive generalist (10 per call) on questions that are
   `+` three times in four, at `conductor.cost_weight=w`; results.json's ``cost`` has one entry per weight and
   cost.png the accuracy/cost trade-off.
+- ``recursion``: composition again, with one re-plan round (`conductor.replan=true`): the conductor sees its
+  workflow's answer and accepts it (three empty lists) or writes a new workflow; set beside ``composition``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CONDITIONS: dict[str, list[str]] = {
     "routing": ["+experiment=conductor"],
     "composition": ["+experiment=composition"],
     **{f"cost_{w}": ["+experiment=cost", f"conductor.cost_weight={w}"] for w in COST_WEIGHTS},
+    "recursion": ["+experiment=composition", "conductor.replan=true"],
 }
 # Per seed, from summary.json: the figure's name -> how to read it (None: the run has no such figure).
 FIGURES = {
@@ -56,6 +59,8 @@ FIGURES = {
     "mean_steps": lambda s: s["mean_steps"],
     "mean_cost": lambda s: s["mean_cost"],
     "mean_cost_before": lambda s: s["before"]["mean_cost"] if s.get("before") else None,
+    **{k: (lambda s, k=k: s.get(k)) for k in ("first_plan_accuracy", "replan_accept_rate", "replan_fixed_rate",
+                                              "replan_broke_rate")},
 }
 BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote_accuracy",
              "random_workflow_accuracy", "best_fixed_workflow_accuracy")

@@ -87,6 +87,7 @@ class ConductorRecord:
     correct: bool
     reward: float
     cost: float  # of every worker call made for the question (a re-planned workflow's too)
+    first_correct: bool | None = None  # with a re-plan round: whether the first workflow's answer was right
 
     @property
     def malformed(self) -> bool:
@@ -201,23 +202,31 @@ class ConductorRunner:
         self.execute([j for j in jobs if j])
         histories = [[t] for t in turns]
         spent = [job.cost() if job else 0.0 for job in jobs]
+        first_correct: list[bool | None] = [None] * len(problems)
         if self.cfg.replan:
+            if verify:  # what the re-plan round changed: the first workflows' answers, scored before it
+                first_correct = self._correct(problems, jobs)
             replanned = self._replan(problems, threads, histories, jobs, seed)
             spent = [c + (new.cost() if new and new is not old else 0.0) for c, old, new in zip(spent, jobs, replanned)]
             jobs = replanned
         result.seconds["generate"] = time.perf_counter() - start
         start = time.perf_counter()
-        answered = [i for i, job in enumerate(jobs) if job]
-        correct = dict(zip(answered, self.verify([problems[i] for i in answered], [jobs[i].answer() for i in answered])
-                           if verify else [False] * len(answered)))
+        correct = self._correct(problems, jobs) if verify else [False] * len(problems)
         result.seconds["verify"] = time.perf_counter() - start
         for i, problem in enumerate(problems):
-            job, ok = jobs[i], correct.get(i, False)
+            job, ok = jobs[i], correct[i]
             result.records.append(ConductorRecord(
                 problem.id, [self.names[w] for w in pools[i]], histories[i], job,
                 extract_answer(job.answer(), problem.kind) if job else None, ok,
-                conductor_reward(histories[i][-1].parsed, ok, self.cost_penalty(spent[i])), spent[i]))
+                conductor_reward(histories[i][-1].parsed, ok, self.cost_penalty(spent[i])), spent[i],
+                first_correct[i]))
         return result
+
+    def _correct(self, problems: Sequence[Problem], jobs: Sequence[Job | None]) -> list[bool]:
+        """Whether each job's answer is right (no job: wrong)."""
+        answered = [i for i, job in enumerate(jobs) if job]
+        verdicts = dict(zip(answered, self.verify([problems[i] for i in answered], [jobs[i].answer() for i in answered])))
+        return [verdicts.get(i, False) for i in range(len(problems))]
 
     def cost_penalty(self, cost: float) -> float:
         """What ``cost`` takes off the reward: ``cost_weight`` times the cost in units of ``cost_scale``."""
@@ -298,7 +307,21 @@ def summarize_conductor(result: ConductorResult) -> dict[str, Any]:
         "mean_cost": sum(r.cost for r in result.records) / n,  # per question
         "gen_tokens": sum(len(t.token_ids) for r in result.records for t in r.turns),
         "prompt_tokens": sum(len(t.prompt_ids) for r in result.records for t in r.turns),
+        **replan_summary(result.records),
     }
+
+
+def replan_summary(records: Sequence[ConductorRecord]) -> dict[str, float]:
+    """What a re-plan round did (nothing without one): the first workflows' accuracy, how often the conductor
+    accepted their answer, and the answers it turned from wrong to right and from right to wrong."""
+    scored = [r for r in records if r.first_correct is not None]
+    if not scored:
+        return {}
+    n, replanned = len(scored), [r for r in scored if len(r.turns) > 1]
+    return {"first_plan_accuracy": sum(r.first_correct for r in scored) / n,
+            "replan_accept_rate": sum(r.turns[1].parsed.accepts for r in replanned) / max(len(replanned), 1),
+            "replan_fixed_rate": sum(r.correct and not r.first_correct for r in scored) / n,
+            "replan_broke_rate": sum(r.first_correct and not r.correct for r in scored) / n}
 
 
 def transcript(problem: Problem, record: ConductorRecord) -> dict[str, Any]:
