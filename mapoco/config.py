@@ -7,6 +7,7 @@ Every error names the key, the value and what is allowed, e.g.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -129,6 +130,7 @@ class AgentConfig:
     trainable: bool = True  # false: a frozen partner (MAPoRL's single-agent-trained baseline)
     adapter: str | None = None  # a frozen agent on the shared LoRA engine: its fixed peft adapter (None: the base)
     price: PriceConfig = field(default_factory=PriceConfig)  # a Conductor worker's cost per call
+    description: str = ""  # a Conductor worker's card, shown to the conductor with its number ("adds=Model 0")
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -218,6 +220,7 @@ class HttpWorkerConfig:
     temperature: float = 0.0
     concurrency: int = 16  # requests in flight at once to this endpoint
     price: PriceConfig = field(default_factory=PriceConfig)
+    description: str = ""  # its card, shown to the conductor with its number
 
 
 @dataclass
@@ -238,6 +241,10 @@ class ConductorConfig:
     max_steps: int = 5
     random_pools: bool = False  # each question draws a random subset of the pool (renumbered)
     min_pool: int = 1  # smallest random pool
+    # Worker-name pools that random training pools never contain all of (a held-out pool composition)
+    heldout_pools: list[list[str]] = field(default_factory=list)
+    # eval: each of these pools too (worker names, in the order the conductor sees them), against its baselines
+    eval_pools: list[list[str]] = field(default_factory=list)
     self_worker: bool = False  # the conductor is also a worker (recursion), up to max_depth
     max_depth: int = 1
     replan: bool = False  # one re-plan round after seeing the final answer
@@ -775,8 +782,20 @@ def _validate_prices(cfg: RunConfig) -> None:
             _require(math.isfinite(value) and value >= 0, f"{key}.{name}", value, "a price >= 0")
 
 
+def _validate_cards(cfg: RunConfig) -> None:
+    """A worker's card sits in the conductor's "Cards: adds=Model 0, Model 2; multiplies=Model 1" line: one line
+    without the separators , ; ="""
+    cards = [(f"team.agents[{i}].description", a.description) for i, a in enumerate(cfg.team.agents)]
+    cards += [(f"conductor.http_workers[{i}].description", h.description)
+              for i, h in enumerate(cfg.conductor.http_workers)]
+    for key, card in cards:
+        _require(not re.search(r"[\n,;=]", card) and card == card.strip(), key, card,
+                 "a one-line card without , ; or = (e.g. adds), or empty")
+
+
 def _validate_conductor(cfg: RunConfig) -> None:
     _validate_prices(cfg)
+    _validate_cards(cfg)
     if cfg.method != "conductor":
         return
     con = cfg.conductor
@@ -799,6 +818,7 @@ def _validate_conductor(cfg: RunConfig) -> None:
              "0 while every worker is free: give workers a price (team.agents.N.price.per_call or per_token)")
     for i, flow in enumerate(con.fixed_workflows):
         _validate_fixed_workflow(f"conductor.fixed_workflows[{i}]", flow, pool - int(con.self_worker))
+    _validate_named_pools(cfg)
     for i, worker in enumerate(cfg.team.agents[1:], start=1):
         _require(not worker.trainable, f"team.agents[{i}].trainable", True,
                  "workers are frozen in method=conductor: set trainable: false")
@@ -814,6 +834,33 @@ def _validate_conductor(cfg: RunConfig) -> None:
         _require_env_name(f"{key}.api_key_env", http.api_key_env)
         _require(http.api_key_env is None or http.api_key_env in os.environ, f"{key}.api_key_env",
                  http.api_key_env, "names an environment variable that is not set: export it first")
+
+
+def _validate_named_pools(cfg: RunConfig) -> None:
+    """conductor.heldout_pools and eval_pools name known workers, once each; random pools can avoid the held-out
+    ones; every eval pool is large enough for the hand-written workflows."""
+    con = cfg.conductor
+    names = [a.name for a in cfg.team.agents[1:]] + [h.name for h in con.http_workers]
+    names += [cfg.team.agents[0].name] if con.self_worker else []
+    for kind, pools in (("heldout_pools", con.heldout_pools), ("eval_pools", con.eval_pools)):
+        for i, pool in enumerate(pools):
+            key = f"conductor.{kind}[{i}]"
+            _require(len(pool) >= 1 and len(set(pool)) == len(pool), key, pool,
+                     "a non-empty list of worker names, each once")
+            for j, name in enumerate(pool):
+                _require(name in names, f"{key}[{j}]", name, f"a worker's name, one of {names}")
+    if con.heldout_pools:
+        _require(con.random_pools, "conductor.heldout_pools", con.heldout_pools,
+                 "only with conductor.random_pools=true (a fixed pool holds every worker)")
+        held = [set(pool) for pool in con.heldout_pools]
+        _require(any(not any(h <= set(c) for h in held) for c in itertools.combinations(names, con.min_pool)),
+                 "conductor.heldout_pools", con.heldout_pools,
+                 f"pools of conductor.min_pool={con.min_pool} workers that hold none of them whole: hold out fewer "
+                 "pools or lower min_pool")
+    needed = max((max(flow.model_id) + 1 for flow in con.fixed_workflows if flow.model_id), default=1)
+    for i, pool in enumerate(con.eval_pools):
+        _require(len(pool) >= needed, f"conductor.eval_pools[{i}]", pool,
+                 f"at least {needed} workers: conductor.fixed_workflows run on every eval pool")
 
 
 def _validate_fixed_workflow(key: str, flow: WorkflowConfig, pool: int) -> None:

@@ -162,7 +162,7 @@ def test_failing_http_worker_gives_an_error_step_and_the_workflow_goes_on(conduc
         runner.close()
 
 
-def test_a_replan_round_scores_the_first_answer_and_keeps_it_only_when_accepted(conductor_team, rule_verifier):
+def test_a_replan_round_scores_the_first_answer_and_keeps_it_unless_replaced(conductor_team, rule_verifier):
     runner = ConductorRunner(conductor_team, ConductorConfig(replan=True), rule_verifier)
     problems = [Problem(id=f"p{i}", question=f"Calculate {i} + 5.", gold=str(i + 5)) for i in range(6)]
     result = runner.rollout(problems, seed=0)
@@ -174,15 +174,14 @@ def test_a_replan_round_scores_the_first_answer_and_keeps_it_only_when_accepted(
             continue
         assert len(record.turns) == 2 and "The workflow answered:" in conductor_team.agents[0].tokenizer.decode(
             record.turns[1].prompt_ids)
-        if record.turns[1].parsed.accepts:
-            assert record.correct == record.first_correct
-        elif record.turns[1].parsed.malformed:
-            assert record.job is None and record.reward == 0.0
+        if record.turns[1].parsed.accepts or record.turns[1].parsed.malformed:  # the first answer stands
+            assert record.correct == record.first_correct and record.job.plan == record.turns[0].parsed.plan
+            assert record.reward == (1.0 if record.correct else 0.5)
     summary = summarize_conductor(result)
     assert summary["first_plan_accuracy"] == sum(r.first_correct for r in records) / len(records)
     assert summary["conductor_accuracy"] - summary["first_plan_accuracy"] == pytest.approx(
         summary["replan_fixed_rate"] - summary["replan_broke_rate"])
-    assert 0 <= summary["replan_accept_rate"] <= 1
+    assert 0 <= summary["replan_accept_rate"] + summary["replan_malformed_rate"] <= 1
     assert "first_plan_accuracy" not in summarize_conductor(
         ConductorRunner(conductor_team, ConductorConfig(), rule_verifier).rollout(problems[:2], seed=0))
 
@@ -223,12 +222,29 @@ def test_renumbered_pools_never_show_worker_names_to_the_conductor(conductor_tea
         assert not any(name in prompt for name in runner.names)
 
 
+def test_cards_follow_the_renumbering_and_held_out_pools_are_never_drawn(conductor_team, rule_verifier):
+    """Each worker's card is shown beside the number it has in the question's pool; a held-out pool is never a
+    training pool's subset, while a named pool is asked as given."""
+    with reconfigured(conductor_team, {1: {"description": "adds"}, 2: {"description": "multiplies"}}):
+        cfg = ConductorConfig(random_pools=True, heldout_pools=[["multiplier"]])
+        runner = ConductorRunner(conductor_team, cfg, rule_verifier)
+        problems = [Problem(id=f"p{i}", question=f"Calculate {i} * 2.", gold=str(i * 2)) for i in range(24)]
+        assert {tuple(runner.pool(p, seed=0)) for p in problems} == {(0,)}  # every pool holding the multiplier
+        result = runner.rollout(problems[:2], seed=0, pool=["multiplier", "adder"])
+        tokenizer = conductor_team.agents[0].tokenizer
+        for record in result.records:
+            assert record.pool == ["multiplier", "adder"]
+            prompt = tokenizer.decode(record.turns[0].prompt_ids)
+            assert "Workers: Model 0, Model 1\nCards: multiplies=Model 0; adds=Model 1\n" in prompt
+            assert not any(name in prompt for name in runner.names)
+
+
 @contextlib.contextmanager
-def priced(team, prices: dict[int, PriceConfig]):
-    """The team's workers with these prices, for one test (the module's team is shared)."""
-    saved = {i: team.agents[i].cfg for i in prices}
-    for i, price in prices.items():
-        team.agents[i].cfg = dataclasses.replace(saved[i], price=price)
+def reconfigured(team, changes: dict[int, dict]):
+    """The team's agents with these config fields changed, for one test (the module's team is shared)."""
+    saved = {i: team.agents[i].cfg for i in changes}
+    for i, fields in changes.items():
+        team.agents[i].cfg = dataclasses.replace(saved[i], **fields)
     try:
         yield
     finally:
@@ -241,7 +257,7 @@ def test_each_step_costs_its_workers_price_and_the_reward_pays_for_it(conductor_
     workflow's steps; the reward loses cost_weight times that cost over the scale (the priciest worker's call at
     its token limit: the multiplier's 3 + 0.5 * max_new_tokens)."""
     adder, multiplier = PriceConfig(per_call=1.0), PriceConfig(per_call=3.0, per_token=0.5)
-    with priced(conductor_team, {1: adder, 2: multiplier}):
+    with reconfigured(conductor_team, {1: {"price": adder}, 2: {"price": multiplier}}):
         runner = ConductorRunner(conductor_team, ConductorConfig(cost_weight=0.2), rule_verifier)
         max_tokens = conductor_team.agents[2].cfg.sampling.max_new_tokens
         assert runner.cost_scale == 3.0 + 0.5 * max_tokens
@@ -266,8 +282,15 @@ def test_eval_reports_the_conductor_against_every_baseline(conductor_team, tmp_p
     """Hand-written workflows run too: one that asks the multiplier alone scores what the multiplier alone does."""
     alone = "{model_id: [1], subtasks: ['Solve the problem.'], access_list: [[]]}"
     chain = "{model_id: [1, 0], subtasks: [Solve., Check.], access_list: [[], [all]]}"
-    cfg = compose_config(*SMALL, "task.limit=8", "command=eval", f"conductor.fixed_workflows=[{alone}, {chain}]")
+    cfg = compose_config(*SMALL, "task.limit=8", "command=eval", f"conductor.fixed_workflows=[{alone}, {chain}]",
+                         "conductor.eval_pools=[[multiplier, adder]]")
     summary = evaluate_conductor(cfg, tmp_path, team=conductor_team)
+    renumbered = summary["eval_pools"][0]  # the pool renumbered: its Model 1 is the adder
+    assert renumbered["pool"] == renumbered["workers"] == ["multiplier", "adder"]
+    assert renumbered["worker_accuracy"] == summary["worker_accuracy"][::-1]
+    assert renumbered["fixed_workflow_accuracy"][0] == summary["worker_accuracy"][0]
+    pool_transcripts = (tmp_path / "transcripts_pool_0.jsonl").read_text().splitlines()
+    assert {tuple(json.loads(line)["pool"]) for line in pool_transcripts} == {("multiplier", "adder")}
     assert set(summary) >= {"conductor_accuracy", "worker_accuracy", "majority_vote_accuracy",
                             "random_workflow_accuracy", "malformed_rate", "mean_steps"}
     assert summary["fixed_workflow_accuracy"][0] == summary["worker_accuracy"][1]

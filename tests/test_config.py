@@ -167,6 +167,11 @@ def test_cli_reports_unusable_data_without_starting_ray(tiny_models, tmp_path):
         (["+experiment=conductor", "conductor.http_workers=[{name: x, base_url: 'http://127.0.0.1:9/v1', model: m, "
                                    "api_key_env: MAPOCO_TEST_UNSET_KEY}]"], "conductor.http_workers[0].api_key_env"),
         (["+experiment=conductor", "conductor.min_pool=3"], "conductor.min_pool"),
+        (["+experiment=conductor", "conductor.eval_pools=[[adder, divider]]"], "conductor.eval_pools[0][1]"),
+        (["+experiment=conductor", "conductor.random_pools=true", "conductor.min_pool=2",
+          "conductor.heldout_pools=[[adder, multiplier]]"], "conductor.heldout_pools"),  # no pool of 2 avoids it
+        (["+experiment=composition", "conductor.eval_pools=[[adder]]"], "conductor.eval_pools[0]"),  # 2-step workflow
+        (["+experiment=pools", "team.agents.2.description='multiplies=fast'"], "team.agents[2].description"),
     ],
 )
 def test_bad_conductor_config_names_the_key(conductor_models, overrides, key):

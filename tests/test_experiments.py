@@ -113,6 +113,55 @@ def test_composition_needs_twenty_points_and_two_steps_and_shows_a_learnt_workfl
     assert not conductor.summarize()["claims"]["composition"]["acceptance"]["met"]  # fewer than 2 steps
 
 
+def _pool(after, workers, vote=0.3, random=0.4):
+    return {"conductor_accuracy": after, "worker_accuracy": list(workers), "majority_vote_accuracy": vote,
+            "random_workflow_accuracy": random}
+
+
+def test_heldout_pools_are_reported_beside_the_training_pools_each_with_its_baselines(conductor_runs):
+    before = {"mean_cost": 0, "eval_pools": [_pool(0.5, (0.4, 0.5))] * 4}
+    summaries = [{**_conductor_summary(a, 0.5, eval_pools=[_pool(a, (0.4, 0.5)), _pool(a - 0.01, (0.5, 0.4)),
+                                                           _pool(held, (0.45, 0.5)), _pool(held, (0.5, 0.45))]),
+                  "before": before} for a, held in ((0.9, 0.8), (0.92, 0.84), (0.88, 0.82))]
+    _write(conductor.RUNS, "heldout_pool", summaries)
+    results = conductor.summarize()
+    pools = results["heldout_pool"]
+    assert pools["heldout_pool_conductor_accuracy_mean"] == pytest.approx(0.82)
+    assert pools["heldout_pool_conductor_accuracy_before_mean"] == pytest.approx(0.5)
+    assert pools["trained_pool_renumbered_conductor_accuracy_mean"] == pytest.approx(0.89)
+    assert pools["heldout_pool_renumbered_best_worker_accuracy_mean"] == pytest.approx(0.5)
+    claim = results["claims"]["heldout_pool"]["heldout_pool"]["best_worker_accuracy"]
+    assert claim["margin"] == pytest.approx(0.32) and claim["beats_by_twice_std"]
+    table = (conductor_runs / "results.md").read_text()
+    assert "| heldout pool | 0.820 ± 0.020 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 | 0.400 ± 0.000 |" in table
+    assert "| random training pools (2-4 workers) | 0.900 ± 0.020 |" in table
+
+
+def test_recursion_shows_what_the_replan_round_did_beside_composition(conductor_runs):
+    _write(conductor.RUNS, "composition", [_conductor_summary(0.9, 0.05, steps=2.0)] * 3)
+    _write(conductor.RUNS, "recursion", [_conductor_summary(
+        0.92, 0.05, steps=2.1, first_plan_accuracy=0.9, replan_accept_rate=0.9, replan_malformed_rate=0.05,
+        replan_fixed_rate=0.03, replan_broke_rate=0.01)] * 3)
+    recursion = conductor.summarize()["recursion"]
+    assert recursion["first_plan_accuracy_mean"] == pytest.approx(0.9)
+    assert "composition" not in recursion and "first_plan_accuracy_mean" not in conductor.summarize()["composition"]
+    table = (conductor_runs / "results.md").read_text()
+    assert ("| `recursion` | 3 | 0.920 ± 0.000 | 0.900 ± 0.000 | 0.900 ± 0.000 | 0.050 ± 0.000 | 0.030 ± 0.000 | "
+            "0.010 ± 0.000 |") in table
+    assert "| `composition` | 3 | 0.900 ± 0.000 | – | – | – | – | – | 2.000 ± 0.000 |" in table
+
+
+def test_the_pools_experiment_holds_out_the_pools_the_results_call_held_out(tiny_models, conductor_models):
+    cfg = compose_config("command=train", *conductor.CONDITIONS["heldout_pool"])
+    con = cfg.conductor
+    assert con.random_pools and len(cfg.team.agents) - 1 >= 4
+    assert len(con.eval_pools) == len(conductor.NAMED_POOLS)
+    for pool, name in zip(con.eval_pools, conductor.NAMED_POOLS):
+        assert (set(pool) in [set(p) for p in con.heldout_pools]) == name.startswith("heldout")
+    assert con.eval_pools[1] == con.eval_pools[0][::-1] and con.eval_pools[3] == con.eval_pools[2][::-1]
+    assert all(a.description for a in cfg.team.agents[1:])
+
+
 def test_the_routing_condition_is_the_conductor_demo(conductor_models):
     demo = compose_config("command=train", "+experiment=conductor")
     assert vars(compose_config("command=train", *conductor.CONDITIONS["routing"])) == vars(demo)

@@ -286,6 +286,12 @@ def test_conductor_message_hides_names():
     message = conductor_message("What is 3 + 4?", 3, examples=["model_id = [0]"])
     assert "Workers: Model 0, Model 1, Model 2\n" in message
     assert message.startswith("Example:\nmodel_id = [0]\n\n") and "Question: What is 3 + 4?" in message
+    assert conductor_message("What is 3 + 4?", 3, cards=["", "", ""]) == conductor_message("What is 3 + 4?", 3)
+
+
+def test_conductor_message_lists_who_holds_each_card():
+    message = conductor_message("What is 3 + 4?", 4, cards=["multiplies", "", "adds", "multiplies"])
+    assert "Workers: Model 0, Model 1, Model 2, Model 3\nCards: multiplies=Model 0, Model 3; adds=Model 2\n" in message
 
 
 @pytest.mark.parametrize(("malformed", "correct", "penalty", "reward"), [

@@ -16,6 +16,9 @@ same questions).
 - ``cost_<w>``: a cheap `+` specialist (1 per call) and an expensive generalist (10 per call) on questions that are
   `+` three times in four, at `conductor.cost_weight=w`; results.json's ``cost`` has one entry per weight and
   cost.png the accuracy/cost trade-off.
+- ``heldout_pool``: four workers with cards (two that add, two that multiply); each training question draws 2-4
+  of them, renumbered, never both b-workers. Evaluated on random training-like pools, and on four named pools each
+  beside its own baselines: the first pair as trained and renumbered, the held-out b-pair in both orders.
 - ``recursion``: composition again, with one re-plan round (`conductor.replan=true`): the conductor sees its
   workflow's answer and accepts it (three empty lists) or writes a new workflow; set beside ``composition``.
 """
@@ -45,8 +48,26 @@ CONDITIONS: dict[str, list[str]] = {
     "routing": ["+experiment=conductor"],
     "composition": ["+experiment=composition"],
     **{f"cost_{w}": ["+experiment=cost", f"conductor.cost_weight={w}"] for w in COST_WEIGHTS},
+    "heldout_pool": ["+experiment=pools"],
     "recursion": ["+experiment=composition", "conductor.replan=true"],
 }
+# experiment/pools.yaml's conductor.eval_pools, in order, as results.json names them
+NAMED_POOLS = ("trained_pool", "trained_pool_renumbered", "heldout_pool", "heldout_pool_renumbered")
+POOL_FIGURES = {"conductor_accuracy": lambda p: p["conductor_accuracy"],
+                "best_worker_accuracy": lambda p: max(p["worker_accuracy"]),
+                "majority_vote_accuracy": lambda p: p["majority_vote_accuracy"],
+                "random_workflow_accuracy": lambda p: p["random_workflow_accuracy"]}
+
+
+def _pool_reader(index: int, read: Any, before: bool = False) -> Any:
+    """A named pool's figure from a summary (None: a run without named pools)."""
+    def figure(s: dict[str, Any]) -> Any:
+        pools = (s.get("before") or {}).get("eval_pools") if before else s.get("eval_pools")
+        return read(pools[index]) if pools and index < len(pools) else None
+    return figure
+
+
+
 # Per seed, from summary.json: the figure's name -> how to read it (None: the run has no such figure).
 FIGURES = {
     "conductor_accuracy": lambda s: s["conductor_accuracy"],
@@ -59,8 +80,12 @@ FIGURES = {
     "mean_steps": lambda s: s["mean_steps"],
     "mean_cost": lambda s: s["mean_cost"],
     "mean_cost_before": lambda s: s["before"]["mean_cost"] if s.get("before") else None,
-    **{k: (lambda s, k=k: s.get(k)) for k in ("first_plan_accuracy", "replan_accept_rate", "replan_fixed_rate",
-                                              "replan_broke_rate")},
+    **{k: (lambda s, k=k: s.get(k)) for k in ("first_plan_accuracy", "replan_accept_rate", "replan_malformed_rate",
+                                              "replan_fixed_rate", "replan_broke_rate")},
+    **{f"{pool}_{name}": _pool_reader(i, read) for i, pool in enumerate(NAMED_POOLS)
+       for name, read in POOL_FIGURES.items()},
+    **{f"{pool}_conductor_accuracy_before": _pool_reader(i, POOL_FIGURES["conductor_accuracy"], before=True)
+       for i, pool in enumerate(NAMED_POOLS)},
 }
 BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote_accuracy",
              "random_workflow_accuracy", "best_fixed_workflow_accuracy")
@@ -82,7 +107,8 @@ def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"{name}_mean"], out[f"{name}_std"] = mean_std([s[name] for s in seeds])
     for per_worker in ("worker_accuracy", "worker_cost"):
         if all(per_worker in s for s in seeds):
-            out[f"{per_worker}_mean"] = {w: mean_std([s[per_worker][w] for s in seeds])[0] for w in seeds[0][per_worker]}
+            out[f"{per_worker}_mean"] = {w: mean_std([s[per_worker][w] for s in seeds])[0]
+                                         for w in seeds[0][per_worker]}
     return out
 
 
@@ -100,17 +126,22 @@ def example_workflow(condition: str, seed: int = 0) -> dict[str, Any] | None:
     return None
 
 
-def beats(figures: dict[str, Any]) -> dict[str, Any]:
-    """The conductor's margin over each baseline, and whether it exceeds twice the larger of the two stds."""
-    mean, std = figures["conductor_accuracy_mean"], figures["conductor_accuracy_std"]
-    return {name: {"margin": mean - figures[f"{name}_mean"],
-                   "beats_by_twice_std": mean - figures[f"{name}_mean"] > 2 * max(std, figures[f"{name}_std"])}
-            for name in BASELINES if f"{name}_mean" in figures}
+def beats(figures: dict[str, Any], pool: str = "") -> dict[str, Any]:
+    """The conductor's margin over each baseline, and whether it exceeds twice the larger of the two stds (``pool``:
+    on that named pool's figures, its prefix)."""
+    mean, std = figures[f"{pool}conductor_accuracy_mean"], figures[f"{pool}conductor_accuracy_std"]
+    margins = {name: (mean - figures[f"{pool}{name}_mean"], max(std, figures[f"{pool}{name}_std"]))
+               for name in BASELINES if f"{pool}{name}_mean" in figures}
+    return {name: {"margin": margin, "beats_by_twice_std": margin > 2 * noise}
+            for name, (margin, noise) in margins.items()}
 
 
 def claims(conditions: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
     """Every condition against its baselines; composition's and cost's acceptance figures."""
     out: dict[str, Any] = {name: beats(f) for name, f in conditions.items()}
+    if "heldout_pool" in conditions:
+        out["heldout_pool"].update({pool: beats(conditions["heldout_pool"], f"{pool}_") for pool in NAMED_POOLS
+                                    if f"{pool}_conductor_accuracy_mean" in conditions["heldout_pool"]})
     if "composition" in conditions:
         c = conditions["composition"]
         out["composition"]["acceptance"] = {
@@ -159,8 +190,9 @@ def _cell(c: dict[str, Any], key: str) -> str:
 def table(conditions: dict[str, Any]) -> str:
     columns = [("conductor, after", "conductor_accuracy"), ("conductor, before", "conductor_accuracy_before"),
                ("best worker alone", "best_worker_accuracy"), ("majority vote", "majority_vote_accuracy"),
-               ("random workflow", "random_workflow_accuracy"), ("hand-written workflow", "best_fixed_workflow_accuracy"),
-               ("malformed", "malformed_rate"), ("steps", "mean_steps")]
+               ("random workflow", "random_workflow_accuracy"),
+               ("hand-written workflow", "best_fixed_workflow_accuracy"), ("malformed", "malformed_rate"),
+               ("steps", "mean_steps")]
     rows = ["| condition | seeds | " + " | ".join(label for label, _ in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
     for name, c in conditions.items():
@@ -179,6 +211,33 @@ def cost_table(cost: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def pools_table(c: dict[str, Any]) -> str:
+    """heldout_pool: the conductor on each kind of pool, before and after training, beside that pool's baselines."""
+    columns = [("conductor, after", "conductor_accuracy"), ("conductor, before", "conductor_accuracy_before"),
+               ("best worker alone", "best_worker_accuracy"), ("majority vote", "majority_vote_accuracy"),
+               ("random workflow", "random_workflow_accuracy")]
+    rows = ["| pool | " + " | ".join(label for label, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, prefix in (("random training pools (2-4 workers)", ""), *((pool.replace("_", " "), f"{pool}_")
+                                                                         for pool in NAMED_POOLS)):
+        rows.append(f"| {label} | " + " | ".join(_cell(c, prefix + key) for _, key in columns) + " |")
+    return "\n".join(rows)
+
+
+def recursion_table(conditions: dict[str, Any]) -> str:
+    """recursion beside composition: what the re-plan round did to the first workflow's answer."""
+    columns = [("accuracy", "conductor_accuracy"), ("first plan's accuracy", "first_plan_accuracy"),
+               ("re-plans accepted", "replan_accept_rate"), ("re-plans unparsed", "replan_malformed_rate"),
+               ("wrong → right", "replan_fixed_rate"),
+               ("right → wrong", "replan_broke_rate"), ("steps", "mean_steps")]
+    rows = ["| condition | seeds | " + " | ".join(label for label, _ in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
+    for name in ("composition", "recursion"):
+        if name in conditions:
+            c = conditions[name]
+            rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(_cell(c, k) for _, k in columns) + " |")
+    return "\n".join(rows)
+
+
 def example_text(example: dict[str, Any]) -> str:
     steps = "\n".join(f"step {i}: {s['worker']} (access {s['access']}) -> {s['response']}"
                       for i, s in enumerate(example["steps"]))
@@ -192,6 +251,10 @@ def report_tables(results: dict[str, Any]) -> str:
     parts = [table(conditions)] if conditions else []
     if results["cost"]:
         parts.append(cost_table(results["cost"]))
+    if "heldout_pool" in conditions:
+        parts.append(pools_table(conditions["heldout_pool"]))
+    if "recursion" in conditions:
+        parts.append(recursion_table(conditions))
     if conditions.get("composition", {}).get("example"):
         parts.append(example_text(conditions["composition"]["example"]))
     return "\n\n".join(parts)

@@ -91,7 +91,8 @@ class ConductorRecord:
 
     @property
     def malformed(self) -> bool:
-        return any(t.parsed.malformed for t in self.turns)
+        """No answer: the first plan did not parse (a re-plan that does not parse leaves the first one's)."""
+        return self.turns[0].parsed.malformed
 
     def steps(self) -> int:
         return len(self.job.plan.steps) if self.job else 0
@@ -104,11 +105,17 @@ class ConductorResult:
     seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
 
 
+def standing_plan(turns: Sequence[ConductorTurn]) -> Parsed:
+    """The plan whose answer stands: the re-plan's if it parsed (a new workflow, or accepting), else the first."""
+    return turns[-1].parsed if not turns[-1].parsed.malformed else turns[0].parsed
+
+
 class ConductorWorker:
     """The conductor as one of its own workers (recursion): it plans and runs a sub-workflow for the step's
     request, one level deeper; at the depth limit the sub-pool no longer contains it."""
 
     max_cost = 0.0  # its calls cost what the sub-workflow's do: not a price of its own
+    description = ""
 
     def __init__(self, name: str):
         self.name = name
@@ -153,12 +160,24 @@ class ConductorRunner:
 
     # ------------------------------------------------------------------ pools and plans
     def pool(self, problem: Problem, seed: int, depth: int = 0) -> list[int]:
+        """The question's workers: everyone, or a random renumbered subset that holds no held-out pool whole
+        (drawn again until it does not; ``conductor.heldout_pools`` is checked to leave such subsets)."""
         everyone = [i for i in range(len(self.workers)) if depth < self.cfg.max_depth or i != self.self_index]
         if not self.cfg.random_pools:
             return everyone
         rng = random.Random(request_seed(seed, problem.id, "pool"))
-        size = rng.randint(min(self.cfg.min_pool, len(everyone)), len(everyone))
-        return rng.sample(everyone, size)
+        heldout = [{self.names.index(name) for name in pool} for pool in self.cfg.heldout_pools]
+        while True:
+            drawn = rng.sample(everyone, rng.randint(min(self.cfg.min_pool, len(everyone)), len(everyone)))
+            if not any(held <= set(drawn) for held in heldout):
+                return drawn
+
+    def named_pool(self, names: Sequence[str]) -> list[int]:
+        """A pool given by worker names, numbered for the conductor in that order."""
+        return [self.names.index(name) for name in names]
+
+    def cards(self, pool: Sequence[int]) -> list[str]:
+        return [self.workers[w].description for w in pool]
 
     def generate_plans(self, threads: list[Thread], seeds: list[int]) -> list[Generation]:
         return self.conductor.generate(threads, seeds)
@@ -190,12 +209,15 @@ class ConductorRunner:
         return [bool(v.correct) for v in self.verifier.score(items)] if items else []
 
     # ------------------------------------------------------------------ the rollout
-    def rollout(self, problems: Sequence[Problem], seed: int, depth: int = 0, verify: bool = True) -> ConductorResult:
+    def rollout(self, problems: Sequence[Problem], seed: int, depth: int = 0, verify: bool = True,
+                pool: Sequence[str] | None = None) -> ConductorResult:
+        """``pool``: every question asks these workers (by name, in this order); by default each draws its own."""
         result = ConductorResult(list(problems), [])
         start = time.perf_counter()
-        pools = [self.pool(p, seed, depth) for p in problems]
-        threads = [[{"role": "user", "content": conductor_message(p.question, len(pool), self.cfg.examples)}]
-                   for p, pool in zip(problems, pools)]
+        pools = [self.named_pool(pool) for _ in problems] if pool else [self.pool(p, seed, depth) for p in problems]
+        threads = [[{"role": "user", "content": conductor_message(p.question, len(workers), self.cfg.examples,
+                                                                  self.cards(workers))}]
+                   for p, workers in zip(problems, pools)]
         turns = self._plan(threads, [request_seed(seed, p.id, "plan") for p in problems], pools)
         jobs = [Job(p, t.parsed.plan, pool, seed) if t.parsed.plan else None
                 for p, t, pool in zip(problems, turns, pools)]
@@ -215,17 +237,17 @@ class ConductorRunner:
         result.seconds["verify"] = time.perf_counter() - start
         for i, problem in enumerate(problems):
             job, ok = jobs[i], correct[i]
+            reward = conductor_reward(standing_plan(histories[i]), ok, self.cost_penalty(spent[i]))
             result.records.append(ConductorRecord(
                 problem.id, [self.names[w] for w in pools[i]], histories[i], job,
-                extract_answer(job.answer(), problem.kind) if job else None, ok,
-                conductor_reward(histories[i][-1].parsed, ok, self.cost_penalty(spent[i])), spent[i],
-                first_correct[i]))
+                extract_answer(job.answer(), problem.kind) if job else None, ok, reward, spent[i], first_correct[i]))
         return result
 
     def _correct(self, problems: Sequence[Problem], jobs: Sequence[Job | None]) -> list[bool]:
         """Whether each job's answer is right (no job: wrong)."""
         answered = [i for i, job in enumerate(jobs) if job]
-        verdicts = dict(zip(answered, self.verify([problems[i] for i in answered], [jobs[i].answer() for i in answered])))
+        answers = [jobs[i].answer() for i in answered]
+        verdicts = dict(zip(answered, self.verify([problems[i] for i in answered], answers)))
         return [verdicts.get(i, False) for i in range(len(problems))]
 
     def cost_penalty(self, cost: float) -> float:
@@ -241,7 +263,8 @@ class ConductorRunner:
     def _replan(self, problems: Sequence[Problem], threads: list[Thread], histories: list[list[ConductorTurn]],
                 jobs: list[Job | None], seed: int) -> list[Job | None]:
         """One more round: the conductor sees its plan's answer and accepts it (three empty lists) or replaces
-        the plan. A malformed re-plan keeps no answer (reward 0), like a malformed plan."""
+        the plan. A re-plan that does not parse changes nothing: the first workflow's answer stands (a conductor
+        never taught the round, as the tiny ones, would otherwise lose every answer and every reward)."""
         asked = [i for i, job in enumerate(jobs) if job]
         follow_ups = [[*threads[i], {"role": "assistant", "content": histories[i][0].text},
                        {"role": "user", "content": replan_message(jobs[i].answer())}] for i in asked]
@@ -251,19 +274,18 @@ class ConductorRunner:
         rerun = []
         for i, turn in zip(asked, turns):
             histories[i].append(turn)
-            if turn.parsed.malformed:
-                new_jobs[i] = None
-            elif turn.parsed.plan is not None:
+            if turn.parsed.plan is not None:
                 new_jobs[i] = Job(problems[i], turn.parsed.plan, jobs[i].pool, seed + 1)
                 rerun.append(new_jobs[i])
         self.execute(rerun)
         return new_jobs
 
     # ------------------------------------------------------------------ evaluation baselines
-    def baselines(self, problems: Sequence[Problem], seed: int) -> dict[str, Any]:
+    def baselines(self, problems: Sequence[Problem], seed: int, pool: Sequence[str] | None = None) -> dict[str, Any]:
         """Each worker alone on every question, majority vote over them, a random well-formed workflow, and each
-        hand-written workflow of ``conductor.fixed_workflows``."""
-        everyone = [i for i in range(len(self.workers)) if i != self.self_index]
+        hand-written workflow of ``conductor.fixed_workflows``; on ``pool`` (names, numbered in order) if given,
+        else on every worker."""
+        everyone = self.named_pool(pool) if pool else [i for i in range(len(self.workers)) if i != self.self_index]
         alone = [[Job(p, single_step(k), everyone, seed) for p in problems] for k in range(len(everyone))]
         rng = random.Random(seed)
         randomized = [Job(p, random_plan(len(everyone), rng, self.cfg.max_steps), everyone, seed) for p in problems]
@@ -313,13 +335,15 @@ def summarize_conductor(result: ConductorResult) -> dict[str, Any]:
 
 def replan_summary(records: Sequence[ConductorRecord]) -> dict[str, float]:
     """What a re-plan round did (nothing without one): the first workflows' accuracy, how often the conductor
-    accepted their answer, and the answers it turned from wrong to right and from right to wrong."""
+    accepted their answer or wrote a re-plan that does not parse, and the answers it turned from wrong to right and
+    from right to wrong."""
     scored = [r for r in records if r.first_correct is not None]
     if not scored:
         return {}
     n, replanned = len(scored), [r for r in scored if len(r.turns) > 1]
     return {"first_plan_accuracy": sum(r.first_correct for r in scored) / n,
             "replan_accept_rate": sum(r.turns[1].parsed.accepts for r in replanned) / max(len(replanned), 1),
+            "replan_malformed_rate": sum(r.turns[1].parsed.malformed for r in replanned) / max(len(replanned), 1),
             "replan_fixed_rate": sum(r.correct and not r.first_correct for r in scored) / n,
             "replan_broke_rate": sum(r.first_correct and not r.correct for r in scored) / n}
 

@@ -34,6 +34,7 @@ class ConductorTrainer(Trainer):
         super().__init__(cfg, out, team)
         self.runner = ConductorRunner(self.team, cfg.conductor, self.verifier)
         self.baselines: dict[str, Any] = {}
+        self.pool_baselines: dict[int, dict[str, Any]] = {}  # per conductor.eval_pools entry
 
     def value_turns(self) -> int:
         return 1 + int(self.cfg.conductor.replan)  # the plan, and the re-plan
@@ -67,12 +68,23 @@ class ConductorTrainer(Trainer):
         print(conductor_table({**summary, **self.baselines}, f"{label}: conductor on {len(self.eval_problems)} "
                                                               "held-out questions"), flush=True)
         write_transcripts(self.out / f"transcripts_{label}.jsonl", result)
-        return summary
+        pools = [self.pool_evaluation(label, i, pool) for i, pool in enumerate(self.cfg.conductor.eval_pools)]
+        return {**summary, "eval_pools": pools} if pools else summary
+
+    def pool_evaluation(self, label: str, index: int, pool: list[str]) -> dict[str, Any]:
+        """The conductor on every eval question with one named pool, beside that pool's baselines."""
+        if index not in self.pool_baselines and self.cfg.conductor.baselines:
+            self.pool_baselines[index] = self.runner.baselines(self.eval_problems, self.cfg.seed, pool)
+        return evaluate_pool(self.runner, self.eval_problems, self.cfg.seed, pool,
+                             self.out / f"transcripts_{label}_pool_{index}.jsonl", self.pool_baselines.get(index, {}))
 
     @staticmethod
     def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-        return {f"eval/conductor/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps",
-                                                            "mean_cost")}
+        metrics = {f"eval/conductor/{k}": summary[k] for k in ("conductor_accuracy", "malformed_rate", "mean_steps",
+                                                               "mean_cost")}
+        metrics.update({f"eval/conductor/pool_{i}/conductor_accuracy": pool["conductor_accuracy"]
+                        for i, pool in enumerate(summary.get("eval_pools", []))})
+        return metrics
 
     def _rollout_metrics(self, result: ConductorResult, rewards: np.ndarray) -> dict[str, float]:
         summary = summarize_conductor(result)
@@ -125,6 +137,17 @@ def conductor_table(summary: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
+def evaluate_pool(runner: ConductorRunner, problems: list[Problem], seed: int, pool: list[str], transcripts: Path,
+                  baselines: dict[str, Any]) -> dict[str, Any]:
+    """The conductor on ``problems`` with the named ``pool`` (numbered in its order): its summary beside the pool's
+    ``baselines``, printed, and its transcripts written."""
+    result = runner.rollout(problems, seed, pool=pool)
+    entry = {"pool": list(pool), **summarize_conductor(result), **baselines}
+    print(conductor_table(entry, f"conductor on {len(problems)} questions with the pool {pool}"), flush=True)
+    write_transcripts(transcripts, result)
+    return entry
+
+
 def write_transcripts(path: Path, result: ConductorResult) -> None:
     with path.open("w") as f:
         for problem, record in zip(result.problems, result.records):
@@ -142,12 +165,15 @@ def evaluate_conductor(cfg: RunConfig, out: Path, team: Team | None = None) -> d
         running.wait_ready()
         result = runner.rollout(problems, cfg.seed)
         baselines = runner.baselines(problems, cfg.seed) if cfg.conductor.baselines else {}
+        pools = [evaluate_pool(runner, problems, cfg.seed, pool, out / f"transcripts_pool_{i}.jsonl",
+                               runner.baselines(problems, cfg.seed, pool) if cfg.conductor.baselines else {})
+                 for i, pool in enumerate(cfg.conductor.eval_pools)]
     finally:
         runner.close()
         if team is None:
             running.shutdown()
         verifier.shutdown()
-    summary = {**summarize_conductor(result), **baselines}
+    summary = {**summarize_conductor(result), **baselines, **({"eval_pools": pools} if pools else {})}
     write_json(out / "summary.json", summary)
     write_transcripts(out / "transcripts.jsonl", result)
     print(conductor_table(summary, f"conductor on {len(problems)} {cfg.task.name} questions"))

@@ -36,6 +36,7 @@ class Pending(Protocol):
 
 class Worker(Protocol):
     name: str
+    description: str  # its card in the conductor's prompt ("": none)
     max_cost: float  # of one call at the worker's token limit
 
     def submit(self, threads: list[Thread], seeds: list[int]) -> Pending: ...
@@ -62,6 +63,7 @@ class LocalWorker:
 
     def __init__(self, agent: AgentRuntime):
         self.agent, self.name, self.price = agent, agent.cfg.name, agent.cfg.price
+        self.description = agent.cfg.description
         self.max_cost = self.price.of(agent.cfg.sampling.max_new_tokens)
 
     def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
@@ -79,6 +81,7 @@ class HttpWorker:
         import httpx
 
         self.cfg, self.name, self.max_cost = cfg, cfg.name, cfg.price.of(cfg.max_tokens)
+        self.description = cfg.description
         headers = {"Authorization": f"Bearer {os.environ[cfg.api_key_env]}"} if cfg.api_key_env else {}
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout_s,
                                    limits=httpx.Limits(max_connections=cfg.concurrency))

@@ -58,11 +58,17 @@ class Parsed:
         return self.error is not None
 
 
-def conductor_message(question: str, num_workers: int, examples: Sequence[str] = ()) -> str:
-    """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (names hidden)."""
+def conductor_message(question: str, num_workers: int, examples: Sequence[str] = (), cards: Sequence[str] = ()) -> str:
+    """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (names hidden), then, where
+    workers have cards, who holds each card ("Cards: adds=Model 0, Model 2; multiplies=Model 1")."""
     pool = ", ".join(f"Model {i}" for i in range(num_workers))
+    holders: dict[str, list[int]] = {}
+    for i, card in enumerate(cards):
+        if card:
+            holders.setdefault(card, []).append(i)
+    listed = "; ".join(f"{card}=" + ", ".join(f"Model {i}" for i in ids) for card, ids in holders.items())
     shots = "".join(f"Example:\n{example}\n\n" for example in examples)
-    return (f"{shots}Question: {question}\nWorkers: {pool}\n"
+    return (f"{shots}Question: {question}\nWorkers: {pool}\n" + (f"Cards: {listed}\n" if listed else "") +
             "Reason, then write the workflow as three Python lists of equal length, at most 5 steps: model_id "
             "(the worker of each step), subtasks (what it is asked) and access_list ([\"all\"] to see every "
             "earlier step, [] to see none). The last step gives the answer.")

@@ -80,6 +80,8 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
     workflow = SUBTASKS, plan.lists(), worker_thread(probe, plan, 1, ["x"]), conductor_message(probe.question, 2)
     if spec.role == "conductor":
         workflow = (*workflow, operation_note(probe.question), CONDUCTOR_SUBTASKS)
+    if spec.cards:
+        workflow = (*workflow, conductor_message(probe.question, 2, cards=spec.cards), card_line("adds", 0))
     if spec.composition_fraction:
         example = composition_problems("train")[0]
         workflow = (*workflow, example, composition_step(example, "+", random.Random(0)))
@@ -248,19 +250,37 @@ def operation_note(question: str) -> str:
     return f"The question {', then '.join(verbs) or 'asks'}."
 
 
+def card_line(card: str, worker: int) -> str:
+    """A carded conductor's second reasoning line: the card it wants, and the pool's worker that holds it."""
+    return f"Ask the worker who {card}=Model {worker}."
+
+
+_CARD_LINE = re.compile(r"Ask the worker who (.+?)=Model \d+\.")
+
+
 def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict]:
     """A conductor prompt and a well-formed plan: a line that reads the question, then one step, sometimes a second
     that sees the first. Worker ids are uniform and independent of the question, so the plan's form is learnt but
     not whom to ask; each step position has one subtask, so whom to ask and how many steps are the only choices.
+    With ``spec.cards`` the pool's workers carry cards, and the plan names a card uniformly from the pool's and asks
+    its first holder (the prompt's "adds=Model 0"): reading the pool is learnt, which card a question needs is not.
 
     Why so focused: with subtasks worded at random (2.4 of a plan's 4 nats of entropy, against 0.7 for the worker
     id) and no line that reads the question, GRPO's signal drowned in the noise of the other tokens: 150 steps
     learnt routing in one build and seed (0.89) and collapsed onto one worker in others (0.48)."""
     size = rng.choice(spec.pool_sizes)
     count = 1 + (rng.random() < spec.two_step_fraction)
-    plan = Plan(tuple(Step(rng.randrange(size), CONDUCTOR_SUBTASKS[i], i > 0) for i in range(count)))
-    return [{"role": "user", "content": conductor_message(problem.question, size)},
-            {"role": "assistant", "content": f"{operation_note(problem.question)}\n{plan.lists()}"}]
+    reasons = [operation_note(problem.question)]
+    cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
+    if cards:
+        card = rng.choice(sorted(set(cards)))
+        workers = [cards.index(card)] * count  # its first holder: the number after the card in the prompt
+        reasons.append(card_line(card, workers[-1]))
+    else:
+        workers = [rng.randrange(size) for _ in range(count)]
+    plan = Plan(tuple(Step(worker, CONDUCTOR_SUBTASKS[i], i > 0) for i, worker in enumerate(workers)))
+    return [{"role": "user", "content": conductor_message(problem.question, size, cards=cards)},
+            {"role": "assistant", "content": "\n".join([*reasons, plan.lists()])}]
 
 
 def _example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
@@ -432,9 +452,11 @@ def _batches(examples: Iterator[Example], batch_size: int, rng: random.Random) -
 
 
 def _score(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> float:
-    """What the warm-start aims at: a solver's greedy turn-1 accuracy, a conductor's sampled parse rate."""
+    """What the warm-start aims at: a solver's greedy turn-1 accuracy, a conductor's sampled parse rate (a carded
+    conductor's: the lower of that and how often it asks a worker holding the card it named)."""
     if spec.role == "conductor":
-        return plan_stats(sample_plans(model, tokenizer, problems, spec.pool_sizes, seed=spec.seed))["parse_rate"]
+        stats = plan_stats(sample_plans(model, tokenizer, problems, spec, seed=spec.seed))
+        return min(stats["parse_rate"], stats.get("card_held_rate", 1.0))
     return turn1_accuracy(model, tokenizer, problems)
 
 
@@ -521,32 +543,43 @@ def _step_message(problem: Problem) -> str:
     return worker_message(problem, SUBTASKS[sum(map(ord, problem.id)) % len(SUBTASKS)])
 
 
-def sample_plans(model: Any, tokenizer: Any, problems: list[Problem], pool_sizes: tuple[int, ...], seed: int = 0,
-                 batch_size: int = 50) -> list[tuple[int, str]]:
-    """(pool size, reply) of a conductor sampled at temperature 1 on each problem, pool sizes drawn uniformly from
-    ``pool_sizes``. Seeded, and the global torch RNG is left as it was."""
+def sample_plans(model: Any, tokenizer: Any, problems: list[Problem], spec: TinyModelSpec, seed: int = 0,
+                 batch_size: int = 50) -> list[tuple[list[str], str]]:
+    """(the pool's cards, or a card-less pool of its size as empty cards; the reply) of a conductor sampled at
+    temperature 1 on each problem, pool sizes drawn uniformly from ``spec.pool_sizes`` and cards from
+    ``spec.cards``. Seeded, and the global torch RNG is left as it was."""
     rng = random.Random(seed)
-    sizes = [rng.choice(pool_sizes) for _ in problems]
-    messages = [_user(conductor_message(p.question, size)) for p, size in zip(problems, sizes)]
+    sizes = [rng.choice(spec.pool_sizes) for _ in problems]
+    pools = [[rng.choice(spec.cards) for _ in range(size)] if spec.cards else [""] * size for size in sizes]
+    messages = [_user(conductor_message(p.question, len(cards), cards=cards)) for p, cards in zip(problems, pools)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         texts = _replies(model, tokenizer, messages, PLAN_TOKENS, batch_size, do_sample=True, temperature=1.0,
                          top_k=0, top_p=1.0)
-    return list(zip(sizes, texts))
+    return list(zip(pools, texts))
 
 
-def plan_stats(samples: list[tuple[int, str]]) -> dict[str, Any]:
-    """Parse rate, and how often each worker id answers (the plan's last step) per pool size."""
-    parsed = [(size, parse_workflow(text, size)) for size, text in samples]
-    answering = {size: [0] * size for size in sorted({size for size, _ in samples})}
+def plan_stats(samples: list[tuple[list[str], str]]) -> dict[str, Any]:
+    """Parse rate, and how often each worker id answers (the plan's last step) per pool size; with cards, how often
+    the answering worker holds the card the reply named."""
+    parsed = [(cards, parse_workflow(text, len(cards)), _CARD_LINE.search(text)) for cards, text in samples]
+    answering = {size: [0] * size for size in sorted({len(cards) for cards, _ in samples})}
     steps: dict[int, int] = {}
-    for size, result in parsed:
+    carded = [0, 0]  # plans that name a card, and those whose answering worker holds it
+    for cards, result, named in parsed:
         if result.plan is not None and result.plan.steps:
-            answering[size][result.plan.steps[-1].worker] += 1
+            answering[len(cards)][result.plan.steps[-1].worker] += 1
             steps[len(result.plan.steps)] = steps.get(len(result.plan.steps), 0) + 1
-    return {"parse_rate": sum(p.plan is not None for _, p in parsed) / len(parsed),
-            "answering_worker": {str(size): counts for size, counts in answering.items()},
-            "plan_steps": {str(n): steps[n] for n in sorted(steps)}}
+            if any(cards) and named:
+                carded[0] += 1
+                carded[1] += cards[result.plan.steps[-1].worker] == named.group(1)
+    stats = {"parse_rate": sum(p.plan is not None for _, p, _ in parsed) / len(parsed),
+             "answering_worker": {str(size): counts for size, counts in answering.items()},
+             "plan_steps": {str(n): steps[n] for n in sorted(steps)}}
+    if any(any(cards) for cards, _ in samples):
+        stats["card_named_rate"] = carded[0] / len(parsed)
+        stats["card_held_rate"] = carded[1] / max(carded[0], 1)
+    return stats
 
 
 def _load(path: Path) -> tuple[Any, Any]:
@@ -565,8 +598,7 @@ def evaluate_turn1(path: Path, num: int = NUM_EVAL, task: TaskConfig | None = No
 def evaluate_plans(path: Path, spec: TinyModelSpec, num: int = NUM_EVAL, seed: int = 0) -> dict[str, Any]:
     """Re-measure a saved conductor's ``plan_stats`` on the first ``num`` test questions of its task."""
     model, tokenizer = _load(path)
-    return plan_stats(sample_plans(model, tokenizer, arithmetic_problems(spec.task, "test", num), spec.pool_sizes,
-                                   seed=seed))
+    return plan_stats(sample_plans(model, tokenizer, arithmetic_problems(spec.task, "test", num), spec, seed=seed))
 
 
 # ---------------------------------------------------------------- builds
@@ -587,7 +619,7 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
         trained = _warm_start(model, tokenizer, spec, problems)
         test = arithmetic_problems(spec.task, "test", NUM_EVAL)
         if spec.role == "conductor":
-            scores = plan_stats(sample_plans(model, tokenizer, test, spec.pool_sizes, seed=spec.seed))
+            scores = plan_stats(sample_plans(model, tokenizer, test, spec, seed=spec.seed))
         else:
             scores = {"turn1_accuracy": turn1_accuracy(model, tokenizer, test)}
             if spec.workflow_fraction:

@@ -67,6 +67,9 @@ class TinyModelSpec:
     # Share of examples that are its step of a composition question ``a * b + c`` (``composition_step``): a ``*``
     # specialist's first step answers the product, a ``+`` specialist's second step adds c to the earlier answer.
     composition_fraction: float = field(default=0.0, repr=False)
+    # A conductor for pools with worker cards (``conductor_message``'s "Model 0 (adds)"): each pool position gets a
+    # card drawn from these, and the plan first names a card and asks a worker holding it.
+    cards: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -224,5 +227,28 @@ TINY_MODELS["tiny-conductor"] = replace(
     max_steps=1200,
     eval_every=1200,
     target_accuracy=1.0,
+)
+# The Conductor's pools experiment: pools of 2-4 workers drawn at run time, each shown with its card. Which card a
+# question needs is left to RL (the card a warm-start plan names is random); reading its number off the pool is not.
+TINY_MODELS["card-conductor"] = replace(
+    TINY_MODELS["tiny-conductor"],
+    name="card-conductor",
+    tokenizer=replace(TINY_MODELS["tiny-conductor"].tokenizer, seed=11),
+    seed=11,
+    two_step_fraction=0.0,
+    pool_sizes=(2, 3, 4),
+    cards=("adds", "multiplies"),
+    # Not learnt yet: how often the worker it asks holds the card it names, against 0.65 by chance (test questions,
+    # temperature 1). Cards shown per worker ("Model 0 (adds)"): 0.50 at this spec's size after 1,200 steps, 0.70 at
+    # twice the width with a third layer after 3,000. Holders listed per card, "adds: Model 0" at lr 1e-3 and
+    # "adds=Model 0" at 2e-3, 3,000 steps each: 0.53 and 0.67, most plans asking Model 0 (a first holder often is).
+    hidden_size=128,
+    num_layers=3,
+    num_heads=4,  # head_dim 32
+    num_kv_heads=2,
+    intermediate_size=512,
+    max_steps=3000,
+    eval_every=250,
+    target_accuracy=0.95,  # of the parse rate and the card-held rate, the lower
 )
 MODEL_DIRS: dict[str, str] = {**{name: name for name in TINY_MODELS}, SMOLLM2: SMOLLM2_DIR}
