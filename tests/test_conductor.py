@@ -8,6 +8,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,6 +178,14 @@ def test_a_replan_round_scores_the_first_answer_and_keeps_it_unless_replaced(con
         if record.turns[1].parsed.accepts or record.turns[1].parsed.malformed:  # the first answer stands
             assert record.correct == record.first_correct and record.job.plan == record.turns[0].parsed.plan
             assert record.reward == (1.0 if record.correct else 0.5)
+        # each turn earns what it decided: the plan its first answer, the re-plan the final one (0 unparsed)
+        assert record.turn_rewards[0] == (1.0 if record.first_correct else 0.5)
+        assert record.turn_rewards[1] == (0.0 if record.turns[1].parsed.malformed else
+                                          1.0 if record.correct else 0.5)
+    batch = next(iter(ConductorTrainer.agent_batches(SimpleNamespace(policies=[SimpleNamespace(name="c")]), result,
+                                                     np.array([r.reward for r in records])).values()))
+    assert batch.rewards == [reward for r in records for reward in r.turn_rewards]
+    assert [key[2] for key in batch.keys] == [turn for r in records for turn in range(len(r.turns))]
     summary = summarize_conductor(result)
     assert summary["first_plan_accuracy"] == sum(r.first_correct for r in records) / len(records)
     assert summary["conductor_accuracy"] - summary["first_plan_accuracy"] == pytest.approx(

@@ -88,6 +88,9 @@ class ConductorRecord:
     reward: float
     cost: float  # of every worker call made for the question (a re-planned workflow's too)
     first_correct: bool | None = None  # with a re-plan round: whether the first workflow's answer was right
+    # What each turn earns in training: the plan its first workflow's outcome, a re-plan the final one (0 if it
+    # does not parse), so a re-plan that decides nothing adds no signal to the plan's and no noise
+    turn_rewards: list[float] = field(default_factory=list)
 
     @property
     def malformed(self) -> bool:
@@ -223,7 +226,7 @@ class ConductorRunner:
                 for p, t, pool in zip(problems, turns, pools)]
         self.execute([j for j in jobs if j])
         histories = [[t] for t in turns]
-        spent = [job.cost() if job else 0.0 for job in jobs]
+        spent = first_cost = [job.cost() if job else 0.0 for job in jobs]
         first_correct: list[bool | None] = [None] * len(problems)
         if self.cfg.replan:
             if verify:  # what the re-plan round changed: the first workflows' answers, scored before it
@@ -236,11 +239,17 @@ class ConductorRunner:
         correct = self._correct(problems, jobs) if verify else [False] * len(problems)
         result.seconds["verify"] = time.perf_counter() - start
         for i, problem in enumerate(problems):
-            job, ok = jobs[i], correct[i]
-            reward = conductor_reward(standing_plan(histories[i]), ok, self.cost_penalty(spent[i]))
+            job, ok, turns = jobs[i], correct[i], histories[i]
+            reward = conductor_reward(standing_plan(turns), ok, self.cost_penalty(spent[i]))
+            turn_rewards = [reward]
+            if len(turns) > 1:
+                turn_rewards = [conductor_reward(turns[0].parsed, bool(first_correct[i]),
+                                                 self.cost_penalty(first_cost[i])),
+                                conductor_reward(turns[1].parsed, ok, self.cost_penalty(spent[i]))]
             result.records.append(ConductorRecord(
-                problem.id, [self.names[w] for w in pools[i]], histories[i], job,
-                extract_answer(job.answer(), problem.kind) if job else None, ok, reward, spent[i], first_correct[i]))
+                problem.id, [self.names[w] for w in pools[i]], turns, job,
+                extract_answer(job.answer(), problem.kind) if job else None, ok, reward, spent[i], first_correct[i],
+                turn_rewards))
         return result
 
     def _correct(self, problems: Sequence[Problem], jobs: Sequence[Job | None]) -> list[bool]:

@@ -48,7 +48,8 @@ class ConductorTrainer(Trainer):
         return np.array([record.reward for record in result.records])
 
     def agent_batches(self, result: ConductorResult, rewards: np.ndarray) -> dict[str, AgentBatch]:
-        """Every conductor generation (plan, re-plan) with its workflow's reward, grouped by question."""
+        """Every conductor generation with its reward, grouped by question and turn: a plan alone earns its
+        workflow's reward; with a re-plan round each turn earns its own (``ConductorRecord.turn_rewards``)."""
         batch = AgentBatch([], [], [], [])
         for record, reward in zip(result.records, rewards):
             for turn, generation in enumerate(record.turns):
@@ -56,7 +57,7 @@ class ConductorTrainer(Trainer):
                     continue
                 batch.rows.append(Rollout(generation.prompt_ids, generation.token_ids, turn))
                 batch.keys.append((record.question_id.rsplit("#", 1)[0], 0, turn))
-                batch.rewards.append(float(reward))
+                batch.rewards.append(float(reward if len(record.turns) == 1 else record.turn_rewards[turn]))
                 batch.engine_logprobs.append(generation.logprobs)
         return {self.policies[0].name: batch}
 
