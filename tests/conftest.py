@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # Tests never reach the hub or wandb servers, also when run without `make test` (which sets these too).
@@ -11,6 +17,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
+import torch
 
 from mapoco.cli import compose
 
@@ -19,6 +26,26 @@ GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 compose_config = compose  # the RunConfig `mapoco` would build from these command-line overrides
+
+
+def readme_block(name: str) -> str:
+    """The fenced bash block right after ``<!-- readme-test: name -->`` in README.md."""
+    found = re.search(rf"<!-- readme-test: {name} -->\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert found, f"README.md has no block marked readme-test: {name}"
+    return found.group(1)
+
+
+def run_block(block: str, timeout_s: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """A README block as a new user runs it: a fresh shell (`bash --noprofile --norc -e`) with a bare environment
+    and an empty ``HOME`` (no ``~/.ray`` token, no caches an earlier run left), only the built models found
+    through ``MAPOCO_CACHE`` (a first-time user builds them with `make models`)."""
+    from mapoco.models.registry import cache_dir
+
+    with tempfile.TemporaryDirectory(prefix="fresh-home-") as home:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
+               "MAPOCO_CACHE": str(cache_dir())}
+        return subprocess.run(["bash", "--noprofile", "--norc", "-e", "-c", block], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -89,3 +116,55 @@ def rule_verifier(ray_session):
     client = VerifierClient(VerifierConfig())
     yield client
     client.shutdown()
+
+
+@dataclass
+class UpdateDirection:
+    """What one real update did to the logprobs of the tokens it trained on, beside their advantages: the learner
+    group scored the same rows right before and right after it."""
+
+    advantages: torch.Tensor  # [rows, length], zero past each row's end
+    change: torch.Tensor  # logprob after - before, same shape
+    mask: torch.Tensor
+
+    def mean_change(self, sign: int) -> float:
+        """Mean logprob change of the tokens whose advantage has this sign."""
+        picked = (self.advantages * sign > 0) & (self.mask > 0)
+        return float(self.change[picked].mean())
+
+    def surrogate_gain(self) -> float:
+        """Sum of advantage x logprob change over the trained tokens: the policy-gradient objective's first-order
+        change, which every update must raise."""
+        return float((self.advantages * self.change * self.mask).sum())
+
+    def assert_follows_advantages(self, what: str) -> None:
+        """The update's direction on the sampled tokens, which no float32 summation order can flip (the changes are
+        orders of magnitude above rounding): the advantage-weighted logprob change is positive, and tokens with a
+        positive advantage gained more logprob than tokens with a negative one. (Not each side's own sign: a joint
+        update moves mass among tokens, and positive-advantage tokens that were already near-certain can lose a
+        little, measured -0.002 against -0.078 on the negative side.)"""
+        up, down, gain = self.mean_change(+1), self.mean_change(-1), self.surrogate_gain()
+        assert gain > 0 and up > down, (what, f"positive-advantage tokens {up:+.3g}, negative {down:+.3g}, "
+                                              f"advantage-weighted change {gain:+.3g}")
+
+
+@contextlib.contextmanager
+def watch_updates(group) -> Iterator[list[UpdateDirection]]:
+    """Every ``group.update`` inside the block runs as it would (the real learners, the real batch), with the same
+    rows scored before and after it; the block gets one UpdateDirection per update."""
+    seen: list[UpdateDirection] = []
+    real = group.update
+
+    def update(rows, batch, *args, **kwargs):
+        before = group.score(rows).logprobs
+        metrics = real(rows, batch, *args, **kwargs)
+        lengths = torch.tensor([len(r.response_ids) for r in rows])
+        mask = (torch.arange(before.size(1)) < lengths[:, None]).float()
+        seen.append(UpdateDirection(batch["advantages"], group.score(rows).logprobs - before, mask))
+        return metrics
+
+    group.update = update
+    try:
+        yield seen
+    finally:
+        del group.update  # the class's method again (pooled groups outlive the test)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import compose_config, watch_updates
 
 from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
 from mapoco.conductor.trainer import ConductorTrainer, evaluate_conductor
@@ -72,6 +72,9 @@ class TrainedConductor:
     after: dict
     summary: dict
     served: object  # the trained conductor's workflow for SERVED, on the trainer's engines
+    eval_problems: list  # the 8 questions of its evaluations
+    cfg: object
+    directions: list  # what each GRPO update did to the logprobs of the plans it trained on
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +96,15 @@ def trained(conductor_team, tmp_path_factory):
     trainer = ConductorTrainer(compose_config(*overrides), out, team=conductor_team)
     try:
         before = trainer.policies[0].group.weights("float32")
-        summary = trainer.fit()
+        with watch_updates(trainer.policies[0].group) as directions:
+            summary = trainer.fit()
         after = trainer.policies[0].group.weights("float32")
         (served,) = ConductorRunner(conductor_team, trainer.cfg.conductor, NullVerifier()).rollout(
             [SERVED], seed=0, verify=False).records
     finally:
         trainer.close()
-    return TrainedConductor(out, [p.seats for p in trainer.policies], before, after, summary, served)
+    return TrainedConductor(out, [p.seats for p in trainer.policies], before, after, summary, served,
+                            trainer.eval_problems, trainer.cfg, directions)
 
 
 def test_grpo_two_iterations_train_the_conductor(trained):
@@ -122,12 +127,46 @@ def test_grpo_two_iterations_train_the_conductor(trained):
     assert written["mean_steps"] == pytest.approx(sum(ran) / max(len(ran), 1))
     assert written["mean_reward"] == pytest.approx(sum(r["reward"] for r in records) / 8)
     assert written["workers"] == ["adder", "multiplier"] and len(written["worker_accuracy"]) == 2
-    for accuracy in [written["majority_vote_accuracy"], written["random_workflow_accuracy"],
-                     *written["worker_accuracy"]]:  # a share of the same 8 questions
+    for accuracy in [written["random_workflow_accuracy"], *written["worker_accuracy"]]:  # of the same 8 questions
         assert (accuracy * 8) == pytest.approx(round(accuracy * 8))
     parsed = [r for r in records if r["steps"]]
     assert all(set(r["pool"]) == {"adder", "multiplier"} for r in records)
     assert all(r["steps"][-1]["response"] is not None for r in parsed)
+
+
+@pytest.mark.kernels
+def test_each_grpo_update_follows_its_advantages(trained):
+    """Both GRPO updates (the second on plans sampled one update earlier, importance-weighted) make the conductor's
+    better-than-their-group plans likelier and its worse ones less likely, token by token of the sampled plans."""
+    assert len(trained.directions) == 2
+    for step, direction in enumerate(trained.directions):
+        direction.assert_follows_advantages(f"step {step}")
+
+
+def test_the_majority_vote_baseline_credits_a_tie_by_half(trained, conductor_team, rule_verifier):
+    """Each worker alone on the evaluation's 8 questions again (frozen workers, the same request seeds), recounted by
+    hand: both agree -> that answer's credit; one answer only -> its own; two different answers -> a tie, half the
+    right ones (the team's tie-break picks one at random)."""
+    from mapoco.answers import extract_answer
+    from mapoco.conductor.rollout import Job
+    from mapoco.conductor.workflow import single_step
+
+    runner = ConductorRunner(conductor_team, trained.cfg.conductor, rule_verifier)
+    problems, seed = trained.eval_problems, trained.cfg.seed
+    pool = [i for i in range(len(runner.workers)) if i != runner.self_index]  # the workers, as the baseline asks
+    alone = [[Job(p, single_step(k), pool, seed) for p in problems] for k in (0, 1)]
+    runner.execute([job for jobs in alone for job in jobs])
+    correct = [runner.verify(problems, [j.answer() for j in jobs]) for jobs in alone]
+    assert trained.summary["worker_accuracy"] == [sum(c) / 8 for c in correct]  # the same answers as the baseline's
+    credit = 0.0
+    for q, problem in enumerate(problems):
+        (a0, a1), (c0, c1) = [extract_answer(alone[k][q].answer(), problem.kind) for k in (0, 1)], \
+            [correct[k][q] for k in (0, 1)]
+        if a0 is None or a1 is None or a0 == a1:
+            credit += c0 if a0 is not None else c1 if a1 is not None else 0.0
+        else:
+            credit += (c0 + c1) / 2
+    assert trained.summary["majority_vote_accuracy"] == pytest.approx(credit / 8)
 
 
 def test_rollout_rewards_follow_the_parse_and_the_answer(conductor_team, rule_verifier):

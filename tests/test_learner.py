@@ -67,6 +67,7 @@ def _moved(before: dict, after: dict) -> dict:
     return {k: (after[k] - before[k]).abs() for k in before}
 
 
+@pytest.mark.kernels
 @pytest.mark.slow
 def test_two_ranks_give_the_same_update_as_one(updates):
     """Two ranks split the rows; the loss normalised by the whole batch's tokens times the world size, then
@@ -86,6 +87,7 @@ def test_two_ranks_give_the_same_update_as_one(updates):
         assert metrics2[key] == pytest.approx(metrics[key], rel=1e-3, abs=1e-7), key
 
 
+@pytest.mark.kernels
 @pytest.mark.slow
 def test_learning_rate_scales_the_update(updates):
     """AdamW's step is about lr * sign(gradient): twice the rate, twice the distance, weight by weight. The faster

@@ -4,6 +4,7 @@ fixed one, so the engine holds four adapters; a training step sends every agent'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import typing
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import compose_config
+from conftest import compose_config, watch_updates
 
 from mapoco.config import VLLM_LORA_RANKS, ConfigError, SamplingConfig
 from mapoco.runtime.precision import LOGPROB_TOLERANCE
@@ -93,7 +94,7 @@ class LoraRun(typing.NamedTuple):
     metrics: list[dict[str, float]]
     out: object
     step3: object  # the rollout of step 3 (after the step-2 checkpoint), for the resume test
-    accuracy: tuple[float, float]  # the trained agents' on steps 1-2's questions and seeds, before and after
+    directions: list[list]  # per trained agent, per step: what its update did to its sampled tokens' logprobs
 
 
 @pytest.fixture(scope="module")
@@ -107,22 +108,18 @@ def lora_run(learner_pool, tiny_models, fixed_adapter, tmp_path_factory):
     cfg = compose_config(*LORA, f"+team.agents.3.adapter={fixed_adapter}")
     team = Team.of_run(cfg, colocate_learners=True, wait=False)
     trainer = Trainer(cfg, out, team=team, learners=learner_pool)
-
-    def accuracy() -> float:  # the trained agents (0-2), every turn, on the first two steps' questions and seeds
-        results = [trainer.rollout(trainer.batch(step), step) for step in (0, 1)]
-        return float(np.mean([r.correct for result in results for r in result.records.values() if r.agent < 3]))
-
     metrics, step3 = [], None
     try:
-        before = accuracy()
-        for step in range(STEPS):
-            if step == 2:
-                step3 = trainer.rollout(trainer.batch(2), 2)
-            metrics.append(trainer.train_step())
-            trainer.step += 1
-            if trainer.step == 2:
-                trainer.save()
-        yield LoraRun(trainer, metrics, out, step3, (before, accuracy()))
+        with contextlib.ExitStack() as watching:
+            directions = [watching.enter_context(watch_updates(p.group)) for p in trainer.policies]
+            for step in range(STEPS):
+                if step == 2:
+                    step3 = trainer.rollout(trainer.batch(2), 2)
+                metrics.append(trainer.train_step())
+                trainer.step += 1
+                if trainer.step == 2:
+                    trainer.save()
+        yield LoraRun(trainer, metrics, out, step3, directions)
     finally:
         trainer.close()
         team.shutdown()
@@ -174,11 +171,15 @@ def test_a_batch_that_mixes_adapters_samples_what_each_agent_samples_alone(lora_
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_lora_agents_on_one_engine_learn(lora_run):
-    """Four updates on the shared engine make the trained agents right more often on the same questions with the
-    same sampling seeds (only their adapters changed between the two rollouts)."""
-    before, after = lora_run.accuracy
-    assert after > before + 0.05, (before, after)
+    """Every update of every adapter on the shared engine moves its agent's policy the way its advantages point, on
+    the tokens the engine sampled: positive-advantage tokens likelier, negative ones less likely. (Accuracy after four
+    updates on 32 questions is noise that other float32 kernels reorder; the direction is not.)"""
+    for agent, updates in enumerate(lora_run.directions):
+        assert len(updates) == STEPS
+        for step, direction in enumerate(updates):
+            direction.assert_follows_advantages(f"agent {agent}, step {step}")
 
 
 @pytest.mark.slow

@@ -383,3 +383,23 @@ def test_a_killed_engine_restarts_with_the_trained_weights(served, trained):
     served_texts = [[answer["text"] for answer in turn] for turn in reply.json()["mapoco"]["discussion"]]
     assert served_texts == _texts(trained.after[0])
     assert handle.engine_pids.remote().result()[0] != pids[0]
+
+
+@slow
+def test_the_readme_serve_block_runs_as_written(trained, tmp_path):
+    """README's "Serve what you trained" block, as a user runs it right after `make demo`: in a project folder whose
+    `outputs/demo` is a trained run with its last checkpoint (this module's one-step run, copied there), it starts
+    `mapoco serve` on 127.0.0.1:8000 with a fresh token, waits for it, gets the answer with its transcript, and
+    stops it with SIGTERM (the block fails if the server exits with an error)."""
+    import shutil
+
+    from conftest import readme_block, run_block
+
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    shutil.copytree(trained.run_dir, tmp_path / "outputs" / "demo")
+    proc = run_block(readme_block("serve"), timeout_s=600, cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    reply = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert reply["object"] == "chat.completion" and reply["model"] == "demo", reply
+    assert reply["choices"][0]["message"]["content"] and len(reply["mapoco"]["discussion"]) == 2
+    assert "stopping" in proc.stdout  # SIGTERM reached the server, which shut its app down

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import compose_config
+from conftest import compose_config, watch_updates
 from ray.util.placement_group import placement_group_table
 
 from mapoco.runtime.precision import LOGPROB_TOLERANCE
@@ -35,16 +35,17 @@ def hetero_training(hetero_team, tmp_path_factory):
                          "+team.agents.1.learner.lr=7e-5", "+team.agents.1.learner.zero_stage=3")
     trainer = Trainer(cfg, tmp_path_factory.mktemp("hetero"), team=hetero_team)  # its own shapes: not pooled
     before = {p.name: p.group.weights("float32") for p in trainer.policies}
-    metrics = [trainer.train_step()]
-    trainer.step += 1
-    metrics.append(trainer.train_step())
+    with watch_updates(trainer.policies[0].group) as qwen, watch_updates(trainer.policies[1].group) as llama:
+        metrics = [trainer.train_step()]
+        trainer.step += 1
+        metrics.append(trainer.train_step())
     after = {p.name: p.group.weights("float32") for p in trainer.policies}
-    yield trainer, metrics, before, after
+    yield trainer, metrics, before, after, {"agent_0": qwen, "agent_1": llama}
     trainer.close()
 
 
 def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training):
-    trainer, metrics, before, after = hetero_training
+    trainer, metrics, before, after, _ = hetero_training
     assert [p.name for p in trainer.policies] == ["agent_0", "agent_1"]
     qwen, llama = (p.group.call_all("describe") for p in trainer.policies)
     assert [(d["rank"], d["world_size"], d["zero_stage"], d["model_type"]) for d in qwen] == [
@@ -69,11 +70,22 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
 
 
 def test_kl_is_zero_at_step_zero_and_engines_match_learners(hetero_training):
-    trainer, metrics, _, _ = hetero_training
+    trainer, metrics, _, _, _ = hetero_training
     for name in ("agent_0", "agent_1"):
         assert abs(metrics[0][f"train/{name}/kl"]) < 1e-6  # policy == reference before the first update
         for step_metrics in metrics:  # the second step samples from weights synced after the first update
             assert_engines_match_learner(step_metrics, name)
+
+
+@pytest.mark.kernels
+def test_every_update_follows_its_advantages(hetero_training):
+    """Each agent's two updates (2 ranks on ZeRO-2, 1 rank on ZeRO-3, GAE advantages with a value head) make its
+    positive-advantage tokens likelier and its negative ones less likely, on the tokens its engines sampled."""
+    directions = hetero_training[4]
+    for name, updates in directions.items():
+        assert len(updates) == 2
+        for step, direction in enumerate(updates):
+            direction.assert_follows_advantages(f"{name}, step {step}")
 
 
 def _tokens(result):

@@ -45,6 +45,7 @@ def test_auc():
     assert auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
 
 
+@pytest.mark.kernels
 def test_fit_learns_a_label_the_backbone_can_see():
     """The training loop itself works: a label the last answer token decides (parity) is learned to AUC ~1."""
     import numpy as np
