@@ -56,7 +56,9 @@ def run_rollout(full: bool) -> list[Result]:
 def run_sync() -> list[Result]:
     smol, tiny = bench_sync.run("smollm2"), bench_sync.run("tiny-qwen")
     smol.extra["tiny_model"] = tiny.to_json()
-    return [smol]
+    collective, collective_tiny = bench_sync.run_collective("smollm2"), bench_sync.run_collective("tiny-qwen")
+    collective.extra["tiny_model"] = collective_tiny.to_json()
+    return [smol, collective]
 
 
 def run_overlap() -> list[Result]:

@@ -1,18 +1,21 @@
 """`make gpu-check`: the GPU paths on a machine with 1 or 2 GPUs, in under 10 minutes, as a pass/fail table.
 
-    .venv/bin/python cluster/gpu_check.py            # after `make models`
-    .venv/bin/python cluster/gpu_check.py --only sync colocate
+    .venv/bin/python cluster/gpu_check.py --resolve      # any machine: the GPU install resolves (nothing installed)
+    .venv-gpu/bin/python cluster/gpu_check.py            # on a GPU machine, after `make models`
+    .venv-gpu/bin/python cluster/gpu_check.py --only sync colocate
 
 Each check is a real `mapoco` run on tiny models (engines on vLLM, learners on DeepSpeed with NCCL), judged from
-what the run wrote (summary.json, metrics.jsonl):
+what the run wrote (summary.json, metrics.jsonl). Every one is a configuration the per-GPU guard accepts on a GPU of
+its size (tests/test_devices.py checks that against a Ray cluster advertising 1 GPU):
 
-| check | what passes |
-|---|---|
-| engine | a GPU engine answers (bf16 by `dtype=auto`, CUDA graphs on) |
-| sync | 3 training steps with NCCL weight sync; every step's engine-vs-learner logprob gap within its tolerance |
-| colocate | the same with the learner on the engine's GPU (the engine sleeps during updates and wakes for the sync) |
-| tensor_parallel | an engine over 2 GPUs answers (only with >= 2 GPUs) |
-| learns | the conductor demo for 40 steps: held-out accuracy rises by at least 0.2 |
+| check | GPUs | what passes |
+|---|---|---|
+| engine | 1 | a GPU engine answers (bf16 by `dtype=auto`, CUDA graphs on) |
+| sync | 1 | 3 training steps, learner and engine sharing one GPU (so the weights move through the object store); every step's engine-vs-learner logprob gap within its tolerance |
+| colocate | 1 | the same with the learner in the engine's bundle (the engine sleeps during updates and wakes for the sync) |
+| collective | 2 | 3 training steps with the NCCL broadcast group (learner and engine on a GPU each), gaps within tolerance |
+| tensor_parallel | 2 | an engine over 2 GPUs answers |
+| learns | 1 | the conductor demo for 40 steps, three engines and the learner on one GPU: held-out accuracy rises by at least 0.2 |
 
 On a machine without a GPU it says so and exits 0 without running anything.
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,16 +75,37 @@ def learnt(out: Path) -> tuple[bool, str]:
 
 CHECKS = [
     Check("engine", ["eval", "team=tiny1", "turns=1", "task.limit=16", "engine.num_gpus=1"], answered),
-    Check("sync", ["train", *SMALL, "train.steps=3", *SHARED_GPU, "train.weight_sync=nccl", "learner.lr=1e-4"],
-          in_sync),
+    Check("sync", ["train", *SMALL, "train.steps=3", *SHARED_GPU, "learner.lr=1e-4"], in_sync),
     Check("colocate", ["train", *SMALL, "train.steps=3", *SHARED_GPU, "+team.agents.0.learner.colocate=true",
                        "learner.lr=1e-4"], in_sync),
+    Check("collective", ["train", *SMALL, "train.steps=3", "engine.num_gpus=1", "learner.num_gpus=1",
+                         "train.weight_sync=collective", "learner.lr=1e-4"], in_sync, gpus=2),
     Check("tensor_parallel", ["eval", "team.agents=[{name: a, model: tiny-llama}]", "turns=1", "task.limit=16",
                               "engine.num_gpus=2", "engine.tensor_parallel_size=2"], answered, gpus=2),
     # 40 steps, not 10: on CPU (float32) 10 steps moved the conductor by +0.095, 40 steps by +0.36 (0.52 -> 0.88).
+    # Three engines and the learner share the GPU: each engine takes 0.2 of its memory, the learner its 0.25.
     Check("learns", ["train", "+experiment=conductor", "train.steps=40", "train.save_every=0", "engine.num_gpus=0.25",
-                     "learner.num_gpus=0.25", "logger.wandb.mode=disabled"], learnt),
+                     "engine.gpu_memory_utilization=0.2", "learner.num_gpus=0.25", "logger.wandb.mode=disabled"],
+          learnt),
 ]
+# What the GPU install pins, as pip resolves it (no download of the wheels themselves).
+RESOLVED = ("vllm", "torch", "transformers", "deepspeed", "ray", "peft", "nvidia-nccl-cu13")
+
+
+def resolve_gpu_install() -> int:
+    """`pip install --dry-run` of requirements/gpu.txt + common.txt: the versions it would install, or why not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
+                               "--no-build-isolation", "--report", str(report), "-r", "requirements/gpu.txt",
+                               "-r", "requirements/common.txt"], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"gpu-check: the GPU install does not resolve:\n{proc.stderr[-3000:]}")
+            return 1
+        versions = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                    for i in json.loads(report.read_text())["install"]}
+    print("gpu-check: the GPU install resolves: " + ", ".join(f"{n} {versions[n]}" for n in RESOLVED if n in versions))
+    return 0
 
 
 def gpu_count() -> int:
@@ -107,7 +132,10 @@ def run(check: Check) -> tuple[str, str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=[c.name for c in CHECKS])
+    parser.add_argument("--resolve", action="store_true", help="only resolve the GPU install (any machine)")
     args = parser.parse_args(argv)
+    if args.resolve:
+        return resolve_gpu_install()
     gpus = gpu_count()
     if gpus == 0:
         print("gpu-check: no GPU on this machine (torch.cuda.is_available() is false); nothing was run")

@@ -37,6 +37,8 @@ VERIFIER_KINDS = ("rule", "learned")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks (a test compares the two)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
+WEIGHT_SYNCS = ("auto", "object_store", "collective")  # mapoco.training.weight_sync
+GPU_MEMORY_CAP = 0.9  # of one GPU's memory, for everything mapoco puts on it (the rest: CUDA context, fragments)
 WANDB_MODES = ("offline", "online", "disabled")
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
 MAX_SEED = 2**31 - 1  # engines seed numpy (< 2**32) with seed + 1000 x agent + replica
@@ -79,7 +81,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on GPUs, float32 on every CPU (mapoco.runtime.precision)
     max_model_len: int = 1024
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
-    gpu_memory_utilization: float = 0.4
+    gpu_memory_utilization: float = 0.4  # GPU: the share of each of its GPUs' memory a replica takes (weights + KV)
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
@@ -108,7 +110,7 @@ class LearnerConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None  # custom Ray resources per rank: pin it to the nodes with them
     placement: str = "PACK"  # how the ranks spread over nodes (PLACEMENT_STRATEGIES)
-    colocate: bool = False  # GPU: rank k shares engine replica k's GPU; the engines sleep while it updates
+    colocate: bool = False  # rank k rides in engine replica k's bundle (its GPU, or CPUs); the engines sleep meanwhile
 
 
 @dataclass
@@ -194,7 +196,8 @@ class TrainConfig:
     logprob_tolerance: float | None = None  # max |engine - learner| logprob that counts as in sync (None: by dtype)
     logprob_breach_steps: int = 3  # this many steps in a row above the tolerance ...
     on_logprob_breach: str = "stop"  # ... stop the run | warn (the progress line says so every step)
-    weight_sync: str = "auto"  # auto (nccl on GPU, else object_store) | object_store | nccl
+    weight_sync: str = "auto"  # WEIGHT_SYNCS: auto (collective where each member owns its GPUs, else object_store)
+    sync_timeout_s: float = 120.0  # a collective push (broadcast + reload) that takes longer names what stalled
     concurrent_policies: bool = True  # every policy scores, updates and syncs at once (false: one after another)
     off_policy_steps: int = 0  # 1: the next step's rollout runs during this step's update (weights one update old)
     is_weight_cap: float = 2.0  # off-policy: truncated importance weights pi_learner / pi_engine are at most this
@@ -537,17 +540,79 @@ def _validate_placement(key: str, agent: AgentConfig) -> None:
     tp = engine.tensor_parallel_size
     _require(tp == 1 or engine.num_gpus == tp, f"{key}.engine.num_gpus", engine.num_gpus,
              f"tensor_parallel_size={tp} runs {tp} GPU workers in each engine replica: set it to {tp}")
-    if not learner.colocate:
-        return
-    _require(engine.num_gpus > 0 and learner.num_gpus > 0, f"{key}.learner.colocate", True,
-             f"colocation shares GPUs: needs engine.num_gpus > 0 and learner.num_gpus > 0 (got "
-             f"{engine.num_gpus:g} and {learner.num_gpus:g})")
+    _require(learner.colocate or learner.num_learners == 1 or learner.num_gpus == 0 or learner.num_gpus >= 1,
+             f"{key}.learner.num_gpus", learner.num_gpus,
+             f"a fraction lets Ray put two of its {learner.num_learners} ranks on one GPU, and their NCCL group "
+             "refuses that: give each rank a whole GPU (1), or use num_learners=1")
+    if learner.colocate:
+        _validate_colocation(key, agent)
+    _validate_gpu_memory(key, agent)
+
+
+def _validate_colocation(key: str, agent: AgentConfig) -> None:
+    engine, learner, tp = agent.engine, agent.learner, agent.engine.tensor_parallel_size
+    _require((engine.num_gpus > 0) == (learner.num_gpus > 0), f"{key}.learner.colocate", True,
+             f"colocation puts both on one device: engine.num_gpus and learner.num_gpus both > 0 (one GPU) or both 0 "
+             f"(CPUs), got {engine.num_gpus:g} and {learner.num_gpus:g}")
     _require(tp == 1, f"{key}.learner.colocate", True, f"needs engine.tensor_parallel_size=1 (got {tp})")
     _require(learner.num_learners == engine.replicas, f"{key}.learner.num_learners", learner.num_learners,
              f"colocated ranks pair with engine replicas one to one: set it to engine.replicas={engine.replicas}")
     _require(engine.num_gpus + learner.num_gpus <= 1, f"{key}.learner.num_gpus", learner.num_gpus,
              f"a shared GPU holds engine.num_gpus + learner.num_gpus = {engine.num_gpus + learner.num_gpus:g} > 1; "
              f"use fractions such as 0.5 and 0.5")
+
+
+def _validate_collective(cfg: RunConfig) -> None:
+    """A broadcast group joins learner rank 0 and the engine workers on one kind of device, each member on a device
+    of its own where that is a GPU."""
+    for i, agent in enumerate(cfg.team.agents):
+        if not agent.trainable:
+            continue
+        learner, engine = agent.learner, agent.engine
+        _require((learner.num_gpus > 0) == (engine.num_gpus > 0), "train.weight_sync", "collective",
+                 f"team.agents[{i}]'s learner and engines must both be on GPUs (NCCL) or both on CPUs (gloo), got "
+                 f"learner.num_gpus={learner.num_gpus:g} and engine.num_gpus={engine.num_gpus:g}; auto picks "
+                 "object_store for such an agent")
+        shared = gpu_sharing(learner, engine)
+        _require(shared is None, "train.weight_sync", "collective",
+                 f"team.agents[{i}]: {shared}, and NCCL refuses two members of its group on one GPU; auto moves "
+                 "such an agent's weights through the object store")
+
+
+def _validate_gpu_memory(key: str, agent: AgentConfig) -> None:
+    """No GPU is asked for more than GPU_MEMORY_CAP of its memory. vLLM takes gpu_memory_utilization of a whole GPU
+    whatever share of it Ray gave the replica: with a share s < 1, Ray may put 1/s such actors on one GPU, so each
+    may take at most GPU_MEMORY_CAP x s; a colocated learner's share (learner.num_gpus) counts on its engine's GPU."""
+    engine, learner = agent.engine, agent.learner
+    if engine.num_gpus == 0:
+        return
+    share = min(engine.num_gpus / engine.tensor_parallel_size, 1.0)
+    asked = engine.gpu_memory_utilization
+    if learner.colocate:
+        _require(asked + learner.num_gpus <= GPU_MEMORY_CAP, f"{key}.engine.gpu_memory_utilization", asked,
+                 f"the colocated learner's share learner.num_gpus={learner.num_gpus:g} shares its GPU: together at "
+                 f"most {GPU_MEMORY_CAP} of it, so at most {GPU_MEMORY_CAP - learner.num_gpus:.3g}")
+        return
+    cap = GPU_MEMORY_CAP * share
+    _require(asked <= cap + 1e-9, f"{key}.engine.gpu_memory_utilization", asked,
+             f"at most {cap:.3g}: " + (f"engine.num_gpus={engine.num_gpus:g} lets Ray put {1 / share:g} such actors "
+                                        f"on one GPU, each taking this share of its whole memory, and a GPU holds at "
+                                        f"most {GPU_MEMORY_CAP} x its memory; or give each replica more GPU"
+                                        if share < 1 else f"a GPU holds at most {GPU_MEMORY_CAP} x its memory"))
+
+
+def gpu_sharing(learner: LearnerConfig, engine: EngineConfig) -> str | None:
+    """Why learner rank 0 and an engine worker of one agent could sit on one GPU (NCCL refuses two members of a
+    group on one device), or None where each holds whole GPUs of its own."""
+    if learner.num_gpus == 0 or engine.num_gpus == 0:
+        return None
+    if learner.colocate:
+        return "learner.colocate puts rank k on engine replica k's GPU"
+    per_worker = engine.num_gpus / engine.tensor_parallel_size
+    if not float(learner.num_gpus).is_integer() or not float(per_worker).is_integer():
+        return (f"fractions (learner.num_gpus={learner.num_gpus:g}, engine.num_gpus={engine.num_gpus:g}) let Ray "
+                "put both on one GPU")
+    return None
 
 
 def _validate_training(cfg: RunConfig) -> None:
@@ -582,12 +647,12 @@ def _validate_training(cfg: RunConfig) -> None:
     _require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     _require(train.resume in (None, "auto") or Path(train.resume).is_dir(), "train.resume", train.resume,
              "no such checkpoint directory (use auto, or a step_<n> folder)")
-    _require(train.weight_sync in ("auto", "object_store", "nccl"), "train.weight_sync", train.weight_sync,
-             "one of auto, object_store, nccl")
-    _require(train.weight_sync != "nccl" or all(a.learner.num_gpus > 0 and a.engine.num_gpus > 0
-                                                 for a in cfg.team.agents if a.trainable),
-             "train.weight_sync", train.weight_sync, "nccl needs GPU learners and engines (learner/engine.num_gpus)")
-    _require(train.weight_sync != "nccl" or not cfg.team.lora_engine, "train.weight_sync", train.weight_sync,
+    _require(train.weight_sync in WEIGHT_SYNCS, "train.weight_sync", train.weight_sync,
+             f"one of {', '.join(WEIGHT_SYNCS)}")
+    _require(train.sync_timeout_s > 0, "train.sync_timeout_s", train.sync_timeout_s, "seconds, > 0")
+    if train.weight_sync == "collective":
+        _validate_collective(cfg)
+    _require(train.weight_sync != "collective" or not cfg.team.lora_engine, "train.weight_sync", train.weight_sync,
              "auto or object_store with team.lora_engine: adapters move through the object store")
     _require(train.logprob_tolerance is None or train.logprob_tolerance > 0, "train.logprob_tolerance",
              train.logprob_tolerance, "must be > 0, or null for the dtypes' own (mapoco.runtime.precision)")

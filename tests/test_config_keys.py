@@ -102,7 +102,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "team.agents[0].learner.num_gpus": "learner.num_gpus=-1",
     "team.agents[0].learner.resources": "learner.resources={node_a: -1}",
     "team.agents[0].learner.placement": "learner.placement=SCATTER",
-    "team.agents[0].learner.colocate": "learner.colocate=true",  # without GPUs to share
+    "team.agents[0].learner.colocate": ("learner.colocate=true", "engine.num_gpus=1"),  # a GPU engine, a CPU learner
     "team.shared_policy": ("team=tiny_hetero", "team.shared_policy=true"),  # two models cannot be one policy
     "team.lora_engine": "team.lora_engine=true",  # no agent trains LoRA
     "algorithm.estimator": "algorithm.estimator=ppo2",
@@ -134,6 +134,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "train.off_policy_steps": "train.off_policy_steps=2",
     "train.is_weight_cap": "train.is_weight_cap=0.5",
     "train.weight_sync": "train.weight_sync=gloo",
+    "train.sync_timeout_s": "train.sync_timeout_s=0",
     "discussion.topology": "discussion.topology=mesh",
     "discussion.show_scores": "discussion.show_scores=maybe",
     "discussion.batch_size": "discussion.batch_size=0",

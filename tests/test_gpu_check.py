@@ -52,6 +52,7 @@ def test_learning_needs_a_rise_of_a_fifth(tmp_path, before, after, ok):
     assert gpu_check.learnt(tmp_path)[0] is ok
 
 
-def test_tensor_parallel_is_the_only_two_gpu_check():
-    assert {c.name: c.gpus for c in gpu_check.CHECKS} == {"engine": 1, "sync": 1, "colocate": 1,
+def test_a_broadcast_group_and_tensor_parallel_need_two_gpus_the_rest_one():
+    """A collective group with learner and engine on one GPU is what NCCL refuses: it needs a GPU each."""
+    assert {c.name: c.gpus for c in gpu_check.CHECKS} == {"engine": 1, "sync": 1, "colocate": 1, "collective": 2,
                                                           "tensor_parallel": 2, "learns": 1}

@@ -78,3 +78,33 @@ def test_tolerance_is_set_by_the_coarser_dtype_and_the_config_overrides_it():
 
 def test_eval_describes_engines_only(tmp_path):
     assert describe([agent()], False, None, _flags(tmp_path, AVX2))[0].endswith("engine float32 [CPU: no native bf16]")
+
+
+def test_auto_becomes_fp16_on_a_gpu_without_bf16(monkeypatch):
+    """Before Ampere (V100, T4) a GPU computes no bf16 and vLLM refuses it: auto's bf16 becomes fp16 there, in the
+    actor that knows its device; a dtype the user named stays."""
+    import torch
+
+    from mapoco.runtime.precision import on_this_device
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert on_this_device("auto", "bfloat16") == "float16"
+    assert on_this_device("bfloat16", "bfloat16") == "bfloat16"
+    assert on_this_device("auto", "float32") == "float32"  # a CPU part
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert on_this_device("auto", "bfloat16") == "bfloat16"
+
+
+def test_fp16_learners_scale_their_loss_and_bf16_ones_do_not():
+    import torch
+
+    from mapoco.config import LearnerConfig
+    from mapoco.training.learner import deepspeed_config
+
+    fp16 = deepspeed_config(LearnerConfig(zero_stage=3), torch.float16)
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} and not fp16["bf16"]["enabled"]
+    assert fp16["zero_optimization"] == {"stage": 3}
+    bf16 = deepspeed_config(LearnerConfig(), torch.bfloat16)
+    assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
+    f32 = deepspeed_config(LearnerConfig(), torch.float32)
+    assert not f32["bf16"]["enabled"] and not f32["fp16"]["enabled"]

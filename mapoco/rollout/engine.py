@@ -22,13 +22,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
+from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import READY_TIMEOUT_S, Placement, node_of_actor
-from mapoco.runtime.precision import engine_dtype
+from mapoco.runtime.precision import engine_dtype, on_this_device
 from mapoco.runtime.weights import (
     AdapterPayload,
     WeightPayload,
@@ -59,8 +61,10 @@ def request_seed(run_seed: int, *keys: object) -> int:
 class Engine:
     """The actor body. Environment variables vLLM reads at import are set by ``start_engine`` via runtime_env."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, sleep_mode: bool = False, name: str = "engine"):
-        capture_output(name)  # before vLLM says anything
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, replica: int, sleep_mode: bool = False,
+                 name: str = "engine"):
+        capture_output(f"{name}-replica{replica}")  # before vLLM says anything
+        self.replica = replica  # its bundle in the agent's placement group
         import torch
         from vllm import LLM
 
@@ -81,7 +85,7 @@ class Engine:
         self.llm = LLM(
             model=model_path,
             load_format="safetensors",  # never a pickle checkpoint (mapoco.models.require_safetensors)
-            dtype=engine_dtype(cfg),
+            dtype=on_this_device(cfg.dtype, engine_dtype(cfg)),
             max_model_len=cfg.max_model_len,
             seed=seed,
             enable_prefix_caching=cfg.enable_prefix_caching,
@@ -89,7 +93,7 @@ class Engine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             # CUDA graphs on GPU unless asked otherwise; a CPU engine has none to capture.
             enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not torch.cuda.is_available(),
-            enable_sleep_mode=sleep_mode,
+            enable_sleep_mode=sleep_mode and torch.cuda.is_available(),  # CUDA only; see ``sleep``
             **whole_prefills,
             **executor,
             **lora,
@@ -168,9 +172,9 @@ class Engine:
         """Forget cached prefixes: they were computed with the old weights (benchmarks: start every run cold)."""
         self.llm.reset_prefix_cache()
 
-    def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        """GPU weight sync: join this agent's NCCL broadcast group (see ``mapoco.training.weight_sync``)."""
-        self.llm.collective_rpc(init_group_in_worker, args=(host, port, rank_offset, world_size))
+    def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
+        """Collective weight sync: join this agent's broadcast group (see ``mapoco.training.weight_sync``)."""
+        self.llm.collective_rpc(init_group_in_worker, args=(host, port, rank_offset, world_size, timeout_s))
 
     def receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
         loaded = self.llm.collective_rpc(receive_in_worker, args=(specs,))[0]
@@ -178,22 +182,27 @@ class Engine:
         return loaded
 
     def sleep(self) -> None:
-        """Colocated learner's turn: offload the weights and free the KV cache (level 1 keeps a CPU copy)."""
+        """Colocated learner's turn: the scheduler pauses and the prefix cache is dropped; on a GPU the weights are
+        also offloaded and the KV cache freed (level 1 keeps a CPU copy). vLLM's memory part (``enable_sleep_mode``)
+        is CUDA only: on a CPU the pause is all of it."""
         self.llm.sleep(level=1)
 
     def wake_up(self) -> None:
         self.llm.wake_up()
 
+    def is_sleeping(self) -> bool:
+        return self.llm.llm_engine.is_sleeping()
+
     def pid(self) -> int:
         return os.getpid()
 
-    def where(self) -> dict[str, str]:
-        return node_of_actor()
+    def where(self) -> dict[str, Any]:
+        return node_of_actor(self.replica)
 
-    def describe(self) -> dict[str, str | int | None]:
+    def describe(self) -> dict[str, Any]:
         """Where this replica runs and with what (tests check placement and settings reached it)."""
-        return {"pid": os.getpid(), "placement_group": ray.get_runtime_context().get_placement_group_id(),
-                **node_of_actor(), "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
+        return {"pid": os.getpid(), **self.where(),
+                "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
                 "adapters": sorted(self.adapters)}
 
 
@@ -217,6 +226,7 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
         # In-process engine core: one process per engine, and collective_rpc runs callables directly.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
+        **visible_devices_env(cfg.num_gpus),
     }
 
 
@@ -228,7 +238,7 @@ def start_engine(model_path: str, cfg: EngineConfig, seed: int, placement: Place
         scheduling_strategy=placement.strategy(bundle),
         runtime_env={"env_vars": engine_env(cfg)},
     )
-    return actor_cls.remote(model_path, cfg, seed, sleep_mode, f"{name}-replica{bundle}")
+    return actor_cls.remote(model_path, cfg, seed, bundle, sleep_mode, name)
 
 
 @dataclass
@@ -275,10 +285,11 @@ class AgentEngines:
     def wait_ready(self) -> None:
         ray.get([a.pid.remote() for a in self.actors])
 
-    def restart(self, replica: int) -> None:
-        """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights. The
-        bundle must find a live node within ``restart_timeout_s``; the new engine then has ``READY_TIMEOUT_S`` to
-        start there (a busy node's slow vLLM start-up is not a lost node)."""
+    def restart(self, replica: int, restore: bool = True) -> None:
+        """Replace a dead replica in its own bundle, wait until it serves, and give it the trained weights (unless
+        ``restore`` is false: a weight sync that restarts it pushes them itself). The bundle must find a live node
+        within ``restart_timeout_s``; the new engine then has ``READY_TIMEOUT_S`` to start there (a busy node's slow
+        vLLM start-up is not a lost node)."""
         deadline = time.monotonic() + self.restart_timeout_s
         while True:
             while self.placement.bundle_node(replica) is None:  # Ray moves a lost node's bundle, if it can
@@ -295,9 +306,9 @@ class AgentEngines:
                 ray.kill(self.actors[replica], no_restart=True)
                 raise ReplicaLost(f"engine replica {replica} of {self.model_path} died again as it restarted, for "
                                   f"{self.restart_timeout_s:g}s (its log, in the run's logs/, says why)")
-        if self.on_restart is not None:
+        if restore and self.on_restart is not None:
             self.on_restart(replica)
-        elif self.weights is not None:
+        elif restore and self.weights is not None:
             ray.get(self.actors[replica].update_weights.remote(self.weights))
         ray.get([self.actors[replica].load_adapter.remote(name, a) for name, a in self.adapters.items()])
         self.restarts += 1

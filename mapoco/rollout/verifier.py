@@ -16,6 +16,7 @@ import ray
 
 from mapoco.answers import extract_answer, is_correct
 from mapoco.config import VerifierConfig
+from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that we own the timeout
@@ -163,7 +164,8 @@ class VerifierClient:
         self.actor = self._start()
 
     def _start(self) -> ray.actor.ActorHandle:
-        return ray.remote(Verifier).options(num_cpus=self.cfg.num_cpus).remote(self.cfg)
+        return ray.remote(Verifier).options(num_cpus=self.cfg.num_cpus, runtime_env={
+            "env_vars": visible_devices_env(0)}).remote(self.cfg)
 
     def score(self, items: list[VerifyItem]) -> list[Verdict]:
         if not items:

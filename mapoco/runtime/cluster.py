@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 from mapoco.config import AgentConfig, ConfigError, RunConfig
+from mapoco.runtime.devices import check_install, this_install
 from mapoco.runtime.logs import actor_env
 from mapoco.runtime.placement import (
     Bundles,
@@ -95,11 +96,27 @@ def check_capacity(groups: dict[str, Bundles], keys: dict[str, tuple[str, Any]],
     check_bundles_fit(groups)
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
+def run_devices(cfg: RunConfig) -> list[tuple[str, str, float]]:
+    """(config key, part, num_gpus) of every engine and learner group the run starts."""
+    parts = [(f"team.agents[{i}].engine.num_gpus", "engine", a.engine.num_gpus) for i, a in _engine_agents(cfg)]
+    return parts + [(f"team.agents[{i}].learner.num_gpus", "learner", a.learner.num_gpus)
+                    for i, a in _learning_agents(cfg)]
+
+
+BREAKDOWN = "engines x tensor parallel x replicas + learners + verifier"
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    """The connected cluster can hold every bundle the run's actors will reserve."""
     groups = run_bundles(cfg)
     need_cpus, need_gpus = required(groups, "CPU"), required(groups, "GPU")
-    breakdown = "engines x tensor parallel x replicas + learners + verifier"
-    start_or_join(cfg, need_cpus, "the run's actors", breakdown)
     check_capacity(groups, {"CPU": ("engine.num_cpus", need_cpus), "GPU": ("engine.num_gpus", need_gpus)},
-                   "the run's actors", breakdown)
+                   "the run's actors", BREAKDOWN)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve, and that
+    this install runs each on its device."""
+    start_or_join(cfg, required(run_bundles(cfg), "CPU"), "the run's actors", BREAKDOWN)
+    check_cluster(cfg)
+    check_install(run_devices(cfg), this_install())

@@ -4,13 +4,14 @@ A group is reserved whole before its actors start, so one agent's actors never w
 actors took half of, and a run that cannot fit fails with the numbers instead of hanging. A group's strategy
 (``engine.placement``, ``learner.placement``: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD) says how its bundles spread
 over nodes, and custom resources (``engine.resources``, ``learner.resources``) pin them to the nodes that offer
-them. With ``learner.colocate`` (GPU) an agent's learner rank k shares engine replica k's bundle: its GPU holds
-both, and the engine sleeps (weights offloaded, KV cache freed) while the learner updates.
+them. With ``learner.colocate`` an agent's learner rank k shares engine replica k's bundle (its GPU holds both, or
+on CPUs its cores), and the engine sleeps while the learner updates (on a GPU: weights offloaded, KV cache freed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.util.placement_group import (
@@ -44,7 +45,7 @@ def engine_bundles(agent: AgentConfig, colocated: bool) -> Bundles:
     cpus, gpus, custom = agent.engine.num_cpus, agent.engine.num_gpus, dict(agent.engine.resources or {})
     if colocated:
         cpus += agent.learner.num_cpus
-        gpus = 1.0  # the GPU that engine and learner share (colocation needs tensor_parallel_size 1)
+        gpus = 1.0 if gpus else 0.0  # the GPU that engine and learner share (tensor_parallel_size 1), or CPUs only
         theirs = agent.learner.resources or {}
         custom = {k: custom.get(k, 0.0) + theirs.get(k, 0.0) for k in sorted({*custom, *theirs})}
     return Bundles([_nonzero({"CPU": cpus, "GPU": gpus, **custom})] * agent.engine.replicas, agent.engine.placement)
@@ -60,9 +61,13 @@ def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in bundle.items() if v > 0}
 
 
-def node_of_actor() -> dict[str, str]:
-    """The node the calling actor runs on: its Ray node id and IP address."""
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+def node_of_actor(bundle: int) -> dict[str, Any]:
+    """Where the calling actor runs: its Ray node (id and IP address), its placement group and the bundle it was
+    placed in (actor i of a group in bundle i), and the GPU ids Ray gave it."""
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "placement_group": context.get_placement_group_id(), "bundle": bundle,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 @dataclass

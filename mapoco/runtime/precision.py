@@ -77,6 +77,17 @@ def engine_dtype(cfg: EngineConfig) -> str:
     return pick_dtype(cfg.dtype, cfg.num_gpus > 0)
 
 
+def on_this_device(requested: str, planned: str) -> str:
+    """The dtype an actor runs in, decided where its device is known: ``auto``'s bf16 becomes fp16 on a GPU that
+    does not compute bf16 (before Ampere: V100, T4), where vLLM refuses bf16. Either half dtype keeps the same
+    logprob tolerance, so the driver's plan stands."""
+    import torch
+
+    if requested == "auto" and planned == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "float16"
+    return planned
+
+
 def learner_dtype(cfg: LearnerConfig) -> str:
     return pick_dtype(cfg.dtype, cfg.num_gpus > 0)
 

@@ -2,17 +2,18 @@
 
 - Learner side: ``engine_weights`` names a policy's tensors as its engines load them (LoRA merged, tied once);
   ``adapter_weights`` is a LoRA policy's adapter alone, for the shared LoRA engine; ``pack`` turns either into the
-  CPU payload; ``create_communicator`` joins the GPU broadcast group.
-- Engine side (runs inside vLLM's workers through ``collective_rpc``): ``reload_in_worker`` (CPU, from a payload
-  read in place from Ray's object store), ``init_group_in_worker`` and ``receive_in_worker`` (GPU, NCCL broadcast).
-  Both re-tie a tied output head after the reload. ``write_adapter`` puts an adapter where vLLM loads it from.
+  object-store payload; ``join_broadcast`` joins the agent's broadcast group and ``send_weights`` sends through it.
+- Engine side (runs inside vLLM's workers through ``collective_rpc``): ``reload_in_worker`` (from a payload read in
+  place from Ray's object store), ``init_group_in_worker`` and ``receive_in_worker`` (the broadcast group: NCCL on
+  GPU, gloo on CPU, one code path). Both re-tie a tied output head after the reload. ``write_adapter`` puts an
+  adapter where vLLM loads it from.
 
 The CPU payload is one flat byte array per tensor plus its dtype and shape, a form Ray's object store holds without
 pickling the data. The learner's one copy is Ray writing the arrays into shared memory; an engine reads them in
 place (zero-copy numpy views), so the only work left on its side is vLLM's own reload. Serializing to safetensors
 bytes instead cost a full extra copy on each side (profiled: 90% of the learner's sync time in
 ``safetensors.torch.save``, a third of the engine's in unpickling the bytes). Flat bytes, not typed arrays, because
-numpy has no bfloat16. Who sends when (object store or NCCL, restarts) is ``mapoco.training.weight_sync``.
+numpy has no bfloat16. Who sends when (object store or broadcast group, restarts) is ``mapoco.training.weight_sync``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import json
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -156,28 +158,95 @@ def retie_output_head(model) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
-# ---------------------------------------------------------------- the two ends of the NCCL group
-def create_communicator(host: str, port: int, rank: int, world_size: int, device: torch.device):
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
+# ---------------------------------------------------------------- the two ends of the broadcast group
+class Broadcaster(Protocol):
+    """One member of an agent's weight broadcast group: learner rank 0 (group rank 0) and every engine worker."""
 
-    return PyNcclCommunicator(StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size),
-                              device=device)
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    def synchronize(self) -> None:
+        """Until every broadcast asked for has finished here."""
+
+    def close(self) -> None: ...
 
 
-def init_group_in_worker(worker, host: str, port: int, rank_offset: int, world_size: int) -> None:
-    """Runs in each vLLM worker (collective_rpc): join the agent's broadcast group after the learner."""
-    worker.mapoco_sync = create_communicator(host, port, rank_offset + worker.rank, world_size, worker.device)
+class GlooBroadcaster:
+    """CPU: a gloo group of its own (vLLM's stateless rendezvous, apart from the process's default group), whose
+    collectives give up after ``timeout_s`` instead of waiting on a dead member forever."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        self.group = stateless_init_torch_distributed_process_group(
+            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = src
+        self.group.broadcast([tensor], options).wait()
+
+    def synchronize(self) -> None:
+        pass  # each broadcast waited for itself
+
+    def close(self) -> None:
+        self.group.shutdown()
+
+
+class NcclBroadcaster:
+    """GPU: vLLM's NCCL communicator on the current stream. NCCL has no timeout of its own: a stalled broadcast is
+    caught by the driver's (``mapoco.training.weight_sync``)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device: torch.device, timeout_s: float):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                             store_timeout=int(timeout_s))
+        self.comm = PyNcclCommunicator(group, device=device)
+        self.stream = torch.cuda.current_stream(device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self.comm.broadcast(tensor, src=src, stream=self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.comm = None
+
+
+def join_broadcast(host: str, port: int, rank: int, world_size: int, device: torch.device,
+                   timeout_s: float) -> Broadcaster:
+    """The group member for ``device``: NCCL on a CUDA device, gloo on the CPU (same rendezvous, same calls)."""
+    if device.type == "cuda":
+        return NcclBroadcaster(host, port, rank, world_size, device, timeout_s)
+    return GlooBroadcaster(host, port, rank, world_size, timeout_s)
+
+
+def send_weights(broadcaster: Broadcaster, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Learner rank 0's side: every tensor of ``state`` in ``dtype``, in order, from rank 0."""
+    for tensor in state.values():
+        broadcaster.broadcast(tensor.to(device, dtype).contiguous(), src=0)
+    broadcaster.synchronize()
+
+
+def init_group_in_worker(worker, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
+    """Runs in each vLLM worker (collective_rpc): leave the old group (a rebuild after a restart), then join the
+    agent's new one after the learner."""
+    old = getattr(worker, "mapoco_sync", None)
+    if old is not None:
+        old.close()
+    worker.mapoco_sync = join_broadcast(host, port, rank_offset + worker.rank, world_size, worker.device, timeout_s)
 
 
 def receive_in_worker(worker, specs: list[tuple[str, str, list[int]]]) -> int:
     """Runs in each vLLM worker: receive every tensor from learner rank 0, then reload the model in place."""
-    stream = torch.cuda.current_stream()
     received = []
     for name, dtype, shape in specs:
         tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=worker.device)
-        worker.mapoco_sync.broadcast(tensor, src=0, stream=stream)
+        worker.mapoco_sync.broadcast(tensor, src=0)
         received.append((name, tensor))
-    stream.synchronize()
+    worker.mapoco_sync.synchronize()
     reload_model(worker, received)
     return len(received)

@@ -37,6 +37,7 @@ from ray import serve
 from mapoco.config import ConfigError, LearnerConfig, RunConfig, ServeConfig, from_dict
 from mapoco.evaluation.metrics import team_answer, vote
 from mapoco.rollout.verifier import Verdict, VerifyItem
+from mapoco.runtime.devices import visible_devices_env
 from mapoco.tasks import Problem
 from mapoco.training import checkpoint as checkpoints
 
@@ -501,9 +502,8 @@ def build_app(cfg: RunConfig, path: Path) -> Any:
     digest = token_digest(os.environ[cfg.serve.api_key_env]) if cfg.serve.api_key_env else None
     # HTTP workers of a conductor read their keys in the replica; the bearer token itself never leaves this process.
     env = {h.api_key_env: os.environ[h.api_key_env] for h in cfg.conductor.http_workers if h.api_key_env}
-    options: dict[str, Any] = {"num_cpus": cfg.serve.num_cpus}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
+    options: dict[str, Any] = {"num_cpus": cfg.serve.num_cpus, "runtime_env": {
+        "env_vars": {**env, **visible_devices_env(0)}}}  # the engines it starts hold the GPUs, if any
     deployment = serve.deployment(TeamDeployment, name="team").options(
         num_replicas=cfg.serve.replicas,
         max_ongoing_requests=2 * cfg.serve.max_batch_size,  # one batch runs while the next one fills
@@ -533,9 +533,11 @@ def init_ray(cfg: RunConfig) -> bool:
     from mapoco.runtime.cluster import (
         check_capacity,
         required,
+        run_devices,
         start_or_join,
         team_engine_bundles,
     )
+    from mapoco.runtime.devices import check_install, this_install
     from mapoco.runtime.placement import Bundles
 
     replicas = cfg.serve.replicas
@@ -544,6 +546,7 @@ def init_ray(cfg: RunConfig) -> bool:
     local = start_or_join(cfg, required(groups, "CPU", replicas), "serving", breakdown)
     check_capacity(groups, {"CPU": ("serve.replicas", replicas), "GPU": ("serve.replicas", replicas)},
                    f"{replicas} replica(s) of the team", breakdown, copies=replicas)
+    check_install(run_devices(cfg), this_install())
     return local
 
 

@@ -7,10 +7,12 @@ policy (the base model with adapters disabled under LoRA) gives the KL term.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
+from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import (
     READY_TIMEOUT_S,
@@ -29,14 +32,16 @@ from mapoco.runtime.placement import (
     node_of_actor,
     reserve,
 )
-from mapoco.runtime.precision import learner_dtype
+from mapoco.runtime.precision import learner_dtype, on_this_device
 from mapoco.runtime.weights import (
     AdapterPayload,
+    Broadcaster,
     WeightPayload,
     adapter_weights,
-    create_communicator,
     engine_weights,
+    join_broadcast,
     pack,
+    send_weights,
     unpack,
     write_adapter,
 )
@@ -145,6 +150,21 @@ def response_outputs(logits: torch.Tensor, values: torch.Tensor | None, mb: Micr
     return logprobs, token_values, picked
 
 
+def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """DeepSpeed's settings for a learner group. Half precision keeps float32 master weights; fp16 also scales the
+    loss dynamically (its small range underflows gradients otherwise), bf16 needs no scaling."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand (see ``Learner.update``)
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
+        "steps_per_print": 10**9,
+    }
+
+
 def init_distributed(backend: str) -> None:
     """``deepspeed.init_distributed`` without DeepSpeed's shared-memory all-reduce op. That op serves only inference
     tensor parallelism (training reduces through torch.distributed), yet on a CPU its first load compiles C++ for
@@ -179,6 +199,7 @@ class Learner:
         self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
         self.model_path, self.num_turns, self.seed = model_path, num_turns, seed
         self.master: tuple[str, int] | None = None
+        self.sync_comm: Broadcaster | None = None  # rank 0 in the collective weight sync's group
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it: where the group (or the NCCL sync group) meets, reachable from
@@ -210,7 +231,7 @@ class Learner:
 
         cfg, model_path = self.cfg, self.model_path
         torch.manual_seed(self.seed)
-        self.dtype = getattr(torch, learner_dtype(cfg))  # auto: bf16 on GPUs, float32 on every CPU
+        self.dtype = getattr(torch, on_this_device(cfg.dtype, learner_dtype(cfg)))  # auto: bf16 on GPUs, f32 on CPUs
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         policy = load_causal_lm(model_path, self.dtype)
         self.reference = None
@@ -226,19 +247,8 @@ class Learner:
         warmup = max(cfg.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config()
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.dtype)
         )
-
-    def _ds_config(self) -> dict[str, Any]:
-        return {
-            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand (see ``update``)
-            "gradient_clipping": self.cfg.max_grad_norm,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            "steps_per_print": 10**9,
-        }
 
     # ------------------------------------------------------------------ forward passes
     def _micro_batches(self, rows: list[Rollout]) -> list[tuple[int, MicroBatch]]:
@@ -372,9 +382,12 @@ class Learner:
             config, state = adapter_weights(self.engine.module.policy)
             return config, pack(state, getattr(torch, dtype))
 
-    def init_sync_group(self, host: str, port: int, world_size: int) -> None:
-        """GPU weight sync: rank 0 is rank 0 of this agent's NCCL broadcast group with its engines."""
-        self.sync_comm = create_communicator(host, port, 0, world_size, self.device)
+    def init_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Collective weight sync: rank 0 is rank 0 of this agent's broadcast group with its engines (NCCL on a GPU,
+        gloo on the CPU); a rebuilt group replaces the old one."""
+        if self.sync_comm is not None:
+            self.sync_comm.close()
+        self.sync_comm = join_broadcast(host, port, 0, world_size, self.device, timeout_s)
 
     def weight_specs(self, dtype: str) -> list[tuple[str, str, list[int]]]:
         with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
@@ -383,13 +396,15 @@ class Learner:
 
     def broadcast_weights(self, dtype: str) -> None:
         """Every rank enters (ZeRO-3 gathers collectively); rank 0 broadcasts tensor by tensor."""
-        target = getattr(torch, dtype)
         with _gathered(list(self.engine.module.parameters()), self.cfg.zero_stage):
-            if self.rank == 0:
-                stream = torch.cuda.current_stream()
-                for tensor in self._engine_weights().values():
-                    self.sync_comm.broadcast(tensor.to(target).contiguous(), src=0, stream=stream)
-                stream.synchronize()
+            if self.rank != 0:
+                return
+            try:
+                send_weights(self.sync_comm, self._engine_weights(), getattr(torch, dtype), self.device)
+            except Exception:
+                self.sync_comm.close()  # members waiting for the rest of the broadcast fail now, not at their timeout
+                self.sync_comm = None
+                raise
 
     def save_checkpoint(self, directory: str) -> None:
         """The weights as safetensors (a LoRA policy: only what trains, the adapter and the value head; its adapter
@@ -406,9 +421,11 @@ class Learner:
                 if self.cfg.lora_rank > 0:
                     config, adapter = adapter_weights(self.engine.module.policy)
                     write_adapter(path / ADAPTER_DIR, config, pack(adapter, next(iter(adapter.values())).dtype))
+        with self._optimizer_with_params() as optimizer:
+            optimizer_state = optimizer.state_dict()
         save_state(
             {
-                "optimizer": self._base_optimizer().state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": _numpy_rng_state(),
@@ -431,7 +448,8 @@ class Learner:
         if hasattr(self.optimizer, "_restore_from_bit16_weights"):  # ZeRO keeps fp32 master copies: refresh them
             self.optimizer._restore_from_bit16_weights()
         extra = load_state(path / f"trainer_rank{self.rank}")
-        self._base_optimizer().load_state_dict(extra["optimizer"])
+        with self._optimizer_with_params() as optimizer:
+            optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"])
         np.random.set_state(_numpy_rng_tuple(extra["numpy_rng"]))
@@ -445,10 +463,21 @@ class Learner:
             return set(module.state_dict())
         return {name for name, p in module.named_parameters() if p.requires_grad}
 
-    def _base_optimizer(self) -> torch.optim.Optimizer:
+    @contextlib.contextmanager
+    def _optimizer_with_params(self) -> Iterator[torch.optim.Optimizer]:
         """The torch optimizer inside DeepSpeed's ZeRO wrapper: its state is plain tensors and numbers (Adam
-        moments of this rank's flat partition), which a checkpoint can hold without pickling."""
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        moments of this rank's flat partition), which a checkpoint can hold without pickling. ZeRO-3 empties its
+        param groups between steps, so its state would map to no parameter: they are filled while it is read or
+        written, as DeepSpeed's own checkpointing does."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        zero3 = hasattr(self.optimizer, "_set_fp32_optimizer_param_groups")
+        if zero3:
+            self.optimizer._set_fp32_optimizer_param_groups()
+        try:
+            yield base
+        finally:
+            if zero3:
+                self.optimizer._clear_fp32_optimizer_param_groups()
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -471,7 +500,7 @@ class Learner:
 
     def where(self) -> dict[str, Any]:
         """This rank's node, and the address its group met at (rank 0's node)."""
-        return {**node_of_actor(), "master": list(self.master or ())}
+        return {**node_of_actor(self.rank), "master": list(self.master or ())}  # rank r rides in bundle r
 
 
 def _gathered(params: list[nn.Parameter], zero_stage: int, modify: bool = False):
@@ -519,7 +548,8 @@ class LearnerGroup:
         self.actors = [
             ray.remote(Learner).options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
-                runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu"}},
+                runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu",
+                                          **visible_devices_env(cfg.num_gpus)}},
             ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed, what)
             for r in range(cfg.num_learners)
         ]

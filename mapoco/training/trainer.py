@@ -53,12 +53,7 @@ from mapoco.training.algorithms import (
 from mapoco.training.learner import LearnerGroup, LearnerPool, Rollout, RolloutStats
 from mapoco.training.state_io import load_state, save_state
 from mapoco.training.tracking import Tracker
-from mapoco.training.weight_sync import (
-    AdapterSync,
-    NcclSync,
-    ObjectStoreSync,
-    make_sync,
-)
+from mapoco.training.weight_sync import AdapterSync, SyncFailed, WeightSync, make_sync
 
 
 class TrainingInterrupted(RuntimeError):
@@ -74,8 +69,8 @@ PENDING_ROLLOUT = "pending_rollout"  # in a checkpoint: the next step's rollout,
 PROBE_ROWS = 4  # rows of a stale batch its engines score again to check the sync
 
 # What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
-# lost with the node that held them, a replica that found no node to restart on.
-FAULTS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ReplicaLost)
+# lost with the node that held them, a replica that found no node to restart on, a weight sync that kept failing.
+FAULTS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ReplicaLost, SyncFailed)
 
 
 @dataclass
@@ -84,7 +79,7 @@ class Policy:
 
     seats: list[int]
     group: LearnerGroup
-    sync: ObjectStoreSync | NcclSync | AdapterSync
+    sync: WeightSync
     precision: AgentPrecision  # its engines' and learners' dtypes, and the logprob gap they allow
 
     @property
@@ -200,7 +195,7 @@ class Trainer:
                 sync = AdapterSync(group, agent, precision.engine)
             else:
                 sync = make_sync(self.cfg.train.weight_sync, group, agent.engines, precision.engine,
-                                 agent.cfg.engine.tensor_parallel_size, agent.cfg.engine.num_gpus > 0)
+                                 self.cfg.train.sync_timeout_s, f"agent_{owner}")
             policies.append(Policy(seats_of[owner], group, sync, precision))
         return policies
 
@@ -571,7 +566,7 @@ class Trainer:
         self.closed = True
         self.tracker.finish()
         for policy in self.policies:
-            policy.sync.engines.on_restart = None  # a shared team's engines outlive this trainer's learners
+            policy.sync.close()
             if self.learners is not None and policy.group.owned_placement is not None:
                 self.learners.give_back(policy.group)
             else:
