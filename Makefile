@@ -44,14 +44,9 @@ cpu-setup:
 models: cpu-setup
 	$(RUN_ENV) $(CPU_BIN)/mapoco build-models
 
-# The 25 slowest tests close the report: where the suite's time goes, run by run. Then the tests that assert an
-# outcome of training (marker `kernels`) run again under PyTorch's non-vectorized float32 kernels, which sum in
-# another order, as a CPU of the other kind (AVX2 / AVX-512) does; with a compile cache of their own, since one
-# built for this CPU's vector ISA does not compile there.
-KERNELS_ENV := ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/torchinductor-kernels-default
+# The 25 slowest tests close the report: where the suite's time goes, run by run.
 test: models
 	$(RUN_ENV) $(CPU_BIN)/python -m pytest -q --durations=25
-	$(RUN_ENV) $(KERNELS_ENV) $(CPU_BIN)/python -m pytest -q -m kernels
 
 # The collaboration testbed, once: it needs only its two specialists, so it builds only them.
 demo: cpu-setup

@@ -38,6 +38,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks (a test compares the two)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 WEIGHT_SYNCS = ("auto", "object_store", "collective")  # mapoco.training.weight_sync
+MANAGED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE",
+                         "VLLM_ENABLE_V1_MULTIPROCESSING"})  # the actors' environment mapoco sets (env may not)
 GPU_MEMORY_CAP = 0.9  # of one GPU's memory, for everything mapoco puts on it (the rest: CUDA context, fragments)
 WANDB_MODES = ("offline", "online", "disabled")
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
@@ -88,6 +90,7 @@ class EngineConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None  # custom Ray resources per replica: pin it to the nodes with them
+    env: dict[str, str] | None = None  # extra environment of each replica (e.g. VLLM_LOGGING_LEVEL: DEBUG)
     placement: str = "PACK"  # how the replicas spread over nodes (PLACEMENT_STRATEGIES)
     # The shared adapter engine only (team.lora_engine):
     max_loras: int = 0  # adapters in one batch; 0: one per agent on the engine
@@ -109,6 +112,7 @@ class LearnerConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None  # custom Ray resources per rank: pin it to the nodes with them
+    env: dict[str, str] | None = None  # extra environment of each rank (e.g. NCCL_DEBUG: INFO)
     placement: str = "PACK"  # how the ranks spread over nodes (PLACEMENT_STRATEGIES)
     colocate: bool = False  # rank k rides in engine replica k's bundle (its GPU, or CPUs); the engines sleep meanwhile
 
@@ -531,6 +535,11 @@ def _validate_placement(key: str, agent: AgentConfig) -> None:
                  f"with {part}.num_gpus=0 it must be > 0: every actor reserves some CPU or GPU")
         _require(cfg.placement in PLACEMENT_STRATEGIES, f"{key}.{part}.placement", cfg.placement,
                  f"one of {PLACEMENT_STRATEGIES}")
+        for name, value in (cfg.env or {}).items():
+            _require(isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)) is not None,
+                     f"{key}.{part}.env.{name}", value, "a variable name and a string value ('1', not 1)")
+            _require(name not in MANAGED_ENV, f"{key}.{part}.env.{name}", value,
+                     "mapoco sets this one itself (from num_gpus, kv_cache_gib and how the actor runs)")
         for name, amount in (cfg.resources or {}).items():
             where = f"{key}.{part}.resources.{name}"
             _require(name not in ("CPU", "GPU", "memory"), where, amount,

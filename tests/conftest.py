@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -118,6 +119,13 @@ def rule_verifier(ray_session):
     client.shutdown()
 
 
+# PyTorch's non-vectorized float32 kernels: matrix products and reductions sum in another order than this CPU's
+# vectorized ones, as a CPU of the other kind (AVX2 / AVX-512) does. A compile cache of their own: one built for this
+# CPU's vector ISA does not compile under them.
+OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "default",
+                 "TORCHINDUCTOR_CACHE_DIR": str(ROOT / ".cache" / "torchinductor-kernels-default")}
+
+
 @dataclass
 class UpdateDirection:
     """What one real update did to the logprobs of the tokens it trained on, beside their advantages: the learner
@@ -148,19 +156,54 @@ class UpdateDirection:
                                               f"advantage-weighted change {gain:+.3g}")
 
 
+@dataclass
+class WatchedUpdate:
+    """One update as the run's learner group made it and, from the same rows and batch, as its twin on the other
+    kernels made it (when the group has one)."""
+
+    native: UpdateDirection
+    other_kernels: UpdateDirection | None
+
+    def assert_follows_advantages(self, what: str) -> None:
+        """On either kernels, and the two updates agree: another CPU's summation order moves the same tokens the
+        same way, to within a small share of the update itself."""
+        self.native.assert_follows_advantages(what)
+        if self.other_kernels is None:
+            return
+        self.other_kernels.assert_follows_advantages(f"{what}, other kernels")
+        moved = float((self.native.change.abs() * self.native.mask).max())
+        apart = float(((self.native.change - self.other_kernels.change).abs() * self.native.mask).max())
+        assert apart < 0.1 * moved, (what, f"the kernels' updates differ by {apart:.3g}, the update moved {moved:.3g}")
+
+
+def kernels_twin(trainer, policy):
+    """``policy``'s learner group again, from the same model, settings and seed, its ranks on OTHER_KERNELS."""
+    from mapoco.training.learner import LearnerGroup
+
+    path, cfg, algo, turns, seed, what = trainer.learner_args(policy.seats[0])
+    return LearnerGroup(path, dataclasses.replace(cfg, env={**(cfg.env or {}), **OTHER_KERNELS}), algo, turns, seed,
+                        f"{what} (other kernels)")
+
+
 @contextlib.contextmanager
-def watch_updates(group) -> Iterator[list[UpdateDirection]]:
+def watch_updates(group, twin=None) -> Iterator[list[WatchedUpdate]]:
     """Every ``group.update`` inside the block runs as it would (the real learners, the real batch), with the same
-    rows scored before and after it; the block gets one UpdateDirection per update."""
-    seen: list[UpdateDirection] = []
+    rows scored before and after it; ``twin`` (``kernels_twin``), if given, makes the same update from the same rows
+    and batch. The block gets one WatchedUpdate per update. The twin is shut down at the end."""
+    seen: list[WatchedUpdate] = []
     real = group.update
 
-    def update(rows, batch, *args, **kwargs):
-        before = group.score(rows).logprobs
-        metrics = real(rows, batch, *args, **kwargs)
+    def direction(learners, update, rows, batch, args, kwargs) -> tuple[dict[str, float], UpdateDirection]:
+        before = learners.score(rows).logprobs
+        metrics = update(rows, batch, *args, **kwargs)
         lengths = torch.tensor([len(r.response_ids) for r in rows])
         mask = (torch.arange(before.size(1)) < lengths[:, None]).float()
-        seen.append(UpdateDirection(batch["advantages"], group.score(rows).logprobs - before, mask))
+        return metrics, UpdateDirection(batch["advantages"], learners.score(rows).logprobs - before, mask)
+
+    def update(rows, batch, *args, **kwargs):
+        metrics, native = direction(group, real, rows, batch, args, kwargs)
+        other = direction(twin, twin.update, rows, batch, args, kwargs)[1] if twin is not None else None
+        seen.append(WatchedUpdate(native, other))
         return metrics
 
     group.update = update
@@ -168,3 +211,5 @@ def watch_updates(group) -> Iterator[list[UpdateDirection]]:
         yield seen
     finally:
         del group.update  # the class's method again (pooled groups outlive the test)
+        if twin is not None:
+            twin.shutdown()

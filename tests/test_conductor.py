@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import compose_config, watch_updates
+from conftest import compose_config, kernels_twin, watch_updates
 
 from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
 from mapoco.conductor.trainer import ConductorTrainer, evaluate_conductor
@@ -96,7 +96,7 @@ def trained(conductor_team, tmp_path_factory):
     trainer = ConductorTrainer(compose_config(*overrides), out, team=conductor_team)
     try:
         before = trainer.policies[0].group.weights("float32")
-        with watch_updates(trainer.policies[0].group) as directions:
+        with watch_updates(trainer.policies[0].group, kernels_twin(trainer, trainer.policies[0])) as directions:
             summary = trainer.fit()
         after = trainer.policies[0].group.weights("float32")
         (served,) = ConductorRunner(conductor_team, trainer.cfg.conductor, NullVerifier()).rollout(
@@ -137,7 +137,8 @@ def test_grpo_two_iterations_train_the_conductor(trained):
 @pytest.mark.kernels
 def test_each_grpo_update_follows_its_advantages(trained):
     """Both GRPO updates (the second on plans sampled one update earlier, importance-weighted) make the conductor's
-    better-than-their-group plans likelier and its worse ones less likely, token by token of the sampled plans."""
+    better-than-their-group plans likelier than its worse ones, token by token of the sampled plans; so do the same
+    updates on PyTorch's non-vectorized kernels."""
     assert len(trained.directions) == 2
     for step, direction in enumerate(trained.directions):
         direction.assert_follows_advantages(f"step {step}")

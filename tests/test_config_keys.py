@@ -101,6 +101,8 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "team.agents[0].learner.num_cpus": "learner.num_cpus=-1",
     "team.agents[0].learner.num_gpus": "learner.num_gpus=-1",
     "team.agents[0].learner.resources": "learner.resources={node_a: -1}",
+    "team.agents[0].learner.env": "learner.env={NCCL_DEBUG: 1}",  # a number, not a string
+    "team.agents[0].engine.env": "engine.env={CUDA_VISIBLE_DEVICES: '0'}",  # mapoco's own
     "team.agents[0].learner.placement": "learner.placement=SCATTER",
     "team.agents[0].learner.colocate": ("learner.colocate=true", "engine.num_gpus=1"),  # a GPU engine, a CPU learner
     "team.shared_policy": ("team=tiny_hetero", "team.shared_policy=true"),  # two models cannot be one policy

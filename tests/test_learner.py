@@ -1,15 +1,17 @@
-"""Learner groups on the same batch: data parallelism must not change the update, and the learning rate must
-scale it (one model, one ZeRO stage, one batch, so nothing else differs)."""
+"""Learner groups on the same batch: data parallelism and another CPU's kernels must not change the update, and the
+learning rate must scale it (one model, one ZeRO stage, one batch, so nothing else differs)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import OTHER_KERNELS
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.training.learner import LearnerGroup, LearnerPool, Rollout, combine_stats
@@ -48,8 +50,11 @@ def updates(ray_session, tiny_models):
     pool = LearnerPool()
     one_rank = pool.take(path, learner_config(1, 1e-4), ALGO, 2, 0, "test.learner[1 rank]")
     two_ranks = LearnerGroup(path, learner_config(2, 1e-4), ALGO, 2, 0, "test.learner[2 ranks]")
+    other_kernels = LearnerGroup(path, replace(learner_config(1, 1e-4), env=OTHER_KERNELS), ALGO, 2, 0,
+                                 "test.learner[1 rank, other kernels]")
     try:
-        out = {"one_rank": updated(one_rank), "two_ranks": updated(two_ranks)}
+        out = {"one_rank": updated(one_rank), "two_ranks": updated(two_ranks),
+               "other_kernels": updated(other_kernels)}
         pids = one_rank.call_all("pid")
         pool.give_back(one_rank)
         double_lr = pool.take(path, learner_config(1, 2e-4), ALGO, 2, 0, "test.learner[1 rank, 2x lr]")
@@ -61,6 +66,7 @@ def updates(ray_session, tiny_models):
     finally:
         pool.shutdown()
         two_ranks.shutdown()
+        other_kernels.shutdown()
 
 
 def _moved(before: dict, after: dict) -> dict:
@@ -85,6 +91,19 @@ def test_two_ranks_give_the_same_update_as_one(updates):
     # The reported loss is the whole batch's, not a mean over micro-batches (3 on one rank, 2 + 1 on two)
     for key in ("policy_loss", "loss", "clip_frac"):
         assert metrics2[key] == pytest.approx(metrics[key], rel=1e-3, abs=1e-7), key
+
+
+@pytest.mark.kernels
+@pytest.mark.slow
+def test_other_kernels_give_the_same_update_to_rounding(updates):
+    """PyTorch's non-vectorized kernels (another CPU's summation order) on one rank: the same start, and an update
+    that differs from this CPU's by rounding carried through AdamW, as two ranks' does; the gradient norm to 1e-4."""
+    (before, after, metrics), (before2, after2, metrics2) = updates["one_rank"], updates["other_kernels"]
+    assert all(torch.equal(before[k], before2[k]) for k in before)
+    moved = max(float(m.max()) for m in _moved(before, after).values())
+    gap = max(float((after[k] - after2[k]).abs().max()) for k in after)
+    assert gap < 0.03 * moved, f"other kernels moved the weights {gap:.2e} away (the update: {moved:.2e})"
+    assert metrics2["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.kernels

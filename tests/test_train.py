@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import compose_config, watch_updates
+from conftest import compose_config, kernels_twin, watch_updates
 from ray.util.placement_group import placement_group_table
 
 from mapoco.runtime.precision import LOGPROB_TOLERANCE
@@ -35,7 +35,9 @@ def hetero_training(hetero_team, tmp_path_factory):
                          "+team.agents.1.learner.lr=7e-5", "+team.agents.1.learner.zero_stage=3")
     trainer = Trainer(cfg, tmp_path_factory.mktemp("hetero"), team=hetero_team)  # its own shapes: not pooled
     before = {p.name: p.group.weights("float32") for p in trainer.policies}
-    with watch_updates(trainer.policies[0].group) as qwen, watch_updates(trainer.policies[1].group) as llama:
+    qwen_policy, llama_policy = trainer.policies
+    with watch_updates(qwen_policy.group, kernels_twin(trainer, qwen_policy)) as qwen, \
+            watch_updates(llama_policy.group, kernels_twin(trainer, llama_policy)) as llama:
         metrics = [trainer.train_step()]
         trainer.step += 1
         metrics.append(trainer.train_step())
@@ -80,7 +82,8 @@ def test_kl_is_zero_at_step_zero_and_engines_match_learners(hetero_training):
 @pytest.mark.kernels
 def test_every_update_follows_its_advantages(hetero_training):
     """Each agent's two updates (2 ranks on ZeRO-2, 1 rank on ZeRO-3, GAE advantages with a value head) make its
-    positive-advantage tokens likelier and its negative ones less likely, on the tokens its engines sampled."""
+    positive-advantage tokens likelier than its negative ones, on the tokens its engines sampled; so do the same
+    updates made on PyTorch's non-vectorized kernels (another CPU's summation order), and the two agree."""
     directions = hetero_training[4]
     for name, updates in directions.items():
         assert len(updates) == 2

@@ -18,8 +18,10 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,7 @@ def adapter_folder() -> Path:
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
     return {
+        **(cfg.env or {}),
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
         # In-process engine core: one process per engine, and collective_rpc runs callables directly.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -273,6 +276,7 @@ class AgentEngines:
         self.what = what
         self.sleep_mode, self.restart_timeout_s = sleep_mode, restart_timeout_s
         self.restarts = 0
+        self._counting = threading.Lock()
         self.on_restart: Callable[[int], None] | None = None
         self.weights: WeightPayload | ray.ObjectRef | None = None  # the last pushed, for replicas that restart
         self.adapters: dict[str, AdapterPayload | ray.ObjectRef] = {}  # a shared LoRA engine's, likewise
@@ -311,8 +315,15 @@ class AgentEngines:
         elif restore and self.weights is not None:
             ray.get(self.actors[replica].update_weights.remote(self.weights))
         ray.get([self.actors[replica].load_adapter.remote(name, a) for name, a in self.adapters.items()])
-        self.restarts += 1
-        print(f"engine replica {replica} of {self.model_path} restarted ({self.restarts} so far)", flush=True)
+        with self._counting:
+            self.restarts += 1
+            print(f"engine replica {replica} of {self.model_path} restarted ({self.restarts} so far)", flush=True)
+
+    def restart_all(self, replicas: Sequence[int], restore: bool = True) -> None:
+        """Restart several replicas at once (each start is mostly vLLM's import and load, in its own process)."""
+        with ThreadPoolExecutor(max_workers=max(len(replicas), 1), thread_name_prefix="restart") as pool:
+            for done in [pool.submit(self.restart, replica, restore) for replica in replicas]:
+                done.result()
 
     def _started(self, replica: int) -> bool:
         """Whether the new replica came up; False if it died starting or its bundle's node went away meanwhile

@@ -548,7 +548,7 @@ class LearnerGroup:
         self.actors = [
             ray.remote(Learner).options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
-                runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu",
+                runtime_env={"env_vars": {**(cfg.env or {}), "DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu",
                                           **visible_devices_env(cfg.num_gpus)}},
             ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed, what)
             for r in range(cfg.num_learners)
@@ -640,7 +640,7 @@ class LearnerPool:
     def key(model_path: str, cfg: LearnerConfig) -> tuple:
         """What a reset cannot change: the model, the ranks and what each rank holds and where."""
         return (model_path, cfg.num_learners, cfg.num_cpus, cfg.num_gpus, cfg.placement,
-                tuple(sorted((cfg.resources or {}).items())))
+                tuple(sorted((cfg.resources or {}).items())), tuple(sorted((cfg.env or {}).items())))
 
     def take(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
              what: str, placement_timeout_s: float = READY_TIMEOUT_S) -> LearnerGroup:

@@ -199,11 +199,15 @@ class Trainer:
             policies.append(Policy(seats_of[owner], group, sync, precision))
         return policies
 
+    def learner_args(self, owner: int) -> tuple:
+        """What the learner group of the policy ``owner`` plays is built from: model, settings, algorithm, value
+        heads, seed and the config key it is named by."""
+        return (str(self.team.agents[owner].model_path), self.cfg.team.agents[owner].learner, self.cfg.algorithm,
+                self.value_turns(), self.cfg.seed + owner, f"team.agents[{owner}].learner")
+
     def _start_group(self, owner: int) -> LearnerGroup:
-        agent = self.cfg.team.agents[owner]
         engines = self.team.agents[owner].engines
-        args = (str(self.team.agents[owner].model_path), agent.learner, self.cfg.algorithm, self.value_turns(),
-                self.cfg.seed + owner, f"team.agents[{owner}].learner")
+        args = self.learner_args(owner)
         if engines.sleep_mode:  # colocated: the ranks live in the engines' bundles
             return LearnerGroup(*args, placement=engines.placement)
         if self.learners is not None:

@@ -109,8 +109,7 @@ class CollectiveSync:
                 return
             print(f"{self.name}: weight sync failed ({outcome}); rebuilding the broadcast group and pushing again",
                   flush=True)
-            for replica in outcome.lost:
-                self.engines.restart(replica, restore=False)  # its weights come with the push that follows
+            self.engines.restart_all(outcome.lost, restore=False)  # their weights come with the push that follows
             self._rebuild()
         raise SyncFailed(f"{self.name}: the weight push failed {PUSH_ATTEMPTS} times in a row (last: {outcome})")
 
