@@ -11,13 +11,15 @@ its size (tests/test_devices.py checks that against a Ray cluster advertising 1 
 | check | GPUs | what passes |
 |---|---|---|
 | engine | 1 | a GPU engine answers (bf16 by `dtype=auto`, CUDA graphs on) |
-| sync | 1 | 3 training steps, learner and engine sharing one GPU (so the weights move through the object store); every step's engine-vs-learner logprob gap within its tolerance |
+| sync | 1 | 3 training steps, learner and engine sharing one GPU (so the weights move through the object store); every step's engine-vs-learner logprob gap within its tolerance; and `mapoco plan`'s memory figures against the run's: vLLM's KV cache within the plan's ceiling (and above half of it), the learner's CUDA peak above the plan's floor |
 | colocate | 1 | the same with the learner in the engine's bundle (the engine sleeps during updates and wakes for the sync) |
 | collective | 2 | 3 training steps with the NCCL broadcast group (learner and engine on a GPU each), gaps within tolerance |
 | tensor_parallel | 2 | an engine over 2 GPUs answers |
 | learns | 1 | the conductor demo for 40 steps, three engines and the learner on one GPU: held-out accuracy rises by at least 0.2 |
 
-On a machine without a GPU it says so and exits 0 without running anything.
+On a machine without a GPU it says so and exits 0 without running anything. Each run writes its table row, its
+figures and its time to outputs/gpu-check/results.json as it finishes. The checks fit one H100 in one go: four runs
+on tiny models, about 10 minutes with vLLM's start-ups (an estimate: no GPU has run them yet).
 """
 
 from __future__ import annotations
@@ -67,6 +69,35 @@ def in_sync(out: Path) -> tuple[bool, str]:
     return max(gaps) <= tolerance, f"logprob gap per step {shown} (tolerance {tolerance:g})"
 
 
+def matches_plan(out: Path, gpu_gib: float | None = None) -> tuple[bool, str]:
+    """`mapoco plan`'s figures for this run's GPU (``gpu_gib``: by default this machine's first) against what the
+    run measured there: the KV cache is at most the plan's ceiling and at least half of it (vLLM's activation peak
+    and CUDA graphs take the rest), the learner's peak at least the plan's floor (activations come on top)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mapoco.config import from_dict
+    from mapoco.runtime.plan import GIB, engine_memory, learner_load
+
+    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml"), resolve=True))
+    agent = cfg.team.agents[0]
+    gpu_gib = gpu_gib or torch.cuda.get_device_properties(0).total_memory / GIB
+    _, _, planned_tokens = engine_memory(agent, gpu_gib)
+    kv_tokens = json.loads((out / "placement.json").read_text())["team.agents[0].engine"][0]["kv_cache_tokens"]
+    floor = learner_load(agent, agent.learner.num_learners, "learner").gib
+    peak = max(m["train/agent_0/peak_memory_gib"] for m in _metrics(out) if "train/agent_0/peak_memory_gib" in m)
+    ok = 0.5 * planned_tokens <= kv_tokens <= planned_tokens and floor <= peak
+    return ok, (f"KV cache {kv_tokens:,} tokens (plan: at most {planned_tokens:,}); learner peak {peak:.2f} GiB "
+                f"(plan: at least {floor:.2f})")
+
+
+def both(*judges: Callable[[Path], tuple[bool, str]]) -> Callable[[Path], tuple[bool, str]]:
+    def judge(out: Path) -> tuple[bool, str]:
+        verdicts = [j(out) for j in judges]
+        return all(ok for ok, _ in verdicts), "; ".join(seen for _, seen in verdicts)
+    return judge
+
+
 def learnt(out: Path) -> tuple[bool, str]:
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["conductor_accuracy_before"], summary["conductor_accuracy"]
@@ -75,7 +106,7 @@ def learnt(out: Path) -> tuple[bool, str]:
 
 CHECKS = [
     Check("engine", ["eval", "team=tiny1", "turns=1", "task.limit=16", "engine.num_gpus=1"], answered),
-    Check("sync", ["train", *SMALL, "train.steps=3", *SHARED_GPU, "learner.lr=1e-4"], in_sync),
+    Check("sync", ["train", *SMALL, "train.steps=3", *SHARED_GPU, "learner.lr=1e-4"], both(in_sync, matches_plan)),
     Check("colocate", ["train", *SMALL, "train.steps=3", *SHARED_GPU, "+team.agents.0.learner.colocate=true",
                        "learner.lr=1e-4"], in_sync),
     Check("collective", ["train", *SMALL, "train.steps=3", "engine.num_gpus=1", "learner.num_gpus=1",
@@ -129,6 +160,14 @@ def run(check: Check) -> tuple[str, str, float]:
     return ("PASS" if ok else "FAIL"), seen, seconds
 
 
+def write_results(rows: list[tuple[str, str, str, float]], gpus: int) -> None:
+    import torch
+
+    (OUT / "results.json").write_text(json.dumps({
+        "gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "checks": [{"check": n, "result": r, "seen": s, "seconds": round(t, 1)} for n, r, s, t in rows]}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=[c.name for c in CHECKS])
@@ -150,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append((check.name, *run(check)))
         print(f"{rows[-1][0]}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
+        write_results(rows, gpus)
     print("\n| check | result | what was seen | seconds |\n|---|---|---|---|")
     for name, result, seen, seconds in rows:
         print(f"| {name} | {result} | {seen} | {seconds:.0f} |")

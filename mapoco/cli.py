@@ -1,7 +1,8 @@
 """`mapoco <command> [hydra overrides]`.
 
 Commands: eval, train, train-verifier (Hydra configs under conf/; `-m` sweeps), serve (a trained run behind an
-OpenAI-compatible endpoint), build-models (tiny models and SmolLM2 into the cache), sweep-summary (final per-turn
+OpenAI-compatible endpoint), plan (where a training run's actors would land on the cluster and what each GPU would
+hold, without starting them), build-models (tiny models and SmolLM2 into the cache), sweep-summary (final per-turn
 accuracy per configuration of a sweep).
 """
 
@@ -30,7 +31,7 @@ def _register_defaults() -> None:
 
 _register_defaults()  # before any Hydra call of this process, by whoever imports the CLI (tests and notebooks too)
 USAGE = (
-    "usage: mapoco {eval,train,train-verifier,serve,build-models,sweep-summary} [key=value ...]\n"
+    "usage: mapoco {eval,train,train-verifier,serve,plan,build-models,sweep-summary} [key=value ...]\n"
     "  mapoco train team=tiny2 train.steps=20 output_dir=outputs/train\n"
     "  mapoco train -m rewards.alpha1=0,1,2 seed=0,1 hydra.sweep.dir=outputs/sweep\n"
     "  mapoco sweep-summary outputs/sweep\n"
@@ -38,6 +39,7 @@ USAGE = (
     "  mapoco train +experiment=conductor          # method=conductor: team.agents[0] orchestrates the rest\n"
     "  mapoco train-verifier team=tiny2 output_dir=outputs/verifier\n"
     "  mapoco serve checkpoint=outputs/demo serve.port=8000   # OpenAI-compatible /v1/chat/completions\n"
+    "  mapoco plan [--json] +experiment=maporl_gsm8k cluster.address=auto   # placement and memory per GPU\n"
     "  mapoco build-models [tiny-qwen tiny-llama tiny-add tiny-mul tiny-conductor smollm2]"
 )
 
@@ -158,6 +160,26 @@ def _check_before_hydra(overrides: list[str]) -> None:
         sys.exit(2)
 
 
+def _plan(args: list[str]) -> None:
+    """`mapoco plan [--json] [key=value ...]`: the plan of `mapoco train` with these overrides; exit 1 where it
+    does not fit, 2 on a config error."""
+    from hydra.errors import HydraException
+
+    from mapoco.config import ConfigError
+    from mapoco.runtime.plan import plan_command
+
+    as_json = "--json" in args
+    try:
+        fits = plan_command(compose(*[a for a in args if a != "--json"], "command=train"), as_json)
+    except HydraException as exc:
+        print(f"override error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0 if fits else 1)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from mapoco.evaluation.sweep import NoRunsError, sweep_summary
 
@@ -183,6 +205,8 @@ def main() -> None:
         build_models(rest or None)
     elif command == "sweep-summary":
         _sweep_summary(rest)
+    elif command == "plan":
+        _plan(rest)
     elif command in HYDRA_COMMANDS:
         _hydra_main(command, rest)
     else:

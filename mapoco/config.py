@@ -285,6 +285,7 @@ class ClusterConfig:
     num_cpus: int | None = None  # logical CPUs of a local instance (None: what the actors ask for)
     dashboard_host: str = "127.0.0.1"
     placement_timeout_s: float = 120.0  # a group (or a restarted actor's bundle) not placed by then is an error
+    gpu_memory_gib: float | None = None  # mapoco plan: each GPU's memory, where the nodes cannot say (no nvidia-smi)
 
 
 @dataclass
@@ -690,11 +691,13 @@ def _validate_training(cfg: RunConfig) -> None:
                  f"algorithm.samples_per_question x turns{' x agents' if seats > 1 else ''})")
 
 
-def _resolve_model(key: str, ref: str) -> Path:
+def _resolve_model(key: str, ref: str, download: bool = False) -> Path | None:
+    """The model's folder; None for a hub model not downloaded yet, which is checked once fetched
+    (``check_models``, after the cluster is known to hold the run: nothing downloads for a run that cannot start)."""
     from mapoco.models.registry import resolve_model
 
     try:
-        return resolve_model(ref)
+        return resolve_model(ref, download)
     except FileNotFoundError as exc:
         raise ConfigError(key, ref, str(exc)) from None
 
@@ -775,21 +778,32 @@ def _validate_lora_engine(team: TeamConfig) -> None:
     _require(first.engine.max_loras == 0 or first.engine.max_loras >= adapters,
              f"team.agents[{seats[0]}].engine.max_loras", first.engine.max_loras,
              f"must be >= {adapters}, the adapters on the shared LoRA engine (0: exactly that many)")
-    from mapoco.models.registry import lora_support
+    from mapoco.models.registry import lora_support, model_config
 
-    architecture, supported = lora_support(_resolve_model(f"team.agents[{seats[0]}].model", base))
-    _require(supported, f"team.agents[{seats[0]}].model", base,
+    try:
+        architecture = (model_config(base).get("architectures") or ["unknown"])[0]
+    except FileNotFoundError as exc:
+        raise ConfigError(f"team.agents[{seats[0]}].model", base, str(exc)) from None
+    _require(lora_support(architecture), f"team.agents[{seats[0]}].model", base,
              f"vLLM serves no LoRA adapters for its architecture {architecture}: train these agents with "
              "team.lora_engine=false (merged weights, an engine each)")
 
 
-def _validate_model(i: int, agent: AgentConfig) -> None:
+def _validate_model(i: int, agent: AgentConfig, download: bool = False) -> None:
     from mapoco.models.registry import has_chat_template
 
     key = f"team.agents[{i}].model"
-    _require(has_chat_template(_resolve_model(key, agent.model)), key, agent.model,
+    path = _resolve_model(key, agent.model, download)
+    _require(path is None or has_chat_template(path), key, agent.model,
              "its tokenizer has no chat template (chat_template.jinja or tokenizer_config.json 'chat_template'): "
              "agents talk in chat threads, so use an instruct model or add a template")
+
+
+def check_models(cfg: RunConfig) -> None:
+    """Every agent's model is here, fetched from the hub where it is a hub id, and can chat: the check validation
+    leaves to the run's start for hub models not downloaded yet."""
+    for i, agent in enumerate(cfg.team.agents):
+        _validate_model(i, agent, download=True)
 
 
 def _validate_weights_folder(key: str, path: str) -> None:
@@ -983,6 +997,8 @@ def _validate_services(cfg: RunConfig) -> None:
     _require_host("cluster.dashboard_host", cluster.dashboard_host)
     _require(cluster.placement_timeout_s > 0, "cluster.placement_timeout_s", cluster.placement_timeout_s,
              "seconds > 0")
+    _require(cluster.gpu_memory_gib is None or cluster.gpu_memory_gib > 0, "cluster.gpu_memory_gib",
+             cluster.gpu_memory_gib, "GiB > 0 (80 for an H100), or null: the nodes' nvidia-smi says")
     _require(wandb.mode in WANDB_MODES, "logger.wandb.mode", wandb.mode, f"one of {', '.join(WANDB_MODES)}")
     _require(bool(wandb.project.strip()) and len(wandb.project) <= 128
              and not any(c in wandb.project for c in WANDB_PROJECT_FORBIDDEN), "logger.wandb.project", wandb.project,

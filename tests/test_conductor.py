@@ -1,6 +1,7 @@
 """The Conductor with real parts: a tiny conductor and two tiny specialist workers on vLLM engines, GRPO through
 a DeepSpeed learner, HTTP workers that fail, recursion, and `mapoco eval method=conductor`."""
 
+import asyncio
 import contextlib
 import dataclasses
 import http.server
@@ -350,32 +351,32 @@ def test_eval_reports_the_conductor_against_every_baseline(conductor_team, tmp_p
         [json.loads(line)["correct"] for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]))
 
 
-def test_a_served_conductor_answers_with_its_trained_workflow(trained):
-    """`mapoco serve` of the conductor run on real engines, over HTTP: the reply is the workflow the trained
-    conductor writes on the trainer's own engines for the same question and seed: the conductor's text, each worker
-    step's response and the final answer."""
-    import httpx
-    from ray import serve
+def test_a_served_conductor_answers_with_its_trained_workflow(trained, conductor_team):
+    """`mapoco serve`'s path for the conductor run, on the module's engines: its config read from the run directory,
+    the checkpoint's weights pushed into them, the request through the OpenAI-compatible handler; the reply is the
+    workflow the trained conductor wrote on the trainer's engines for the same question and seed (the conductor's
+    text, each worker step's response, the final answer). Ray Serve's deployment around it is test_serve's."""
+    from mapoco.serving.serve import ChatApi, ServedTeam, load_config, model_card, model_name
 
-    from mapoco.serving.serve import load_config, start
-    from mapoco.training.learner import free_port
+    question, expected = SERVED, trained.served
+    cfg, path = load_config(str(trained.out))
+    served = ServedTeam(cfg, path, team=conductor_team)
 
-    question, expected, tmp_path = SERVED, trained.served, trained.out
-    cfg, path = load_config(str(tmp_path), {"port": free_port()})
-    client = httpx.Client(base_url=start(cfg, path), timeout=300)
+    async def answer(asked):
+        return served.answer([asked])[0]
+
+    api = ChatApi(cfg.serve, model_name(cfg, path), model_card(cfg, path), None, cfg.seed, answer)
     try:
-        reply = client.post("/chat/completions", json={
-            "model": tmp_path.name, "messages": [{"role": "user", "content": question.question}],
-            "mapoco": {"id": question.id, "transcript": True}})
-        card = client.get("/models").json()["data"][0]
+        body = {"model": trained.out.name, "messages": [{"role": "user", "content": question.question}],
+                "mapoco": {"id": question.id, "transcript": True}}
+        status, reply, _ = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
+        _, models, _ = asyncio.run(api.handle("GET", "/v1/models", {}, b""))
     finally:
-        client.close()
-        serve.shutdown()
-    assert reply.status_code == 200, reply.text
-    served = reply.json()["mapoco"]
-    workflow = served["workflow"]
+        served.shutdown()
+    assert status == 200, reply
+    workflow = reply["mapoco"]["workflow"]
     assert [t["text"] for t in workflow["conductor"]] == [t.text for t in expected.turns]
     responses = [r.text if r else None for r in expected.job.responses] if expected.job else []
     assert [s["response"] for s in workflow["steps"]] == responses
-    assert served["answer"] == expected.answer and workflow["pool"] == expected.pool
-    assert card["mapoco"]["checkpoint"] == "step_000002"
+    assert reply["mapoco"]["answer"] == expected.answer and workflow["pool"] == expected.pool
+    assert models["data"][0]["mapoco"]["checkpoint"] == "step_000002"

@@ -49,7 +49,6 @@ def _ray_footprint() -> tuple[bool, int]:
         ("algorithm.kl_coef=-0.1", "algorithm.kl_coef"),
         ("algorithm.kl_in_reward=false", "algorithm.kl_estimator"),  # k1 in the loss: zero gradient in expectation
         ("engine.num_cpus=0", "team.agents[0].engine.num_cpus"),
-        ("team.agents.0.model=no-such-org/no-such-model", "team.agents[0].model"),  # hub id, offline
         ("train.resume=/no/such/checkpoint", "train.resume"),
     ],
 )

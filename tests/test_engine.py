@@ -69,3 +69,15 @@ def test_engine_scores_the_tokens_it_sampled_as_it_sampled_them(hetero_team, age
     assert [len(s) for s in scores] == [len(g.token_ids) for g in generations]
     gaps = [abs(a - b) for g, s in zip(generations, scores) for a, b in zip(g.logprobs, s)]
     assert max(gaps) < 1e-3 and min(min(g.logprobs) for g in generations) < -0.1  # sampled, not all near-certain
+
+
+def test_the_kv_cache_holds_the_tokens_mapoco_plan_counts(hetero_team):
+    """A CPU engine's KV cache is engine.kv_cache_gib large: vLLM made room for the tokens `mapoco plan` counts in
+    that much memory (the same per-token arithmetic it applies to a GPU's rest after the weights)."""
+    from mapoco.runtime.plan import kv_cache_tokens
+
+    for agent in hetero_team.agents:
+        (described,) = agent.engines.call_all(lambda actor: actor.describe.remote())
+        engine = agent.cfg.engine
+        assert described["kv_cache_tokens"] == kv_cache_tokens(agent.cfg.model, described["dtype"],
+                                                                 engine.tensor_parallel_size, engine.kv_cache_gib) > 0

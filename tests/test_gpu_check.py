@@ -56,3 +56,39 @@ def test_a_broadcast_group_and_tensor_parallel_need_two_gpus_the_rest_one():
     """A collective group with learner and engine on one GPU is what NCCL refuses: it needs a GPU each."""
     assert {c.name: c.gpus for c in gpu_check.CHECKS} == {"engine": 1, "sync": 1, "colocate": 1, "collective": 2,
                                                           "tensor_parallel": 2, "learns": 1}
+
+
+def _sync_config():
+    from mapoco.cli import compose
+
+    check = next(c for c in gpu_check.CHECKS if c.name == "sync")
+    return compose(*check.command[1:], f"command={check.command[0]}")
+
+
+def _run_folder(out, cfg, kv_tokens: int, peak_gib: float):
+    """What the sync check's run writes that matches_plan reads: its config, placement.json, metrics."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    (out / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(dataclasses.asdict(cfg)), out / ".hydra" / "config.yaml")
+    (out / "placement.json").write_text(json.dumps({"team.agents[0].engine": [{"kv_cache_tokens": kv_tokens}]}))
+    (out / "metrics.jsonl").write_text(json.dumps({"train/agent_0/peak_memory_gib": peak_gib}) + "\n")
+    return out
+
+
+def test_the_memory_verdict_holds_the_run_to_the_plans_ceiling_and_floor(tmp_path, tiny_models):
+    """On an 80 GiB GPU the plan gives the sync run's engine 0.4 of it (a KV-cache ceiling in tokens) and its
+    learner a floor: a run inside both passes; more KV cache than the ceiling, far less, or a learner peak under
+    the floor each fail."""
+    from mapoco.runtime.plan import engine_memory, learner_load
+
+    cfg = _sync_config()
+    _, _, ceiling = engine_memory(cfg.team.agents[0], 80)
+    floor = learner_load(cfg.team.agents[0], 1, "learner").gib
+    ok, seen = gpu_check.matches_plan(_run_folder(tmp_path / "ok", cfg, int(0.9 * ceiling), 2 * floor), 80)
+    assert ok and f"(plan: at most {ceiling:,})" in seen, seen
+    for name, kv, peak in (("over", ceiling + 16, 2 * floor), ("under", ceiling // 3, 2 * floor),
+                           ("floor", int(0.9 * ceiling), floor / 2)):
+        assert not gpu_check.matches_plan(_run_folder(tmp_path / name, cfg, kv, peak), 80)[0], name

@@ -53,12 +53,14 @@ class MultiNodeCluster:
         self.nodes: dict[str, object] = {}
         self._ips = (f"127.0.0.{i}" for i in itertools.count(2))
 
-    def add(self, name: str, resources: dict[str, float], cpus: int = 2):
+    def add(self, name: str, resources: dict[str, float], cpus: int = 2, gpus: int = 0):
         """A worker node; its custom ``resources`` pin actors to it. Two CPUs: unpinned actors (the verifier) may land
-        on any node, and must leave room there for the pinned one."""
+        on any node, and must leave room there for the pinned one. ``gpus``: GPUs it advertises (placement and
+        plans only: nothing runs on them)."""
         # Nodes of one machine share the session folder; each keeps its own runtime_env files (a job's working_dir),
         # or one node's clean-up removes what another's job runs in.
-        self.nodes[name] = self.cluster.add_node(num_cpus=cpus, resources=resources, node_ip_address=next(self._ips),
+        self.nodes[name] = self.cluster.add_node(num_cpus=cpus, num_gpus=gpus, resources=resources,
+                                                 node_ip_address=next(self._ips),
                                                  object_store_memory=100 * 1024**2,
                                                  runtime_env_dir_name=f"runtime_resources_{uuid.uuid4().hex[:8]}")
         self.cluster.wait_for_nodes()
@@ -102,13 +104,34 @@ def train(cluster: MultiNodeCluster, out: Path, *overrides: str, watch: str | No
     """`mapoco train` joining the cluster; when its output first matches ``watch``, ``then()`` runs (a node dies)."""
     command = [str(BIN / "mapoco"), "train", *SMALL_RUN, *overrides, f"cluster.address={cluster.address}",
                f"output_dir={out}"]
-    log = out.with_suffix(".log")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    return run_watched(command, out.with_suffix(".log"), watch, then, timeout_s)
+
+
+def submit(cluster: MultiNodeCluster, out: Path, *overrides: str, watch: str | None = None, then=None,
+           timeout_s: float = 500) -> subprocess.CompletedProcess:
+    """The same run submitted as users launch it, `ray job submit` to the head's job server. The job server streams
+    its output back seconds late, so ``watch`` reads the run's metrics.jsonl, written as each step ends."""
+    job_id = f"mapoco-multinode-{uuid.uuid4().hex[:8]}"
+    command = [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{cluster.dashboard_port}",
+               f"--submission-id={job_id}", "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--",
+               "mapoco", "train", *SMALL_RUN, *overrides, f"output_dir={out}"]
+    run = run_watched(command, out.with_suffix(".log"), watch, then, timeout_s, {"RAY_AUTH_MODE": "token"},
+                      watched=out / "metrics.jsonl")
+    run.returncode = 0 if run.returncode == 0 and f"Job '{job_id}' succeeded" in run.stdout else 1
+    return run
+
+
+def run_watched(command: list[str], log: Path, watch: str | None, then, timeout_s: float,
+                extra_env: dict[str, str] | None = None, watched: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` with its output in ``log``; when ``watched`` (default: that log) first matches ``watch``,
+    ``then()`` runs."""
+    watched = watched or log
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": "", **(extra_env or {})}
     with log.open("w") as sink:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout_s
         while watch and proc.poll() is None and time.time() < deadline:
-            if re.search(watch, log.read_text()):
+            if watched.exists() and re.search(watch, watched.read_text()):
                 then()
                 break
             time.sleep(0.5)
@@ -128,40 +151,16 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_learner_group_spans_two_nodes_and_syncs_an_engine_on_a_third(nodes, tmp_path):
-    """Submitted with `ray job submit`, as users launch: rank 0 and rank 1 on nodes of their own, meeting at rank 0's
-    address; the engine on a third node gets every update and agrees with the learners; the job checkpoints."""
+def test_a_submitted_job_spans_learner_nodes_and_restarts_a_replica_lost_with_its_node(nodes, tmp_path):
+    """Submitted with `ray job submit`, as users launch: learner ranks 0 and 1 on nodes of their own, meeting at rank
+    0's address, two engine replicas on two of three other nodes. Replica 1's node is lost after step 1: step 2's
+    rollout meets the dead replica, which restarts on the spare node, and the job runs to its end, every step's
+    engines agreeing with the learners; both ranks save the final checkpoint from their nodes."""
     nodes.add("a", {"learner_slot": 1})
     nodes.add("b", {"learner_slot": 1})
-    nodes.add("c", {"engine_slot": 1})
-    out = tmp_path / "spread"
-    job_id = f"mapoco-multinode-{uuid.uuid4().hex[:8]}"
-    address = f"http://127.0.0.1:{nodes.dashboard_port}"
-    entrypoint = ["mapoco", "train", *SMALL_RUN, "train.steps=2", "train.save_every=2", "learner.num_learners=2",
-                  "learner.placement=STRICT_SPREAD", "learner.resources={learner_slot: 1}",
-                  "engine.resources={engine_slot: 1}", f"output_dir={out}"]
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
-    submit = subprocess.run([str(BIN / "ray"), "job", "submit", f"--address={address}", f"--submission-id={job_id}",
-                             "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--", *entrypoint],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in submit.stdout, submit.stdout[-4000:]
-
-    where = placement(out)
-    ranks, (engine,) = where["team.agents[0].learner"], where["team.agents[0].engine"]
-    assert [r["node_id"] for r in ranks] == [nodes.node_id("a"), nodes.node_id("b")] or \
-           [r["node_id"] for r in ranks] == [nodes.node_id("b"), nodes.node_id("a")]
-    assert ranks[0]["node_ip"] != ranks[1]["node_ip"]
-    assert all(r["master"][0] == ranks[0]["node_ip"] for r in ranks)  # the group met on rank 0's node
-    assert engine["node_id"] == nodes.node_id("c")
-    steps = [m for m in metrics(out) if "train/agent_0/logprob_max_diff" in m]
-    assert len(steps) == 2 and all(m["train/agent_0/logprob_max_diff"] < 0.01 for m in steps)
-    assert (out / "checkpoints" / "step_000002" / "COMPLETE").exists()  # both ranks saved from their nodes
-
-
-def test_an_engine_replica_on_a_lost_node_restarts_where_capacity_remains(nodes, tmp_path):
     for name in ("e1", "e2", "e3"):  # room for two replicas, and one spare
         nodes.add(name, {"replica_slot": 1})
-    out = tmp_path / "restart"
+    out = tmp_path / "job"
     lost: list[str] = []
 
     def lose_replica_1():
@@ -169,17 +168,25 @@ def test_an_engine_replica_on_a_lost_node_restarts_where_capacity_remains(nodes,
         lost.append(next(n for n in nodes.nodes if nodes.node_id(n) == node))
         nodes.remove(lost[0])
 
-    # Lost after step 1: step 2's rollout meets the dead replica, restarts it, and the run goes on to the end.
-    run = train(nodes, out, "train.steps=5", "train.save_every=0", "engine.replicas=2", "engine.placement=SPREAD",
-                "engine.resources={replica_slot: 1}", "learner.resources={head_slot: 1}",  # the spare stays free
-                "cluster.placement_timeout_s=20", watch=r"step 1/5", then=lose_replica_1)
+    run = submit(nodes, out, "train.steps=6", "train.save_every=6", "learner.num_learners=2",
+                 "learner.placement=STRICT_SPREAD", "learner.resources={learner_slot: 1}", "engine.replicas=2",
+                 "engine.placement=SPREAD", "engine.resources={replica_slot: 1}", "cluster.placement_timeout_s=20",
+                 watch=r'"step": 1,', then=lose_replica_1)
     assert run.returncode == 0, run.stdout[-4000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert "engine replica 1 of" in run.stdout and "restarted" in run.stdout
     assert max(m.get("faults/engine_restarts", 0) for m in metrics(out)) >= 1
-    replicas = placement(out)["team.agents[0].engine"]  # rewritten after the restart
-    survivors = {nodes.node_id(n) for n in nodes.nodes}
+
+    where = placement(out)  # rewritten after the restart
+    ranks, replicas = where["team.agents[0].learner"], where["team.agents[0].engine"]
+    assert sorted(r["node_id"] for r in ranks) == sorted([nodes.node_id("a"), nodes.node_id("b")])
+    assert ranks[0]["node_ip"] != ranks[1]["node_ip"]
+    assert all(r["master"][0] == ranks[0]["node_ip"] for r in ranks)  # the group met on rank 0's node
+    survivors = {nodes.node_id(n) for n in nodes.nodes if n.startswith("e")}
     assert {r["node_id"] for r in replicas} <= survivors and len({r["node_id"] for r in replicas}) == 2
+    steps = [m for m in metrics(out) if "train/agent_0/logprob_max_diff" in m]
+    assert len(steps) == 6 and all(m["train/agent_0/logprob_max_diff"] < 0.01 for m in steps)
+    assert (out / "checkpoints" / "step_000006" / "COMPLETE").exists()  # both ranks saved from their nodes
 
 
 def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(nodes, tmp_path):
@@ -218,3 +225,83 @@ def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(no
     assert checkpoint.read_state(complete[-1])["step"] > resumed_at  # written by the resumed run
     weights = load_file(str(checkpoint.agent_dir(complete[-1], 0) / "model.safetensors"))
     assert weights and all(t.isfinite().all() for t in weights.values())
+
+
+# Every plan of one cluster in one driver process (one import of mapoco, torch, vLLM and DeepSpeed, one connection).
+PLANS = {
+    "maporl_gsm8k": ["+experiment=maporl_gsm8k", "cluster.gpu_memory_gib=80"],
+    "colocated": ["team=tiny1", "team.agents.0.model=Qwen/Qwen2.5-3B-Instruct", "learner.colocate=true",
+                  "engine.num_gpus=0.5", "learner.num_gpus=0.5", "engine.gpu_memory_utilization=0.4",
+                  "learner.lora_rank=8", "cluster.gpu_memory_gib=80"],
+    "maporl_gsm8k_2node": ["+experiment=maporl_gsm8k_2node", "cluster.gpu_memory_gib=80"],
+    "conductor_tp2": ["+experiment=conductor_7b", "+team.agents.0.engine.tensor_parallel_size=2",
+                      "+team.agents.0.engine.num_gpus=2", "cluster.gpu_memory_gib=80"],
+}
+PLAN_DRIVER = """
+import json, sys
+import ray
+from mapoco.cli import compose
+from mapoco.runtime.cluster import connect
+from mapoco.runtime.plan import make_plan, render
+plans = json.loads(sys.argv[1])
+for name, overrides in plans.items():
+    cfg = compose(*overrides, "command=train", "cluster.address=" + sys.argv[2])
+    connect(cfg)
+    plan = make_plan(cfg)
+    print("PLAN", name, json.dumps({**plan.to_json(), "text": render(plan)}), flush=True)
+"""
+
+
+def _gpus_of(plan: dict, group: str) -> list[tuple[str, tuple[str, ...]]]:
+    return [(s["node_id"], tuple(s["gpu_ids"])) for s in plan["seats"][group]]
+
+
+def test_plans_place_every_actor_on_gpus_of_the_cluster_and_size_each_gpu(nodes, tmp_path):
+    """Two nodes of 8 advertised GPUs (80 GiB each, as told): the plan of the paper's GSM8K setting fits on 8 of
+    them (as README shows it); a colocated 1-GPU plan, the 2-node variant over both nodes and the 7B conductor
+    with a tensor-parallel engine are placed by the real placement groups, each actor on GPUs of its own
+    (colocated ones on their engine's), with the sync path per agent and each GPU's memory from vLLM's and
+    DeepSpeed's counts."""
+    nodes.add("g1", {}, cpus=48, gpus=8)
+    nodes.add("g2", {}, cpus=48, gpus=8)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    run = subprocess.run([sys.executable, "-c", PLAN_DRIVER, json.dumps(PLANS), nodes.address], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    plans = {line.split()[1]: json.loads(line.split(maxsplit=2)[2]) for line in run.stdout.splitlines()
+             if line.startswith("PLAN ")}
+    gpu_nodes = {nodes.node_id("g1"), nodes.node_id("g2")}
+
+    paper = plans["maporl_gsm8k"]["text"]
+    assert paper.endswith("plan: fits") and "team.agents[0]: adapter through the object store (shared LoRA engine)" \
+        in paper and "team.agents[1]: adapter through the object store (shared LoRA engine)" in paper
+    assert len(re.findall(r"^  node \S+ GPU \d+: .* of 80 GiB, fits$", paper, re.M)) == 8, paper
+
+    colocated = plans["colocated"]
+    assert colocated["fits"] and set(colocated["seats"]) == {"team.agents[0].engine", "verifier"}
+    (engine_gpu,) = _gpus_of(colocated, "team.agents[0].engine")
+    assert engine_gpu[0] in gpu_nodes and len(engine_gpu[1]) == 1
+    (gpu,) = colocated["gpus"]  # the engine and its colocated learner rank on the one GPU
+    assert [load["who"] for load in gpu["loads"]] == ["team.agents[0].engine replica 0",
+                                                      "team.agents[0].learner rank 0"]
+    assert gpu["loads"][0]["gib"] == pytest.approx(0.4 * 80)
+    assert colocated["syncs"] == {"team.agents[0]": "object store"}  # no NCCL group with two members on one GPU
+
+    spread = plans["maporl_gsm8k_2node"]
+    placed = [g for group in ("team.agents[0].engine", "team.agents[0].learner", "team.agents[1].learner")
+              for g in _gpus_of(spread, group)]
+    assert len(placed) == 16 and all(len(ids) == 1 for _, ids in placed)
+    assert len(set(placed)) == 16 and {node for node, _ in placed} == gpu_nodes  # every GPU of both nodes, once
+    assert spread["fits"] and len(spread["gpus"]) == 16
+    assert all(g["used_gib"] <= 0.9 * 80 for g in spread["gpus"])
+
+    conductor = plans["conductor_tp2"]
+    (tp_node, tp_gpus), = _gpus_of(conductor, "team.agents[0].engine")
+    assert len(tp_gpus) == 2  # one replica, two GPUs of one node
+    halves = [g for g in conductor["gpus"] if (g["gpu_id"] in tp_gpus and
+                                               any("agents[0].engine" in load["who"] for load in g["loads"]))]
+    assert len(halves) == 2 and all("1/2 each" in g["loads"][0]["detail"] for g in halves)
+    ranks = _gpus_of(conductor, "team.agents[0].learner")
+    assert len(ranks) == 4 and len(set(ranks)) == 4
+    assert conductor["syncs"] == {"team.agents[0]": "collective: one broadcast group, NCCL"}
+    assert conductor["fits"], conductor["problems"]

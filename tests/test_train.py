@@ -61,6 +61,7 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
         for key in ("policy_loss", "value_loss", "loss", "kl", "reward", "entropy", "grad_norm", "clip_frac",
                     "vf_clip_frac"):
             assert np.isfinite(metrics[-1][f"train/{name}/{key}"])
+        assert 0.2 < metrics[-1][f"train/{name}/peak_memory_gib"] < 24  # a rank's resident peak, on this machine
         moved = max(float((after[name][k] - before[name][k]).abs().max()) for k in before[name])
         assert moved > 0, f"{name} weights did not change"
     timing = {key: metrics[-1][f"timing/{key}"] for key in ("rollout", "verify", "advantages", "update", "sync")}

@@ -23,7 +23,7 @@ from mapoco.config import RunConfig
 from mapoco.evaluation.report import prepare_output_dir, write_json
 from mapoco.rollout.discussion import Team
 from mapoco.rollout.verifier import VerifierClient
-from mapoco.runtime.cluster import init_ray
+from mapoco.runtime.cluster import check_local_gpus, init_ray
 from mapoco.tasks import Problem, load_task
 from mapoco.training.learner import Rollout
 from mapoco.training.trainer import AgentBatch, Trainer, with_samples
@@ -157,6 +157,7 @@ def write_transcripts(path: Path, result: ConductorResult) -> None:
 
 def evaluate_conductor(cfg: RunConfig, out: Path, team: Team | None = None) -> dict[str, Any]:
     """``team``: already running engines (tests share them); by default the evaluation starts its own."""
+    check_local_gpus(cfg)
     problems = load_task(cfg.task).problems  # before any actor: a bad dataset or output directory fails fast
     prepare_output_dir(out)
     init_ray(cfg)

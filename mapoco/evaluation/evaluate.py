@@ -20,7 +20,7 @@ from mapoco.evaluation.report import (
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
-from mapoco.runtime.cluster import init_ray
+from mapoco.runtime.cluster import check_local_gpus, init_ray
 from mapoco.tasks import Problem, load_task
 
 
@@ -46,6 +46,7 @@ def write_outputs(out: Path, result: DiscussionResult, summary: dict[str, Any], 
 
 
 def evaluate(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    check_local_gpus(cfg)
     data = load_task(cfg.task)  # before any actor: a bad dataset or output directory fails fast
     prepare_output_dir(out)
     init_ray(cfg)

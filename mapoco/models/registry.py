@@ -3,11 +3,14 @@ a causal LM from a folder. Config validation needs only this, never the build co
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mapoco.models.specs import MODEL_DIRS
 
@@ -29,10 +32,12 @@ def model_dir(name: str) -> Path:
 
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+HUB_ARCHITECTURES = Path(__file__).with_name("hub_architectures.yaml")
 
 
-def resolve_model(ref: str) -> Path:
-    """A known model name -> its built folder; an existing local path -> that path."""
+def resolve_model(ref: str, download: bool = True) -> Path | None:
+    """A known model name -> its built folder; an existing local path -> that path; a hub id -> its snapshot in the
+    HF cache, fetched first unless ``download`` is false (then None while it is not there)."""
     if ref in MODEL_DIRS:
         path = model_dir(ref)
         if not (path / MARKER).is_file():
@@ -42,7 +47,7 @@ def resolve_model(ref: str) -> Path:
     if path.exists():
         return require_safetensors(path)
     if HUB_ID.fullmatch(ref):
-        return _from_hub(ref)
+        return _from_hub(ref, download)
     raise FileNotFoundError(f"model '{ref}' is neither a known model ({', '.join(MODEL_DIRS)}), a local path, "
                             f"nor a hub id (org/name)")
 
@@ -68,27 +73,62 @@ def load_causal_lm(path: str | Path, dtype: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
 
 
-def lora_support(path: Path) -> tuple[str, bool]:
-    """A model folder's architecture, and whether vLLM serves LoRA adapters for it. vLLM's registry is the only
-    source of truth; importing it costs the driver ~15 s on 2 cores, so only the shared LoRA engine asks."""
+def lora_support(architecture: str) -> bool:
+    """Whether vLLM serves LoRA adapters for a model architecture (config.json's ``architectures``). vLLM's registry
+    is the only source of truth; importing it costs the driver ~15 s on 2 cores, so only the shared LoRA engine
+    asks."""
     from vllm.model_executor.models.interfaces import supports_lora
     from vllm.model_executor.models.registry import ModelRegistry
 
-    architecture = (json.loads((path / "config.json").read_text()).get("architectures") or ["unknown"])[0]
     model_cls = ModelRegistry._try_load_model_cls(architecture)
-    return architecture, model_cls is not None and supports_lora(model_cls)
+    return model_cls is not None and supports_lora(model_cls)
 
 
-def _from_hub(repo_id: str) -> Path:
+def _from_hub(repo_id: str, download: bool) -> Path | None:
     """A hub model's local snapshot (downloaded once into the HF cache; HF_HUB_OFFLINE=1 uses the cache only)."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
-                                                                "*.model"]))
+                                                                "*.model"], local_files_only=not download))
     except Exception as exc:  # offline without a cached copy, no such repo, no access
+        if not download:
+            return None
         raise FileNotFoundError(f"model '{repo_id}' could not be fetched from the hub ({type(exc).__name__}); "
                                 f"download it where there is network, or give a local path") from None
+
+
+def model_config(ref: str) -> dict[str, Any]:
+    """``ref``'s config.json as a dict, from where mapoco would load it, without downloading."""
+    if ref in MODEL_DIRS:
+        path = model_dir(ref) / "config.json"
+    elif Path(ref).expanduser().is_dir():
+        path = Path(ref).expanduser() / "config.json"
+    elif HUB_ID.fullmatch(ref):
+        path = _cached_hub_config(ref)
+        if path is None:
+            known = _hub_architectures()
+            if ref not in known:
+                raise FileNotFoundError(f"model '{ref}' is neither in the HF cache nor one of the hub models mapoco "
+                                        f"knows the size of ({', '.join(known)}); download it first")
+            return dict(known[ref])
+    else:
+        raise FileNotFoundError(f"model '{ref}' is neither a known model, a local folder, nor a hub id")
+    if not path.is_file():
+        raise FileNotFoundError(f"model '{ref}' has no config.json at {path} (run `make models`?)")
+    return json.loads(path.read_text())
+
+
+def _cached_hub_config(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found) if isinstance(found, str) else None
+
+
+@functools.cache
+def _hub_architectures() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(HUB_ARCHITECTURES.read_text())
 
 
 def has_chat_template(path: Path) -> bool:

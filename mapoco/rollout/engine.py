@@ -199,7 +199,10 @@ class Engine:
         return os.getpid()
 
     def where(self) -> dict[str, Any]:
-        return node_of_actor(self.replica)
+        """Its node, bundle and GPUs, and the KV cache vLLM made room for there (in tokens: `mapoco plan` counts
+        them ahead)."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return {**node_of_actor(self.replica), "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size}
 
     def describe(self) -> dict[str, Any]:
         """Where this replica runs and with what (tests check placement and settings reached it)."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import ray
 
-from mapoco.config import AgentConfig, ConfigError, RunConfig
+from mapoco.config import AgentConfig, ConfigError, RunConfig, check_models, lora_engine_config
 from mapoco.runtime.devices import check_install, this_install
 from mapoco.runtime.logs import actor_env
 from mapoco.runtime.placement import (
@@ -25,15 +26,20 @@ from mapoco.runtime.placement import (
 )
 
 
-def _learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
+def learning_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
     if cfg.command != "train":
         return []
     return [(owner, cfg.team.agents[owner]) for owner in cfg.team.policy_seats()]
 
 
-def _engine_agents(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
-    agents = list(enumerate(cfg.team.agents))
-    return agents[:1] if cfg.team.shared_policy else agents
+def engine_hosts(cfg: RunConfig) -> list[tuple[int, AgentConfig]]:
+    """The seats that start engines of their own, each with the settings its engines run with: one seat when one
+    policy plays every seat, and the first of the shared LoRA engine's seats for all of them."""
+    team, lora_seats = cfg.team, cfg.team.lora_seats()
+    if team.shared_policy:
+        return [(0, team.agents[0])]
+    return [(i, replace(a, engine=lora_engine_config(team)) if i in lora_seats else a)
+            for i, a in enumerate(team.agents) if i not in lora_seats[1:]]
 
 
 def team_engine_bundles(cfg: RunConfig) -> dict[str, Bundles]:
@@ -41,13 +47,13 @@ def team_engine_bundles(cfg: RunConfig) -> dict[str, Bundles]:
     rides along when training)."""
     training = cfg.command == "train"
     return {f"team.agents[{i}].engine": engine_bundles(agent, learner_shares_engines(agent, training))
-            for i, agent in _engine_agents(cfg)}
+            for i, agent in engine_hosts(cfg)}
 
 
 def run_bundles(cfg: RunConfig) -> dict[str, Bundles]:
     """Placement bundles per group of actors, keyed by the config key that sizes them."""
     groups = team_engine_bundles(cfg)
-    for i, agent in _learning_agents(cfg):
+    for i, agent in learning_agents(cfg):
         if not learner_shares_engines(agent, training=True):
             groups[f"team.agents[{i}].learner"] = learner_bundles(agent.learner)
     groups["verifier"] = Bundles([{"CPU": cfg.verifier.num_cpus}])
@@ -98,9 +104,9 @@ def check_capacity(groups: dict[str, Bundles], keys: dict[str, tuple[str, Any]],
 
 def run_devices(cfg: RunConfig) -> list[tuple[str, str, float]]:
     """(config key, part, num_gpus) of every engine and learner group the run starts."""
-    parts = [(f"team.agents[{i}].engine.num_gpus", "engine", a.engine.num_gpus) for i, a in _engine_agents(cfg)]
+    parts = [(f"team.agents[{i}].engine.num_gpus", "engine", a.engine.num_gpus) for i, a in engine_hosts(cfg)]
     return parts + [(f"team.agents[{i}].learner.num_gpus", "learner", a.learner.num_gpus)
-                    for i, a in _learning_agents(cfg)]
+                    for i, a in learning_agents(cfg)]
 
 
 BREAKDOWN = "engines x tensor parallel x replicas + learners + verifier"
@@ -114,9 +120,33 @@ def check_cluster(cfg: RunConfig) -> None:
                    "the run's actors", BREAKDOWN)
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve, and that
-    this install runs each on its device."""
+def check_local_gpus(cfg: RunConfig) -> None:
+    """A run that will start a local Ray instance (no cluster.address, no $RAY_ADDRESS) has this machine's GPUs, as
+    Ray counts them: too few is an error before the run loads data or starts Ray."""
+    if ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    need = required(run_bundles(cfg), "GPU")
+    if need == 0:
+        return
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    have = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    if have < need:
+        raise ConfigError("engine.num_gpus", need, f"the run's actors need {need:g} GPUs in all ({BREAKDOWN}); the "
+                                                   f"cluster has {have}: no cluster.address or RAY_ADDRESS is set, so "
+                                                   "it would be a local Ray instance on this machine")
+
+
+def connect(cfg: RunConfig) -> None:
+    """Start or join Ray, then check that the cluster can hold every bundle the run's actors will reserve."""
+    check_local_gpus(cfg)
     start_or_join(cfg, required(run_bundles(cfg), "CPU"), "the run's actors", BREAKDOWN)
     check_cluster(cfg)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Connect, then check that this install runs every actor on its device and that every model is here (hub
+    models are fetched now, once the cluster is known to hold the run)."""
+    connect(cfg)
     check_install(run_devices(cfg), this_install())
+    check_models(cfg)

@@ -203,14 +203,16 @@ def _usage(pairs: Sequence[tuple[list[int], list[int]]]) -> dict[str, int]:
 
 
 class ServedTeam:
-    """The team's engines with the checkpoint's weights, answering batches of questions (blocking calls)."""
+    """The team's engines with the checkpoint's weights, answering batches of questions (blocking calls).
+    ``team``: engines already running to serve with (tests share them); by default it starts its own."""
 
-    def __init__(self, cfg: RunConfig, checkpoint: Path):
+    def __init__(self, cfg: RunConfig, checkpoint: Path, team: Any = None):
         from mapoco.rollout.discussion import Team
 
         self.cfg = cfg
         self.kind = TASK_KINDS.get(cfg.task.name, "math")
-        self.team = Team.of_run(cfg, wait=False)  # the checkpoint's weights are read while the engines load
+        self.owns_team = team is None
+        self.team = team or Team.of_run(cfg, wait=False)  # the checkpoint's weights are read while the engines load
         self.runner = None
         try:
             push_checkpoint(self.team, cfg, checkpoint)
@@ -220,7 +222,7 @@ class ServedTeam:
 
                 self.runner = ConductorRunner(self.team, cfg.conductor, NullVerifier())
         except BaseException:
-            self.team.shutdown()
+            self.shutdown()
             raise
 
     def answer(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
@@ -268,7 +270,8 @@ class ServedTeam:
     def shutdown(self) -> None:
         if self.runner is not None:
             self.runner.close()
-        self.team.shutdown()
+        if self.owns_team:
+            self.team.shutdown()
 
 
 def discussion_answer(result: Any, q: int, names: Sequence[str]) -> dict[str, Any]:
@@ -537,6 +540,7 @@ def init_ray(cfg: RunConfig) -> bool:
         start_or_join,
         team_engine_bundles,
     )
+    from mapoco.config import check_models
     from mapoco.runtime.devices import check_install, this_install
     from mapoco.runtime.placement import Bundles
 
@@ -547,6 +551,7 @@ def init_ray(cfg: RunConfig) -> bool:
     check_capacity(groups, {"CPU": ("serve.replicas", replicas), "GPU": ("serve.replicas", replicas)},
                    f"{replicas} replica(s) of the team", breakdown, copies=replicas)
     check_install(run_devices(cfg), this_install())
+    check_models(cfg)
     return local
 
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import resource
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ from mapoco.training.checkpoint import ADAPTER_DIR, CheckpointError
 from mapoco.training.state_io import load_state, save_state
 
 SUMMED_STATS = ("policy_loss", "value_loss", "loss")  # normalised by the batch's tokens: parts of one sum
+
+
+PER_RANK_STATS = ("tokens", "peak_memory_gib")
+
+
+def peak_memory_gib() -> float:
+    """The most memory this rank has held: CUDA's allocator peak on a GPU (what `mapoco plan` estimates a floor
+    of), the process's peak resident size on CPUs."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 def combine_stats(parts: dict[str, list[float]], tokens: list[float]) -> dict[str, float]:
@@ -311,7 +323,7 @@ class Learner:
                 stats.setdefault("grad_norm", []).append(float(self.engine.get_global_grad_norm() or 0.0))
             for key, value in combine_stats(epoch, epoch.pop("tokens")).items():
                 stats.setdefault(key, []).append(value)
-        return {k: float(np.mean(v)) for k, v in stats.items()}
+        return {k: float(np.mean(v)) for k, v in stats.items()} | {"peak_memory_gib": peak_memory_gib()}
 
     def _minibatch_slices(self, n: int, key: tuple[int, ...]) -> list[list[int]]:
         """``algorithm.mini_batches`` slices of this rank's rows, drawn anew each epoch (seeded by ``key``: the same
@@ -583,9 +595,10 @@ class LearnerGroup:
         refs = [actor.update.remote([rows[i] for i in idx], batch_ref, idx, normalizer, step)
                 for actor, idx in zip(self.actors, self.shard(list(range(len(rows)))))]
         results = gather(refs)
-        combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k != "tokens"},
+        combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k not in PER_RANK_STATS},
                                  [r["tokens"] for r in results])
         combined["grad_norm"] = results[0]["grad_norm"]  # after the all-reduce: the same on every rank
+        combined["peak_memory_gib"] = max(r["peak_memory_gib"] for r in results)  # the fullest rank's
         return {k: v for k, v in combined.items() if k != "tokens"}
 
     def weights_ref(self, dtype: str) -> ray.ObjectRef:

@@ -38,7 +38,7 @@ from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.engine import ReplicaLost, request_seed
 from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
-from mapoco.runtime.cluster import init_ray
+from mapoco.runtime.cluster import check_local_gpus, init_ray
 from mapoco.runtime.precision import AgentPrecision, agent_precision
 from mapoco.tasks import Problem, load_task
 from mapoco.training import checkpoint
@@ -151,6 +151,7 @@ class Trainer:
         # Everything that can be wrong with the inputs fails here, before any actor starts.
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
         prepare_output_dir(out)
+        check_local_gpus(cfg)  # seconds, where the data may take minutes to fetch
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
         self.pool = training_pool(cfg)
         init_ray(cfg)
