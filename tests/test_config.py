@@ -61,6 +61,17 @@ def test_bad_config_names_the_key(tiny_models, override, key):
     assert _ray_footprint() == before  # failed before Ray started or anything was reserved
 
 
+def test_a_hub_model_not_downloaded_is_checked_when_the_run_fetches_it(tiny_models):
+    """Validation fetches nothing (a run that cannot get its GPUs downloads no model); the run's start fetches and
+    checks it, once the cluster is known to hold the run: offline, a hub id not in the cache is a config error."""
+    from mapoco.config import check_models
+
+    cfg = compose_config("team.agents.0.model=no-such-org/no-such-model")
+    with pytest.raises(ConfigError, match="could not be fetched from the hub") as err:
+        check_models(cfg)
+    assert err.value.key == "team.agents[0].model"
+
+
 @pytest.mark.parametrize(
     "overrides,key,says",
     [
