@@ -804,6 +804,8 @@ def check_models(cfg: RunConfig) -> None:
     leaves to the run's start for hub models not downloaded yet."""
     for i, agent in enumerate(cfg.team.agents):
         _validate_model(i, agent, download=True)
+    if cfg.command == "train-verifier" and cfg.verifier.base is not None:
+        _resolve_model("verifier.base", cfg.verifier.base, download=True)
 
 
 def _validate_weights_folder(key: str, path: str) -> None:

@@ -66,10 +66,12 @@ def test_a_hub_model_not_downloaded_is_checked_when_the_run_fetches_it(tiny_mode
     checks it, once the cluster is known to hold the run: offline, a hub id not in the cache is a config error."""
     from mapoco.config import check_models
 
-    cfg = compose_config("team.agents.0.model=no-such-org/no-such-model")
-    with pytest.raises(ConfigError, match="could not be fetched from the hub") as err:
-        check_models(cfg)
-    assert err.value.key == "team.agents[0].model"
+    for override, key in (("team.agents.0.model=no-such-org/no-such-model", "team.agents[0].model"),
+                          ("verifier.base=no-such-org/no-such-model", "verifier.base")):
+        cfg = compose_config(override, "command=train-verifier")
+        with pytest.raises(ConfigError, match="could not be fetched from the hub") as err:
+            check_models(cfg)
+        assert err.value.key == key
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "verifier.workers": "verifier.workers=0",
     "verifier.batch_size": "verifier.batch_size=0",
     "verifier.num_cpus": "verifier.num_cpus=0",
-    "verifier.base": ("command=train-verifier", "verifier.base=no-such-org/no-such-model"),  # offline
+    "verifier.base": ("command=train-verifier", "verifier.base=/no/such/model"),  # a hub id: checked when fetched
     "verifier.epochs": "verifier.epochs=0",
     "verifier.lr": "verifier.lr=0",
     "verifier.train_batch_size": "verifier.train_batch_size=0",
@@ -187,6 +187,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "cluster.num_cpus": "cluster.num_cpus=0",
     "cluster.dashboard_host": "cluster.dashboard_host=' '",
     "cluster.placement_timeout_s": "cluster.placement_timeout_s=0",
+    "cluster.gpu_memory_gib": "cluster.gpu_memory_gib=0",
     "logger.wandb.mode": "logger.wandb.mode=sync",
     "logger.wandb.project": "logger.wandb.project=a/b",
     "logger.wandb.group": "logger.wandb.group=''",

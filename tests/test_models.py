@@ -137,6 +137,23 @@ def test_resolve_model(tiny_dirs, tmp_path, monkeypatch):
         registry.resolve_model("tiny-qwen")
 
 
+def test_a_hub_model_is_loaded_from_the_hf_cache_of_the_node_an_actor_runs_on(tiny_dirs, tmp_path, monkeypatch):
+    """Actors get a hub id, not the driver's snapshot path (which exists only where it was downloaded), and resolve
+    it in their own node's HF cache: here a cache laid out as the hub's, offline, as a node that fetched it has."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--mapoco-test--tiny" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_dirs["tiny-qwen"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert registry.resolve_model("mapoco-test/tiny", download=False) == snapshot
+    assert registry.node_source("mapoco-test/tiny", snapshot) == "mapoco-test/tiny"  # what the actors get
+    assert registry.node_source("tiny-qwen", tiny_dirs["tiny-qwen"]) == str(tiny_dirs["tiny-qwen"])
+    assert registry.resolve_model("mapoco-other/absent", download=False) is None  # not fetched yet: no download
+
+
 @pytest.mark.parametrize("name", DISCUSSION)
 def test_warm_start_accuracy(tiny_dirs, name):
     record = json.loads((tiny_dirs[name] / build.WARMSTART_FILE).read_text())

@@ -52,6 +52,13 @@ def resolve_model(ref: str, download: bool = True) -> Path | None:
                             f"nor a hub id (org/name)")
 
 
+def node_source(ref: str, path: Path) -> str:
+    """What an actor loads ``ref`` (resolved here to ``path``) from on its own node: a hub id, which it fetches into
+    that node's HF cache (the snapshot path exists only where it was downloaded), else the path, which must exist
+    there as well (MAPOCO_CACHE on a shared filesystem, or `make models` on each node)."""
+    return ref if HUB_ID.fullmatch(ref) and not Path(ref).expanduser().exists() else str(path)
+
+
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

@@ -25,7 +25,7 @@ from mapoco.config import (
     TeamConfig,
     lora_engine_config,
 )
-from mapoco.models.registry import resolve_model
+from mapoco.models.registry import node_source, resolve_model
 from mapoco.rollout.engine import AgentEngines, Generation, Shard, request_seed
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.rollout.topology import visible_peers
@@ -105,8 +105,9 @@ class Team:
                 colocated = learner_shares_engines(agent, training=colocate_learners)
                 placement = reserve(engine_bundles(agent, colocated), f"team.agents[{i}].engine",
                                     placement_timeout_s)
-                engines = AgentEngines(str(path), agent.engine, seed + 1000 * i, placement, sleep_mode=colocated,
-                                       restart_timeout_s=placement_timeout_s, what=f"team.agents[{i}].engine")
+                engines = AgentEngines(node_source(agent.model, path), agent.engine, seed + 1000 * i, placement,
+                                       sleep_mode=colocated, restart_timeout_s=placement_timeout_s,
+                                       what=f"team.agents[{i}].engine")
                 self.agents.append(AgentRuntime(i, cfg.agents[i], path, AutoTokenizer.from_pretrained(path), engines))
             self._load_fixed_adapters()
             if wait:

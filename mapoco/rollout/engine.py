@@ -29,6 +29,7 @@ from typing import Any
 import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
+from mapoco.models.registry import resolve_model
 from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import READY_TIMEOUT_S, Placement, node_of_actor
@@ -85,7 +86,7 @@ class Engine:
         self.adapters: dict[str, object] = {}  # agent name -> its LoRARequest (id and folder fixed for the run)
         self.adapter_dir = adapter_folder()
         self.llm = LLM(
-            model=model_path,
+            model=str(resolve_model(model_path)),  # a hub id: fetched into this node's HF cache
             load_format="safetensors",  # never a pickle checkpoint (mapoco.models.require_safetensors)
             dtype=on_this_device(cfg.dtype, engine_dtype(cfg)),
             max_model_len=cfg.max_model_len,

@@ -239,9 +239,9 @@ class Learner:
         import deepspeed
         from transformers import AutoTokenizer
 
-        from mapoco.models.registry import load_causal_lm
+        from mapoco.models.registry import load_causal_lm, resolve_model
 
-        cfg, model_path = self.cfg, self.model_path
+        cfg, model_path = self.cfg, resolve_model(self.model_path)  # a hub id: fetched into this node's HF cache
         torch.manual_seed(self.seed)
         self.dtype = getattr(torch, on_this_device(cfg.dtype, learner_dtype(cfg)))  # auto: bf16 on GPUs, f32 on CPUs
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0

@@ -34,6 +34,7 @@ from mapoco.evaluation.report import (
     turn_table,
     write_json,
 )
+from mapoco.models.registry import node_source
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.engine import ReplicaLost, request_seed
 from mapoco.rollout.rewards import team_rewards
@@ -203,7 +204,8 @@ class Trainer:
     def learner_args(self, owner: int) -> tuple:
         """What the learner group of the policy ``owner`` plays is built from: model, settings, algorithm, value
         heads, seed and the config key it is named by."""
-        return (str(self.team.agents[owner].model_path), self.cfg.team.agents[owner].learner, self.cfg.algorithm,
+        model = node_source(self.cfg.team.agents[owner].model, self.team.agents[owner].model_path)
+        return (model, self.cfg.team.agents[owner].learner, self.cfg.algorithm,
                 self.value_turns(), self.cfg.seed + owner, f"team.agents[{owner}].learner")
 
     def _start_group(self, owner: int) -> LearnerGroup:
