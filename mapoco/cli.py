@@ -8,9 +8,10 @@ accuracy per configuration of a sweep).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mapoco.config import COMMANDS as HYDRA_COMMANDS
 
@@ -118,11 +119,27 @@ def _dispatch(run_cfg: RunConfig, out: Path) -> None:
         from mapoco.conductor.trainer import ConductorTrainer
         from mapoco.training.trainer import Trainer, train
 
-        train(run_cfg, out, ConductorTrainer if conductor else Trainer)
+        train(run_cfg, out, ConductorTrainer if conductor else Trainer, _sweep_actors())
     elif run_cfg.command == "train-verifier":
         from mapoco.training.verifier_training import train_verifier
 
         train_verifier(run_cfg, out)
+
+
+def _sweep_actors() -> Any:
+    """A multirun's jobs run one after another in this process and share their actors where they can
+    (``SweepActors``); a single run starts and stops its own."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return _process_sweep() if HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+
+@functools.cache
+def _process_sweep() -> Any:
+    from mapoco.training.trainer import SweepActors
+
+    return SweepActors()
 
 
 def _hydra_main(command: str, overrides: list[str]) -> None:

@@ -61,7 +61,11 @@ def updates(ray_session, tiny_models):
         out["double_lr"] = updated(double_lr)
         out["double_lr_reused"] = double_lr is one_rank and double_lr.call_all("pid") == pids
         out["double_lr_describe"] = double_lr.call_all("describe")
-        pool.give_back(double_lr)
+        sweep = LearnerPool(per_shape=1, one_shape_per_model=True)  # a multirun's pool, holding both shapes
+        for group in (double_lr, two_ranks):
+            sweep.give_back(group)
+        sweep.free_other_shapes(path)  # what a job asking this model in a third shape does first
+        out["sweep_freed"] = (sweep.free, double_lr.alive(), two_ranks.alive())
         return out
     finally:
         pool.shutdown()
@@ -146,3 +150,10 @@ print("sum", value.item(), dist.get_backend())
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sum 2.5 gloo" in run.stdout
     assert not (tmp_path / "extensions").exists(), "an op was compiled"
+
+
+@pytest.mark.slow
+def test_a_sweeps_pool_frees_a_models_idle_groups_before_another_shape_starts(updates):
+    """A multirun's pool (the cluster is sized for one job): the idle groups of a model, of both shapes it held, are
+    shut down before a job starts that model in a third shape."""
+    assert updates["sweep_freed"] == ({}, False, False)

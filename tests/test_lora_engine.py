@@ -111,8 +111,9 @@ def lora_run(learner_pool, tiny_models, fixed_adapter, tmp_path_factory):
     metrics, step3 = [], None
     try:
         with contextlib.ExitStack() as watching:
-            directions = [watching.enter_context(watch_updates(p.group, kernels_twin(trainer, p)))
-                          for p in trainer.policies]
+            # One twin (its adapter's updates on the other kernels) stands for all: each is the same LoRA update.
+            directions = [watching.enter_context(watch_updates(p.group, kernels_twin(trainer, p) if i == 0 else None))
+                          for i, p in enumerate(trainer.policies)]
             for step in range(STEPS):
                 if step == 2:
                     step3 = trainer.rollout(trainer.batch(2), 2)
@@ -175,8 +176,9 @@ def test_a_batch_that_mixes_adapters_samples_what_each_agent_samples_alone(lora_
 @pytest.mark.kernels
 def test_lora_agents_on_one_engine_learn(lora_run):
     """Every update of every adapter on the shared engine moves its agent's policy the way its advantages point, on
-    the tokens the engine sampled, on this CPU's kernels and on PyTorch's non-vectorized ones alike. (Accuracy after
-    four updates on 32 questions is noise that other float32 kernels reorder: it fell on an AVX-512 machine.)"""
+    the tokens the engine sampled, on this CPU's kernels and (the first agent's) on PyTorch's non-vectorized ones
+    alike. (Accuracy after four updates on 32 questions is noise that other float32 kernels reorder: it fell on an
+    AVX-512 machine.)"""
     for agent, updates in enumerate(lora_run.directions):
         assert len(updates) == STEPS
         for step, direction in enumerate(updates):

@@ -285,7 +285,9 @@ def test_lora_agent_trains_against_a_frozen_partner(hetero_team, learner_pool, t
 def test_train_cli_multirun_sweep(tmp_path):
     """`mapoco train -m` end to end in its own Ray instance: two jobs of a homogeneous team in one process, each
     with its own directory, checkpoint, metrics and wandb run in one group; then `mapoco sweep-summary`. One policy
-    plays both seats (team.shared_policy): the sweep's mechanics, at half the actors."""
+    plays both seats (team.shared_policy): the sweep's mechanics, at half the actors. The second job takes over the
+    first one's engines and learner group, and its first sync resets them: before training it scores what the first
+    job scored."""
     import csv
     import json
     import subprocess
@@ -314,6 +316,13 @@ def test_train_cli_multirun_sweep(tmp_path):
         assert (out / "checkpoints" / "step_000001" / "COMPLETE").exists()
         assert (out / "before_after.png").stat().st_size > 0
         assert list((out / "wandb").glob(f"offline-run-*-{runs[int(job)]['id']}"))  # its own offline wandb run
+    where = [json.loads((sweep / job / "placement.json").read_text()) for job in ("0", "1")]
+    for group in ("team.agents[0].engine", "team.agents[0].learner"):
+        assert [r["placement_group"] for r in where[0][group]] == [r["placement_group"] for r in where[1][group]]
+    before = [json.loads((sweep / job / "summary.json").read_text())["before"] for job in ("0", "1")]
+    for summary in before:
+        summary.pop("mean_reward")  # the swept reward (alpha1) may differ; every answer must not
+    assert before[0] == before[1]
 
     proc = subprocess.run([sys.executable, "-m", "mapoco", "sweep-summary", str(sweep)],
                           capture_output=True, text=True, timeout=300)

@@ -177,7 +177,9 @@ def vllm_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathF
                "--served-model-name", "tiny-qwen", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
                "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
                "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # One process (the engine core inside the server's, as in mapoco's engines): a second would import vLLM again.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with log.open("wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"

@@ -30,8 +30,8 @@ from mapoco.training.trainer import AgentBatch, Trainer, with_samples
 
 
 class ConductorTrainer(Trainer):
-    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None):
-        super().__init__(cfg, out, team)
+    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None, **shared: Any):
+        super().__init__(cfg, out, team, **shared)
         self.runner = ConductorRunner(self.team, cfg.conductor, self.verifier)
         self.baselines: dict[str, Any] = {}
         self.pool_baselines: dict[int, dict[str, Any]] = {}  # per conductor.eval_pools entry

@@ -645,9 +645,12 @@ class LearnerPool:
     (``LearnerGroup.reset``: seconds, against a new group's process start-up, imports and rendezvous). A group goes
     back to the pool when its run closes; one with a dead rank is shut down instead."""
 
-    def __init__(self, per_shape: int = 3) -> None:
+    def __init__(self, per_shape: int = 3, one_shape_per_model: bool = False) -> None:
         self.free: dict[tuple, list[LearnerGroup]] = {}
         self.per_shape = per_shape  # idle groups kept per shape: an idle group's processes keep their memory
+        # A run that asks a model in a new shape first frees the idle groups of that model in other shapes: a
+        # sweep's cluster is sized for one job (a sweep that comes back to an earlier shape starts it again).
+        self.one_shape_per_model = one_shape_per_model
 
     @staticmethod
     def key(model_path: str, cfg: LearnerConfig) -> tuple:
@@ -659,10 +662,18 @@ class LearnerPool:
              what: str, placement_timeout_s: float = READY_TIMEOUT_S) -> LearnerGroup:
         free = self.free.get(self.key(model_path, cfg))
         if not free:
+            if self.one_shape_per_model:
+                self.free_other_shapes(model_path)
             return LearnerGroup(model_path, cfg, algo, num_turns, seed, what, placement_timeout_s=placement_timeout_s)
         group = free.pop()
         group.reset(cfg, algo, num_turns, seed)
         return group
+
+    def free_other_shapes(self, model_path: str) -> None:
+        """Shut down the idle groups of ``model_path`` (a run is about to start one in a shape the pool lacks)."""
+        for key in [k for k in self.free if k[0] == model_path]:
+            for group in self.free.pop(key):
+                group.shutdown()
 
     def give_back(self, group: LearnerGroup) -> None:
         """Kept for the next run that asks for its shape; shut down if a rank died or the pool holds enough."""

@@ -144,11 +144,43 @@ def stack(lists: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+class SweepActors:
+    """The engines and learner groups of a multirun's jobs, kept in this process from one job to the next. A job
+    whose engines would be made the same way (``engines_key``) takes over the last job's; its learner groups come
+    from a pool, rebuilt from the model's files with the job's settings. Every job's first weight sync puts its own
+    learners' weights into the engines and each request carries its own seed, so a job samples what it would on
+    fresh engines: only the start-ups (vLLM's above all) are saved."""
+
+    def __init__(self) -> None:
+        self.team: Team | None = None
+        self.key: str | None = None
+        self.learners = LearnerPool(per_shape=1, one_shape_per_model=True)
+
+    def team_for(self, cfg: RunConfig) -> Team:
+        key = engines_key(cfg)
+        if self.team is not None and key != self.key:
+            self.team.shutdown()
+            self.team = None
+        if self.team is None:
+            self.team, self.key = Team.of_run(cfg, colocate_learners=True, wait=False), key
+        return self.team
+
+
+def engines_key(cfg: RunConfig) -> str:
+    """What a run's engines are made of: runs with the same key can share them (the seed is not part of it)."""
+    team = cfg.team
+    return repr((team.shared_policy, team.lora_engine, cfg.cluster.placement_timeout_s,
+                 [(a.model, a.trainable, a.adapter, a.engine, a.learner.lora_rank, a.learner.colocate,
+                   a.learner.num_cpus, a.learner.num_gpus, a.learner.resources) for a in team.agents]))
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None, learners: LearnerPool | None = None):
+    def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None, learners: LearnerPool | None = None,
+                 sweep: SweepActors | None = None):
         """``team``: already running engines to train (tests share them); by default the trainer starts its own.
-        ``learners``: a pool to take learner groups from and give them back to at ``close`` (tests share one)."""
-        self.cfg, self.out, self.learners = cfg, out, learners
+        ``learners``: a pool to take learner groups from and give them back to at ``close`` (tests share one).
+        ``sweep``: a multirun's actors, taken over where this run's are made the same way."""
+        self.cfg, self.out, self.learners = cfg, out, learners or (sweep.learners if sweep else None)
         # Everything that can be wrong with the inputs fails here, before any actor starts.
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
         prepare_output_dir(out)
@@ -156,9 +188,9 @@ class Trainer:
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
         self.pool = training_pool(cfg)
         init_ray(cfg)
-        self.owns_team, self.closed = team is None, False
+        self.owns_team, self.closed = team is None and sweep is None, False
         # Engines, verifier and learners load at once (an engine's vLLM start-up is the longest); all are up after.
-        self.team = team or Team.of_run(cfg, colocate_learners=True, wait=False)
+        self.team = team or (sweep.team_for(cfg) if sweep else Team.of_run(cfg, colocate_learners=True, wait=False))
         self.verifier = VerifierClient(cfg.verifier)
         self.policies = self._start_learners()
         self.step = 0
@@ -583,9 +615,11 @@ class Trainer:
         self.verifier.shutdown()
 
 
-def train(cfg: RunConfig, out: Path, trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
-    """Fit and always release the actors; ``trainer_cls`` picks the method (the Conductor's is a subclass)."""
-    trainer = trainer_cls(cfg, out)
+def train(cfg: RunConfig, out: Path, trainer_cls: type[Trainer] = Trainer,
+          sweep: SweepActors | None = None) -> dict[str, Any]:
+    """Fit and always release the actors (a multirun's to ``sweep``); ``trainer_cls`` picks the method (the
+    Conductor's is a subclass)."""
+    trainer = trainer_cls(cfg, out, sweep=sweep)
     try:
         return trainer.fit()
     finally:

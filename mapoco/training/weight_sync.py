@@ -13,6 +13,7 @@ An agent on the shared LoRA engine sends only its adapter, through the object st
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from mapoco.rollout.engine import AgentEngines
 from mapoco.training.learner import LearnerGroup
 
 PUSH_ATTEMPTS = 3  # a push that fails this often in a row, each time after restarting what failed, is a real fault
+RELOAD_GRACE_S = 30.0  # after the broadcast's own timeout, how long members that received may take to reload
 
 
 class WeightSync(Protocol):
@@ -119,8 +121,7 @@ class CollectiveSync:
         collective) are to be restarted; members whose call failed are alive (the broadcast broke off around a lost
         one) and only rejoin. A learner rank that died raises RayActorError (the run stops); one that stalled,
         SyncFailed."""
-        refs = [*engines.values(), *learners]
-        ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s + 30)
+        self._wait([*engines.values(), *learners])
         broken = Broken()
         for replica, ref in engines.items():
             if not ray.wait([ref], timeout=0)[0]:
@@ -147,6 +148,24 @@ class CollectiveSync:
             except ray.exceptions.RayError as exc:
                 broken.errors.append(f"learner rank {rank}: {_last_line(exc)}")
         return broken if broken.errors else None
+
+
+    def _wait(self, refs: list[ray.ObjectRef]) -> None:
+        """Until every call has returned, for at most ``timeout_s`` and a reload's grace; but once ``timeout_s`` has
+        passed and a call has failed, the collective has broken off and the calls still out wait for nothing."""
+        start, pending = time.monotonic(), list(refs)
+        while pending and time.monotonic() - start < self.timeout_s + RELOAD_GRACE_S:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if time.monotonic() - start >= self.timeout_s and any(_failed(r) for r in refs if r not in pending):
+                return
+
+
+def _failed(ref: ray.ObjectRef) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayError:
+        return True
+    return False
 
 
 @dataclass
