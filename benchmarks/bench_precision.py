@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.bench_sync import _agent_engines
+from benchmarks.bench_sync import start_engines
 from benchmarks.bench_train import token_batch
 from benchmarks.common import Figure, Result, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig, SamplingConfig
@@ -47,7 +47,7 @@ def run(model: str = "tiny-qwen", questions: int = 8, max_new_tokens: int = 32, 
     engines, groups = {}, {}
     try:
         for dtype in DTYPES:
-            engines[dtype] = _agent_engines(path, EngineConfig(dtype=dtype), f"{model}.{dtype}")
+            engines[dtype] = start_engines(path, EngineConfig(dtype=dtype), f"{model}.{dtype}")
             groups[dtype] = LearnerGroup(path, LearnerConfig(dtype=dtype, micro_batch_size=2, lr=1e-6),
                                          AlgorithmConfig(ppo_epochs=1, mini_batches=1), num_turns=1, seed=0,
                                          what=f"bench.{model}.{dtype}")

@@ -23,6 +23,14 @@ from mapoco.training.learner import LearnerGroup
 from mapoco.training.weight_sync import CollectiveSync, ObjectStoreSync
 
 
+def start_engines(path: str, cfg: EngineConfig, name: str) -> AgentEngines:
+    """``cfg.replicas`` engine replicas of the model at ``path``, in a placement group of their own, ready."""
+    bundles = engine_bundles(AgentConfig(name=name, model=path, engine=cfg), colocated=False)
+    engines = AgentEngines(path, cfg, seed=0, placement=reserve(bundles, f"bench.{name}"))
+    engines.wait_ready()
+    return engines
+
+
 class Pair:
     """A learner group of one rank and ``replicas`` engine replicas of ``model``, started for a benchmark."""
 
@@ -32,9 +40,7 @@ class Pair:
         self.dtype = engine_dtype(self.engine_cfg)
         self.group = LearnerGroup(path, LearnerConfig(), AlgorithmConfig(), num_turns=1, seed=0,
                                   what=f"bench.{model}")
-        bundles = engine_bundles(AgentConfig(name=model, model=model, engine=self.engine_cfg), colocated=False)
-        self.engines = AgentEngines(path, self.engine_cfg, seed=0, placement=reserve(bundles, f"bench.{model}"))
-        self.engines.wait_ready()
+        self.engines = start_engines(path, self.engine_cfg, model)
         self.group.wait_ready()
 
     def peak_rss(self, model: str) -> dict[str, float]:

@@ -67,3 +67,11 @@ def test_config_validation_does_not_pull_in_the_conductor():
             todo.append(dep)
     assert not {m for m in seen if m.startswith("mapoco.conductor")}, seen
     assert "mapoco.rollout.engine" not in seen and "mapoco.rollout.discussion" not in seen
+
+
+def test_every_benchmark_module_imports():
+    """`make bench` imports them all before it runs any: a name one of them lost fails here, not at the bench."""
+    import importlib
+
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        importlib.import_module(f"benchmarks.{path.stem}")
