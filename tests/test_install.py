@@ -1,9 +1,10 @@
 """A non-editable install works away from the source tree: its Hydra configs ship as package data and models come
-from the user's cache, so `mapoco eval` runs from any directory."""
+from the user's cache, so `mapoco train` runs from any directory, here on a real pretrained model."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,8 +38,17 @@ def source_copy(path: Path) -> Path:
     return path
 
 
+# One step of SmolLM2 playing both seats: one turn, one question, one PPO epoch (a 135M float32 update costs about
+# 5 s per answer and epoch on 2 cores).
+SMOLLM2_STEP = ["team=smollm2x2", "team.shared_policy=true", "turns=1", "train.batch_questions=1",
+                "algorithm.samples_per_question=1", "algorithm.ppo_epochs=1", "train.steps=1", "train.eval_every=0",
+                "train.eval_limit=2", "train.save_every=0", "logger.wandb.mode=disabled", "sampling.max_new_tokens=24",
+                "team.agents.0.sampling.max_new_tokens=24", "team.agents.1.sampling.max_new_tokens=24",
+                "learner.micro_batch_size=4"]
+
+
 @pytest.mark.slow
-def test_pip_install_runs_mapoco_eval_from_another_directory(tmp_path, tiny_models):
+def test_pip_install_trains_smollm2_from_another_directory(tmp_path, tiny_models):
     bin_dir = fresh_venv(tmp_path / "venv")
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q",
                               "--no-deps", "--no-build-isolation", str(source_copy(tmp_path / "src"))],
@@ -51,14 +61,23 @@ def test_pip_install_runs_mapoco_eval_from_another_directory(tmp_path, tiny_mode
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    proc = subprocess.run([bin_dir / "mapoco", "eval", "team=tiny1", "task.limit=4", "turns=1", "output_dir=out"],
-                          capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
+    proc = subprocess.run([bin_dir / "mapoco", "train", *SMOLLM2_STEP, "output_dir=out"], capture_output=True,
+                          text=True, cwd=workdir, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((workdir / "out" / "summary.json").read_text())
-    assert len(summary["turn_accuracy"]) == 1 and summary["num_questions"] == 4
-    # A quiet terminal: the table and where outputs went; vLLM's output is in the run's logs/, one file per actor.
+    out = workdir / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and len(summary["after"]["turn_accuracy"]) == 1
+    # One SmolLM2 policy plays both seats: one engine set and one learner group, and the engine samples what the
+    # learner holds.
+    assert sorted(json.loads((out / "placement.json").read_text())) == ["team.agents[0].engine",
+                                                                        "team.agents[0].learner"]
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if "train/agent_0/policy_loss" in line]
+    assert math.isfinite(step["train/agent_0/policy_loss"]) and not any(k.startswith("train/agent_1/") for k in step)
+    assert step["train/agent_0/logprob_max_diff"] <= step["train/agent_0/logprob_tolerance"]
+    # A quiet terminal: tables, progress and where outputs went; vLLM's output is in the run's logs/, one file per actor.
     terminal = (proc.stdout + proc.stderr).splitlines()
-    assert len(terminal) < 20 and not any("INFO" in line for line in terminal), "\n".join(terminal)
-    logs = sorted(p.name for p in (workdir / "out" / "logs").iterdir())
-    assert logs == ["agent0-engine-replica0.log", "verifier.log"]
-    assert "Resolved architecture" in (workdir / "out" / "logs" / "agent0-engine-replica0.log").read_text()
+    assert len(terminal) < 30 and not any("INFO" in line for line in terminal), "\n".join(terminal)
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert logs == ["agent0-engine-replica0.log", "agent0-learner-rank0.log", "verifier.log"]
+    assert "Resolved architecture" in (out / "logs" / "agent0-engine-replica0.log").read_text()

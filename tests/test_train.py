@@ -330,23 +330,3 @@ def test_train_cli_multirun_sweep(tmp_path):
     assert "rewards.alpha1=0" in proc.stdout and "rewards.alpha1=1" in proc.stdout
     with (sweep / "sweep_summary.csv").open() as f:
         assert [r["config"] for r in csv.DictReader(f)] == ["rewards.alpha1=0", "rewards.alpha1=1"]
-
-
-def test_smollm2_shared_policy_smoke(ray_session, tmp_path):
-    """A real pretrained model through the same path: one SmolLM2 policy plays both seats for one step. One turn, one
-    question and one PPO epoch: a 135M float32 update costs about 5 s per answer and epoch on 2 cores."""
-    cfg = compose_config("team=smollm2x2", "team.shared_policy=true", "turns=1", "train.batch_questions=1",
-                         "algorithm.samples_per_question=1", "algorithm.ppo_epochs=1", "train.steps=1",
-                         "train.eval_every=0",
-                         "train.eval_limit=2", "logger.wandb.mode=disabled",
-                         "sampling.max_new_tokens=24", "team.agents.0.sampling.max_new_tokens=24",
-                         "team.agents.1.sampling.max_new_tokens=24", "learner.micro_batch_size=4")
-    trainer = Trainer(cfg, tmp_path)
-    try:
-        assert len(trainer.policies) == 1 and trainer.policies[0].seats == [0, 1]
-        assert trainer.team.agents[0].engines is trainer.team.agents[1].engines
-        metrics = trainer.train_step()
-        assert np.isfinite(metrics["train/agent_0/policy_loss"])
-        assert_engines_match_learner(metrics, "agent_0")
-    finally:
-        trainer.close()
