@@ -29,6 +29,7 @@ import ray
 from mapoco.config import GPU_MEMORY_CAP, AgentConfig, ConfigError, RunConfig
 from mapoco.runtime.cluster import engine_hosts, learning_agents, run_bundles
 from mapoco.runtime.placement import Bundles, node_of_actor, reserve
+from mapoco.runtime.precision import pick_dtype  # auto on a GPU: bf16 (fp16, the same bytes, before Ampere)
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -129,10 +130,6 @@ def place(groups: dict[str, Bundles], timeout_s: float) -> dict[str, list[Seat]]
 
 
 # ---------------------------------------------------------------- memory, from vLLM's and DeepSpeed's own counts
-def _dtype(requested: str) -> str:
-    return "bfloat16" if requested == "auto" else requested  # auto on a GPU (fp16 where bf16 is not computed)
-
-
 BLOCK_SIZE = 16  # vLLM's default KV-cache block, in tokens
 
 
@@ -156,7 +153,7 @@ def engine_memory(agent: AgentConfig, gpu_gib: float) -> tuple[float, float, int
     from mapoco.models.architecture import model_shape
 
     engine = agent.engine
-    tp, dtype = engine.tensor_parallel_size, _dtype(engine.dtype)
+    tp, dtype = engine.tensor_parallel_size, pick_dtype(engine.dtype, on_gpu=True)
     share = engine.gpu_memory_utilization * gpu_gib
     weights = model_shape(agent.model).params * DTYPE_BYTES[dtype] / tp / GIB
     return share, weights, kv_cache_tokens(agent.model, dtype, tp, share - weights)
@@ -165,7 +162,7 @@ def engine_memory(agent: AgentConfig, gpu_gib: float) -> tuple[float, float, int
 def engine_load(agent: AgentConfig, gpu_gib: float, who: str) -> tuple[Load, str | None]:
     """One GPU of an engine replica: its reservation, and why vLLM would refuse it (None: it starts)."""
     engine = agent.engine
-    tp, dtype = engine.tensor_parallel_size, _dtype(engine.dtype)
+    tp, dtype = engine.tensor_parallel_size, pick_dtype(engine.dtype, on_gpu=True)
     share, weights, tokens = engine_memory(agent, gpu_gib)
     detail = (f"{engine.gpu_memory_utilization:g} x {gpu_gib:g} GiB: weights {weights:.1f} GiB ({dtype}"
               f"{f', 1/{tp} each' if tp > 1 else ''}), KV cache <= {share - weights:.1f} GiB = {tokens:,} tokens")
@@ -192,7 +189,7 @@ def learner_load(agent: AgentConfig, ranks: int, who: str) -> Load:
     else:  # stages 0 and 1 keep more than ZeRO-2 partitions: counted as one rank holding all of it
         states = estimate_zero2_model_states_mem_needs(trained, ranks if learner.zero_stage == 2 else 1, 1,
                                                        cpu_offload=False)[1]
-    frozen = shape.params * DTYPE_BYTES[_dtype(learner.dtype)]  # the reference policy, or LoRA's base
+    frozen = shape.params * DTYPE_BYTES[pick_dtype(learner.dtype, on_gpu=True)]  # the reference policy, or LoRA's base
     what = "LoRA base" if learner.lora_rank else "reference"
     detail = (f"ZeRO-{learner.zero_stage} x {ranks} rank{'s' * (ranks > 1)}: states of {trained / 1e6:.1f}M trained "
               f"parameters {states / GIB:.1f} GiB + {what} {frozen / GIB:.1f} GiB, activations not counted")
