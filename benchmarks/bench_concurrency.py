@@ -13,6 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import Figure, Result, side_by_side, timed
 from mapoco.cli import compose
+from mapoco.config import changed
 from mapoco.training.trainer import Trainer
 
 
@@ -27,7 +28,7 @@ def run(repeats: int = 5, batch_questions: int = 32) -> Result:
             batches = trainer.agent_batches(result, trainer.rollout_rewards(result))
 
             def learning_phase(concurrent: bool) -> float:
-                trainer.cfg.train.concurrent_policies = concurrent
+                trainer.cfg = changed(trainer.cfg, {"train.concurrent_policies": concurrent})
                 seconds, _ = timed(lambda: trainer.for_each_policy(lambda p: trainer.learn(p, batches[p.name])))
                 return seconds
 

@@ -46,7 +46,8 @@ from mapoco.runtime.weights import (
     pack,
 )
 from mapoco.tasks import load_task
-from mapoco.training.learner import LearnerGroup, with_lora
+from mapoco.training.learner_group import LearnerGroup
+from mapoco.training.policy_model import with_lora
 from mapoco.training.weight_sync import AdapterSync, ObjectStoreSync
 
 RANK = 8

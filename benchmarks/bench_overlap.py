@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import Figure, Result, side_by_side
 from mapoco.cli import compose
+from mapoco.config import changed
 from mapoco.training.trainer import Trainer
 
 TEAMS = {  # team -> overrides and what the sizes say
@@ -38,8 +39,8 @@ def run(team: str = "tiny2", repeats: int = 3, window: int = 4) -> Result:
         trainer = Trainer(cfg, Path(out), team=None)
 
         def steps_per_second(off_policy_steps: int) -> float:
-            trainer.cfg.train.off_policy_steps = off_policy_steps
-            trainer.cfg.train.steps = trainer.step + window  # the window's last step samples nothing ahead
+            trainer.cfg = changed(trainer.cfg, {"train.off_policy_steps": off_policy_steps,
+                                                "train.steps": trainer.step + window})  # the last samples nothing ahead
             seconds = 0.0
             for _ in range(window):
                 metrics = trainer.train_step()

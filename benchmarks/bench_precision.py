@@ -20,7 +20,8 @@ from benchmarks.bench_train import token_batch
 from benchmarks.common import Figure, Result, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig, SamplingConfig
 from mapoco.models.registry import resolve_model
-from mapoco.training.learner import LearnerGroup, Rollout
+from mapoco.training.batch import Rollout
+from mapoco.training.learner_group import LearnerGroup
 
 DTYPES = ("float32", "bfloat16")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import Figure, Result, side_by_side, timed
 from mapoco.cli import compose
-from mapoco.config import DiscussionConfig
+from mapoco.config import DiscussionConfig, changed
 from mapoco.rollout.discussion import Team, run_discussion
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.tasks import TaskConfig, load_task
@@ -29,7 +29,7 @@ BASE = ["team=tiny4", "train.batch_questions=8", "algorithm.samples_per_question
 def step_breakdown(team: Team, agents: int, turns: int, steps: int) -> dict[str, Any]:
     """Median ``timing/*`` and token counts over ``steps`` training steps (after one warm-up step)."""
     cfg = compose(*BASE, f"turns={turns}", f"train.steps={steps + 1}")
-    cfg.team.agents = cfg.team.agents[:agents]
+    cfg = changed(cfg, {"team.agents": cfg.team.agents[:agents]})
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, Path(out), team=team.subset(agents))
         try:
@@ -56,9 +56,8 @@ def rollout_seconds(team: Team, verifier: VerifierClient, agents: int, turns: in
 def run(steps: int = 2, questions: int = 32, repeats: int = 3) -> Result:
     cfg = compose(*BASE)
     cached = Team(cfg.team, seed=0)
-    uncached_cfg = compose(*BASE, "engine.enable_prefix_caching=false").team
-    uncached_cfg.agents = uncached_cfg.agents[:2]
-    uncached = Team(uncached_cfg, seed=0)
+    uncached_team = compose(*BASE, "engine.enable_prefix_caching=false").team
+    uncached = Team(changed(uncached_team, {"agents": uncached_team.agents[:2]}), seed=0)
     verifier = VerifierClient(cfg.verifier)
     try:
         grid = {f"agents={a},turns=3": step_breakdown(cached, a, 3, steps) for a in (1, 2, 4)}

@@ -44,7 +44,7 @@ def write_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
     from mapoco.cli import compose as compose_run
     from mapoco.models.registry import resolve_model
     from mapoco.training.checkpoint import COMPLETE, STATE, agent_dir, checkpoints_dir
-    from mapoco.training.learner import PolicyWithValue
+    from mapoco.training.policy_model import PolicyWithValue
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         conf = compose("config", overrides=[*overrides, "command=train", f"output_dir={run_dir}"])

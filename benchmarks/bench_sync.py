@@ -19,7 +19,7 @@ from mapoco.models.registry import resolve_model
 from mapoco.rollout.engine import AgentEngines
 from mapoco.runtime.placement import engine_bundles, reserve
 from mapoco.runtime.precision import engine_dtype
-from mapoco.training.learner import LearnerGroup
+from mapoco.training.learner_group import LearnerGroup
 from mapoco.training.weight_sync import CollectiveSync, ObjectStoreSync
 
 

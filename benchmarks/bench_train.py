@@ -18,13 +18,9 @@ from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.models.registry import resolve_model
 from mapoco.runtime.precision import learner_dtype
-from mapoco.training.learner import (
-    LearnerGroup,
-    Rollout,
-    collate,
-    free_port,
-    init_distributed,
-)
+from mapoco.training.batch import Rollout, collate
+from mapoco.training.learner import free_port, init_distributed
+from mapoco.training.learner_group import LearnerGroup
 
 GSM8K_TRAIN = "../shared/data/gsm8k/train.jsonl"
 

@@ -77,7 +77,7 @@ def matches_plan(out: Path, gpu_gib: float | None = None) -> tuple[bool, str]:
     from omegaconf import OmegaConf
 
     from mapoco.config import from_dict
-    from mapoco.runtime.plan import GIB, engine_memory, learner_load
+    from mapoco.planning.plan import GIB, engine_memory, learner_load
 
     cfg = from_dict(OmegaConf.to_container(OmegaConf.load(out / ".hydra" / "config.yaml"), resolve=True))
     agent = cfg.team.agents[0]

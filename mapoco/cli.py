@@ -18,7 +18,9 @@ from mapoco.config import COMMANDS as HYDRA_COMMANDS
 if TYPE_CHECKING:
     from mapoco.config import RunConfig
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+# Inside an installed wheel, the package's conf/; in a source tree (an editable install), the top-level conf/.
+_HERE = Path(__file__).resolve().parent
+CONF_DIR = next(path for path in (_HERE / "conf", _HERE.parent / "conf") if path.is_dir())
 
 
 def _register_defaults() -> None:
@@ -74,10 +76,8 @@ def _run(cfg) -> None:
 
             serve_command(raw, list(HydraConfig.get().overrides.task))
             return
-        run_cfg = from_dict(raw)
         out = Path(HydraConfig.get().runtime.output_dir)
-        _name_sweep_job(run_cfg, out)
-        _dispatch(run_cfg, out)
+        _dispatch(from_dict(_name_sweep_job(raw, out)), out)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -89,18 +89,20 @@ def _run(cfg) -> None:
         sys.exit(1)
 
 
-def _name_sweep_job(run_cfg: RunConfig, out: Path) -> None:
+def _name_sweep_job(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     """A multirun job (its own directory under hydra.sweep.dir) is one wandb run, named by its overrides, in a
-    group named after the sweep directory, so a sweep's runs sit together in wandb."""
+    group named after the sweep directory, so a sweep's runs sit together in wandb. Set before validation: the
+    config is frozen from then on."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    wandb = run_cfg.logger.wandb
-    wandb.group = wandb.group or Path(hydra_cfg.sweep.dir).name
-    wandb.name = wandb.name or hydra_cfg.job.override_dirname or out.name
+        return raw
+    wandb = raw.setdefault("logger", {}).setdefault("wandb", {})
+    wandb["group"] = wandb.get("group") or Path(hydra_cfg.sweep.dir).name
+    wandb["name"] = wandb.get("name") or hydra_cfg.job.override_dirname or out.name
+    return raw
 
 
 def _dispatch(run_cfg: RunConfig, out: Path) -> None:
@@ -183,7 +185,7 @@ def _plan(args: list[str]) -> None:
     from hydra.errors import HydraException
 
     from mapoco.config import ConfigError
-    from mapoco.runtime.plan import plan_command
+    from mapoco.planning.plan import plan_command
 
     as_json = "--json" in args
     try:
@@ -217,7 +219,7 @@ def main() -> None:
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "build-models":
-        from mapoco.models.build import build_models
+        from mapoco.testbed.build import build_models
 
         build_models(rest or None)
     elif command == "sweep-summary":

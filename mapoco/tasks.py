@@ -29,7 +29,7 @@ class Problem:
     kind: str = "math"  # "math" | "nli"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     name: str = "arithmetic"
     split: str = "test"

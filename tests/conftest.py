@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    from mapoco.models.build import build_tiny_model
+    from mapoco.testbed.build import build_tiny_model
 
     return {name: build_tiny_model(name) for name in ("tiny-qwen", "tiny-llama")}
 
@@ -64,7 +64,7 @@ def tiny_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def talk_models() -> dict[str, Path]:
     """The collaboration testbed's specialists (+ on Qwen2, * on Llama) that know the discussion format."""
-    from mapoco.models.build import build_tiny_model
+    from mapoco.testbed.build import build_tiny_model
 
     return {name: build_tiny_model(name) for name in ("talk-add", "talk-mul")}
 
@@ -72,7 +72,7 @@ def talk_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def conductor_models() -> dict[str, Path]:
     """The conductor demo's models: a tiny conductor and two tiny specialists (+ and *)."""
-    from mapoco.models.build import build_tiny_model
+    from mapoco.testbed.build import build_tiny_model
 
     return {name: build_tiny_model(name) for name in ("tiny-conductor", "tiny-add", "tiny-mul")}
 
@@ -91,7 +91,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def learner_pool(ray_session):
     """Learner groups that trainers of the session take and give back (reset for each run, not started again)."""
-    from mapoco.training.learner import LearnerPool
+    from mapoco.training.learner_group import LearnerPool
 
     pool = LearnerPool()
     yield pool
@@ -178,7 +178,7 @@ class WatchedUpdate:
 
 def kernels_twin(trainer, policy):
     """``policy``'s learner group again, from the same model, settings and seed, its ranks on OTHER_KERNELS."""
-    from mapoco.training.learner import LearnerGroup
+    from mapoco.training.learner_group import LearnerGroup
 
     path, cfg, algo, turns, seed, what = trainer.learner_args(policy.seats[0])
     return LearnerGroup(path, dataclasses.replace(cfg, env={**(cfg.env or {}), **OTHER_KERNELS}), algo, turns, seed,

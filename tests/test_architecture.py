@@ -1,5 +1,6 @@
 """The package's shape: its modules import each other without a circle, lazy imports inside functions included (a
-circle held together by a lazy import is still a circle)."""
+circle held together by a lazy import is still a circle), and only downwards through the layers below; no module is
+longer than a reader can hold."""
 
 import ast
 from pathlib import Path
@@ -56,6 +57,49 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The packages from the bottom up: a module imports from its own layer and the layers below it, never above
+# (lazy imports included). README's Layout section walks the same order.
+LAYERS = (
+    ("mapoco.answers", "mapoco.tasks"),  # questions and grading: plain Python
+    ("mapoco.models",),  # specs of the tiny models and the registry that finds any model's folder
+    ("mapoco.config",),  # the typed run configuration and its validation
+    ("mapoco.runtime",),  # Ray: cluster, placement, devices, precision, the ends of a weight move, logs
+    ("mapoco.rollout",),  # engines, the discussion, verifiers, rewards
+    ("mapoco.evaluation",),  # eval runs, metrics, the run folder's reports
+    ("mapoco.training",),  # the trainer, learners, algorithms, weight sync, checkpoints
+    ("mapoco.conductor",),  # the second method, on training's loop
+    ("mapoco.planning", "mapoco.serving", "mapoco.testbed"),  # tools over everything below
+    ("mapoco.cli", "mapoco.__main__"),
+)
+MAX_LINES = 450
+# Still to be split (issue 34): exactly these are over MAX_LINES, so a new long file fails, and so does one split
+# without being struck off here.
+NOT_YET_SPLIT = {"mapoco/serving/serve.py", "mapoco/training/trainer.py"}
+
+
+def layer_of(module: str) -> int:
+    for index, packages in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in packages):
+            return index
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS")
+
+
+def test_imports_only_go_down_the_layers():
+    upward = [f"{a} -> {b}" for a, deps in import_graph().items() for b in deps if layer_of(b) > layer_of(a)]
+    assert not upward, upward
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("mapoco.config.validate") < layer_of("mapoco.training.algorithms")
+    assert layer_of("mapoco.testbed.build") > layer_of("mapoco.conductor.workflow")
+
+
+def test_no_module_is_too_long_to_hold_in_mind():
+    long = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+            if len(p.read_text().splitlines()) > MAX_LINES}
+    assert long == NOT_YET_SPLIT
 
 
 def test_config_validation_does_not_pull_in_the_conductor():

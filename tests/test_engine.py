@@ -74,7 +74,7 @@ def test_engine_scores_the_tokens_it_sampled_as_it_sampled_them(hetero_team, age
 def test_the_kv_cache_holds_the_tokens_mapoco_plan_counts(hetero_team):
     """A CPU engine's KV cache is engine.kv_cache_gib large: vLLM made room for the tokens `mapoco plan` counts in
     that much memory (the same per-token arithmetic it applies to a GPU's rest after the weights)."""
-    from mapoco.runtime.plan import kv_cache_tokens
+    from mapoco.planning.plan import kv_cache_tokens
 
     for agent in hetero_team.agents:
         (described,) = agent.engines.call_all(lambda actor: actor.describe.remote())

@@ -82,7 +82,7 @@ def test_the_memory_verdict_holds_the_run_to_the_plans_ceiling_and_floor(tmp_pat
     """On an 80 GiB GPU the plan gives the sync run's engine 0.4 of it (a KV-cache ceiling in tokens) and its
     learner a floor: a run inside both passes; more KV cache than the ceiling, far less, or a learner peak under
     the floor each fail."""
-    from mapoco.runtime.plan import engine_memory, learner_load
+    from mapoco.planning.plan import engine_memory, learner_load
 
     cfg = _sync_config()
     _, _, ceiling = engine_memory(cfg.team.agents[0], 80)

@@ -1,4 +1,4 @@
-"""A non-editable install works away from the source tree: its Hydra configs ship as package data and models come
+"""A non-editable install works away from the source tree: its Hydra configs (conf/) ship as package data and models come
 from the user's cache, so `mapoco train` runs from any directory, here on a real pretrained model."""
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def source_copy(path: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         path.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, path / name)
-    shutil.copytree(ROOT / "mapoco", path / "mapoco", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("mapoco", "conf"):  # conf/ ships inside the wheel as mapoco/conf
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
     return path
 
 
@@ -81,3 +82,14 @@ def test_pip_install_trains_smollm2_from_another_directory(tmp_path, tiny_models
     logs = sorted(p.name for p in (out / "logs").iterdir())
     assert logs == ["agent0-engine-replica0.log", "agent0-learner-rank0.log", "verifier.log"]
     assert "Resolved architecture" in (out / "logs" / "agent0-engine-replica0.log").read_text()
+
+
+def test_the_wheel_lists_every_package_and_config_folder():
+    """pyproject lists the packages (conf/ is mapped into the wheel as mapoco.conf): every folder of mapoco/ with
+    modules, and every folder of conf/, is listed, so none is left out of an install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mapoco").rglob("__init__.py")}
+    configs = {"mapoco.conf", *(f"mapoco.conf.{d.name}" for d in (ROOT / "conf").iterdir() if d.is_dir())}
+    assert listed == packages | configs

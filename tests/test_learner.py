@@ -14,7 +14,8 @@ import torch
 from conftest import OTHER_KERNELS
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
-from mapoco.training.learner import LearnerGroup, LearnerPool, Rollout, combine_stats
+from mapoco.training.batch import Rollout, combine_stats
+from mapoco.training.learner_group import LearnerGroup, LearnerPool
 
 ROWS = [Rollout(prompt_ids=[3 + i, 10, 11, 12 + i], response_ids=[20 + i, 21, 22 + 2 * i, 5][: 2 + i % 3], turn=i % 2)
         for i in range(6)]

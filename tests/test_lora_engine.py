@@ -16,7 +16,7 @@ from conftest import compose_config, kernels_twin, watch_updates
 
 from mapoco.config import VLLM_LORA_RANKS, ConfigError, SamplingConfig
 from mapoco.runtime.precision import LOGPROB_TOLERANCE
-from mapoco.training.learner import Rollout
+from mapoco.training.batch import Rollout
 
 FLOAT32_GAP = LOGPROB_TOLERANCE["float32"]  # float32 engines and learners on every CPU (dtype auto)
 STEPS = 4

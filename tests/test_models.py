@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from mapoco.conductor.workflow import SUBTASKS, parse_workflow
-from mapoco.models import build, registry, specs
+from mapoco.models import registry, specs
+from mapoco.testbed import build, cache, chat_data, probes
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import Problem, TaskConfig, arithmetic_problems, composition_problems
 
@@ -117,7 +118,7 @@ def test_failed_build_leaves_nothing(tmp_path):
         raise RuntimeError("killed mid-build")
 
     with pytest.raises(RuntimeError):
-        build._atomic_build(final, "fp", broken_build, force=False)
+        cache.atomic_build(final, "fp", broken_build, force=False)
     assert not final.exists()
     assert list(final.parent.iterdir()) == []
 
@@ -160,7 +161,7 @@ def test_warm_start_accuracy(tiny_dirs, name):
     assert record["num_eval"] == 200
     assert 0.2 <= record["turn1_accuracy"] <= 0.8
     # Re-measured, not just read: greedy HF generation on the first 50 of those test problems.
-    assert 0.1 <= build.evaluate_turn1(tiny_dirs[name], num=50) <= 0.9
+    assert 0.1 <= probes.evaluate_turn1(tiny_dirs[name], num=50) <= 0.9
 
 
 def _conductor_examples(num: int) -> list[tuple[str, int, str]]:
@@ -170,7 +171,7 @@ def _conductor_examples(num: int) -> list[tuple[str, int, str]]:
     rng = random.Random(0)
     examples = []
     for _ in range(num):
-        user, assistant = build._example_chat(rng.choice(problems), spec, rng, problems)
+        user, assistant = chat_data.example_chat(rng.choice(problems), spec, rng, problems)
         pool = len(re.findall(r"Model \d", user["content"]))
         operator = re.search(r"\d ([+*]) \d", user["content"]).group(1)
         examples.append((operator, pool, assistant["content"]))
@@ -184,7 +185,7 @@ def test_conductor_warm_start_plans_are_well_formed_and_route_at_random():
         plan = parse_workflow(text, pool).plan
         assert plan is not None and 1 <= len(plan.steps) <= 2, text
         assert [s.sees_all for s in plan.steps] == [False, True][: len(plan.steps)]
-        assert [s.subtask for s in plan.steps] == list(build.CONDUCTOR_SUBTASKS[: len(plan.steps)])
+        assert [s.subtask for s in plan.steps] == list(chat_data.CONDUCTOR_SUBTASKS[: len(plan.steps)])
         verb = {"+": "adds", "*": "multiplies"}[operator]  # it reads the question first, never naming a worker
         assert text.startswith(f"The question {verb}.\nmodel_id = ["), text
         sizes[pool] += 1
@@ -204,7 +205,7 @@ def test_carded_warm_start_plans_ask_a_worker_holding_the_card_they_name_whateve
     rng = random.Random(0)
     named = Counter()
     for _ in range(2000):
-        user, assistant = build._example_chat(rng.choice(problems), spec, rng, problems)
+        user, assistant = chat_data.example_chat(rng.choice(problems), spec, rng, problems)
         listed = re.search(r"\nCards: (.*)\n", user["content"]).group(1)
         holders = {card: [int(i) for i in re.findall(r"Model (\d+)", ids)]
                    for card, ids in (entry.split("=", 1) for entry in listed.split("; "))}
@@ -224,7 +225,7 @@ def test_carded_warm_start_plans_ask_a_worker_holding_the_card_they_name_whateve
 def test_card_conductor_writes_parsable_plans_that_name_a_card(tiny_dirs):
     """Re-measured at temperature 1; whether the worker it asks holds that card is reported (specs.py), not yet
     learnt."""
-    stats = build.evaluate_plans(tiny_dirs["card-conductor"], specs.TINY_MODELS["card-conductor"], num=100, seed=1)
+    stats = probes.evaluate_plans(tiny_dirs["card-conductor"], specs.TINY_MODELS["card-conductor"], num=100, seed=1)
     assert stats["parse_rate"] >= 0.9 and stats["card_named_rate"] >= 0.9, stats
     assert 0 <= stats["card_held_rate"] <= 1 and set(stats["answering_worker"]) == {"2", "3", "4"}, stats
 
@@ -236,7 +237,7 @@ def test_card_conductor_writes_parsable_plans_that_name_a_card(tiny_dirs):
     ("What is the capital of France?", "The question asks."),
 ])
 def test_the_conductor_reads_the_operations_of_a_question(question, note):
-    assert build.operation_note(question) == note
+    assert chat_data.operation_note(question) == note
 
 
 @pytest.mark.parametrize("name", ["tiny-add", "tiny-mul"])
@@ -244,7 +245,7 @@ def test_specialist_warm_start_mixes_workflow_steps(name):
     spec = specs.TINY_MODELS[name]
     problems = arithmetic_problems(spec.task, "train", 500)
     rng = random.Random(0)
-    chats = [build._example_chat(rng.choice(problems), spec, rng, problems) for _ in range(1000)]
+    chats = [chat_data.example_chat(rng.choice(problems), spec, rng, problems) for _ in range(1000)]
     operator = dict(spec.task_params)["operators"][0]
     assert all(f" {operator} " in chat[0]["content"] and chat[-1]["content"].startswith("\\boxed{") for chat in chats)
     steps = sum(chat[0]["content"].endswith(SUBTASKS) for chat in chats)
@@ -253,7 +254,7 @@ def test_specialist_warm_start_mixes_workflow_steps(name):
 
 def test_specialists_are_right_on_their_own_operator(tiny_dirs):
     """Greedy accuracy of each specialist on 50 "+" and 50 "*" test questions: each beats the other at its own."""
-    acc = {(name, op): build.evaluate_turn1(tiny_dirs[name], num=50, task=specs.TINY_MODELS[f"tiny-{op}"].task)
+    acc = {(name, op): probes.evaluate_turn1(tiny_dirs[name], num=50, task=specs.TINY_MODELS[f"tiny-{op}"].task)
            for name in ("tiny-add", "tiny-mul") for op in ("add", "mul")}
     assert acc["tiny-add", "add"] >= 0.7 and acc["tiny-mul", "mul"] >= 0.6, acc
     assert acc["tiny-add", "add"] >= acc["tiny-mul", "add"] + 0.3, acc
@@ -262,9 +263,9 @@ def test_specialists_are_right_on_their_own_operator(tiny_dirs):
 
 def test_composition_steps_teach_each_specialist_its_part():
     problem = Problem(id="c", question="Calculate 6 * 9 + 6.", gold="60")
-    thread, answer = build.composition_step(problem, "*", random.Random(0))
+    thread, answer = chat_data.composition_step(problem, "*", random.Random(0))
     assert answer == 54 and len(thread) == 1 and thread[0]["content"].startswith(first_turn_message(problem))
-    thread, answer = build.composition_step(problem, "+", random.Random(0), earlier=13)  # adds to what it was shown
+    thread, answer = chat_data.composition_step(problem, "+", random.Random(0), earlier=13)  # adds to what it was shown
     assert answer == 19 and [m["role"] for m in thread] == ["user", "assistant", "user"]
     assert thread[1]["content"] == "\\boxed{13}"
 
@@ -274,9 +275,9 @@ def test_part_specialists_do_their_part_and_neither_answers_alone(tiny_dirs):
     adds c to a right product, and neither answers the question when asked alone."""
     test = composition_problems("test")[:50]
     for name, operator in (("part-mul", "*"), ("part-add", "+")):
-        model, tokenizer = build._load(tiny_dirs[name])
-        assert build.composition_accuracy(model, tokenizer, operator, test) >= 0.8, name
-        assert build.turn1_accuracy(model, tokenizer, test) <= 0.1, name
+        model, tokenizer = probes.load_model(tiny_dirs[name])
+        assert probes.composition_accuracy(model, tokenizer, operator, test) >= 0.8, name
+        assert probes.turn1_accuracy(model, tokenizer, test) <= 0.1, name
 
 
 def test_conductor_writes_parsable_plans(tiny_dirs):
@@ -284,7 +285,7 @@ def test_conductor_writes_parsable_plans(tiny_dirs):
     record = json.loads((tiny_dirs["tiny-conductor"] / build.WARMSTART_FILE).read_text())
     assert record["parse_rate"] >= 0.95
     # Re-measured at temperature 1 on 100 test questions; each worker of a pool still gets asked.
-    stats = build.evaluate_plans(tiny_dirs["tiny-conductor"], spec, num=100, seed=1)
+    stats = probes.evaluate_plans(tiny_dirs["tiny-conductor"], spec, num=100, seed=1)
     assert stats["parse_rate"] >= 0.9, stats
     assert all(min(counts) > 0 for size, counts in stats["answering_worker"].items() if size != "1"), stats
 
@@ -310,7 +311,7 @@ def test_specialist_threads_teach_the_format_not_when_to_defer():
     own = arithmetic_problems(spec.task, "train", 100)
     kept = {True: [], False: []}
     for _ in range(600):
-        chat = build._specialist_thread(rng.choice(own), spec, rng)
+        chat = chat_data._specialist_thread(rng.choice(own), spec, rng)
         question, first, final = chat[0]["content"], chat[1], chat[-1]["content"]
         in_specialty = " + " in question
         peer = re.findall(r"\\boxed\{-?\d+\}", chat[-2]["content"])[0]

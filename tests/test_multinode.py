@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,26 +99,28 @@ def nodes(cluster):
     cluster.remove_all()  # each test brings the worker nodes it needs
 
 
-def train(cluster: MultiNodeCluster, out: Path, *overrides: str, watch: str | None = None, then=None,
+def train(cluster: MultiNodeCluster, out: Path, *overrides: str, on: dict[str, Callable[[], None]] | None = None,
           timeout_s: float = 400) -> subprocess.CompletedProcess:
-    """`mapoco train` joining the cluster; when its output first matches ``watch``, ``then()`` runs (a node dies)."""
+    """`mapoco train` joining the cluster; ``on`` maps patterns of its output to what happens (a node dies) when the
+    output first matches each, in order."""
     command = [str(BIN / "mapoco"), "train", *SMALL_RUN, *overrides, f"cluster.address={cluster.address}",
                f"output_dir={out}"]
     log = out.with_suffix(".log")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    events = list((on or {}).items())
     with log.open("w") as sink:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout_s
-        while watch and proc.poll() is None and time.time() < deadline:
-            if re.search(watch, log.read_text()):
-                then()
-                break
+        while events and proc.poll() is None and time.time() < deadline:
+            if re.search(events[0][0], log.read_text()):
+                events.pop(0)[1]()
             time.sleep(0.5)
         try:
             proc.wait(max(deadline - time.time(), 1))
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+    assert not events, f"the run ended before its output matched {events[0][0]!r}: {log.read_text()[-3000:]}"
     return subprocess.CompletedProcess(command, proc.returncode, log.read_text(), "")
 
 
@@ -129,72 +132,61 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_learner_group_spans_nodes_and_a_replica_lost_with_its_node_restarts_on_another(nodes, tmp_path):
-    """Learner ranks 0 and 1 on nodes of their own, meeting at rank 0's address, two engine replicas on two of three
-    other nodes. Replica 1's node is lost after step 1: step 2's rollout meets the dead replica, which restarts on
-    the spare node, and the run goes on to its end, every step's engines agreeing with the learners; both ranks save
-    the final checkpoint from their nodes."""
-    nodes.add("a", {"learner_slot": 1})
-    nodes.add("b", {"learner_slot": 1})
-    for name in ("e1", "e2", "e3"):  # room for two replicas, and one spare
-        nodes.add(name, {"replica_slot": 1})
-    out = tmp_path / "spread"
-    lost: list[str] = []
-
-    def lose_replica_1():
-        node = placement(out)["team.agents[0].engine"][1]["node_id"]
-        lost.append(next(n for n in nodes.nodes if nodes.node_id(n) == node))
-        nodes.remove(lost[0])
-
-    run = train(nodes, out, "train.steps=6", "train.save_every=6", "learner.num_learners=2",
-                 "learner.placement=STRICT_SPREAD", "learner.resources={learner_slot: 1}", "engine.replicas=2",
-                 "engine.placement=SPREAD", "engine.resources={replica_slot: 1}", "cluster.placement_timeout_s=20",
-                 watch=r"step 1/6", then=lose_replica_1)
-    assert run.returncode == 0, run.stdout[-4000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 6
-    assert "engine replica 1 of" in run.stdout and "restarted" in run.stdout
-    assert max(m.get("faults/engine_restarts", 0) for m in metrics(out)) >= 1
-
-    where = placement(out)  # rewritten after the restart
-    ranks, replicas = where["team.agents[0].learner"], where["team.agents[0].engine"]
-    assert sorted(r["node_id"] for r in ranks) == sorted([nodes.node_id("a"), nodes.node_id("b")])
-    assert ranks[0]["node_ip"] != ranks[1]["node_ip"]
-    assert all(r["master"][0] == ranks[0]["node_ip"] for r in ranks)  # the group met on rank 0's node
-    survivors = {nodes.node_id(n) for n in nodes.nodes if n.startswith("e")}
-    assert {r["node_id"] for r in replicas} <= survivors and len({r["node_id"] for r in replicas}) == 2
-    steps = [m for m in metrics(out) if "train/agent_0/logprob_max_diff" in m]
-    assert len(steps) == 6 and all(m["train/agent_0/logprob_max_diff"] < 0.01 for m in steps)
-    assert (out / "checkpoints" / "step_000006" / "COMPLETE").exists()  # both ranks saved from their nodes
-
-
-def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(nodes, tmp_path):
-    """The engine's only node is lost with nowhere to go: the run stops within the placement timeout, saying how to
-    resume. Capacity returns and the same command resumes there, until the learner's node is lost mid-run too:
-    that run stops as well, naming its last complete checkpoint, which it wrote after the resume."""
+def test_lost_nodes_move_a_replica_then_stop_the_run_and_resume_continues_with_checkpoints_intact(nodes, tmp_path):
+    """One run through every way a node is lost. Learner ranks 0 and 1 run on nodes of their own, meeting at rank
+    0's address; two engine replicas on two of three engine nodes. Replica 1's node is lost after step 1: step 2's
+    rollout meets the dead replica, which restarts on the spare node, and the run goes on, every step's engines
+    agreeing with the learners. Then replica 0's node is lost with nowhere to go: the run stops within the placement
+    timeout, saying how to resume. Capacity returns and the same command resumes there, until learner rank 1's node
+    is lost mid-run: that run stops as well, naming its last complete checkpoint, which both ranks wrote from their
+    nodes after the resume."""
     from safetensors.torch import load_file
 
     from mapoco.training import checkpoint
 
-    nodes.add("only", {"solo_slot": 1})
-    nodes.add("trainer", {"trainer_slot": 1})
+    nodes.add("a", {"learner_slot": 1})
+    nodes.add("b", {"learner_slot": 1})
+    for name in ("e1", "e2", "e3"):  # room for two replicas, and one spare
+        nodes.add(name, {"replica_slot": 1})
     out = tmp_path / "lost"
-    # More steps than either run reaches: each stops at a lost node, however fast the steps after the loss run.
-    steps = 20
-    overrides = [f"train.steps={steps}", "train.save_every=1", "engine.resources={solo_slot: 1}",
-                 "learner.resources={trainer_slot: 1}", "cluster.placement_timeout_s=8"]
-    lost_at: list[float] = []
-    run = train(nodes, out, *overrides, watch=rf"step 2/{steps}",
-                then=lambda: (nodes.remove("only"), lost_at.append(time.time())))
-    assert run.returncode == 1, run.stdout[-4000:]
-    assert "could not restart: no node could hold its bundle within 8s" in run.stdout and RESUME in run.stdout
-    assert time.time() - lost_at[0] < 8 + 60, f"stopped {time.time() - lost_at[0]:.0f}s after the loss"
-    resumed_at = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["step"]
+    steps = 20  # more than either run reaches: each stops at a lost node, however fast the steps after the loss run
+    overrides = [f"train.steps={steps}", "train.save_every=1", "learner.num_learners=2",
+                 "learner.placement=STRICT_SPREAD", "learner.resources={learner_slot: 1}", "engine.replicas=2",
+                 "engine.placement=SPREAD", "engine.resources={replica_slot: 1}", "cluster.placement_timeout_s=10"]
 
-    nodes.add("back", {"solo_slot": 1})  # capacity returns: the same command resumes on it
-    resumed = train(nodes, out, *overrides, "train.resume=auto", watch=rf"step {resumed_at + 2}/{steps}",
-                    then=lambda: nodes.remove("trainer"))
+    def node_of(group: str, index: int) -> str:
+        node_id = placement(out)[group][index]["node_id"]
+        return next(n for n in nodes.nodes if nodes.node_id(n) == node_id)
+
+    seen: list[dict[str, list[dict]]] = []  # placement.json as each node was lost
+    lost_at: list[float] = []
+
+    def lose_replica(index: int) -> None:
+        seen.append(placement(out))
+        nodes.remove(node_of("team.agents[0].engine", index))
+        lost_at.append(time.time())
+
+    run = train(nodes, out, *overrides, on={rf"step 1/{steps}": lambda: lose_replica(1),
+                                            rf"step 3/{steps}": lambda: lose_replica(0)})
+    assert run.returncode == 1, run.stdout[-4000:]
+    assert re.search(r"engine replica 1 of .* restarted", run.stdout), run.stdout[-4000:]
+    assert max(m.get("faults/engine_restarts", 0) for m in metrics(out)) >= 1
+    ranks = seen[1]["team.agents[0].learner"]
+    assert sorted(r["node_id"] for r in ranks) == sorted([nodes.node_id("a"), nodes.node_id("b")])
+    assert ranks[0]["node_ip"] != ranks[1]["node_ip"]
+    assert all(r["master"][0] == ranks[0]["node_ip"] for r in ranks)  # the group met on rank 0's node
+    before, after = seen[0]["team.agents[0].engine"], seen[1]["team.agents[0].engine"]  # rewritten on the restart
+    assert after[0] == before[0] and after[1]["node_id"] not in {r["node_id"] for r in before}  # on the spare
+    assert "could not restart: no node could hold its bundle within 10s" in run.stdout and RESUME in run.stdout
+    assert time.time() - lost_at[1] < 10 + 60, f"stopped {time.time() - lost_at[1]:.0f}s after the loss"
+    resumed_at = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["step"]
+    assert resumed_at >= 3
+
+    nodes.add("back", {"replica_slot": 1})  # capacity returns: the same command resumes on it
+    resumed = train(nodes, out, *overrides, "train.resume=auto",
+                    on={rf"step {resumed_at + 2}/{steps}": lambda: nodes.remove(node_of("team.agents[0].learner", 1))})
     assert re.search(rf"resumed from .*step_0000\d\d at step {resumed_at}", resumed.stdout), resumed.stdout[-4000:]
-    assert placement(out)["team.agents[0].engine"][0]["node_id"] == nodes.node_id("back")
+    assert nodes.node_id("back") in {r["node_id"] for r in placement(out)["team.agents[0].engine"]}
     assert resumed.returncode == 1, resumed.stdout[-4000:]
     assert "an actor died" in resumed.stdout and RESUME in resumed.stdout
     complete = checkpoint.complete_checkpoints(out)
@@ -203,6 +195,8 @@ def test_lost_nodes_stop_the_run_resume_continues_and_checkpoints_stay_intact(no
     assert checkpoint.read_state(complete[-1])["step"] > resumed_at  # written by the resumed run
     weights = load_file(str(checkpoint.agent_dir(complete[-1], 0) / "model.safetensors"))
     assert weights and all(t.isfinite().all() for t in weights.values())
+    steps_run = [m for m in metrics(out) if "train/agent_0/logprob_max_diff" in m]
+    assert len(steps_run) >= resumed_at + 2 and all(m["train/agent_0/logprob_max_diff"] < 0.01 for m in steps_run)
 
 
 # Every plan of one cluster in one driver process (one import of mapoco, torch, vLLM and DeepSpeed, one connection).
@@ -220,7 +214,7 @@ import json, sys
 import ray
 from mapoco.cli import compose
 from mapoco.runtime.cluster import connect
-from mapoco.runtime.plan import make_plan, render
+from mapoco.planning.plan import make_plan, render
 plans = json.loads(sys.argv[1])
 for name, overrides in plans.items():
     cfg = compose(*overrides, "command=train", "cluster.address=" + sys.argv[2])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from mapoco.models.architecture import model_shape
-from mapoco.runtime.plan import GIB, Seat, gpu_loads
+from mapoco.planning.architecture import model_shape
+from mapoco.planning.plan import GIB, Seat, gpu_loads
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,7 +34,7 @@ def test_lora_counts_the_adapters_the_learner_adds(tiny_models):
     import torch
 
     from mapoco.models.registry import load_causal_lm
-    from mapoco.training.learner import with_lora
+    from mapoco.training.policy_model import with_lora
 
     cfg = compose_config("learner.lora_rank=4").team.agents[0]
     real = with_lora(load_causal_lm(tiny_models[cfg.model], torch.float32), cfg.learner)

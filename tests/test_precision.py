@@ -99,7 +99,7 @@ def test_fp16_learners_scale_their_loss_and_bf16_ones_do_not():
     import torch
 
     from mapoco.config import LearnerConfig
-    from mapoco.training.learner import deepspeed_config
+    from mapoco.training.policy_model import deepspeed_config
 
     fp16 = deepspeed_config(LearnerConfig(zero_stage=3), torch.float16)
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} and not fp16["bf16"]["enabled"]

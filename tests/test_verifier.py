@@ -53,7 +53,7 @@ def fit_parity() -> tuple[list[float], float, float]:
 
     examples = [Example(f"{a}{b}", f"Calculate {a} + {b}.", f"\\boxed{{{n}}}", int(n % 2 == 0))
                 for a in range(10) for b in range(10) for n in (a + b, a + b + 1)]
-    verifier = LearnedVerifier.from_base(resolve_model("tiny-qwen"))
+    verifier = LearnedVerifier.from_base(resolve_model("tiny-qwen"), seed=0)
     untrained = evaluate_verifier(verifier, examples, batch_size=64)
     losses = fit(verifier, examples, epochs=10, lr=1e-3, batch_size=8, seed=0)
     return losses, untrained["auc"], evaluate_verifier(verifier, examples, batch_size=64)["auc"]

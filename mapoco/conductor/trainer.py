@@ -25,7 +25,7 @@ from mapoco.rollout.discussion import Team
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import check_local_gpus, init_ray
 from mapoco.tasks import Problem, load_task
-from mapoco.training.learner import Rollout
+from mapoco.training.batch import Rollout
 from mapoco.training.trainer import AgentBatch, Trainer, with_samples
 
 

@@ -1,5 +1,5 @@
 """The model zoo's catalogue: every tiny model's spec (architecture, tokenizer, warm-start recipe) and the folder
-each known model lives in. ``mapoco.models.build`` builds them; ``mapoco.models.registry`` finds them."""
+each known model lives in. ``mapoco.testbed`` builds them; ``mapoco.models.registry`` finds them."""
 
 from __future__ import annotations
 

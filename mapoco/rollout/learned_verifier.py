@@ -37,14 +37,17 @@ class LearnedVerifier:
                    AutoTokenizer.from_pretrained(path))
 
     @classmethod
-    def from_base(cls, base: Path) -> LearnedVerifier:
-        """A fresh scalar head on a causal LM backbone (the paper starts the verifier from a pretrained LM)."""
+    def from_base(cls, base: Path, seed: int) -> LearnedVerifier:
+        """A fresh scalar head on a causal LM backbone (the paper starts the verifier from a pretrained LM), drawn
+        from ``seed`` alone: not from whatever the process's random state was."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=1, torch_dtype=torch.float32, pad_token_id=tokenizer.pad_token_id, use_safetensors=True
-        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=1, torch_dtype=torch.float32, pad_token_id=tokenizer.pad_token_id,
+                use_safetensors=True)
         return cls(model, tokenizer)
 
     def _encode(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

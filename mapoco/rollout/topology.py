@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-TOPOLOGIES = ("all_to_all", "ring", "star")
-
 
 def visible_peers(agent: int, num_agents: int, topology: str) -> list[int]:
-    """Whose previous answers ``agent`` sees. ring: the previous agent; star: agent 0 is the hub."""
+    """Whose previous answers ``agent`` sees (config.schema.TOPOLOGIES names them). ring: the previous agent;
+    star: agent 0 is the hub; all_to_all: every other agent."""
     others = [j for j in range(num_agents) if j != agent]
     if topology == "ring":
         return others and [(agent - 1) % num_agents]

@@ -138,7 +138,7 @@ def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> d
     from mapoco.models.registry import load_causal_lm
     from mapoco.runtime.precision import learner_dtype
     from mapoco.runtime.weights import engine_weights
-    from mapoco.training.learner import with_lora
+    from mapoco.training.policy_model import with_lora
 
     saved = load_file(str(directory / "model.safetensors"))
     state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mapoco.config.schema import KL_ESTIMATORS
+
 DEFAULT_ESTIMATOR = "gae"
-KL_ESTIMATORS = ("k1", "k2", "k3")
 GROUP_BASELINES = ("grpo", "rloo")
 
 

@@ -1,4 +1,4 @@
-"""Learner groups: per trained agent, Ray actors running the policy (+ per-turn value head) under DeepSpeed.
+"""A learner rank: per trained agent, the Ray actor running the policy (+ per-turn value head) under DeepSpeed.
 
 Ranks of one group form their own process group (gloo on CPU, NCCL on GPU); DeepSpeed averages gradients across
 them. Each group has its own model, optimizer, learning rate, ZeRO stage and LoRA setting. A frozen reference
@@ -14,7 +14,6 @@ import random
 import resource
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,9 @@ import torch
 from torch import nn
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
-from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import (
-    READY_TIMEOUT_S,
-    Placement,
-    learner_bundles,
     node_of_actor,
-    reserve,
 )
 from mapoco.runtime.precision import learner_dtype, on_this_device
 from mapoco.runtime.weights import (
@@ -43,7 +37,6 @@ from mapoco.runtime.weights import (
     join_broadcast,
     pack,
     send_weights,
-    unpack,
     write_adapter,
 )
 from mapoco.training.algorithms import (
@@ -54,13 +47,17 @@ from mapoco.training.algorithms import (
     policy_loss,
     value_loss,
 )
+from mapoco.training.batch import (
+    MicroBatch,
+    Rollout,
+    RolloutStats,
+    collate,
+    combine_stats,
+    response_outputs,
+)
 from mapoco.training.checkpoint import ADAPTER_DIR, CheckpointError
+from mapoco.training.policy_model import PolicyWithValue, deepspeed_config, with_lora
 from mapoco.training.state_io import load_state, save_state
-
-SUMMED_STATS = ("policy_loss", "value_loss", "loss")  # normalised by the batch's tokens: parts of one sum
-
-
-PER_RANK_STATS = ("tokens", "peak_memory_gib")
 
 
 def peak_memory_gib() -> float:
@@ -71,112 +68,6 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
-def combine_stats(parts: dict[str, list[float]], tokens: list[float]) -> dict[str, float]:
-    """One figure per statistic from its parts (micro-batches of a step, or ranks): a loss is a share of one sum
-    normalised by the whole batch's tokens, so the parts add up; any other statistic is a per-token mean, so the
-    parts are weighted by their tokens. The figures then do not depend on the micro-batch size or the rank count."""
-    weights = np.asarray(tokens, dtype=np.float64)
-    return {key: float(np.sum(values) if key in SUMMED_STATS else np.average(values, weights=weights))
-            for key, values in parts.items()} | {"tokens": float(weights.sum())}
-
-
-@dataclass
-class Rollout:
-    """One agent answer to learn from: exact engine token ids; ``turn`` is 0-based."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    turn: int
-
-
-@dataclass
-class RolloutStats:
-    """Per-token statistics of a batch of rollouts, ``[rows, max response length]`` tensors, zero past each row's
-    end: they stay tensors from the learner that computes them to the update that reads them."""
-
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-
-    FIELDS = ("logprobs", "ref_logprobs", "values")
-
-    @classmethod
-    def zeros(cls, rows: list[Rollout]) -> RolloutStats:
-        width = max((len(r.response_ids) for r in rows), default=0)
-        return cls(*(torch.zeros((len(rows), width)) for _ in cls.FIELDS))
-
-
-class PolicyWithValue(nn.Module):
-    """The causal LM plus a linear value head with one output per discussion turn (MAPoRL: V per agent and turn)."""
-
-    def __init__(self, policy: nn.Module, num_turns: int):
-        super().__init__()
-        self.policy = policy
-        self.value_head = nn.Linear(policy.config.hidden_size, num_turns)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.logits, self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype))
-
-
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # [B, S] prompt + response, right-padded
-    attention_mask: torch.Tensor
-    positions: torch.Tensor  # [B, R] index of the logit that predicts each response token
-    targets: torch.Tensor  # [B, R] response token ids
-    mask: torch.Tensor  # [B, R] 1 on real response tokens
-    turns: torch.Tensor  # [B]
-
-
-def collate(rows: list[Rollout], pad_id: int) -> MicroBatch:
-    seqs = [r.prompt_ids + r.response_ids for r in rows]
-    width, resp = max(map(len, seqs)), max(len(r.response_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), resp), dtype=torch.long)
-    targets = torch.zeros((len(rows), resp), dtype=torch.long)
-    mask = torch.zeros((len(rows), resp), dtype=torch.float32)
-    for i, (row, seq) in enumerate(zip(rows, seqs)):
-        n, p = len(row.response_ids), len(row.prompt_ids)
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention[i, : len(seq)] = 1
-        positions[i, :n] = torch.arange(p - 1, p - 1 + n)
-        targets[i, :n] = torch.tensor(row.response_ids)
-        mask[i, :n] = 1
-    turns = torch.tensor([r.turn for r in rows], dtype=torch.long)
-    return MicroBatch(input_ids, attention, positions, targets, mask, turns)
-
-
-def response_outputs(logits: torch.Tensor, values: torch.Tensor | None, mb: MicroBatch):
-    """Logprobs of the response tokens (and their values and entropies), aligned to ``mb.mask``."""
-    index = mb.positions.unsqueeze(-1)
-    picked = logits.gather(1, index.expand(-1, -1, logits.size(-1))).float()
-    logprobs = torch.log_softmax(picked, dim=-1).gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
-    token_values = None
-    if values is not None:
-        per_turn = values.gather(1, index.expand(-1, -1, values.size(-1)))
-        token_values = per_turn.gather(-1, mb.turns.view(-1, 1, 1).expand(-1, per_turn.size(1), 1)).squeeze(-1)
-    return logprobs, token_values, picked
-
-
-def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """DeepSpeed's settings for a learner group. Half precision keeps float32 master weights; fp16 also scales the
-    loss dynamically (its small range underflows gradients otherwise), bf16 needs no scaling."""
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand (see ``Learner.update``)
-        "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
-        "steps_per_print": 10**9,
-    }
-
-
 def init_distributed(backend: str) -> None:
     """``deepspeed.init_distributed`` without DeepSpeed's shared-memory all-reduce op. That op serves only inference
     tensor parallelism (training reduces through torch.distributed), yet on a CPU its first load compiles C++ for
@@ -185,14 +76,6 @@ def init_distributed(backend: str) -> None:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the dict DeepSpeed consults before building
     deepspeed.init_distributed(dist_backend=backend)
-
-
-def with_lora(policy: nn.Module, cfg: LearnerConfig) -> nn.Module:
-    """The policy with LoRA adapters on every linear layer (the output head excepted), as the learner trains it."""
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 def free_port() -> int:
@@ -544,156 +427,3 @@ def _python_rng_state() -> dict[str, Any]:
 
 def _python_rng_tuple(state: dict[str, Any]) -> tuple:
     return (state["version"], tuple(state["internal"]), state["gauss"])
-
-
-class LearnerGroup:
-    """All ranks of one agent's learner group; calls fan out to every rank and are gathered.
-
-    Rank r runs in bundle r of ``placement``: the group's own (reserved here) or, when colocated, its engines'.
-    """
-
-    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
-                 what: str, placement: Placement | None = None, placement_timeout_s: float = READY_TIMEOUT_S):
-        self.model_path, self.cfg = model_path, cfg
-        self.owned_placement = None if placement else reserve(learner_bundles(cfg), what, placement_timeout_s)
-        placement = placement or self.owned_placement
-        self.actors = [
-            ray.remote(Learner).options(
-                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
-                runtime_env={"env_vars": {**(cfg.env or {}), "DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu",
-                                          **visible_devices_env(cfg.num_gpus)}},
-            ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed, what)
-            for r in range(cfg.num_learners)
-        ]
-        # The group meets on rank 0's node, wherever the driver runs: every rank gets rank 0's address (Ray resolves
-        # the reference first), so the groups of all agents start at once.
-        master = self.actors[0].rendezvous_address.remote()
-        self._ready = [actor.setup.remote(master) for actor in self.actors]
-
-    def wait_ready(self) -> None:
-        """Until every rank has joined the group and built its model (a rank's error raises here)."""
-        gather(self._ready)
-
-    def shard(self, items: list[Any]) -> list[list[Any]]:
-        n = len(self.actors)
-        return [items[r::n] for r in range(n)]
-
-    def score(self, rows: list[Rollout]) -> RolloutStats:
-        """Each rank scores its shard; the shards' tensors are put back in row order."""
-        shards = gather([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
-        out = RolloutStats.zeros(rows)
-        for index, shard in zip(self.shard(list(range(len(rows)))), shards):
-            for field in RolloutStats.FIELDS:
-                part = getattr(shard, field)
-                getattr(out, field)[index, : part.size(1)] = part
-        return out
-
-    def update(self, rows: list[Rollout], batch: dict[str, torch.Tensor], normalizer: float,
-               step: int = 0) -> dict[str, float]:
-        """``batch`` goes into the object store once; every rank reads its rows of it there."""
-        batch_ref = ray.put(batch)
-        refs = [actor.update.remote([rows[i] for i in idx], batch_ref, idx, normalizer, step)
-                for actor, idx in zip(self.actors, self.shard(list(range(len(rows)))))]
-        results = gather(refs)
-        combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k not in PER_RANK_STATS},
-                                 [r["tokens"] for r in results])
-        combined["grad_norm"] = results[0]["grad_norm"]  # after the all-reduce: the same on every rank
-        combined["peak_memory_gib"] = max(r["peak_memory_gib"] for r in results)  # the fullest rank's
-        return {k: v for k, v in combined.items() if k != "tokens"}
-
-    def weights_ref(self, dtype: str) -> ray.ObjectRef:
-        """Rank 0's weights, left in the object store: engines read them straight from there, not through the
-        controller (measured: a SmolLM2 sync 3.5 s -> 2.5 s on CPU)."""
-        refs = [a.weights.remote(dtype) for a in self.actors]  # every rank: ZeRO-3 gathers collectively
-        gather(refs[1:])
-        return refs[0]
-
-    def weights(self, dtype: str) -> dict[str, torch.Tensor]:
-        return unpack(ray.get(self.weights_ref(dtype)))
-
-    def adapter_ref(self, dtype: str) -> ray.ObjectRef:
-        """Rank 0's adapter, left in the object store as ``weights_ref`` leaves the weights."""
-        refs = [a.adapter.remote(dtype) for a in self.actors]
-        gather(refs[1:])
-        return refs[0]
-
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        return gather([getattr(a, method).remote(*args) for a in self.actors])
-
-    def reset(self, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int) -> None:
-        """Every rank starts over with these settings (``Learner.reset``); ``wait_ready`` waits for it."""
-        self.cfg = cfg
-        self._ready = [a.reset.remote(cfg, algo, num_turns, seed) for a in self.actors]
-
-    def alive(self) -> bool:
-        try:
-            self.call_all("where")
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
-            return False
-        return True
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        if self.owned_placement is not None:
-            self.owned_placement.remove()
-
-
-class LearnerPool:
-    """Learner groups that outlive the runs they serve, within one driver (a test session): a run that asks for a
-    group of a model and shape the pool holds gets one back, rebuilt from the model's files with the run's settings
-    (``LearnerGroup.reset``: seconds, against a new group's process start-up, imports and rendezvous). A group goes
-    back to the pool when its run closes; one with a dead rank is shut down instead."""
-
-    def __init__(self, per_shape: int = 3, one_shape_per_model: bool = False) -> None:
-        self.free: dict[tuple, list[LearnerGroup]] = {}
-        self.per_shape = per_shape  # idle groups kept per shape: an idle group's processes keep their memory
-        # A run that asks a model in a new shape first frees the idle groups of that model in other shapes: a
-        # sweep's cluster is sized for one job (a sweep that comes back to an earlier shape starts it again).
-        self.one_shape_per_model = one_shape_per_model
-
-    @staticmethod
-    def key(model_path: str, cfg: LearnerConfig) -> tuple:
-        """What a reset cannot change: the model, the ranks and what each rank holds and where."""
-        return (model_path, cfg.num_learners, cfg.num_cpus, cfg.num_gpus, cfg.placement,
-                tuple(sorted((cfg.resources or {}).items())), tuple(sorted((cfg.env or {}).items())))
-
-    def take(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
-             what: str, placement_timeout_s: float = READY_TIMEOUT_S) -> LearnerGroup:
-        free = self.free.get(self.key(model_path, cfg))
-        if not free:
-            if self.one_shape_per_model:
-                self.free_other_shapes(model_path)
-            return LearnerGroup(model_path, cfg, algo, num_turns, seed, what, placement_timeout_s=placement_timeout_s)
-        group = free.pop()
-        group.reset(cfg, algo, num_turns, seed)
-        return group
-
-    def free_other_shapes(self, model_path: str) -> None:
-        """Shut down the idle groups of ``model_path`` (a run is about to start one in a shape the pool lacks)."""
-        for key in [k for k in self.free if k[0] == model_path]:
-            for group in self.free.pop(key):
-                group.shutdown()
-
-    def give_back(self, group: LearnerGroup) -> None:
-        """Kept for the next run that asks for its shape; shut down if a rank died or the pool holds enough."""
-        free = self.free.setdefault(self.key(group.model_path, group.cfg), [])
-        if len(free) < self.per_shape and group.alive():
-            free.append(group)
-        else:
-            group.shutdown()
-
-    def shutdown(self) -> None:
-        for group in (g for free in self.free.values() for g in free):
-            group.shutdown()
-        self.free.clear()
-
-
-def gather(refs: list[ray.ObjectRef]) -> list[Any]:
-    """``ray.get(refs)``, but the first rank to fail raises at once: its peers may be stuck in a collective waiting
-    for it (gloo's own timeout is 30 minutes), and ``ray.get`` in order would wait on them first."""
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)  # raises the rank's error
-    return ray.get(refs)

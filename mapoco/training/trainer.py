@@ -51,7 +51,8 @@ from mapoco.training.algorithms import (
     masked_mean,
     truncated_is_weights,
 )
-from mapoco.training.learner import LearnerGroup, LearnerPool, Rollout, RolloutStats
+from mapoco.training.batch import Rollout, RolloutStats
+from mapoco.training.learner_group import LearnerGroup, LearnerPool
 from mapoco.training.state_io import load_state, save_state
 from mapoco.training.tracking import Tracker
 from mapoco.training.weight_sync import AdapterSync, SyncFailed, WeightSync, make_sync

@@ -67,7 +67,7 @@ def train_verifier(cfg: RunConfig, out: Path, team: Team | None = None) -> dict[
     if not train or not test:
         raise RuntimeError(f"only {len(examples)} balanced examples: raise task.limit so some questions have "
                            "both right and wrong answers")
-    verifier = LearnedVerifier.from_base(resolve_model(vcfg.base or cfg.team.agents[0].model))
+    verifier = LearnedVerifier.from_base(resolve_model(vcfg.base or cfg.team.agents[0].model), cfg.seed)
     before = evaluate_verifier(verifier, test, vcfg.batch_size)
     losses = fit(verifier, train, vcfg.epochs, vcfg.lr, vcfg.train_batch_size, cfg.seed)
     after = evaluate_verifier(verifier, test, vcfg.batch_size)

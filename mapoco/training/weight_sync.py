@@ -22,7 +22,7 @@ import ray
 from mapoco.config import EngineConfig, LearnerConfig, gpu_sharing
 from mapoco.rollout.discussion import AgentRuntime
 from mapoco.rollout.engine import AgentEngines
-from mapoco.training.learner import LearnerGroup
+from mapoco.training.learner_group import LearnerGroup
 
 PUSH_ATTEMPTS = 3  # a push that fails this often in a row, each time after restarting what failed, is a real fault
 RELOAD_GRACE_S = 30.0  # after the broadcast's own timeout, how long members that received may take to reload

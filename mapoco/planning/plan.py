@@ -139,7 +139,7 @@ def kv_cache_tokens(model: str, dtype: str, tensor_parallel: int, gib: float) ->
     import torch
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from mapoco.models.architecture import model_shape
+    from mapoco.planning.architecture import model_shape
 
     shape = model_shape(model)
     page = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=max(shape.kv_heads // tensor_parallel, 1),
@@ -150,7 +150,7 @@ def kv_cache_tokens(model: str, dtype: str, tensor_parallel: int, gib: float) ->
 def engine_memory(agent: AgentConfig, gpu_gib: float) -> tuple[float, float, int]:
     """One GPU of an engine replica: what vLLM takes of it, the weights' part (GiB) and the KV cache's tokens at
     most (what is left after the weights; vLLM's activation peak and CUDA graphs come out of it too)."""
-    from mapoco.models.architecture import model_shape
+    from mapoco.planning.architecture import model_shape
 
     engine = agent.engine
     tp, dtype = engine.tensor_parallel_size, pick_dtype(engine.dtype, on_gpu=True)
@@ -178,7 +178,7 @@ def learner_load(agent: AgentConfig, ranks: int, who: str) -> Load:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from mapoco.models.architecture import model_shape
+    from mapoco.planning.architecture import model_shape
 
     learner = agent.learner
     shape = model_shape(agent.model, learner if learner.lora_rank else None)

@@ -1,0 +1,203 @@
+"""The warm-start's chat data: first-turn answers and discussion threads in the exact message format of
+``mapoco.rollout.prompts``, workflow steps in ``mapoco.conductor.workflow``'s, and the conductor's plans."""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from typing import Any
+
+from mapoco.conductor.workflow import (
+    SUBTASKS,
+    Plan,
+    Step,
+    conductor_message,
+    worker_thread,
+)
+from mapoco.models.specs import (
+    TinyModelSpec,
+)
+from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
+from mapoco.tasks import Problem, TaskConfig, arithmetic_problems, composition_problems
+
+TRAIN_POOL = 20_000  # train-split problems the warm-start draws from
+CONDUCTOR_SUBTASKS = ("Solve the problem.", "Check the work so far and give the final answer.")  # step 1, step 2
+
+
+def _boxed(value: int | str) -> str:
+    return f"\\boxed{{{value}}}"
+
+
+def _wrong_answer(gold: int, rng: random.Random, others: list[Problem]) -> int:
+    """A plausible mistake: off by a little, a sign slip, or the answer to another problem."""
+    draw = rng.random()
+    if draw < 0.3:
+        wrong = int(rng.choice(others).gold)
+    elif draw < 0.4:
+        wrong = -gold
+    else:
+        wrong = gold + rng.choice([-10, -2, -1, 1, 2, 10])
+    return wrong if wrong != gold else gold + 1
+
+
+def _discussion_thread(problem: Problem, rng: random.Random, others: list[Problem]) -> list[dict[str, str]]:
+    """A 2-3 turn discussion whose earlier answers (own and peers') are a mix of right and wrong; it ends with a
+    user message, so the next assistant turn is the one to train (on the correct answer)."""
+    gold = int(problem.gold)  # the warm-start task (+/- arithmetic) has integer answers
+    team_size = rng.randint(2, 3)
+    own = rng.randrange(team_size)
+    show_scores = rng.random() < 0.3
+    messages = [{"role": "user", "content": first_turn_message(problem)}]
+    for _ in range(rng.randint(1, 2)):
+        mine = gold if rng.random() < 0.5 else _wrong_answer(gold, rng, others)
+        messages.append({"role": "assistant", "content": _boxed(mine)})
+        peers = []
+        for agent in (a for a in range(team_size) if a != own):
+            answer = gold if rng.random() < 0.5 else _wrong_answer(gold, rng, others)
+            score = float(answer == gold) if show_scores else None
+            peers.append(PeerAnswer(agent=agent, text=_boxed(answer), score=score))
+        messages.append({"role": "user", "content": later_turn_message(problem, peers)})
+    return messages
+
+
+def _in_specialty(problem: Problem, operators: tuple[str, ...]) -> bool:
+    return any(f" {op} " in problem.question for op in operators)
+
+
+@functools.cache
+def _peer_problems(spec: TinyModelSpec) -> list[Problem]:
+    """Train questions in the peer's specialty (``peer_operators``), for a specialist's discussion threads."""
+    task = TaskConfig(params={**spec.task.params, "operators": list(spec.peer_operators)})
+    return arithmetic_problems(task, "train", TRAIN_POOL // 4)
+
+
+def _specialist_thread(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict[str, str]]:
+    """A pair discussion as a specialist lives it, on a question of its specialty or of its peer's (half each). At
+    turn 1 it is right on its own operator and wrong elsewhere, the peer the opposite. At every later turn each side
+    keeps its answer or adopts the other's at random, whoever is right, and the target is the specialist's next
+    answer drawn the same way, right or wrong: the format is learnt, not when to defer (co-training has to learn
+    that). Earlier wrong answers are context, never labels (``"train": False``): no wrong arithmetic is taught."""
+    if rng.random() < 0.5:
+        problem = rng.choice(_peer_problems(spec))
+    gold, others = int(problem.gold), _peer_problems(spec)
+    right = _in_specialty(problem, spec.task.params["operators"])
+    mine = gold if right else _wrong_answer(gold, rng, others)
+    peer = _wrong_answer(gold, rng, others) if right else gold
+    peer_index = rng.randrange(2)
+    messages = [{"role": "user", "content": first_turn_message(problem)}]
+    for _ in range(rng.randint(1, 2)):
+        messages.append({"role": "assistant", "content": _boxed(mine), "train": mine == gold})
+        later = later_turn_message(problem, [PeerAnswer(peer_index, _boxed(peer))])
+        messages.append({"role": "user", "content": later})
+        mine, peer = rng.choice((mine, peer)), rng.choice((peer, mine))
+    return [*messages, {"role": "assistant", "content": _boxed(mine)}]
+
+
+def _workflow_step(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
+    """What a workflow step's worker sees (``worker_thread``): a first step, or a second step that sees a first
+    step's answer, right or wrong."""
+    first = Step(0, rng.choice(SUBTASKS), False)
+    if rng.random() >= spec.two_step_fraction:
+        return worker_thread(problem, Plan((first,)), 0, [])
+    earlier = int(problem.gold) if rng.random() < 0.5 else _wrong_answer(int(problem.gold), rng, others)
+    return worker_thread(problem, Plan((first, Step(0, rng.choice(SUBTASKS), True))), 1, [_boxed(earlier)])
+
+
+_COMPOSITION = re.compile(r"(\d+) \* (\d+) \+ (\d+)")
+
+
+def operands(problem: Problem) -> tuple[int, int, int]:
+    a, b, c = (int(x) for x in _COMPOSITION.search(problem.question).groups())
+    return a, b, c
+
+
+def composition_step(problem: Problem, operator: str, rng: random.Random, earlier: int | None = None
+                     ) -> tuple[list[dict[str, str]], int]:
+    """A composition specialist's step of ``a * b + c`` and its right answer: the ``*`` specialist's first step
+    (the product), or the ``+`` specialist's second step, which sees a first step's answer (``earlier``; by
+    default the product three times in four, another number otherwise) and adds c to it, whatever it is."""
+    a, b, c = operands(problem)
+    first = Step(0, rng.choice(SUBTASKS), False)
+    if operator == "*":
+        return worker_thread(problem, Plan((first,)), 0, []), a * b
+    if earlier is None:
+        earlier = a * b if rng.random() < 0.75 else rng.randint(4, 81)
+    plan = Plan((first, Step(1, rng.choice(SUBTASKS), True)))
+    return worker_thread(problem, plan, 1, [_boxed(earlier)]), earlier + c
+
+
+_OPERATIONS = {"+": "adds", "-": "subtracts", "*": "multiplies"}
+
+
+def operation_note(question: str) -> str:
+    """A conductor's reasoning line: the operations the question asks for, in order ("The question multiplies,
+    then adds."). It reads the question and names no worker: whom to ask stays RL's to learn."""
+    verbs = [_OPERATIONS[op] for op in re.findall(r"\d\s*([-+*])(?=\s*\(?-?\d)", question)]
+    return f"The question {', then '.join(verbs) or 'asks'}."
+
+
+def card_line(card: str, worker: int) -> str:
+    """A carded conductor's second reasoning line: the card it wants, and the pool's worker that holds it."""
+    return f"Ask the worker who {card}=Model {worker}."
+
+
+CARD_LINE = re.compile(r"Ask the worker who (.+?)=Model \d+\.")
+
+
+def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict]:
+    """A conductor prompt and a well-formed plan: a line that reads the question, then one step, sometimes a second
+    that sees the first. Worker ids are uniform and independent of the question, so the plan's form is learnt but
+    not whom to ask; each step position has one subtask, so whom to ask and how many steps are the only choices.
+    With ``spec.cards`` the pool's workers carry cards, and the plan names a card uniformly from the pool's and asks
+    its first holder (the prompt's "adds=Model 0"): reading the pool is learnt, which card a question needs is not.
+
+    Why so focused: with subtasks worded at random (2.4 of a plan's 4 nats of entropy, against 0.7 for the worker
+    id) and no line that reads the question, GRPO's signal drowned in the noise of the other tokens: 150 steps
+    learnt routing in one build and seed (0.89) and collapsed onto one worker in others (0.48)."""
+    size = rng.choice(spec.pool_sizes)
+    count = 1 + (rng.random() < spec.two_step_fraction)
+    reasons = [operation_note(problem.question)]
+    cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
+    if cards:
+        card = rng.choice(sorted(set(cards)))
+        workers = [cards.index(card)] * count  # its first holder: the number after the card in the prompt
+        reasons.append(card_line(card, workers[-1]))
+    else:
+        workers = [rng.randrange(size) for _ in range(count)]
+    plan = Plan(tuple(Step(worker, CONDUCTOR_SUBTASKS[i], i > 0) for i, worker in enumerate(workers)))
+    return [{"role": "user", "content": conductor_message(problem.question, size, cards=cards)},
+            {"role": "assistant", "content": "\n".join([*reasons, plan.lists()])}]
+
+
+def example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
+    """A solver's first-turn chat, discussion thread or workflow step, ending with the correct boxed answer as the
+    assistant target; a conductor's prompt and plan."""
+    if spec.role == "conductor":
+        return _conductor_chat(problem, spec, rng)
+    draw = rng.random()
+    if draw >= 1 - spec.composition_fraction:
+        thread, answer = composition_step(rng.choice(_composition_train()), spec.task.params["operators"][0], rng)
+        return [*thread, {"role": "assistant", "content": _boxed(answer)}]
+    if draw < spec.discussion_fraction and spec.peer_operators:
+        return _specialist_thread(problem, spec, rng)
+    if draw < spec.discussion_fraction:
+        messages = _discussion_thread(problem, rng, others)
+    elif draw < spec.discussion_fraction + spec.workflow_fraction:
+        messages = _workflow_step(problem, spec, rng, others)
+    else:
+        messages = [{"role": "user", "content": first_turn_message(problem)}]
+    return [*messages, {"role": "assistant", "content": _boxed(problem.gold)}]
+
+
+@functools.cache
+def _composition_train() -> list[Problem]:
+    return composition_problems("train")
+
+
+def one_digit_operands(problem: Problem) -> bool:
+    return all(len(number) == 1 for number in re.findall(r"\d+", problem.question))
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
