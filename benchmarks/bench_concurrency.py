@@ -25,7 +25,7 @@ def run(repeats: int = 5, batch_questions: int = 32) -> Result:
         trainer = Trainer(cfg, Path(out), team=None)
         try:
             result = trainer.rollout(trainer.batch(0), 0)
-            batches = trainer.agent_batches(result, trainer.rollout_rewards(result))
+            batches = trainer.agent_batches(result, trainer.method.rewards(result))
 
             def learning_phase(concurrent: bool) -> float:
                 trainer.cfg = changed(trainer.cfg, {"train.concurrent_policies": concurrent})

@@ -98,13 +98,9 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> Re
     from ray import serve
 
     from mapoco.rollout.discussion import Team, run_discussion
-    from mapoco.serving.serve import (
-        APP_NAME,
-        NullVerifier,
-        load_config,
-        push_checkpoint,
-        start,
-    )
+    from mapoco.serving.restore import load_config, push_checkpoint
+    from mapoco.serving.serve import APP_NAME, start
+    from mapoco.serving.served_team import NullVerifier
     from mapoco.tasks import load_task
     from mapoco.training.learner import free_port
 

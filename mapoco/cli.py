@@ -67,7 +67,8 @@ def _run(cfg) -> None:
     from mapoco.config import ConfigError, from_dict
     from mapoco.tasks import TaskDataError
     from mapoco.training.checkpoint import CheckpointError
-    from mapoco.training.trainer import EnginesOutOfSync, TrainingInterrupted
+    from mapoco.training.sync_guard import EnginesOutOfSync
+    from mapoco.training.trainer import TrainingInterrupted
 
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
@@ -113,15 +114,16 @@ def _dispatch(run_cfg: RunConfig, out: Path) -> None:
         print("\n".join(describe(run_cfg.team.agents, run_cfg.command == "train", run_cfg.train.logprob_tolerance,
                                  cpu_flags())), flush=True)
     if run_cfg.command == "eval":
-        from mapoco.conductor.trainer import evaluate_conductor
+        from mapoco.conductor.evaluate import evaluate_conductor
         from mapoco.evaluation.evaluate import evaluate
 
         (evaluate_conductor if conductor else evaluate)(run_cfg, out)
     elif run_cfg.command == "train":
-        from mapoco.conductor.trainer import ConductorTrainer
-        from mapoco.training.trainer import Trainer, train
+        from mapoco.conductor.method import ConductorMethod
+        from mapoco.training.discussion_method import DiscussionMethod
+        from mapoco.training.trainer import train
 
-        train(run_cfg, out, ConductorTrainer if conductor else Trainer, _sweep_actors())
+        train(run_cfg, out, ConductorMethod if conductor else DiscussionMethod, _sweep_actors())
     elif run_cfg.command == "train-verifier":
         from mapoco.training.verifier_training import train_verifier
 
@@ -139,7 +141,7 @@ def _sweep_actors() -> Any:
 
 @functools.cache
 def _process_sweep() -> Any:
-    from mapoco.training.trainer import SweepActors
+    from mapoco.training.sweep_actors import SweepActors
 
     return SweepActors()
 

@@ -27,6 +27,13 @@ class Problem:
     question: str
     gold: str
     kind: str = "math"  # "math" | "nli"
+    # The question a sample was drawn for (``training.batch.with_samples``): the samples of one question form a group
+    # (GRPO's baseline, the Conductor's pool), while each keeps an id (and so request seeds) of its own.
+    group: str | None = field(default=None, repr=False)  # not in repr: built models' fingerprints hold reprs
+
+    @property
+    def group_id(self) -> str:
+        return self.id if self.group is None else self.group
 
 
 @dataclass(frozen=True)

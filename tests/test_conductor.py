@@ -16,10 +16,13 @@ import pytest
 from conftest import compose_config, kernels_twin, watch_updates
 
 from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
-from mapoco.conductor.trainer import ConductorTrainer, evaluate_conductor
+from mapoco.conductor.evaluate import evaluate_conductor
+from mapoco.conductor.method import ConductorMethod
 from mapoco.conductor.workflow import Plan, Step
 from mapoco.config import ConductorConfig, HttpWorkerConfig, PriceConfig
 from mapoco.tasks import Problem
+from mapoco.training.batch import with_samples
+from mapoco.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +89,7 @@ def trained(conductor_team, tmp_path_factory):
     from omegaconf import OmegaConf
 
     from mapoco.cli import CONF_DIR
-    from mapoco.serving.serve import NullVerifier
+    from mapoco.serving.served_team import NullVerifier
 
     out = tmp_path_factory.mktemp("conductor-run")
     overrides = [*SMALL, "command=train", "train.steps=2", "train.save_every=2", "train.off_policy_steps=1",
@@ -94,7 +97,7 @@ def trained(conductor_team, tmp_path_factory):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         (out / ".hydra").mkdir()
         OmegaConf.save(compose("config", overrides=overrides), out / ".hydra" / "config.yaml")
-    trainer = ConductorTrainer(compose_config(*overrides), out, team=conductor_team)
+    trainer = Trainer(compose_config(*overrides), out, team=conductor_team, method=ConductorMethod)
     try:
         before = trainer.policies[0].group.weights("float32")
         with watch_updates(trainer.policies[0].group, kernels_twin(trainer, trainer.policies[0])) as directions:
@@ -223,8 +226,8 @@ def test_a_replan_round_scores_the_first_answer_and_keeps_it_unless_replaced(con
         assert record.turn_rewards[0] == (1.0 if record.first_correct else 0.5)
         assert record.turn_rewards[1] == (0.0 if record.turns[1].parsed.malformed else
                                           1.0 if record.correct else 0.5)
-    batch = next(iter(ConductorTrainer.agent_batches(SimpleNamespace(policies=[SimpleNamespace(name="c")]), result,
-                                                     np.array([r.reward for r in records])).values()))
+    (batch,) = ConductorMethod.batches(SimpleNamespace(), result, np.array([r.reward for r in records]),
+                                       {"c": [0]}).values()
     assert batch.rewards == [reward for r in records for reward in r.turn_rewards]
     assert [key[2] for key in batch.keys] == [turn for r in records for turn in range(len(r.turns))]
     summary = summarize_conductor(result)
@@ -253,6 +256,9 @@ def test_random_pools_are_renumbered_subsets(conductor_team, rule_verifier):
     assert all(1 <= len(p) <= 2 and len(set(p)) == len(p) for p in pools)
     assert {len(p) for p in pools} == {1, 2} and {tuple(p) for p in pools if len(p) == 2} == {(0, 1), (1, 0)}
     assert pools == [runner.pool(Problem(id=f"p{i}", question="x", gold="1"), seed=0) for i in range(40)]
+    samples = with_samples([Problem(id=f"p{i}", question="x", gold="1") for i in range(40)], 4)
+    drawn = [runner.pool(sample, seed=0) for sample in samples]
+    assert [drawn[i:i + 4] for i in range(0, 160, 4)] == [[pool] * 4 for pool in pools]  # a group shares its pool
 
 
 def test_renumbered_pools_never_show_worker_names_to_the_conductor(conductor_team, rule_verifier):
@@ -356,7 +362,10 @@ def test_a_served_conductor_answers_with_its_trained_workflow(trained, conductor
     the checkpoint's weights pushed into them, the request through the OpenAI-compatible handler; the reply is the
     workflow the trained conductor wrote on the trainer's engines for the same question and seed (the conductor's
     text, each worker step's response, the final answer). Ray Serve's deployment around it is test_serve's."""
-    from mapoco.serving.serve import ChatApi, ServedTeam, load_config, model_card, model_name
+    from mapoco.serving.openai_api import ChatApi
+    from mapoco.serving.restore import load_config
+    from mapoco.serving.serve import model_card, model_name
+    from mapoco.serving.served_team import ServedTeam
 
     question, expected = SERVED, trained.served
     cfg, path = load_config(str(trained.out))

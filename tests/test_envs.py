@@ -8,7 +8,7 @@ from mapoco.config import DiscussionConfig, RewardConfig
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.rollout.rewards import maporl_rewards
 from mapoco.rollout.verifier import Verdict, VerifyItem, check_gold
-from mapoco.serving.envs import (
+from mapoco.rollout.rllib_env import (
     AnyText,
     DiscussionEnv,
     chat_template_renderer,

@@ -223,7 +223,7 @@ def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run
         resumed.close()
 
     # `mapoco serve`'s loading: the checkpoint's peft folders onto the engine give what the resumed learners sent.
-    from mapoco.serving.serve import check_checkpoint, push_checkpoint
+    from mapoco.serving.restore import check_checkpoint, push_checkpoint
 
     rows = [(r.prompt_ids, r.token_ids) for r in list(lora_run.step3.records.values())[:4]]
     engines = team.agents[0].engines

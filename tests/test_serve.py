@@ -39,7 +39,7 @@ def chat(text: str, **extra) -> dict:
 # ---------------------------------------------------------------- request handling alone (no Ray)
 def _api(answer, digest=None):
     from mapoco.config import ServeConfig
-    from mapoco.serving.serve import ChatApi
+    from mapoco.serving.openai_api import ChatApi
 
     return ChatApi(ServeConfig(max_input_chars=MAX_INPUT_CHARS), "team-x", {"method": "discussion"}, digest, 7, answer)
 
@@ -116,7 +116,7 @@ def test_question_is_the_last_user_message_and_ids_seeds_pass_through():
 
 
 def test_bearer_token_auth_and_routes():
-    from mapoco.serving.serve import token_digest
+    from mapoco.serving.openai_api import token_digest
 
     async def answer(question):
         return RESULT
@@ -144,7 +144,7 @@ def test_conductor_answers_carry_the_workflow():
     )
     from mapoco.conductor.workers import Reply
     from mapoco.conductor.workflow import Parsed, Plan, Step
-    from mapoco.serving.serve import Question, ServedTeam
+    from mapoco.serving.served_team import Question, ServedTeam
 
     plan = Plan((Step(0, "add the numbers", False),))
 
@@ -195,7 +195,7 @@ def _fake_run(root: Path, *steps: int, complete: bool = True) -> Path:
 
 def test_config_comes_from_the_run_and_serve_settings_from_the_command(tiny_models, tmp_path):
     from mapoco.config import ConfigError
-    from mapoco.serving.serve import load_config
+    from mapoco.serving.restore import load_config
 
     run = _fake_run(tmp_path / "run", 1, 2)
     cfg, path = load_config(str(run), {"port": 9123, "api_key_env": None}, None, ["seed=5", "serve.port=1",
@@ -271,7 +271,8 @@ def served(trained):
     import httpx
     from ray import serve
 
-    from mapoco.serving.serve import load_config, start
+    from mapoco.serving.restore import load_config
+    from mapoco.serving.serve import start
     from mapoco.training.learner import free_port
 
     os.environ[TOKEN_ENV] = TOKEN

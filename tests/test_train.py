@@ -235,7 +235,7 @@ def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, learner_
     tolerance and the run stops naming the agent, the gap and the setting that decides it. Overlapped, step 2's
     batch was sampled before the wrong push: the engines' re-scoring of its rows catches it."""
     from mapoco.runtime.weights import pack
-    from mapoco.training.trainer import EnginesOutOfSync
+    from mapoco.training.sync_guard import EnginesOutOfSync
 
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=3", "train.save_every=0", "train.eval_limit=4",
                          "train.logprob_breach_steps=1", f"train.off_policy_steps={off_policy_steps}",

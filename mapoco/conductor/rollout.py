@@ -164,11 +164,12 @@ class ConductorRunner:
     # ------------------------------------------------------------------ pools and plans
     def pool(self, problem: Problem, seed: int, depth: int = 0) -> list[int]:
         """The question's workers: everyone, or a random renumbered subset that holds no held-out pool whole
-        (drawn again until it does not; ``conductor.heldout_pools`` is checked to leave such subsets)."""
+        (drawn again until it does not; ``conductor.heldout_pools`` is checked to leave such subsets). Every sample
+        of a question draws the same pool, so its GRPO group compares workflows, not pools."""
         everyone = [i for i in range(len(self.workers)) if depth < self.cfg.max_depth or i != self.self_index]
         if not self.cfg.random_pools:
             return everyone
-        rng = random.Random(request_seed(seed, problem.id, "pool"))
+        rng = random.Random(request_seed(seed, problem.group_id, "pool"))  # a question's samples: one GRPO group
         heldout = [{self.names.index(name) for name in pool} for pool in self.cfg.heldout_pools]
         while True:
             drawn = rng.sample(everyone, rng.randint(min(self.cfg.min_pool, len(everyone)), len(everyone)))

@@ -1,12 +1,16 @@
-"""What a learner trains on: a rollout row (one answer's exact token ids with its prompt), its scores, a collated
-micro-batch (right-padded ids, attention and response masks), and how per-rank statistics combine."""
+"""What a learner trains on: a rollout row (one answer's exact token ids with its prompt), a policy's rows of a
+step with their group keys and rewards, the rows' scores, a collated micro-batch (right-padded ids, attention and
+response masks), and how per-rank statistics combine."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from mapoco.tasks import Problem
 
 SUMMED_STATS = ("policy_loss", "value_loss", "loss")  # normalised by the batch's tokens: parts of one sum
 PER_RANK_STATS = ("tokens", "peak_memory_gib")
@@ -86,3 +90,27 @@ def response_outputs(logits: torch.Tensor, values: torch.Tensor | None, mb: Micr
         per_turn = values.gather(1, index.expand(-1, -1, values.size(-1)))
         token_values = per_turn.gather(-1, mb.turns.view(-1, 1, 1).expand(-1, per_turn.size(1), 1)).squeeze(-1)
     return logprobs, token_values, picked
+
+
+@dataclass
+class AgentBatch:
+    """One policy's rows of a step, each with its group key, reward and the logprobs its engine sampled it with."""
+
+    rows: list[Rollout]
+    keys: list[tuple[str, int, int]]  # (question group, seat, turn): baselines are keyed by ids, not positions
+    rewards: list[float]
+    engine_logprobs: list[list[float]]
+
+
+def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
+    """Each question ``samples`` times: ids ``<id>#<s>`` (each sample seeds its own requests), in the question's
+    group (``Problem.group``), which baselines and pools key on."""
+    return [dataclasses.replace(p, id=f"{p.id}#{s}", group=p.group_id) for p in problems for s in range(samples)]
+
+
+def stack(lists: list[list[float]], width: int) -> torch.Tensor:
+    """Per-row token lists (the engines' sampling logprobs) as one zero-padded ``[rows, width]`` tensor."""
+    out = torch.zeros((len(lists), width), dtype=torch.float32)
+    for i, values in enumerate(lists):
+        out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out

@@ -1,6 +1,8 @@
-"""`mapoco train`: the controller of multi-agent PPO co-training. One step, top to bottom:
+"""`mapoco train`: the controller of multi-agent PPO co-training, one loop for every method (``method.Method``:
+MAPoRL's discussion, or the Conductor). One step, top to bottom:
 
-rollout (discussions, verifier inside) -> MAPoRL rewards -> advantages -> update -> weight sync -> eval / checkpoint.
+rollout (the method's, verifier inside) -> rewards -> each policy's batch -> advantages -> update -> weight sync ->
+eval / checkpoint.
 
 Each trained policy has its own learner group and pushes its weights to its own engines. With
 ``team.shared_policy`` one policy plays every seat; untrainable agents stay frozen partners. The policies learn
@@ -23,52 +25,40 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from mapoco.config import RunConfig
-from mapoco.evaluation.evaluate import discuss_in_batches
-from mapoco.evaluation.report import (
-    plot_turns,
-    prepare_output_dir,
-    summarize,
-    turn_table,
-    write_json,
-)
+from mapoco.evaluation.report import prepare_output_dir, write_json
 from mapoco.models.registry import node_source
-from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
+from mapoco.rollout.discussion import Team
 from mapoco.rollout.engine import ReplicaLost, request_seed
-from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import check_local_gpus, init_ray
-from mapoco.runtime.precision import AgentPrecision, agent_precision
+from mapoco.runtime.precision import agent_precision
 from mapoco.tasks import Problem, load_task
 from mapoco.training import checkpoint
 from mapoco.training.algorithms import (
-    AdvantageBatch,
-    AdvantageConfig,
-    compute_advantages,
     kl_penalty,
     masked_mean,
     truncated_is_weights,
 )
-from mapoco.training.batch import Rollout, RolloutStats
+from mapoco.training.batch import AgentBatch, stack
+from mapoco.training.discussion_method import DiscussionMethod
 from mapoco.training.learner_group import LearnerGroup, LearnerPool
+from mapoco.training.method import MethodClass, RolloutResult
+from mapoco.training.policy import Policy
 from mapoco.training.state_io import load_state, save_state
+from mapoco.training.sweep_actors import SweepActors
+from mapoco.training.sync_guard import Probe, SyncGuard, gap_over_tolerance, probe
 from mapoco.training.tracking import Tracker
-from mapoco.training.weight_sync import AdapterSync, SyncFailed, WeightSync, make_sync
+from mapoco.training.update import advantages_of, update_payload
+from mapoco.training.weight_sync import AdapterSync, SyncFailed, make_sync
 
 
 class TrainingInterrupted(RuntimeError):
     """A learner actor died: the run stops, and ``train.resume=auto`` continues from the last checkpoint."""
 
 
-class EnginesOutOfSync(RuntimeError):
-    """An agent's engines sampled with other weights than its learners hold, ``train.logprob_breach_steps`` steps
-    in a row: its updates would be off-policy by an unknown amount."""
-
-
 PENDING_ROLLOUT = "pending_rollout"  # in a checkpoint: the next step's rollout, sampled off-policy
-PROBE_ROWS = 4  # rows of a stale batch its engines score again to check the sync
 
 # What stops a run with the resume message: a dead actor (a learner rank, or a replica that died again), weights
 # lost with the node that held them, a replica that found no node to restart on, a weight sync that kept failing.
@@ -76,46 +66,11 @@ FAULTS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ReplicaL
 
 
 @dataclass
-class Policy:
-    """One trained policy: the seats it plays, its learner group and the channel to its own engines."""
-
-    seats: list[int]
-    group: LearnerGroup
-    sync: WeightSync
-    precision: AgentPrecision  # its engines' and learners' dtypes, and the logprob gap they allow
-
-    @property
-    def name(self) -> str:
-        return f"agent_{self.seats[0]}"
-
-
-@dataclass
 class Sampled:
     """A finished rollout and the weights its engines sampled with: ``version`` updates in."""
 
-    result: Any  # a DiscussionResult, or the Conductor's ConductorResult
+    result: RolloutResult  # the method's: a DiscussionResult, or the Conductor's ConductorResult
     version: int
-
-
-@dataclass
-class Probe:
-    """Rows ``index`` of a stale batch as every engine replica of its policy scores them now."""
-
-    index: list[int]
-    replicas: list[list[list[float]]]  # per replica, per row: the response tokens' logprobs
-
-    def gap(self, learner_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
-        """The largest engine-vs-learner logprob gap on these rows, over every replica."""
-        learner, rows = learner_logprobs[self.index], mask[self.index]
-        return max(float(((learner - stack(scores, rows.size(1))).abs() * rows).max()) for scores in self.replicas)
-
-
-@dataclass
-class AgentBatch:
-    rows: list[Rollout]
-    keys: list[tuple[str, int, int]]  # (question id, seat, turn): group baselines are keyed by ids, not positions
-    rewards: list[float]
-    engine_logprobs: list[list[float]]
 
 
 def training_pool(cfg: RunConfig) -> list[Problem]:
@@ -132,53 +87,11 @@ def training_pool(cfg: RunConfig) -> list[Problem]:
     return [pool[i] for i in order]
 
 
-def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
-    """Each question ``samples`` times, ids ``<id>#<s>``: group baselines key on the part before '#'."""
-    return [dataclasses.replace(p, id=f"{p.id}#{s}") for p in problems for s in range(samples)]
-
-
-def stack(lists: list[list[float]], width: int) -> torch.Tensor:
-    """Per-row token lists (the engines' sampling logprobs) as one zero-padded ``[rows, width]`` tensor."""
-    out = torch.zeros((len(lists), width), dtype=torch.float32)
-    for i, values in enumerate(lists):
-        out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
-    return out
-
-
-class SweepActors:
-    """The engines and learner groups of a multirun's jobs, kept in this process from one job to the next. A job
-    whose engines would be made the same way (``engines_key``) takes over the last job's; its learner groups come
-    from a pool, rebuilt from the model's files with the job's settings. Every job's first weight sync puts its own
-    learners' weights into the engines and each request carries its own seed, so a job samples what it would on
-    fresh engines: only the start-ups (vLLM's above all) are saved."""
-
-    def __init__(self) -> None:
-        self.team: Team | None = None
-        self.key: str | None = None
-        self.learners = LearnerPool(per_shape=1, one_shape_per_model=True)
-
-    def team_for(self, cfg: RunConfig) -> Team:
-        key = engines_key(cfg)
-        if self.team is not None and key != self.key:
-            self.team.shutdown()
-            self.team = None
-        if self.team is None:
-            self.team, self.key = Team.of_run(cfg, colocate_learners=True, wait=False), key
-        return self.team
-
-
-def engines_key(cfg: RunConfig) -> str:
-    """What a run's engines are made of: runs with the same key can share them (the seed is not part of it)."""
-    team = cfg.team
-    return repr((team.shared_policy, team.lora_engine, cfg.cluster.placement_timeout_s,
-                 [(a.model, a.trainable, a.adapter, a.engine, a.learner.lora_rank, a.learner.colocate,
-                   a.learner.num_cpus, a.learner.num_gpus, a.learner.resources) for a in team.agents]))
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, team: Team | None = None, learners: LearnerPool | None = None,
-                 sweep: SweepActors | None = None):
-        """``team``: already running engines to train (tests share them); by default the trainer starts its own.
+                 sweep: SweepActors | None = None, method: MethodClass = DiscussionMethod):
+        """``method``: what the loop trains (MAPoRL's discussion, or the Conductor's ``ConductorMethod``).
+        ``team``: already running engines to train (tests share them); by default the trainer starts its own.
         ``learners``: a pool to take learner groups from and give them back to at ``close`` (tests share one).
         ``sweep``: a multirun's actors, taken over where this run's are made the same way."""
         self.cfg, self.out, self.learners = cfg, out, learners or (sweep.learners if sweep else None)
@@ -193,10 +106,11 @@ class Trainer:
         # Engines, verifier and learners load at once (an engine's vLLM start-up is the longest); all are up after.
         self.team = team or (sweep.team_for(cfg) if sweep else Team.of_run(cfg, colocate_learners=True, wait=False))
         self.verifier = VerifierClient(cfg.verifier)
+        self.method = method(cfg, out, self.team, self.verifier, self.eval_problems)
         self.policies = self._start_learners()
         self.step = 0
         self.pending: Sampled | None = None  # off-policy: the next step's rollout, sampled during this step's update
-        self.breaches: dict[str, int] = {}  # per policy: consecutive steps above its logprob tolerance
+        self.sync_guard = SyncGuard(cfg.train)
         self.write_placement()
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -218,6 +132,7 @@ class Trainer:
         except BaseException:
             for group in groups.values():
                 group.shutdown()
+            self.method.close()
             if self.owns_team:
                 self.team.shutdown()
             self.verifier.shutdown()
@@ -239,7 +154,7 @@ class Trainer:
         heads, seed and the config key it is named by."""
         model = node_source(self.cfg.team.agents[owner].model, self.team.agents[owner].model_path)
         return (model, self.cfg.team.agents[owner].learner, self.cfg.algorithm,
-                self.value_turns(), self.cfg.seed + owner, f"team.agents[{owner}].learner")
+                self.method.value_turns(), self.cfg.seed + owner, f"team.agents[{owner}].learner")
 
     def _start_group(self, owner: int) -> LearnerGroup:
         engines = self.team.agents[owner].engines
@@ -249,10 +164,6 @@ class Trainer:
         if self.learners is not None:
             return self.learners.take(*args, placement_timeout_s=self.cfg.cluster.placement_timeout_s)
         return LearnerGroup(*args, placement_timeout_s=self.cfg.cluster.placement_timeout_s)
-
-    def value_turns(self) -> int:
-        """Outputs of the learner's value head: one per discussion turn."""
-        return self.cfg.turns
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -270,22 +181,22 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         before = self.evaluate("before") if self.step == 0 else None
         if before is not None:
-            self.tracker.log(self._eval_metrics(before), 0)
+            self.tracker.log(self.method.eval_metrics(before), 0)
         while self.step < self.cfg.train.steps:
             metrics = self.train_step()
             self.step += 1
             if metrics.get("faults/engine_restarts"):  # a replica moved: say where it runs now
                 self.write_placement()
             if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
-                metrics.update(self._eval_metrics(self.evaluate(f"step_{self.step}")))
+                metrics.update(self.method.eval_metrics(self.evaluate(f"step_{self.step}")))
             self.tracker.log(metrics, self.step)
             print(self._progress(metrics), flush=True)
-            self._check_sync(metrics)
+            self.sync_guard.check(self.policies, metrics, self.step, self._last_checkpoint())
             if self.cfg.train.save_every and (self.step % self.cfg.train.save_every == 0
                                               or self.step == self.cfg.train.steps):
                 self.save()
         after = self.evaluate("after")
-        self.tracker.log(self._eval_metrics(after), self.step)
+        self.tracker.log(self.method.eval_metrics(after), self.step)
         return self._write_summary(before, after)
 
     def train_step(self) -> dict[str, float]:
@@ -294,13 +205,13 @@ class Trainer:
         sampled, self.pending = self.pending or self.sample(self.step), None
         result, staleness = sampled.result, self.step - sampled.version
         timings["rollout"], timings["verify"] = result.seconds["generate"], result.seconds["verify"]
-        rewards = self.rollout_rewards(result)
+        rewards = self.method.rewards(result)
         batches = self.agent_batches(result, rewards)
         probes: dict[str, Probe | None] = {}
         if staleness:  # before the next rollout takes the engines
             start = time.perf_counter()
-            probes = dict(zip([p.name for p in self.policies],
-                              self.for_each_policy(lambda policy: self.probe(policy, batches[policy.name]))))
+            probes = dict(zip([p.name for p in self.policies], self.for_each_policy(
+                lambda policy: probe(self.team.agents[policy.seats[0]], batches[policy.name]))))
             timings["probe"] = time.perf_counter() - start
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ahead:
             upcoming = ahead.submit(self.sample, self.step + 1) if self._samples_ahead() else None
@@ -321,7 +232,7 @@ class Trainer:
         metrics.update({f"timing/{k}": v for k, v in timings.items()})
         metrics["rollout/staleness"] = float(staleness)
         metrics.update(self._rollout_metrics(result, rewards))
-        self._log_samples(result)
+        self.tracker.table(*self.method.samples(result, self.step), self.step + 1)
         return metrics
 
     def _samples_ahead(self) -> bool:
@@ -340,34 +251,14 @@ class Trainer:
         n = self.cfg.train.batch_questions
         return [self.pool[(step * n + i) % len(self.pool)] for i in range(n)]
 
-    def rollout(self, problems: list[Problem], step: int) -> DiscussionResult:
-        samples = with_samples(problems, self.cfg.algorithm.samples_per_question)
-        return run_discussion(self.team, samples, self.cfg.turns, self.cfg.discussion, self.verifier,
-                              self.step_seed(step))
+    def rollout(self, problems: list[Problem], step: int) -> RolloutResult:
+        return self.method.rollout(problems, self.step_seed(step))
 
     def step_seed(self, step: int) -> int:
         return request_seed(self.cfg.seed, "step", step)
 
-    def rollout_rewards(self, result: DiscussionResult) -> np.ndarray:
-        """MAPoRL's reward of every answer, ``[question, agent, turn]``: computed once, read by the update and the
-        step's metrics."""
-        return team_rewards(result, self.cfg.rewards, self.cfg.discussion.topology)
-
-    def agent_batches(self, result: DiscussionResult, rewards: np.ndarray) -> dict[str, AgentBatch]:
-        """Per policy: its rows (flagged samples excluded) with their ``team_rewards``, keyed by (question, seat,
-        turn)."""
-        batches = {}
-        for policy in self.policies:
-            batch = AgentBatch([], [], [], [])
-            for (q, a, t), record in sorted(result.records.items()):
-                if a not in policy.seats or record.score is None or not record.token_ids:
-                    continue
-                batch.rows.append(Rollout(record.prompt_ids, record.token_ids, t))
-                batch.keys.append((record.question_id.rsplit("#", 1)[0], a, t))
-                batch.rewards.append(float(rewards[q, a, t]))
-                batch.engine_logprobs.append(record.logprobs)
-            batches[policy.name] = batch
-        return batches
+    def agent_batches(self, result: RolloutResult, rewards: np.ndarray) -> dict[str, AgentBatch]:
+        return self.method.batches(result, rewards, {policy.name: policy.seats for policy in self.policies})
 
     def for_each_policy(self, work) -> list:
         """``work(policy)`` for every policy: together, each in a thread of its own (the groups run on their own
@@ -378,18 +269,6 @@ class Trainer:
         with ThreadPoolExecutor(max_workers=len(self.policies), thread_name_prefix="policy") as pool:
             futures = [pool.submit(work, policy) for policy in self.policies]
         return [future.result() for future in futures]
-
-    def probe(self, policy: Policy, batch: AgentBatch) -> Probe | None:
-        """A stale batch: its engines score its first rows with the weights they and the learners hold now, so the
-        sync is still checked when the samples are older."""
-        agent = self.team.agents[policy.seats[0]]
-        fits = [i for i, row in enumerate(batch.rows)  # room for the one token the scoring request generates
-                if len(row.prompt_ids) + len(row.response_ids) < agent.cfg.engine.max_model_len]
-        index = fits[:PROBE_ROWS]
-        if not index:
-            return None
-        return Probe(index, agent.engines.score([(batch.rows[i].prompt_ids, batch.rows[i].response_ids)
-                                                 for i in index], agent.adapter))
 
     def learn(self, policy: Policy, batch: AgentBatch, staleness: int = 0,
               probe: Probe | None = None) -> dict[str, float]:
@@ -412,11 +291,11 @@ class Trainer:
             return {f"{prefix}/skipped_update": 1.0}
         start = time.perf_counter()
         stats = policy.group.score(batch.rows)
-        advantages, returns, mask = self.advantages(batch, stats)
+        advantages, returns, mask = advantages_of(batch, stats, self.cfg.algorithm)
         advantages_s = time.perf_counter() - start
         start = time.perf_counter()
         behaviour = stack(batch.engine_logprobs, mask.size(1))
-        payload = self._update_payload(stats, advantages, returns)
+        payload = update_payload(stats, advantages, returns)
         if staleness:
             payload["is_weights"] = truncated_is_weights(stats.logprobs, behaviour, mask, self.cfg.train.is_weight_cap)
         update = policy.group.update(batch.rows, payload, normalizer=float(mask.sum()), step=self.step)
@@ -444,53 +323,9 @@ class Trainer:
                                 (weights >= self.cfg.train.is_weight_cap).float(), mask))})
         return metrics
 
-    def advantages(self, batch: AgentBatch, stats: RolloutStats):
-        lengths = torch.tensor([len(r.response_ids) for r in batch.rows])
-        mask = (torch.arange(stats.logprobs.size(1)) < lengths[:, None]).float()
-        algo = self.cfg.algorithm
-        acfg = AdvantageConfig(estimator=algo.estimator, gamma=algo.gamma, lam=algo.lam, kl_coef=algo.kl_coef,
-                               kl_estimator=algo.kl_estimator, kl_in_reward=algo.kl_in_reward,
-                               whiten_advantages=algo.whiten_advantages, scale_by_std=algo.scale_by_std)
-        adv_batch = AdvantageBatch(keys=batch.keys, seq_rewards=torch.tensor(batch.rewards), mask=mask,
-                                   logprobs=stats.logprobs, ref_logprobs=stats.ref_logprobs,
-                                   values=stats.values if algo.estimator == "gae" else None)
-        advantages, returns = compute_advantages(adv_batch, acfg)
-        return advantages, returns, mask
-
-    @staticmethod
-    def _update_payload(stats: RolloutStats, advantages: torch.Tensor,
-                        returns: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """What the learners read per token, as ``[rows, length]`` tensors (zero past each row's end)."""
-        payload = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
-        if returns is not None:
-            payload.update(returns=returns, old_values=stats.values)
-        return payload
-
     def sync_weights(self) -> None:
         """Every policy's new weights reach its own engines before the next rollout (all policies at once)."""
         self.for_each_policy(lambda policy: policy.sync.push())
-
-    @staticmethod
-    def _gap_over_tolerance(policy: Policy, metrics: dict[str, float]) -> float | None:
-        """The step's engine-vs-learner logprob gap of ``policy`` when it exceeds the tolerance, else None."""
-        gap = metrics.get(f"train/{policy.name}/logprob_max_diff")
-        return gap if gap is not None and gap > policy.precision.logprob_tolerance else None
-
-    def _check_sync(self, metrics: dict[str, float]) -> None:
-        """``train.logprob_tolerance`` enforced: a policy whose engines and learners disagree beyond it for
-        ``train.logprob_breach_steps`` steps in a row stops the run (``train.on_logprob_breach=stop``) or is
-        reported on every such step (``warn``, on the progress line)."""
-        for policy in self.policies:
-            gap = self._gap_over_tolerance(policy, metrics)
-            self.breaches[policy.name] = self.breaches.get(policy.name, 0) + 1 if gap is not None else 0
-            if self.breaches[policy.name] >= self.cfg.train.logprob_breach_steps \
-                    and self.cfg.train.on_logprob_breach == "stop":
-                raise EnginesOutOfSync(
-                    f"{policy.name}: engine-vs-learner logprob gap {gap:.3g} > train.logprob_tolerance "
-                    f"{policy.precision.logprob_tolerance:g} for {self.breaches[policy.name]} step(s) in a row "
-                    f"(step {self.step}): its engines sample with other weights than its learners hold, so its "
-                    f"updates are off-policy by an unknown amount; {self._last_checkpoint()}. Check the weight sync "
-                    "(train.weight_sync) and the dtypes; train.on_logprob_breach=warn keeps going")
 
     def write_placement(self) -> None:
         """placement.json: the node (id, IP) of every engine replica and learner rank, and where each learner group
@@ -504,11 +339,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def evaluate(self, label: str) -> dict[str, Any]:
-        result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
-        summary = summarize(result, self.rollout_rewards(result))
-        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"),
-              flush=True)
-        return summary
+        return self.method.evaluate(label)
 
     def _interruption(self, exc: BaseException) -> str:
         what = str(exc) if isinstance(exc, ReplicaLost) else f"an actor died ({type(exc).__name__})"
@@ -520,57 +351,24 @@ class Trainer:
         return f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
     def _progress(self, metrics: dict[str, float]) -> str:
-        """One line per step, readable in `ray job logs`: rollout accuracy per turn, reward and KL per agent."""
-        turns = " ".join(f"{metrics[f'rollout/turn_{t + 1}/acc']:.2f}" for t in range(self.cfg.turns))
-        agents = " | ".join(f"{p.name}: reward {metrics[f'train/{p.name}/reward']:.3f} "
-                            f"kl {metrics[f'train/{p.name}/kl']:.4f}"
-                            for p in self.policies if f"train/{p.name}/reward" in metrics)
+        """One line per step, readable in `ray job logs`: the method's figures, the step's time, and any policy
+        whose engines and learners drift apart."""
         drifting = "".join(f"  {p.name}: engine-vs-learner logprob gap {gap:.3g} > {p.precision.logprob_tolerance:g}"
                            f" ({p.precision.engine} engines, {p.precision.learner} learners)"
-                           for p in self.policies if (gap := self._gap_over_tolerance(p, metrics)) is not None)
-        return (f"step {self.step}/{self.cfg.train.steps}  rollout acc per turn [{turns}]  {agents}  "
-                f"{metrics['timing/step']:.1f}s{drifting}")
+                           for p in self.policies if (gap := gap_over_tolerance(p, metrics)) is not None)
+        figures = self.method.progress(metrics, [p.name for p in self.policies])
+        return f"step {self.step}/{self.cfg.train.steps}  {figures}  {metrics['timing/step']:.1f}s{drifting}"
 
-    @staticmethod
-    def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-        metrics = {f"eval/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
-        for i, per_turn in enumerate(summary["agent_turn_accuracy"]):
-            metrics.update({f"eval/agent_{i}/turn_{t + 1}/acc": acc for t, acc in enumerate(per_turn)})
-        return metrics
-
-    def _rollout_metrics(self, result: DiscussionResult, rewards: np.ndarray) -> dict[str, float]:
-        summary = summarize(result, rewards)
-        seconds = max(result.seconds["generate"], 1e-9)
-        metrics = {f"rollout/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
-        metrics.update({
-            "perf/gen_tokens": summary["gen_tokens"],
-            "perf/prompt_tokens": summary["prompt_tokens"],
-            "perf/tokens_per_s": summary["gen_tokens"] / seconds,
-            "rollout/flagged": summary["flagged"],
-            "faults/verifier_restarts": self.verifier.actor_restarts,
-        })
+    def _rollout_metrics(self, result: RolloutResult, rewards: np.ndarray) -> dict[str, float]:
+        """The method's figures of the rollout, and the faults the run has come through so far."""
         restarts = self.team.engine_restarts()
-        metrics.update({f"faults/agent_{i}/engine_restarts": n for i, n in restarts.items()})
-        metrics["faults/engine_restarts"] = sum(restarts.values())
-        return metrics
-
-    def _log_samples(self, result: DiscussionResult, questions: int = 2) -> None:
-        rows = [
-            [self.step, result.problems[q].question, result.problems[q].gold, a + 1, t + 1, r.text, r.correct, r.score]
-            for (q, a, t), r in sorted(result.records.items())
-            if q < questions
-        ]
-        self.tracker.table("samples/discussions", ["step", "question", "gold", "agent", "turn", "answer", "correct",
-                                                   "score"], rows, self.step + 1)
+        return {**self.method.rollout_metrics(result, rewards),
+                "faults/verifier_restarts": self.verifier.actor_restarts,
+                **{f"faults/agent_{i}/engine_restarts": n for i, n in restarts.items()},
+                "faults/engine_restarts": sum(restarts.values())}
 
     def _write_summary(self, before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
-        summary = {"steps": self.step, "before": before, "after": after}
-        if before is not None:
-            summary["collaboration_gain_after"] = after["turn_accuracy"][-1] - after["turn_accuracy"][0]
-            summary["last_turn_gain"] = after["turn_accuracy"][-1] - before["turn_accuracy"][-1]
-            plot_turns(self.out / "before_after.png",
-                       {"before training": before["turn_accuracy"], "after training": after["turn_accuracy"]},
-                       f"{self.cfg.team.name}: team accuracy per turn")
+        summary = self.method.summary(before, after, self.step)
         write_json(self.out / "summary.json", summary)
         return summary
 
@@ -604,6 +402,7 @@ class Trainer:
         if self.closed:
             return
         self.closed = True
+        self.method.close()
         self.tracker.finish()
         for policy in self.policies:
             policy.sync.close()
@@ -616,11 +415,10 @@ class Trainer:
         self.verifier.shutdown()
 
 
-def train(cfg: RunConfig, out: Path, trainer_cls: type[Trainer] = Trainer,
+def train(cfg: RunConfig, out: Path, method: MethodClass = DiscussionMethod,
           sweep: SweepActors | None = None) -> dict[str, Any]:
-    """Fit and always release the actors (a multirun's to ``sweep``); ``trainer_cls`` picks the method (the
-    Conductor's is a subclass)."""
-    trainer = trainer_cls(cfg, out, sweep=sweep)
+    """Fit ``method`` and always release the actors (a multirun's to ``sweep``)."""
+    trainer = Trainer(cfg, out, sweep=sweep, method=method)
     try:
         return trainer.fit()
     finally:

@@ -1,0 +1,140 @@
+"""A trained run to serve: its saved configuration (``.hydra/config.yaml``) with the serve command's keys on top,
+its latest complete checkpoint (or the ``step_N`` folder given), and each trained agent's weights pushed into its
+engines the way training syncs them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mapoco.config import ConfigError, LearnerConfig, RunConfig, from_dict
+from mapoco.training import checkpoint as checkpoints
+
+# Keys the serve command itself sets; everything else comes from the trained run's saved configuration.
+SERVE_KEYS = ("serve", "cluster", "logger", "checkpoint", "command", "hydra", "output_dir")
+CONFIG_GROUPS = ("task", "team", "verifier", "experiment")
+
+
+def find_checkpoint(ref: str) -> tuple[Path, Path]:
+    """``(checkpoint folder, run directory)`` for a run directory (its latest complete checkpoint) or a
+    ``checkpoints/step_N`` folder."""
+    path = Path(ref).expanduser().resolve()  # replicas may run in another working directory
+    if not path.is_dir():
+        raise ConfigError("checkpoint", ref, "no such directory: a run directory (with checkpoints/step_N) or one of "
+                                             "its step_N folders")
+    if path.name.startswith("step_") or (path / checkpoints.COMPLETE).exists() or (path / checkpoints.STATE).exists():
+        if not checkpoints.is_complete(path):
+            raise ConfigError("checkpoint", ref, f"incomplete checkpoint (no {checkpoints.COMPLETE} marker or "
+                                                 f"{checkpoints.STATE}): give the run directory to serve its latest "
+                                                 "complete checkpoint")
+        return path, path.parent.parent
+    found = checkpoints.complete_checkpoints(path)
+    if not found:
+        raise ConfigError("checkpoint", ref, f"no complete checkpoint under {checkpoints.checkpoints_dir(path)} "
+                                             "(train with train.save_every > 0)")
+    return found[-1], path
+
+
+def load_config(ref: str, serve_cfg: Mapping[str, Any] | None = None, cluster: Mapping[str, Any] | None = None,
+                overrides: Sequence[str] = ()) -> tuple[RunConfig, Path]:
+    """The trained run's configuration, as Hydra saved it in ``<run>/.hydra/config.yaml``, with the serve command's
+    ``serve`` and ``cluster`` sections and its plain ``key=value`` overrides (``seed=1``, ``engine.replicas=2``);
+    returns it validated, with the checkpoint folder to serve."""
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    found, run_dir = find_checkpoint(ref)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("checkpoint", ref, f"{saved} is missing: serve reads the run's configuration there (Hydra "
+                                             "writes it for every `mapoco train` run)")
+    setup_globals()  # Hydra's resolvers (${now:...}): the saved file keeps interpolations unresolved
+    try:
+        conf = OmegaConf.load(saved)
+        conf.output_dir = str(run_dir)  # the training job's own, often an interpolation of its start time
+        _apply_overrides(conf, overrides)
+        raw = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError("checkpoint", ref, f"{saved}: {str(exc).splitlines()[0]}") from None
+    raw.pop("hydra", None)
+    raw.update(command="serve", checkpoint=str(found))
+    if serve_cfg is not None:
+        raw["serve"] = dict(serve_cfg)
+    if cluster is not None:
+        raw["cluster"] = dict(cluster)
+    return from_dict(raw), found
+
+
+def _apply_overrides(conf: Any, overrides: Sequence[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        root = key.split(".")[0].lstrip("+~")
+        if root in SERVE_KEYS:
+            continue  # the serve command's own keys, already in its sections
+        if root in CONFIG_GROUPS or override.is_delete() or override.is_sweep_override() or override.package:
+            raise ConfigError(key, override.input_line, "serve takes the team, task and method from the checkpoint's "
+                                                        "run; only plain key=value overrides apply (seed=1, turns=2, "
+                                                        "engine.replicas=2)")
+        OmegaConf.update(conf, key, override.value(), merge=False,
+                         force_add=override.is_add() or override.is_force_add())
+
+
+def check_checkpoint(cfg: RunConfig, path: Path) -> None:
+    """Every trained policy's weights are there (checked before anything starts)."""
+    lora_seats = cfg.team.lora_seats()
+    for owner, seats in cfg.team.policy_seats().items():
+        folder = checkpoints.agent_dir(path, seats[0])
+        for weights in [folder / "model.safetensors"] + [folder / checkpoints.ADAPTER_DIR] * (owner in lora_seats):
+            if not weights.exists():
+                raise ConfigError("checkpoint", str(path), f"{weights} is missing: team.agents[{owner}] is trained "
+                                                           "in this run's configuration, so its checkpoint holds it")
+
+
+def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> dict[str, Any]:
+    """A learner checkpoint's policy weights under the engine's (HF) names, LoRA adapters merged, tied weights once:
+    what the learner sends its engines after an update."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mapoco.models.registry import load_causal_lm
+    from mapoco.runtime.precision import learner_dtype
+    from mapoco.runtime.weights import engine_weights
+    from mapoco.training.policy_model import with_lora
+
+    saved = load_file(str(directory / "model.safetensors"))
+    state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head
+    model = load_causal_lm(model_path, getattr(torch, learner_dtype(learner)))
+    lora = learner.lora_rank > 0
+    if lora:
+        model = with_lora(model, learner)
+    try:  # a LoRA checkpoint holds what trained; the base comes from the model folder
+        missing, _ = model.load_state_dict(state, strict=not lora)
+        if lora and any("lora_" in name for name in missing):
+            raise RuntimeError(f"no adapter weights for {min(n for n in missing if 'lora_' in n)}")
+    except RuntimeError as exc:
+        raise ConfigError("checkpoint", str(directory), f"its weights do not fit {model_path} "
+                                                        f"({str(exc).splitlines()[0]})") from None
+    return engine_weights(model, lora=lora)
+
+
+def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> None:
+    """Put every trained policy's checkpointed weights into its engines (which keep them for any replica that
+    restarts later)."""
+    import ray
+    import torch
+
+    from mapoco.runtime.precision import engine_dtype
+    from mapoco.runtime.weights import pack, read_adapter
+
+    for owner, seats in cfg.team.policy_seats().items():
+        runtime = team.agents[owner]
+        if owner in cfg.team.lora_seats():  # the shared LoRA engine: only the adapter moves
+            runtime.load_adapter(read_adapter(checkpoints.agent_dir(path, seats[0]) / checkpoints.ADAPTER_DIR))
+            continue
+        state = engine_state(checkpoints.agent_dir(path, seats[0]), runtime.model_path, cfg.team.agents[owner].learner)
+        runtime.engines.push_weights(ray.put(pack(state, getattr(torch, engine_dtype(runtime.cfg.engine)))))
