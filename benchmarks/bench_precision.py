@@ -20,7 +20,7 @@ from benchmarks.bench_train import token_batch
 from benchmarks.common import Figure, Result, side_by_side
 from mapoco.config import AlgorithmConfig, EngineConfig, LearnerConfig, SamplingConfig
 from mapoco.models.registry import resolve_model
-from mapoco.training.batch import Rollout
+from mapoco.training.batch import Rollout, TokenTargets
 from mapoco.training.learner_group import LearnerGroup
 
 DTYPES = ("float32", "bfloat16")
@@ -28,7 +28,7 @@ DTYPES = ("float32", "bfloat16")
 
 def _gap(group: LearnerGroup, rows: list[Rollout], engine_logprobs: list[list[float]]) -> tuple[float, float]:
     """Max and mean |engine - learner| logprob over the sampled tokens."""
-    learner = group.score(rows).logprobs
+    learner = group.rollout_stats(rows).logprobs
     diffs = [abs(float(learner[i, j]) - b) for i, sampled in enumerate(engine_logprobs) for j, b in enumerate(sampled)]
     return max(diffs), sum(diffs) / len(diffs)
 
@@ -57,10 +57,10 @@ def run(model: str = "tiny-qwen", questions: int = 8, max_new_tokens: int = 32, 
             generations = engines[dtype].generate(prompts, sampling, seeds)
             rows = [Rollout(p, g.token_ids, 0) for p, g in zip(prompts, generations)]
             gaps[dtype] = _gap(groups[dtype], rows, [g.logprobs for g in generations])
-            stats = groups[dtype].score(batch)
-            payloads[dtype] = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs,
-                               "old_values": stats.values, "advantages": torch.full_like(stats.logprobs, 0.1),
-                               "returns": torch.full_like(stats.logprobs, 0.5)}
+            stats = groups[dtype].rollout_stats(batch)
+            payloads[dtype] = TokenTargets(stats.logprobs, stats.ref_logprobs,
+                                           advantages=torch.full_like(stats.logprobs, 0.1),
+                                           returns=torch.full_like(stats.logprobs, 0.5), old_values=stats.values)
             groups[dtype].update(batch, payloads[dtype], normalizer)  # warm-up
 
         def generate(dtype: str) -> float:

@@ -18,7 +18,7 @@ from benchmarks.common import Figure, Result, peak_rss_mib, side_by_side
 from mapoco.config import AlgorithmConfig, LearnerConfig
 from mapoco.models.registry import resolve_model
 from mapoco.runtime.precision import learner_dtype
-from mapoco.training.batch import Rollout, collate
+from mapoco.training.batch import Rollout, TokenTargets, collate
 from mapoco.training.learner import free_port, init_distributed
 from mapoco.training.learner_group import LearnerGroup
 
@@ -84,11 +84,11 @@ def run(model: str = "smollm2", rows: int = 4, response_tokens: int = 128, repea
     group = LearnerGroup(path, cfg, algo, num_turns=1, seed=0, what="bench.learner")
     plain = ray.remote(PlainDeepSpeed).options(num_cpus=cfg.num_cpus).remote(path, cfg)
     try:
-        stats = group.score(batch)
+        stats = group.rollout_stats(batch)
         generator = torch.Generator().manual_seed(0)
         shape = stats.logprobs.shape
-        payload = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "old_values": stats.values,
-                   "advantages": torch.randn(shape, generator=generator), "returns": torch.rand(shape, generator=generator)}
+        payload = TokenTargets(stats.logprobs, stats.ref_logprobs, advantages=torch.randn(shape, generator=generator),
+                               returns=torch.rand(shape, generator=generator), old_values=stats.values)
         normalizer = float(sum(len(r.response_ids) for r in batch))
         ray.get(plain.step.remote(batch, pad_id))  # warm both sides up
         group.update(batch, payload, normalizer)

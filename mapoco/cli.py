@@ -165,7 +165,7 @@ def _check_before_hydra(overrides: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from mapoco.config import ConfigError, from_dict
-    from mapoco.evaluation.report import check_output_dir
+    from mapoco.runtime.run_folder import check_output_dir
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

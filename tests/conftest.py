@@ -194,11 +194,11 @@ def watch_updates(group, twin=None) -> Iterator[list[WatchedUpdate]]:
     real = group.update
 
     def direction(learners, update, rows, batch, args, kwargs) -> tuple[dict[str, float], UpdateDirection]:
-        before = learners.score(rows).logprobs
+        before = learners.rollout_stats(rows).logprobs
         metrics = update(rows, batch, *args, **kwargs)
         lengths = torch.tensor([len(r.response_ids) for r in rows])
         mask = (torch.arange(before.size(1)) < lengths[:, None]).float()
-        return metrics, UpdateDirection(batch["advantages"], learners.score(rows).logprobs - before, mask)
+        return metrics, UpdateDirection(batch.advantages, learners.rollout_stats(rows).logprobs - before, mask)
 
     def update(rows, batch, *args, **kwargs):
         metrics, native = direction(group, real, rows, batch, args, kwargs)

@@ -17,6 +17,7 @@ from mapoco.config import ConfigError
 from mapoco.rollout.engine import engine_env
 from mapoco.runtime.devices import Install, check_install, this_install, visible_devices_env
 
+pytestmark = pytest.mark.gpu  # a GPU path's logic, run on CPU
 CPU = Install("2.13.0+cpu", False, "cpu", "0.32.0")
 CUDA = Install("2.14.0+cu130", True, "cuda", "0.33.0")
 

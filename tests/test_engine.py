@@ -65,7 +65,7 @@ def test_engine_scores_the_tokens_it_sampled_as_it_sampled_them(hetero_team, age
     prompts = [agent.render([{"role": "user", "content": f"Calculate {i} * {i + 2}."}]) for i in range(3)]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
     generations = agent.engines.generate(prompts, sampling, [7, 8, 9])
-    (scores,) = agent.engines.score([(g.prompt_ids, g.token_ids) for g in generations])
+    (scores,) = agent.engines.logprobs([(g.prompt_ids, g.token_ids) for g in generations])
     assert [len(s) for s in scores] == [len(g.token_ids) for g in generations]
     gaps = [abs(a - b) for g, s in zip(generations, scores) for a, b in zip(g.logprobs, s)]
     assert max(gaps) < 1e-3 and min(min(g.logprobs) for g in generations) < -0.1  # sampled, not all near-certain

@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.gpu  # a GPU path's logic, run on CPU
+
 
 def _module():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "cluster" / "gpu_check.py")

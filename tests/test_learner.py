@@ -14,7 +14,7 @@ import torch
 from conftest import OTHER_KERNELS
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
-from mapoco.training.batch import Rollout, combine_stats
+from mapoco.training.batch import Rollout, TokenTargets, combine_stats
 from mapoco.training.learner_group import LearnerGroup, LearnerPool
 
 ROWS = [Rollout(prompt_ids=[3 + i, 10, 11, 12 + i], response_ids=[20 + i, 21, 22 + 2 * i, 5][: 2 + i % 3], turn=i % 2)
@@ -31,14 +31,14 @@ def updated(group: LearnerGroup) -> tuple[dict, dict, dict]:
     """Weights before and after one update on ROWS, and the update's statistics."""
     group.wait_ready()
     before = group.weights("float32")
-    stats = group.score(ROWS)
+    stats = group.rollout_stats(ROWS)
     lengths = torch.tensor([len(r.response_ids) for r in ROWS])
     mask = (torch.arange(stats.logprobs.size(1)) < lengths[:, None]).float()
     sign = torch.tensor([(-1.0) ** i for i in range(len(ROWS))])[:, None]
     advantages = sign * (1 + 0.25 * torch.arange(stats.logprobs.size(1))) * mask
-    batch = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
+    targets = TokenTargets(stats.logprobs, stats.ref_logprobs, advantages)
     tokens = sum(len(r.response_ids) for r in ROWS)
-    metrics = group.update(ROWS, batch, float(tokens))
+    metrics = group.update(ROWS, targets, float(tokens))
     return before, group.weights("float32"), metrics
 
 

@@ -143,10 +143,10 @@ def test_one_engine_holds_every_adapter_and_each_agent_samples_with_its_own(lora
     rows = [r for r in lora_run.step3.records.values()][:6]
     pairs = [(r.prompt_ids, r.token_ids) for r in rows]
     engines = team.agents[0].engines
-    on_engine = {name: np.concatenate(engines.score(pairs, name)[0])
+    on_engine = {name: np.concatenate(engines.logprobs(pairs, name)[0])
                  for name in ["qwen_a", "qwen_b", "qwen_c", "qwen_d", None]}
     for policy, name in zip(trainer.policies, ["qwen_a", "qwen_b", "qwen_c"]):
-        stats = policy.group.score([Rollout(p, t, 0) for p, t in pairs])
+        stats = policy.group.rollout_stats([Rollout(p, t, 0) for p, t in pairs])
         learner = np.concatenate([stats.logprobs[i, : len(t)].numpy() for i, (_, t) in enumerate(pairs)])
         own = np.abs(on_engine[name] - learner).max()
         assert own < FLOAT32_GAP, name
@@ -227,12 +227,12 @@ def test_checkpoints_hold_adapters_and_resume_reproduces_the_next_batch(lora_run
 
     rows = [(r.prompt_ids, r.token_ids) for r in list(lora_run.step3.records.values())[:4]]
     engines = team.agents[0].engines
-    sent = {name: engines.score(rows, name) for name in ("qwen_a", "qwen_b", "qwen_c")}
+    sent = {name: engines.logprobs(rows, name) for name in ("qwen_a", "qwen_b", "qwen_c")}
     ray.get(engines.actors[0].reset_prefix_cache.remote())
     check_checkpoint(cfg, step2)
     push_checkpoint(team, cfg, step2)
     for name, scores in sent.items():
-        assert engines.score(rows, name) == scores, name
+        assert engines.logprobs(rows, name) == scores, name
     shutil.rmtree(checkpoint.agent_dir(resumed_dir / "checkpoints" / "step_000002", 1) / checkpoint.ADAPTER_DIR)
     with pytest.raises(ConfigError, match="adapter is missing"):
         check_checkpoint(cfg, resumed_dir / "checkpoints" / "step_000002")

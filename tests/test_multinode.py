@@ -228,6 +228,7 @@ def _gpus_of(plan: dict, group: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(s["node_id"], tuple(s["gpu_ids"])) for s in plan["seats"][group]]
 
 
+@pytest.mark.gpu
 def test_plans_place_every_actor_on_gpus_of_the_cluster_and_size_each_gpu(nodes, tmp_path):
     """Two nodes of 8 advertised GPUs (80 GiB each, as told): the plan of the paper's GSM8K setting fits on 8 of
     them (as README shows it); a colocated 1-GPU plan, the 2-node variant over both nodes and the 7B conductor

@@ -15,6 +15,8 @@ from conftest import compose_config
 from mapoco.planning.architecture import model_shape
 from mapoco.planning.plan import GIB, Seat, gpu_loads
 
+pytestmark = pytest.mark.gpu  # a GPU path's logic, run on CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

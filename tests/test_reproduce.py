@@ -8,6 +8,7 @@ from conftest import compose_config
 
 from experiments.maporl import reproduce
 from experiments.runs import RunSet
+from mapoco.evaluation.report import plotted
 
 
 def _summary(before, after, flips):
@@ -47,7 +48,10 @@ def test_results_have_every_seed_mean_std_and_transitions(runs):
     # untrained: the same runs before training
     assert written["conditions"]["untrained"]["turn_accuracy_mean"] == pytest.approx([0.40, 0.30])
     assert results["command"] == "make reproduce" and written["date"]
-    assert (runs / "turn_accuracy.png").stat().st_size > 0
+    lines = plotted(runs / "turn_accuracy.png")  # each condition's mean per turn (its points dodged sideways)
+    assert lines.keys() == written["conditions"].keys()
+    assert all(ys == pytest.approx(c["turn_accuracy_mean"]) for (_, ys), c in zip(lines.values(),
+                                                                                written["conditions"].values()))
     assert "| `cotrain` | 3 | 0.450 ± 0.020 | 0.820 ± 0.020 | +0.370 ± 0.020 | 74 | 3 |" in (
         runs / "results.md").read_text()
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from mapoco.evaluation.report import plotted
 from mapoco.evaluation.sweep import (
     NoRunsError,
     find_runs,
@@ -67,7 +68,9 @@ def test_groups_seeds_and_averages_per_turn(sweep_dir, capsys):
     assert float(table[1]["turn_2"]) == pytest.approx(0.65) and table[1]["turn_3"] == ""
     assert float(table[0]["turn_1_std"]) == pytest.approx(statistics.stdev([0.40, 0.44]), abs=1e-6)
     assert table[2]["turn_1_std"] == "" and float(table[2]["turn_3"]) == pytest.approx(0.5)
-    assert (sweep_dir / "sweep_summary.png").stat().st_size > 0
+    lines = plotted(sweep_dir / "sweep_summary.png")  # one line per configuration, its mean per turn
+    assert [ys for _, ys in lines.values()] == [pytest.approx(r.mean) for r in rows]
+    assert [xs for xs, _ in lines.values()] == [[1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0]]
 
 
 def test_a_directory_without_runs_is_an_error(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from conftest import compose_config, kernels_twin, watch_updates
 from ray.util.placement_group import placement_group_table
 
+from mapoco.evaluation.report import plotted
 from mapoco.runtime.precision import LOGPROB_TOLERANCE
 from mapoco.training.trainer import Trainer, TrainingInterrupted
 
@@ -314,7 +315,9 @@ def test_train_cli_multirun_sweep(tmp_path):
                     "timing/sync", "perf/tokens_per_s", "train/agent_0/logprob_max_diff"):
             assert key in keys
         assert (out / "checkpoints" / "step_000001" / "COMPLETE").exists()
-        assert (out / "before_after.png").stat().st_size > 0
+        assert plotted(out / "before_after.png") == {
+            "before training": [[1.0, 2.0], pytest.approx(summary["before"]["turn_accuracy"])],
+            "after training": [[1.0, 2.0], pytest.approx(summary["after"]["turn_accuracy"])]}
         assert list((out / "wandb").glob(f"offline-run-*-{runs[int(job)]['id']}"))  # its own offline wandb run
     where = [json.loads((sweep / job / "placement.json").read_text()) for job in ("0", "1")]
     for group in ("team.agents[0].engine", "team.agents[0].learner"):

@@ -22,7 +22,7 @@ from test_train import assert_engines_match_learner
 from mapoco.training.trainer import Trainer
 from mapoco.training.weight_sync import CollectiveSync
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.gpu]  # a GPU path's logic, run on CPU
 
 TIMEOUT_S = 10
 # Agent 0 (Qwen2, tied output head) trains on 2 ZeRO-3 ranks, each in the bundle of one of its 2 engine replicas;

@@ -40,6 +40,7 @@ from experiments.runs import (
     with_recorded,
     write_readme_block,
 )
+from mapoco.evaluation.report import save_figure
 
 HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "conductor")
@@ -280,7 +281,7 @@ def plot_cost(cost: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("accuracy (200 held-out questions)")
     ax.set_title("Cost-aware routing: accuracy against cost")
     ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

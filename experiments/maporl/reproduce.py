@@ -33,6 +33,7 @@ from experiments.runs import (
     with_recorded,
     write_readme_block,
 )
+from mapoco.evaluation.report import save_figure
 
 HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "maporl")
@@ -146,7 +147,7 @@ def plot(conditions: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

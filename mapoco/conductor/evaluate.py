@@ -3,7 +3,6 @@ the conductor beside its baselines, a named pool's evaluation, the transcripts."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,10 @@ from mapoco.conductor.rollout import (
     transcript,
 )
 from mapoco.config import RunConfig
-from mapoco.evaluation.report import prepare_output_dir, write_json
 from mapoco.rollout.discussion import Team
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import check_local_gpus, init_ray
+from mapoco.runtime.run_folder import prepare_output_dir, write_json, write_jsonl
 from mapoco.tasks import Problem, load_task
 
 
@@ -50,9 +49,8 @@ def evaluate_pool(runner: ConductorRunner, problems: list[Problem], seed: int, p
 
 
 def write_transcripts(path: Path, result: ConductorResult) -> None:
-    with path.open("w") as f:
-        for problem, record in zip(result.problems, result.records):
-            f.write(json.dumps(transcript(problem, record)) + "\n")
+    """transcripts.jsonl: each question's workflow."""
+    write_jsonl(path, (transcript(problem, record) for problem, record in zip(result.problems, result.records)))
 
 
 def evaluate_conductor(cfg: RunConfig, out: Path, team: Team | None = None) -> dict[str, Any]:

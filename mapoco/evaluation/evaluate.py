@@ -8,19 +8,12 @@ from typing import Any
 from tqdm import tqdm
 
 from mapoco.config import RunConfig
-from mapoco.evaluation.report import (
-    plot_turns,
-    prepare_output_dir,
-    summarize,
-    turn_curves,
-    turn_table,
-    write_json,
-    write_transcripts,
-)
+from mapoco.evaluation.report import discussion_transcripts, plot_turns, summarize, turn_curves, turn_table
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import check_local_gpus, init_ray
+from mapoco.runtime.run_folder import prepare_output_dir, write_json, write_jsonl
 from mapoco.tasks import Problem, load_task
 
 
@@ -41,7 +34,7 @@ def discuss_in_batches(
 def write_outputs(out: Path, result: DiscussionResult, summary: dict[str, Any], title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
-    write_transcripts(out / "transcripts.jsonl", result)
+    write_jsonl(out / "transcripts.jsonl", discussion_transcripts(result))
     plot_turns(out / "accuracy_per_turn.png", turn_curves(summary), title)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,52 +52,13 @@ def turn_table(summary: dict[str, Any], title: str = "") -> str:
     return "\n".join(([title] if title else []) + body + [suffix])
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail fast, creating nothing, if ``out`` cannot become a writable directory (``mapoco.config``'s check of
-    ``output_dir``: a file in the way, an unwritable ancestor, a read-only or virtual filesystem)."""
-    from mapoco.config import check_writable_dir
-
-    check_writable_dir("output_dir", out)
-
-
-def prepare_output_dir(out: Path) -> None:
-    """Create the run directory and prove it takes a file, before any actor starts (not after an hour)."""
-    check_output_dir(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        _unwritable(out, f"{type(exc).__name__}: {exc.strerror or exc}")
-
-
-def _unwritable(out: Path, why: str) -> None:
-    from mapoco.config import ConfigError
-
-    raise ConfigError("output_dir", str(out), f"is not a writable directory ({why})")
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-def write_transcripts(path: Path, result: DiscussionResult) -> None:
-    with path.open("w") as f:
-        for q, problem in enumerate(result.problems):
-            turns = [
-                [
-                    {k: getattr(result.records[(q, a, t)], k) for k in ("agent", "text", "answer", "correct", "score",
-                                                                         "error")}
-                    for a in range(result.num_agents)
-                ]
-                for t in range(result.num_turns)
-            ]
-            f.write(json.dumps({"id": problem.id, "question": problem.question, "gold": problem.gold,
-                                "turns": turns}) + "\n")
+def discussion_transcripts(result: DiscussionResult) -> list[dict[str, Any]]:
+    """One record per question (transcripts.jsonl): every agent's answer at every turn."""
+    fields = ("agent", "text", "answer", "correct", "score", "error")
+    return [{"id": problem.id, "question": problem.question, "gold": problem.gold,
+             "turns": [[{k: getattr(result.records[(q, a, t)], k) for k in fields} for a in range(result.num_agents)]
+                       for t in range(result.num_turns)]}
+            for q, problem in enumerate(result.problems)]
 
 
 def plot_turns(path: Path, curves: dict[str, list[float]], title: str) -> None:
@@ -119,8 +79,35 @@ def plot_turns(path: Path, curves: dict[str, list[float]], title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+FIGURE_DATA = "mapoco:lines"  # the PNG text chunk that holds what a figure plots
+
+
+def save_figure(fig: Any, path: Path, **savefig: Any) -> None:
+    """The figure as a PNG that also carries what it plots: each labelled line's (or error bar's) points, read
+    back from its axes, so a figure is checked by its data (``plotted``), not by its pixels."""
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.lines import Line2D
+
+    lines: dict[str, list[list[float]]] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            line = handle.lines[0] if isinstance(handle, ErrorbarContainer) else handle
+            if isinstance(line, Line2D):
+                lines[label] = [[float(v) for v in np.atleast_1d(line.get_xdata())],
+                                [float(v) for v in np.atleast_1d(line.get_ydata())]]
+    fig.savefig(path, dpi=120, metadata={FIGURE_DATA: json.dumps(lines)}, **savefig)
+
+
+def plotted(path: Path) -> dict[str, list[list[float]]]:
+    """What a PNG written by ``save_figure`` plots: label -> [x values, y values]."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text[FIGURE_DATA])
 
 
 def turn_curves(summary: dict[str, Any]) -> dict[str, list[float]]:

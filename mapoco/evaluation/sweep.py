@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from mapoco.evaluation.report import save_figure
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -175,6 +177,6 @@ def sweep_summary(root: Path) -> list[ConfigRow]:
     rows, shared = summarize_runs(runs)
     print(format_table(rows, shared))
     write_csv(root / "sweep_summary.csv", rows)
-    summary_figure(rows, shared, root.name).savefig(root / "sweep_summary.png", dpi=120, bbox_inches="tight")
+    save_figure(summary_figure(rows, shared, root.name), root / "sweep_summary.png", bbox_inches="tight")
     print(f"wrote {root}/sweep_summary.csv, sweep_summary.png ({len(runs)} runs, {len(rows)} configurations)")
     return rows

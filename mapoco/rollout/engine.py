@@ -151,7 +151,7 @@ class Engine:
         logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs)]
         return Generation(list(prompt), token_ids, logprobs, completion.text, str(completion.finish_reason))
 
-    def score(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[float]]:
+    def logprobs(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[float]]:
         """The logprob of every response token after its prompt and the tokens before it, under the loaded weights
         (and ``adapter``): the engine's side of a sync check on tokens it did not sample itself. It leaves no cached
         prefix behind, so the next rollout runs as it would have without it (cold, as after every push)."""
@@ -372,9 +372,9 @@ class AgentEngines:
                  adapters: list[str | None] | None = None) -> list[Generation]:
         return self.collect(self.submit(prompts, sampling, seeds, adapters))
 
-    def score(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[list[float]]]:
-        """``Engine.score`` of the same rows on every replica (under ``adapter``): each must hold what was pushed."""
-        return self.call_all(lambda actor: actor.score.remote(rows, adapter))
+    def logprobs(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[list[float]]]:
+        """``Engine.logprobs`` of the same rows on every replica (under ``adapter``): each must hold what was pushed."""
+        return self.call_all(lambda actor: actor.logprobs.remote(rows, adapter))
 
     def push_adapter(self, name: str, adapter: AdapterPayload | ray.ObjectRef) -> None:
         """Agent ``name``'s adapter into every replica (kept, as weights are, for a replica that restarts)."""

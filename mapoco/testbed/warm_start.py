@@ -155,7 +155,7 @@ def _batches(examples: Iterator[Example], batch_size: int, rng: random.Random) -
             yield input_ids, mask, labels
 
 
-def _score(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> float:
+def _validation_score(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> float:
     """What the warm-start aims at: a solver's greedy turn-1 accuracy, a conductor's sampled parse rate (a carded
     conductor's: the lower of that and how often it asks a worker holding the card it named)."""
     if spec.role == "conductor":
@@ -165,9 +165,9 @@ def _score(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Probl
 
 
 def train_warm_start(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> dict[str, Any]:
-    """Supervised warm-start (AdamW, warmup + cosine decay over ``max_steps``). Stops as soon as the score
-    (``_score``) on the validation split reaches ``target_accuracy``, so RL starts from a model that is right about
-    half the time whatever the task difficulty, and easy tasks build fast."""
+    """Supervised warm-start (AdamW, warmup + cosine decay over ``max_steps``). Stops as soon as the accuracy on
+    the validation split (``_validation_score``) reaches ``target_accuracy``, so RL starts from a model that is right
+    about half the time whatever the task difficulty, and easy tasks build fast."""
     torch.manual_seed(spec.seed)
     validation = arithmetic_problems(spec.task, "validation", NUM_VALIDATION)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -187,7 +187,7 @@ def train_warm_start(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: 
         optimizer.zero_grad(set_to_none=True)
         smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
         if step % spec.eval_every == 0 or step == spec.max_steps:
-            accuracy = _score(model, tokenizer, spec, validation)
+            accuracy = _validation_score(model, tokenizer, spec, validation)
             if accuracy >= spec.target_accuracy:
                 break
     model.eval()

@@ -114,3 +114,24 @@ def stack(lists: list[list[float]], width: int) -> torch.Tensor:
     for i, values in enumerate(lists):
         out[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
     return out
+
+
+@dataclass
+class TokenTargets:
+    """What the learner ranks read per token of a policy's rows, each ``[rows, length]`` and zero past each row's
+    end: the sampling-time logprobs, the reference's, the advantages; value targets and old values where the
+    estimator has a critic (gae); truncated importance weights where the batch was sampled by older weights."""
+
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+
+    def select(self, rows: list[int], width: int | None = None, device: str | torch.device = "cpu") -> TokenTargets:
+        """These rows (their first ``width`` tokens), as float32 on ``device``."""
+        def pick(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[rows, :width].to(device, torch.float32)
+
+        return TokenTargets(**{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})

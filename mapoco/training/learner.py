@@ -51,6 +51,7 @@ from mapoco.training.batch import (
     MicroBatch,
     Rollout,
     RolloutStats,
+    TokenTargets,
     collate,
     combine_stats,
     response_outputs,
@@ -154,7 +155,7 @@ class Learner:
         return MicroBatch(*(t.to(self.device) for t in vars(mb).values()))
 
     @torch.no_grad()
-    def score(self, rows: list[Rollout]) -> RolloutStats:
+    def rollout_stats(self, rows: list[Rollout]) -> RolloutStats:
         """Old-policy logprobs and values, and reference logprobs, of each rollout (no gradient)."""
         self.engine.eval()
         out = RolloutStats.zeros(rows)
@@ -177,18 +178,16 @@ class Learner:
         return response_outputs(logits, None, mb)[0]
 
     # ------------------------------------------------------------------ PPO update
-    def update(self, rows: list[Rollout], batch: dict[str, torch.Tensor], index: list[int], normalizer: float,
+    def update(self, rows: list[Rollout], targets: TokenTargets, index: list[int], normalizer: float,
                step: int) -> dict[str, float]:
-        """PPO epochs over this rank's shard: ``rows``, and rows ``index`` of the agent's ``batch`` (``[rows,
-        length]`` tensors: old_logprobs, ref_logprobs, advantages, returns and old_values for gae, is_weights for a
-        sample drawn by older weights), read from the
+        """PPO epochs over this rank's shard: ``rows``, and rows ``index`` of the agent's ``targets``, read from the
         object store. Losses are summed per token and divided by the tokens of the optimizer step's mini-batch
         across ranks (``normalizer``, the whole batch's, when there is one mini-batch): a token mean. Statistics are
         per epoch (the loss over the epoch's steps, per-token means), averaged over epochs. ``step`` seeds the
         mini-batch shuffle, so a resumed run draws the same mini-batches."""
         self.engine.train()
         world = torch.distributed.get_world_size()
-        batch = {key: values[index] for key, values in batch.items()}
+        targets = targets.select(index)
         stats: dict[str, list[float]] = {}
         for epoch_index in range(self.algo.ppo_epochs):
             epoch: dict[str, list[float]] = {}
@@ -200,7 +199,7 @@ class Learner:
                     # Gradients are reduced across ranks, and the optimizer steps, only at the last micro-batch.
                     self.engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
                     picked = [minibatch[start + k] for k in range(mb.mask.size(0))]
-                    self._accumulate(self._to_device(mb), self._tensors(batch, picked, mb.mask.size(1)),
+                    self._accumulate(self._to_device(mb), targets.select(picked, mb.mask.size(1), self.device),
                                      tokens, world, epoch)
                 self.engine.step()
                 stats.setdefault("grad_norm", []).append(float(self.engine.get_global_grad_norm() or 0.0))
@@ -224,22 +223,18 @@ class Learner:
         torch.distributed.all_reduce(count)
         return max(float(count), 1.0)
 
-    def _tensors(self, batch: dict[str, torch.Tensor], rows: list[int], width: int) -> dict[str, torch.Tensor]:
-        return {key: values[rows, :width].to(self.device, torch.float32) for key, values in batch.items()}
-
-    def _accumulate(self, mb: MicroBatch, t: dict[str, torch.Tensor], normalizer: float, world: int,
+    def _accumulate(self, mb: MicroBatch, t: TokenTargets, normalizer: float, world: int,
                     stats: dict[str, list[float]]) -> None:
         """Backward of this micro-batch's share of the batch loss (times ``world``: DeepSpeed averages gradients
         over ranks). The shares are logged, so the parts of every rank and micro-batch add up to the batch loss."""
         logits, values = self.engine(mb.input_ids, mb.attention_mask)
         logprobs, token_values, picked = response_outputs(logits, values, mb)
-        pg_loss, pstats = policy_loss(logprobs, t["old_logprobs"], t["advantages"], mb.mask,
-                                      clip_eps=self.algo.clip_eps, normalizer=normalizer,
-                                      is_weights=t.get("is_weights"))
+        pg_loss, pstats = policy_loss(logprobs, t.old_logprobs, t.advantages, mb.mask, clip_eps=self.algo.clip_eps,
+                                      normalizer=normalizer, is_weights=t.is_weights)
         loss = pg_loss
         logged = {"policy_loss": pg_loss.item(), "clip_frac": float(pstats["clip_frac"])}
-        if "returns" in t:
-            vloss, vstats = value_loss(token_values, t["old_values"], t["returns"], mb.mask,
+        if t.returns is not None:  # a critic (gae)
+            vloss, vstats = value_loss(token_values, t.old_values, t.returns, mb.mask,
                                        clip_eps=self.algo.value_clip_eps, normalizer=normalizer)
             loss = loss + self.algo.vf_coef * vloss
             logged.update(value_loss=vloss.item(), vf_clip_frac=float(vstats["vf_clip_frac"]))
@@ -248,7 +243,7 @@ class Learner:
             loss = loss - self.algo.entropy_coef * masked_sum(token_entropy, mb.mask) / normalizer
         entropy = masked_mean(token_entropy, mb.mask)
         if not self.algo.kl_in_reward and self.algo.kl_coef:
-            kl_tokens = kl_penalty(logprobs, t["ref_logprobs"], self.algo.kl_estimator)
+            kl_tokens = kl_penalty(logprobs, t.ref_logprobs, self.algo.kl_estimator)
             loss = loss + self.algo.kl_coef * masked_sum(kl_tokens, mb.mask) / normalizer
         self.engine.backward(loss * world, scale_wrt_gas=False)
         # loss: what was minimised, every term; tokens: the weight of this micro-batch's means

@@ -20,7 +20,7 @@ from mapoco.runtime.placement import (
 from mapoco.runtime.weights import (
     unpack,
 )
-from mapoco.training.batch import PER_RANK_STATS, Rollout, RolloutStats, combine_stats
+from mapoco.training.batch import PER_RANK_STATS, Rollout, RolloutStats, TokenTargets, combine_stats
 from mapoco.training.learner import Learner
 
 
@@ -56,9 +56,9 @@ class LearnerGroup:
         n = len(self.actors)
         return [items[r::n] for r in range(n)]
 
-    def score(self, rows: list[Rollout]) -> RolloutStats:
-        """Each rank scores its shard; the shards' tensors are put back in row order."""
-        shards = gather([a.score.remote(s) for a, s in zip(self.actors, self.shard(rows))])
+    def rollout_stats(self, rows: list[Rollout]) -> RolloutStats:
+        """Each rank computes its shard's stats; the shards' tensors are put back in row order."""
+        shards = gather([a.rollout_stats.remote(s) for a, s in zip(self.actors, self.shard(rows))])
         out = RolloutStats.zeros(rows)
         for index, shard in zip(self.shard(list(range(len(rows)))), shards):
             for field in RolloutStats.FIELDS:
@@ -66,11 +66,11 @@ class LearnerGroup:
                 getattr(out, field)[index, : part.size(1)] = part
         return out
 
-    def update(self, rows: list[Rollout], batch: dict[str, torch.Tensor], normalizer: float,
+    def update(self, rows: list[Rollout], targets: TokenTargets, normalizer: float,
                step: int = 0) -> dict[str, float]:
-        """``batch`` goes into the object store once; every rank reads its rows of it there."""
-        batch_ref = ray.put(batch)
-        refs = [actor.update.remote([rows[i] for i in idx], batch_ref, idx, normalizer, step)
+        """``targets`` go into the object store once; every rank reads its rows of them there."""
+        targets_ref = ray.put(targets)
+        refs = [actor.update.remote([rows[i] for i in idx], targets_ref, idx, normalizer, step)
                 for actor, idx in zip(self.actors, self.shard(list(range(len(rows)))))]
         results = gather(refs)
         combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k not in PER_RANK_STATS},

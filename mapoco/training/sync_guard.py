@@ -42,7 +42,7 @@ def probe(agent: AgentRuntime, batch: AgentBatch) -> Probe | None:
     index = fits[:PROBE_ROWS]
     if not index:
         return None
-    return Probe(index, agent.engines.score([(batch.rows[i].prompt_ids, batch.rows[i].response_ids)
+    return Probe(index, agent.engines.logprobs([(batch.rows[i].prompt_ids, batch.rows[i].response_ids)
                                              for i in index], agent.adapter))
 
 

@@ -27,13 +27,13 @@ import numpy as np
 import ray
 
 from mapoco.config import RunConfig
-from mapoco.evaluation.report import prepare_output_dir, write_json
 from mapoco.models.registry import node_source
 from mapoco.rollout.discussion import Team
 from mapoco.rollout.engine import ReplicaLost, request_seed
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import check_local_gpus, init_ray
 from mapoco.runtime.precision import agent_precision
+from mapoco.runtime.run_folder import prepare_output_dir, write_json
 from mapoco.tasks import Problem, load_task
 from mapoco.training import checkpoint
 from mapoco.training.algorithms import (
@@ -50,7 +50,7 @@ from mapoco.training.state_io import load_state, save_state
 from mapoco.training.sweep_actors import SweepActors
 from mapoco.training.sync_guard import Probe, SyncGuard, gap_over_tolerance, probe
 from mapoco.training.tracking import Tracker
-from mapoco.training.update import advantages_of, update_payload
+from mapoco.training.update import advantages_of, token_targets
 from mapoco.training.weight_sync import AdapterSync, SyncFailed, make_sync
 
 
@@ -290,15 +290,15 @@ class Trainer:
         if not batch.rows:
             return {f"{prefix}/skipped_update": 1.0}
         start = time.perf_counter()
-        stats = policy.group.score(batch.rows)
+        stats = policy.group.rollout_stats(batch.rows)
         advantages, returns, mask = advantages_of(batch, stats, self.cfg.algorithm)
         advantages_s = time.perf_counter() - start
         start = time.perf_counter()
         behaviour = stack(batch.engine_logprobs, mask.size(1))
-        payload = update_payload(stats, advantages, returns)
+        targets = token_targets(stats, advantages, returns)
         if staleness:
-            payload["is_weights"] = truncated_is_weights(stats.logprobs, behaviour, mask, self.cfg.train.is_weight_cap)
-        update = policy.group.update(batch.rows, payload, normalizer=float(mask.sum()), step=self.step)
+            targets.is_weights = truncated_is_weights(stats.logprobs, behaviour, mask, self.cfg.train.is_weight_cap)
+        update = policy.group.update(batch.rows, targets, normalizer=float(mask.sum()), step=self.step)
         kl = masked_mean(kl_penalty(stats.logprobs, stats.ref_logprobs, self.cfg.algorithm.kl_estimator), mask)
         lag = float(((stats.logprobs - behaviour).abs() * mask).max())  # sampling engines vs learner, sampled tokens
         metrics = {f"{prefix}/{k}": v for k, v in update.items()}
@@ -317,7 +317,7 @@ class Trainer:
             "advantages_s": advantages_s,
         })
         if self.cfg.train.off_policy_steps:
-            weights = payload.get("is_weights", mask)  # on-policy tokens weigh exactly 1
+            weights = mask if targets.is_weights is None else targets.is_weights  # on-policy tokens weigh 1
             metrics.update({f"{prefix}/is_weight_mean": float(masked_mean(weights, mask)),
                             f"{prefix}/is_weight_capped": float(masked_mean(
                                 (weights >= self.cfg.train.is_weight_cap).float(), mask))})

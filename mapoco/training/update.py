@@ -1,5 +1,5 @@
 """What one policy's update is made of: the advantages (and value targets) of its batch under the run's algorithm,
-from the learners' scores of its rows, and the per-token payload the learner ranks read."""
+from the learners' stats of its rows, and the per-token targets the learner ranks read."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from mapoco.config import AlgorithmConfig
 from mapoco.training.algorithms import AdvantageBatch, AdvantageConfig, compute_advantages
-from mapoco.training.batch import AgentBatch, RolloutStats
+from mapoco.training.batch import AgentBatch, RolloutStats, TokenTargets
 
 
 def advantages_of(batch: AgentBatch, stats: RolloutStats,
@@ -25,10 +25,7 @@ def advantages_of(batch: AgentBatch, stats: RolloutStats,
     return advantages, returns, mask
 
 
-def update_payload(stats: RolloutStats, advantages: torch.Tensor,
-                   returns: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """What the learners read per token, as ``[rows, length]`` tensors (zero past each row's end)."""
-    payload = {"old_logprobs": stats.logprobs, "ref_logprobs": stats.ref_logprobs, "advantages": advantages}
-    if returns is not None:
-        payload.update(returns=returns, old_values=stats.values)
-    return payload
+def token_targets(stats: RolloutStats, advantages: torch.Tensor, returns: torch.Tensor | None) -> TokenTargets:
+    """What the learners read per token: the old values ride along where there are value targets."""
+    return TokenTargets(stats.logprobs, stats.ref_logprobs, advantages, returns,
+                        None if returns is None else stats.values)

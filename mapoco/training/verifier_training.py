@@ -11,7 +11,6 @@ from pathlib import Path
 
 from mapoco.config import RunConfig
 from mapoco.evaluation.evaluate import discuss_in_batches
-from mapoco.evaluation.report import write_json
 from mapoco.models.registry import resolve_model
 from mapoco.rollout.discussion import Team
 from mapoco.rollout.learned_verifier import (
@@ -23,6 +22,7 @@ from mapoco.rollout.learned_verifier import (
 )
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.cluster import init_ray
+from mapoco.runtime.run_folder import write_json
 from mapoco.tasks import load_task
 
 
