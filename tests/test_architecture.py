@@ -116,3 +116,17 @@ def test_every_benchmark_module_imports():
 
     for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
         importlib.import_module(f"benchmarks.{path.stem}")
+
+
+def test_one_trainer_for_every_method_and_no_sample_id_is_parsed():
+    """Methods plug into the trainer (``training.method.Method``) instead of subclassing it, and a sample's question
+    group is a field (``Problem.group``), never recovered from its id string."""
+    subclasses, parsed = [], []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        subclasses += [f"{path.name}:{node.name}" for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                       and any(isinstance(base, ast.Name) and base.id == "Trainer" for base in node.bases)]
+        parsed += [f"{path.name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   and isinstance(node.func, ast.Attribute) and node.func.attr in ("split", "rsplit", "partition")
+                   and any(isinstance(arg, ast.Constant) and arg.value == "#" for arg in node.args)]
+    assert not subclasses and not parsed, (subclasses, parsed)
