@@ -272,14 +272,8 @@ class Trainer:
 
     def learn(self, policy: Policy, batch: AgentBatch, staleness: int = 0,
               probe: Probe | None = None) -> dict[str, float]:
-        engines = self.team.agents[policy.seats[0]].engines
-        if engines.sleep_mode:  # colocated: the learner gets the GPU while its engines sleep
-            engines.sleep()
-        try:
+        with policy.sync.updating():  # colocated engines sleep through it
             return self.update_policy(policy, batch, staleness, probe)
-        finally:
-            if engines.sleep_mode:
-                engines.wake_up()
 
     def update_policy(self, policy: Policy, batch: AgentBatch, staleness: int = 0,
                       probe: Probe | None = None) -> dict[str, float]:

@@ -13,7 +13,10 @@ An agent on the shared LoRA engine sends only its adapter, through the object st
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,11 +32,28 @@ RELOAD_GRACE_S = 30.0  # after the broadcast's own timeout, how long members tha
 
 
 class WeightSync(Protocol):
+    def updating(self) -> AbstractContextManager[None]:
+        """Around the learner's update: colocated engines sleep through it (``asleep``)."""
+
     def push(self) -> None:
         """The learner group's current weights into every engine replica of its agent."""
 
     def close(self) -> None:
         """Its trainer is done: the engines (a shared team's outlive it) no longer call back into it."""
+
+
+@contextlib.contextmanager
+def asleep(engines: AgentEngines) -> Iterator[None]:
+    """Colocated engines sleep through the learner's update (it gets their device, their KV cache is dropped) and
+    wake before the weights come; engines of their own keep serving (an off-policy rollout may be running)."""
+    if not engines.sleep_mode:
+        yield
+        return
+    engines.sleep()
+    try:
+        yield
+    finally:
+        engines.wake_up()
 
 
 class SyncFailed(RuntimeError):
@@ -45,6 +65,9 @@ class ObjectStoreSync:
 
     def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str):
         self.group, self.engines, self.dtype = group, engines, dtype
+
+    def updating(self) -> AbstractContextManager[None]:
+        return asleep(self.engines)
 
     def push(self) -> None:
         self.engines.push_weights(self.group.weights_ref(self.dtype))
@@ -58,6 +81,9 @@ class AdapterSync:
 
     def __init__(self, group: LearnerGroup, agent: AgentRuntime, dtype: str):
         self.group, self.agent, self.dtype = group, agent, dtype
+
+    def updating(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the shared LoRA engine serves every agent: it never sleeps for one
 
     def push(self) -> None:
         self.agent.load_adapter(self.group.adapter_ref(self.dtype))
@@ -88,6 +114,9 @@ class CollectiveSync:
         if outcome is not None:
             raise SyncFailed(f"{self.name}: the weight broadcast group did not form within train.sync_timeout_s="
                              f"{self.timeout_s:g}s ({outcome})")
+
+    def updating(self) -> AbstractContextManager[None]:
+        return asleep(self.engines)
 
     def close(self) -> None:
         self.engines.on_restart = None
@@ -148,7 +177,6 @@ class CollectiveSync:
             except ray.exceptions.RayError as exc:
                 broken.errors.append(f"learner rank {rank}: {_last_line(exc)}")
         return broken if broken.errors else None
-
 
     def _wait(self, refs: list[ray.ObjectRef]) -> None:
         """Until every call has returned, for at most ``timeout_s`` and a reload's grace; but once ``timeout_s`` has
