@@ -145,8 +145,13 @@ def connect(cfg: RunConfig) -> None:
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Connect, then check that this install runs every actor on its device and that every model is here (hub
-    models are fetched now, once the cluster is known to hold the run)."""
+    """Connect, then ``check_ready_to_start``."""
     connect(cfg)
+    check_ready_to_start(cfg)
+
+
+def check_ready_to_start(cfg: RunConfig) -> None:
+    """Once the cluster is known to hold the run (train, eval, serve): this install runs every actor on its device,
+    and every model is here (hub models are fetched now, so nothing downloads for a run that cannot start)."""
     check_install(run_devices(cfg), this_install())
     check_models(cfg)

@@ -118,18 +118,16 @@ def start(cfg: RunConfig, path: Path) -> str:
     return base_url(cfg.serve)
 
 
-def init_ray(cfg: RunConfig) -> bool:
+def connect_for_serving(cfg: RunConfig) -> bool:
     """Join the cluster (``cluster.address`` or $RAY_ADDRESS) or start a local instance sized for every replica's
     engines; returns whether a local instance was started."""
-    from mapoco.config import check_models
     from mapoco.runtime.cluster import (
         check_capacity,
+        check_ready_to_start,
         required,
-        run_devices,
         start_or_join,
         team_engine_bundles,
     )
-    from mapoco.runtime.devices import check_install, this_install
     from mapoco.runtime.placement import Bundles
 
     replicas = cfg.serve.replicas
@@ -138,8 +136,7 @@ def init_ray(cfg: RunConfig) -> bool:
     local = start_or_join(cfg, required(groups, "CPU", replicas), "serving", breakdown)
     check_capacity(groups, {"CPU": ("serve.replicas", replicas), "GPU": ("serve.replicas", replicas)},
                    f"{replicas} replica(s) of the team", breakdown, copies=replicas)
-    check_install(run_devices(cfg), this_install())
-    check_models(cfg)
+    check_ready_to_start(cfg)
     return local
 
 
@@ -150,7 +147,7 @@ def serve_command(raw: dict[str, Any], overrides: Sequence[str]) -> None:
                                               "checkpoints/step_N folders")
     cfg, path = load_config(raw["checkpoint"], raw.get("serve"), raw.get("cluster"), overrides)
     check_checkpoint(cfg, path)
-    local = init_ray(cfg)
+    local = connect_for_serving(cfg)
     what = (f"conductor with {len(cfg.team.agents) - 1 + len(cfg.conductor.http_workers)} workers"
             if cfg.method == "conductor" else f"{len(cfg.team.agents)} agents x {cfg.turns} turns")
     print(f"starting {model_name(cfg, path)} ({what}) from {path} ...", flush=True)
