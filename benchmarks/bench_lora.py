@@ -113,7 +113,7 @@ def _discuss(team: Team, problems: list, turns: int, verifier: VerifierClient, s
     rates, requests = [], []
     for seed in seeds:
         for engines in team.distinct_engines():
-            engines.call_all(lambda e: e.reset_prefix_cache.remote())
+            engines.call_all("reset_prefix_cache")
         result = run_discussion(team, problems, turns, DiscussionConfig(), verifier, seed)
         rates.append(sum(len(r.token_ids) for r in result.records.values()) / result.seconds["generate"])
         requests.append(requests_of(result, seed))
@@ -122,7 +122,7 @@ def _discuss(team: Team, problems: list, turns: int, verifier: VerifierClient, s
 
 def _engine_rss(team: Team) -> float:
     return sum(peak_rss_mib(pid) for engines in team.distinct_engines()
-               for pid in engines.call_all(lambda e: e.pid.remote()))
+               for pid in engines.call_all("pid"))
 
 
 def run_rollout(agents: int = 4, questions: int = 4, turns: int = 2, max_new_tokens: int = 32,

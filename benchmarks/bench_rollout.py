@@ -138,13 +138,13 @@ def run(agents: int, model: str = "smollm2", questions: int = 32, turns: int = 3
         run_discussion(team, problems[:2], 1, DiscussionConfig(), verifier, seed=-1)  # warm-up, untimed
         for seed in range(repeats):
             for engines in team.distinct_engines():  # cold, as after a weight push; the baselines start cold too
-                engines.call_all(lambda e: e.reset_prefix_cache.remote())
+                engines.call_all("reset_prefix_cache")
             result = run_discussion(team, problems, turns, DiscussionConfig(), verifier, seed)
             generated.append(sum(len(r.token_ids) for r in result.records.values()))
             ours.append(generated[-1] / result.seconds["generate"])
             discussions.append(requests_of(result, seed))
             print(f"rollout {agents} x {model}: mapoco {ours[-1]:.1f} tok/s ({generated[-1]} tokens)", flush=True)
-        engine_pid = team.agents[0].engines.call_all(lambda e: e.pid.remote())[0]
+        engine_pid = team.agents[0].engines.call_all("pid")[0]
         memory = {f"engine {model}" + (f" ({agents} agents)" if agents > 2 else ""): peak_rss_mib(engine_pid)}
     finally:
         team.shutdown()

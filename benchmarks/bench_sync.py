@@ -44,7 +44,7 @@ class Pair:
         self.group.wait_ready()
 
     def peak_rss(self, model: str) -> dict[str, float]:
-        return {f"engine {model}": peak_rss_mib(self.engines.call_all(lambda e: e.pid.remote())[0]),
+        return {f"engine {model}": peak_rss_mib(self.engines.call_all("pid")[0]),
                 f"learner {model} (sync only)": peak_rss_mib(self.group.call_all("pid")[0])}
 
     def shutdown(self) -> None:

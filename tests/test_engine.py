@@ -77,7 +77,7 @@ def test_the_kv_cache_holds_the_tokens_mapoco_plan_counts(hetero_team):
     from mapoco.planning.plan import kv_cache_tokens
 
     for agent in hetero_team.agents:
-        (described,) = agent.engines.call_all(lambda actor: actor.describe.remote())
+        (described,) = agent.engines.call_all("describe")
         engine = agent.cfg.engine
         assert described["kv_cache_tokens"] == kv_cache_tokens(agent.cfg.model, described["dtype"],
                                                                  engine.tensor_parallel_size, engine.kv_cache_gib) > 0

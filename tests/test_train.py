@@ -56,7 +56,7 @@ def test_every_agent_trains_and_its_settings_reach_its_learners(hetero_training)
     assert [(d["world_size"], d["zero_stage"], d["model_type"]) for d in llama] == [(1, 3, "llama")]
     assert [d["lr"] for d in qwen + llama] == pytest.approx([2e-5, 2e-5, 7e-5])
     for policy, ranks in zip(trainer.policies, (2, 1)):  # each learner group in a placement group of its own
-        table = placement_group_table(policy.group.owned_placement.group)
+        table = placement_group_table(policy.group.placement.group)
         assert table["state"] == "CREATED" and list(table["bundles"].values()) == [{"CPU": 1.0}] * ranks
     for name in ("agent_0", "agent_1"):
         for key in ("policy_loss", "value_loss", "loss", "kl", "reward", "entropy", "grad_norm", "clip_frac",

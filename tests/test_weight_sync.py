@@ -50,7 +50,7 @@ def _pid(engines, replica: int) -> int:
 def _bundles(trainer: Trainer) -> tuple[list, list]:
     """(placement group, bundle) of agent 0's learner ranks and of its engine replicas."""
     ranks = trainer.policies[0].group.call_all("describe")
-    replicas = trainer.team.agents[0].engines.call_all(lambda actor: actor.describe.remote())
+    replicas = trainer.team.agents[0].engines.call_all("describe")
     return [(r["placement_group"], r["bundle"]) for r in ranks], [(e["placement_group"], e["bundle"]) for e in replicas]
 
 
@@ -65,7 +65,7 @@ def _step_order(trainer: Trainer) -> Iterator[list]:
         real = getattr(owner, name)
 
         def call(*args, **kwargs):
-            calls.append((name, engines.call_all(lambda actor: actor.is_sleeping.remote())))
+            calls.append((name, engines.call_all("is_sleeping")))
             return real(*args, **kwargs)
         setattr(owner, name, call)
 

@@ -26,10 +26,11 @@ from mapoco.config import (
     lora_engine_config,
 )
 from mapoco.models.registry import node_source, resolve_model
-from mapoco.rollout.engine import AgentEngines, Generation, Shard, request_seed
+from mapoco.rollout.engine import AgentEngines, Generation, request_seed
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.rollout.topology import visible_peers
 from mapoco.rollout.verifier import VerifierClient, VerifyItem
+from mapoco.runtime.actor_group import Call
 from mapoco.runtime.placement import (
     READY_TIMEOUT_S,
     engine_bundles,
@@ -55,7 +56,7 @@ class AgentRuntime:
         self.engines.push_adapter(self.cfg.name, adapter)
         self.adapter = self.cfg.name
 
-    def submit(self, threads: list[list[dict[str, str]]], seeds: list[int]) -> list[Shard]:
+    def submit(self, threads: list[list[dict[str, str]]], seeds: list[int]) -> list[Call]:
         """This agent's answers to its chat threads, started (``engines.collect`` gathers them)."""
         return self.engines.submit([self.render(t) for t in threads], self.cfg.sampling, seeds,
                                    [self.adapter] * len(threads) if self.adapter else None)

@@ -30,6 +30,7 @@ import ray
 
 from mapoco.config import EngineConfig, SamplingConfig
 from mapoco.models.registry import resolve_model
+from mapoco.runtime.actor_group import ActorGroup, Call
 from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import READY_TIMEOUT_S, Placement, node_of_actor
@@ -42,8 +43,6 @@ from mapoco.runtime.weights import (
     reload_in_worker,
     write_adapter,
 )
-
-MAX_RESTARTS_PER_CALL = 2  # a replica that dies again right after a restart is a real fault, not a blip
 
 
 @dataclass
@@ -248,46 +247,32 @@ def start_engine(model_path: str, cfg: EngineConfig, seed: int, placement: Place
     return actor_cls.remote(model_path, cfg, seed, bundle, sleep_mode, name)
 
 
-@dataclass
-class Shard:
-    """The requests one replica is serving, kept so they can be sent again if it dies."""
-
-    replica: int
-    prompts: list[list[int]]
-    sampling: SamplingConfig | list[SamplingConfig]
-    seeds: list[int]
-    adapters: list[str | None] | None
-    ref: ray.ObjectRef | None = None
-
-    def send(self, actor: ray.actor.ActorHandle) -> ray.ObjectRef:
-        return actor.generate.remote(self.prompts, self.sampling, self.seeds, self.adapters)
-
-
 class ReplicaLost(RuntimeError):
     """A dead replica could not be restarted: its bundle found no node within the timeout (a lost node, and no
     other node can hold it). A training run stops with the resume message."""
 
 
-class AgentEngines:
+class AgentEngines(ActorGroup):
     """The engine replicas of one agent, replica r in bundle r of the agent's placement group; a batch is split
     evenly across replicas. ``on_restart(r)`` (set by the trainer) puts the trained weights into a restarted one.
     A restart waits at most ``restart_timeout_s`` for its bundle: after a node is lost, Ray moves the bundle to a
     node that can hold it, if there is one."""
 
+    restartable = True
+
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int, placement: Placement, sleep_mode: bool = False,
                  restart_timeout_s: float = 120.0, what: str = "engine"):
-        self.model_path, self.cfg, self.seed, self.placement = model_path, cfg, seed, placement
-        self.what = what
+        self.model_path, self.cfg, self.seed = model_path, cfg, seed
         self.sleep_mode, self.restart_timeout_s = sleep_mode, restart_timeout_s
         self.restarts = 0
         self._counting = threading.Lock()
         self.on_restart: Callable[[int], None] | None = None
         self.weights: WeightPayload | ray.ObjectRef | None = None  # the last pushed, for replicas that restart
         self.adapters: dict[str, AdapterPayload | ray.ObjectRef] = {}  # a shared LoRA engine's, likewise
-        self.actors = [self._start(r) for r in range(cfg.replicas)]
+        super().__init__(what, cfg.replicas, placement, owns_placement=True)
 
-    def _start(self, replica: int) -> ray.actor.ActorHandle:
-        return start_engine(self.model_path, self.cfg, self.seed + replica, self.placement, replica, self.sleep_mode,
+    def start(self, index: int) -> ray.actor.ActorHandle:
+        return start_engine(self.model_path, self.cfg, self.seed + index, self.placement, index, self.sleep_mode,
                             self.what)
 
     def wait_ready(self) -> None:
@@ -307,7 +292,7 @@ class AgentEngines:
                                       f"no node could hold its bundle within {self.restart_timeout_s:g}s")
                 time.sleep(0.5)
             ray.kill(self.actors[replica], no_restart=True)
-            self.actors[replica] = self._start(replica)
+            self.actors[replica] = self.start(replica)
             if self._started(replica):
                 break
             if time.monotonic() >= deadline:  # it keeps dying as it starts, on a live node: a real fault
@@ -347,26 +332,20 @@ class AgentEngines:
         return True
 
     def submit(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig], seeds: list[int],
-               adapters: list[str | None] | None = None) -> list[Shard]:
-        """Start generation on every replica at once; one shard per non-empty slice, in order. ``sampling`` is one
-        for all prompts or one per prompt; ``adapters`` (a shared LoRA engine) one per prompt."""
-        n = len(self.actors)
-        size = -(-len(prompts) // n) if prompts else 0
-        shards = []
-        for r, i in enumerate(range(0, len(prompts), size or 1)):
-            part = slice(i, i + size)
-            each = sampling if isinstance(sampling, SamplingConfig) else sampling[part]
-            shard = Shard(r, prompts[part], each, seeds[part], adapters[part] if adapters is not None else None)
-            shard.ref = shard.send(self.actors[r])
-            shards.append(shard)
-        return shards
+               adapters: list[str | None] | None = None) -> list[Call]:
+        """Start generation on every replica at once; one call per non-empty shard, in order (kept to be sent again
+        to a replica's restart). ``sampling`` is one for all prompts or one per prompt; ``adapters`` (a shared LoRA
+        engine) one per prompt."""
+        sends = []
+        for part in self.slices(len(prompts)):
+            args = (prompts[part], sampling if isinstance(sampling, SamplingConfig) else sampling[part], seeds[part],
+                    adapters[part] if adapters is not None else None)
+            sends.append(lambda actor, args=args: actor.generate.remote(*args))
+        return self.send(sends)
 
-    def collect(self, shards: list[Shard]) -> list[Generation]:
+    def collect(self, shards: list[Call]) -> list[Generation]:
         """Every shard's generations in order; a shard whose replica died is served again by its restart."""
-        out: list[Generation] = []
-        for shard in shards:
-            out += self._call(shard.replica, shard.send, shard.ref)
-        return out
+        return [generation for shard in self.results(shards) for generation in shard]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig], seeds: list[int],
                  adapters: list[str | None] | None = None) -> list[Generation]:
@@ -374,45 +353,21 @@ class AgentEngines:
 
     def logprobs(self, rows: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[list[list[float]]]:
         """``Engine.logprobs`` of the same rows on every replica (under ``adapter``): each must hold what was pushed."""
-        return self.call_all(lambda actor: actor.logprobs.remote(rows, adapter))
+        return self.call_all("logprobs", rows, adapter)
 
     def push_adapter(self, name: str, adapter: AdapterPayload | ray.ObjectRef) -> None:
         """Agent ``name``'s adapter into every replica (kept, as weights are, for a replica that restarts)."""
         self.adapters[name] = adapter
-        self.call_all(lambda actor: actor.load_adapter.remote(name, adapter))
+        self.call_all("load_adapter", name, adapter)
 
     def push_weights(self, payload: WeightPayload | ray.ObjectRef) -> None:
         """Weights, or a reference to them in the object store (each replica reads them from there itself). They are
         kept (the reference keeps them in the store): a replica that restarts later loads them too."""
         self.weights = payload
-        self.call_all(lambda actor: actor.update_weights.remote(payload))
+        self.call_all("update_weights", payload)
 
     def sleep(self) -> None:
-        self.call_all(lambda actor: actor.sleep.remote())
+        self.call_all("sleep")
 
     def wake_up(self) -> None:
-        self.call_all(lambda actor: actor.wake_up.remote())
-
-    def call_all(self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef]) -> list:
-        refs = [call(actor) for actor in self.actors]
-        return [self._call(r, call, ref) for r, ref in enumerate(refs)]
-
-    def _call(self, replica: int, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef], ref: ray.ObjectRef):
-        """``ray.get(ref)``; if the replica died, restart it and make the call again on the new one."""
-        restarts = 0
-        while True:
-            try:
-                return ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                # Another actor's death (the learner whose weights were the argument) is not this replica's fault.
-                mine = exc.actor_id in (None, self.actors[replica]._actor_id.hex())
-                if not mine or restarts == MAX_RESTARTS_PER_CALL:
-                    raise
-                restarts += 1
-                self.restart(replica)
-                ref = call(self.actors[replica])
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        self.placement.remove()
+        self.call_all("wake_up")

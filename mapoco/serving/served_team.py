@@ -108,7 +108,7 @@ class ServedTeam:
         return out
 
     def engine_pids(self) -> list[int]:
-        return [pid for engines in self.team.distinct_engines() for pid in engines.call_all(lambda a: a.pid.remote())]
+        return [pid for engines in self.team.distinct_engines() for pid in engines.call_all("pid")]
 
     def shutdown(self) -> None:
         if self.runner is not None:

@@ -3,13 +3,13 @@ pool that keeps idle groups for the next run of a test session or a sweep."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import ray
 import torch
 
 from mapoco.config import AlgorithmConfig, LearnerConfig
+from mapoco.runtime.actor_group import ActorGroup, Call
 from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.placement import (
     READY_TIMEOUT_S,
@@ -17,14 +17,12 @@ from mapoco.runtime.placement import (
     learner_bundles,
     reserve,
 )
-from mapoco.runtime.weights import (
-    unpack,
-)
+from mapoco.runtime.weights import unpack
 from mapoco.training.batch import PER_RANK_STATS, Rollout, RolloutStats, TokenTargets, combine_stats
 from mapoco.training.learner import Learner
 
 
-class LearnerGroup:
+class LearnerGroup(ActorGroup):
     """All ranks of one agent's learner group; calls fan out to every rank and are gathered.
 
     Rank r runs in bundle r of ``placement``: the group's own (reserved here) or, when colocated, its engines'.
@@ -32,47 +30,46 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int,
                  what: str, placement: Placement | None = None, placement_timeout_s: float = READY_TIMEOUT_S):
-        self.model_path, self.cfg = model_path, cfg
-        self.owned_placement = None if placement else reserve(learner_bundles(cfg), what, placement_timeout_s)
-        placement = placement or self.owned_placement
-        self.actors = [
-            ray.remote(Learner).options(
-                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=placement.strategy(r),
-                runtime_env={"env_vars": {**(cfg.env or {}), "DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu",
-                                          **visible_devices_env(cfg.num_gpus)}},
-            ).remote(r, cfg.num_learners, model_path, cfg, algo, num_turns, seed, what)
-            for r in range(cfg.num_learners)
-        ]
+        self.model_path, self.cfg, self._settings = model_path, cfg, (algo, num_turns, seed)
+        owned = placement is None
+        super().__init__(what, cfg.num_learners, placement or reserve(learner_bundles(cfg), what, placement_timeout_s),
+                         owns_placement=owned)
         # The group meets on rank 0's node, wherever the driver runs: every rank gets rank 0's address (Ray resolves
         # the reference first), so the groups of all agents start at once.
         master = self.actors[0].rendezvous_address.remote()
         self._ready = [actor.setup.remote(master) for actor in self.actors]
 
+    def start(self, index: int) -> ray.actor.ActorHandle:
+        cfg = self.cfg
+        return ray.remote(Learner).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy=self.placement.strategy(index),
+            runtime_env={"env_vars": {**(cfg.env or {}), "DS_ACCELERATOR": "cuda" if cfg.num_gpus else "cpu",
+                                      **visible_devices_env(cfg.num_gpus)}},
+        ).remote(index, cfg.num_learners, self.model_path, cfg, *self._settings, self.what)
+
     def wait_ready(self) -> None:
         """Until every rank has joined the group and built its model (a rank's error raises here)."""
-        gather(self._ready)
-
-    def shard(self, items: list[Any]) -> list[list[Any]]:
-        n = len(self.actors)
-        return [items[r::n] for r in range(n)]
+        self.results([Call(r, None, ref) for r, ref in enumerate(self._ready)])
 
     def rollout_stats(self, rows: list[Rollout]) -> RolloutStats:
         """Each rank computes its shard's stats; the shards' tensors are put back in row order."""
-        shards = gather([a.rollout_stats.remote(s) for a, s in zip(self.actors, self.shard(rows))])
+        parts = self.shard(rows)
+        shards = self.results(self.send([lambda a, part=part: a.rollout_stats.remote(part) for part in parts]))
         out = RolloutStats.zeros(rows)
-        for index, shard in zip(self.shard(list(range(len(rows)))), shards):
+        for part, shard in zip(self.slices(len(rows)), shards):
             for field in RolloutStats.FIELDS:
-                part = getattr(shard, field)
-                getattr(out, field)[index, : part.size(1)] = part
+                stats = getattr(shard, field)
+                getattr(out, field)[part, : stats.size(1)] = stats
         return out
 
     def update(self, rows: list[Rollout], targets: TokenTargets, normalizer: float,
                step: int = 0) -> dict[str, float]:
         """``targets`` go into the object store once; every rank reads its rows of them there."""
         targets_ref = ray.put(targets)
-        refs = [actor.update.remote([rows[i] for i in idx], targets_ref, idx, normalizer, step)
-                for actor, idx in zip(self.actors, self.shard(list(range(len(rows)))))]
-        results = gather(refs)
+        index = list(range(len(rows)))
+        results = self.results(self.send([
+            lambda a, part=part: a.update.remote(rows[part], targets_ref, index[part], normalizer, step)
+            for part in self.slices(len(rows))]))
         combined = combine_stats({k: [r[k] for r in results] for k in results[0] if k not in PER_RANK_STATS},
                                  [r["tokens"] for r in results])
         combined["grad_norm"] = results[0]["grad_norm"]  # after the all-reduce: the same on every rank
@@ -82,39 +79,24 @@ class LearnerGroup:
     def weights_ref(self, dtype: str) -> ray.ObjectRef:
         """Rank 0's weights, left in the object store: engines read them straight from there, not through the
         controller (measured: a SmolLM2 sync 3.5 s -> 2.5 s on CPU)."""
-        refs = [a.weights.remote(dtype) for a in self.actors]  # every rank: ZeRO-3 gathers collectively
-        gather(refs[1:])
-        return refs[0]
+        return self._rank0_ref("weights", dtype)  # every rank: ZeRO-3 gathers collectively
 
     def weights(self, dtype: str) -> dict[str, torch.Tensor]:
         return unpack(ray.get(self.weights_ref(dtype)))
 
     def adapter_ref(self, dtype: str) -> ray.ObjectRef:
         """Rank 0's adapter, left in the object store as ``weights_ref`` leaves the weights."""
-        refs = [a.adapter.remote(dtype) for a in self.actors]
-        gather(refs[1:])
-        return refs[0]
+        return self._rank0_ref("adapter", dtype)
 
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        return gather([getattr(a, method).remote(*args) for a in self.actors])
+    def _rank0_ref(self, method: str, *args: Any) -> ray.ObjectRef:
+        calls = self.send([lambda a: getattr(a, method).remote(*args)] * len(self.actors))
+        self.results(calls[1:])
+        return calls[0].ref
 
     def reset(self, cfg: LearnerConfig, algo: AlgorithmConfig, num_turns: int, seed: int) -> None:
         """Every rank starts over with these settings (``Learner.reset``); ``wait_ready`` waits for it."""
-        self.cfg = cfg
+        self.cfg, self._settings = cfg, (algo, num_turns, seed)
         self._ready = [a.reset.remote(cfg, algo, num_turns, seed) for a in self.actors]
-
-    def alive(self) -> bool:
-        try:
-            self.call_all("where")
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
-            return False
-        return True
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        if self.owned_placement is not None:
-            self.owned_placement.remove()
 
 
 class LearnerPool:
@@ -165,37 +147,3 @@ class LearnerPool:
         for group in (g for free in self.free.values() for g in free):
             group.shutdown()
         self.free.clear()
-
-
-# A rank's collective fails at once when a peer dies (gloo: "Connection reset by peer"), before Ray declares the peer
-# dead (within its health-check window: 15 s by default, a node's loss up to 30 s).
-PEER_DEATH_WAIT_S = 60.0
-
-
-def gather(refs: list[ray.ObjectRef]) -> list[Any]:
-    """``ray.get(refs)``, but the first rank to fail raises at once: its peers may be stuck in a collective waiting
-    for it (gloo's own timeout is 30 minutes), and ``ray.get`` in order would wait on them first. A rank that failed
-    because a peer died raises the peer's death, the fault a run resumes from, not the broken collective."""
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        try:
-            ray.get(done)
-        except ray.exceptions.RayTaskError:
-            _raise_a_peers_death(pending)
-            raise
-    return ray.get(refs)
-
-
-def _raise_a_peers_death(pending: list[ray.ObjectRef]) -> None:
-    """Raises the death of the rank behind one of ``pending`` if Ray declares one within PEER_DEATH_WAIT_S."""
-    deadline = time.monotonic() + PEER_DEATH_WAIT_S
-    while pending and (left := deadline - time.monotonic()) > 0:
-        done, pending = ray.wait(pending, num_returns=1, timeout=left)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                raise
-            except ray.exceptions.RayTaskError:
-                pass

@@ -326,7 +326,7 @@ class Trainer:
         met; rewritten when an engine replica restarts elsewhere."""
         where: dict[str, list[dict[str, Any]]] = {}
         for index, engines in self.team.engine_owners().items():
-            where[f"team.agents[{index}].engine"] = engines.call_all(lambda actor: actor.where.remote())
+            where[f"team.agents[{index}].engine"] = engines.call_all("where")
         for policy in self.policies:
             where[f"team.agents[{policy.seats[0]}].learner"] = policy.group.call_all("where")
         write_json(self.out / "placement.json", where)
@@ -400,7 +400,7 @@ class Trainer:
         self.tracker.finish()
         for policy in self.policies:
             policy.sync.close()
-            if self.learners is not None and policy.group.owned_placement is not None:
+            if self.learners is not None and policy.group.owns_placement:
                 self.learners.give_back(policy.group)
             else:
                 policy.group.shutdown()
