@@ -38,17 +38,16 @@ from mapoco.rollout.engine import AgentEngines, engine_env
 from mapoco.rollout.verifier import VerifierClient
 from mapoco.runtime.placement import engine_bundles, reserve
 from mapoco.runtime.precision import engine_dtype
-from mapoco.runtime.weights import (
-    AdapterPayload,
-    WeightPayload,
-    adapter_weights,
-    engine_weights,
-    pack,
-)
 from mapoco.tasks import load_task
 from mapoco.training.learner_group import LearnerGroup
-from mapoco.training.policy_model import with_lora
-from mapoco.training.weight_sync import AdapterSync, ObjectStoreSync
+from mapoco.weights.adapters import (
+    AdapterPayload,
+    AdapterSync,
+    adapter_weights,
+    with_lora,
+)
+from mapoco.weights.object_store import ObjectStoreSync
+from mapoco.weights.payload import WeightPayload, engine_weights, pack
 
 RANK = 8
 
@@ -80,7 +79,7 @@ class RawLoraEngine:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from mapoco.runtime.weights import write_adapter
+        from mapoco.weights.adapters import write_adapter
 
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=0, enforce_eager=True,
                        enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),

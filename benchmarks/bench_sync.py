@@ -20,7 +20,8 @@ from mapoco.rollout.engine import AgentEngines
 from mapoco.runtime.placement import engine_bundles, reserve
 from mapoco.runtime.precision import engine_dtype
 from mapoco.training.learner_group import LearnerGroup
-from mapoco.training.weight_sync import CollectiveSync, ObjectStoreSync
+from mapoco.weights.collective import CollectiveSync
+from mapoco.weights.object_store import ObjectStoreSync
 
 
 def start_engines(path: str, cfg: EngineConfig, name: str) -> AgentEngines:

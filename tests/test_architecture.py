@@ -65,7 +65,8 @@ LAYERS = (
     ("mapoco.answers", "mapoco.tasks"),  # questions and grading: plain Python
     ("mapoco.models",),  # specs of the tiny models and the registry that finds any model's folder
     ("mapoco.config",),  # the typed run configuration and its validation
-    ("mapoco.runtime",),  # Ray: cluster, placement, devices, precision, the ends of a weight move, logs
+    ("mapoco.runtime",),  # Ray: cluster, placement, actor groups, devices, precision, logs
+    ("mapoco.weights",),  # weight movement: the sync interface, one module per transport with its engine side
     ("mapoco.rollout",),  # engines, the discussion, verifiers, rewards
     ("mapoco.evaluation",),  # eval runs, metrics, the run folder's reports
     ("mapoco.training",),  # the trainer, learners, algorithms, weight sync, checkpoints

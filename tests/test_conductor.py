@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import compose_config, kernels_twin, watch_updates
 
-from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
 from mapoco.conductor.evaluate import evaluate_conductor
 from mapoco.conductor.method import ConductorMethod
+from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
 from mapoco.conductor.workflow import Plan, Step
 from mapoco.config import ConductorConfig, HttpWorkerConfig, PriceConfig
 from mapoco.tasks import Problem

@@ -15,7 +15,12 @@ from conftest import ROOT, compose_config
 
 from mapoco.config import ConfigError
 from mapoco.rollout.engine import engine_env
-from mapoco.runtime.devices import Install, check_install, this_install, visible_devices_env
+from mapoco.runtime.devices import (
+    Install,
+    check_install,
+    this_install,
+    visible_devices_env,
+)
 
 pytestmark = pytest.mark.gpu  # a GPU path's logic, run on CPU
 CPU = Install("2.13.0+cpu", False, "cpu", "0.32.0")
@@ -98,7 +103,7 @@ from mapoco.cli import compose
 from mapoco.config import ConfigError
 from mapoco.runtime.cluster import check_cluster, run_devices
 from mapoco.runtime.devices import Install, check_install
-from mapoco.training.weight_sync import sync_method
+from mapoco.weights.sync import sync_method
 
 INSTALLS = {"cpu": Install("2.13.0+cpu", False, "cpu", "0.32.0"), "cuda": Install("2.14.0+cu130", True, "cuda", "0.33.0")}
 ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from mapoco.config import SamplingConfig
-from mapoco.runtime.weights import pack
+from mapoco.weights.payload import pack
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 from mapoco.config import DiscussionConfig, RewardConfig
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.rollout.rewards import maporl_rewards
-from mapoco.rollout.verifier import Verdict, VerifyItem, check_gold
 from mapoco.rollout.rllib_env import (
     AnyText,
     DiscussionEnv,
     chat_template_renderer,
     play_episode,
 )
+from mapoco.rollout.verifier import Verdict, VerifyItem, check_gold
 from mapoco.tasks import Problem
 
 PROBLEMS = [Problem("q0", "Calculate 2 + 3.", "5"), Problem("q1", "Calculate 4 - 1.", "3"),

@@ -19,9 +19,9 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from mapoco.conductor.workflow import SUBTASKS, parse_workflow
 from mapoco.models import registry, specs
-from mapoco.testbed import build, cache, chat_data, probes
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
 from mapoco.tasks import Problem, TaskConfig, arithmetic_problems, composition_problems
+from mapoco.testbed import build, cache, chat_data, probes
 
 TINY = sorted(specs.TINY_MODELS)
 DISCUSSION = ["tiny-llama", "tiny-qwen"]  # warm-started on the default task, for discussions

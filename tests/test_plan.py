@@ -36,7 +36,7 @@ def test_lora_counts_the_adapters_the_learner_adds(tiny_models):
     import torch
 
     from mapoco.models.registry import load_causal_lm
-    from mapoco.training.policy_model import with_lora
+    from mapoco.weights.adapters import with_lora
 
     cfg = compose_config("learner.lora_rank=4").team.agents[0]
     real = with_lora(load_causal_lm(tiny_models[cfg.model], torch.float32), cfg.learner)

@@ -241,9 +241,9 @@ def trained(hetero_team, learner_pool, tmp_path_factory):
 
     from mapoco.cli import CONF_DIR
     from mapoco.evaluation.evaluate import discuss_in_batches
-    from mapoco.runtime.weights import pack
     from mapoco.tasks import load_task
     from mapoco.training.trainer import Trainer
+    from mapoco.weights.payload import pack
 
     run_dir = tmp_path_factory.mktemp("served-run")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):  # what Hydra saves for the run

@@ -235,8 +235,8 @@ def test_engines_out_of_sync_stop_the_run_with_the_message(hetero_team, learner_
     """Agent 0's engines get other weights than its learners hold after step 1: step 2's gap breaches the
     tolerance and the run stops naming the agent, the gap and the setting that decides it. Overlapped, step 2's
     batch was sampled before the wrong push: the engines' re-scoring of its rows catches it."""
-    from mapoco.runtime.weights import pack
     from mapoco.training.sync_guard import EnginesOutOfSync
+    from mapoco.weights.payload import pack
 
     cfg = compose_config("team=tiny_hetero", *SMALL, "train.steps=3", "train.save_every=0", "train.eval_limit=4",
                          "train.logprob_breach_steps=1", f"train.off_policy_steps={off_policy_steps}",

@@ -20,7 +20,7 @@ from conftest import compose_config
 from test_train import assert_engines_match_learner
 
 from mapoco.training.trainer import Trainer
-from mapoco.training.weight_sync import CollectiveSync
+from mapoco.weights.collective import CollectiveSync
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu]  # a GPU path's logic, run on CPU
 

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from mapoco.runtime.weights import _quiet_expected_reload_warnings, pack, unpack
+from mapoco.weights.payload import pack, unpack
+from mapoco.weights.reload import _quiet_expected_reload_warnings
 
 LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
 

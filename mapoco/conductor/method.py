@@ -13,7 +13,11 @@ from typing import Any
 import numpy as np
 
 from mapoco.conductor.evaluate import conductor_table, evaluate_pool, write_transcripts
-from mapoco.conductor.rollout import ConductorResult, ConductorRunner, summarize_conductor
+from mapoco.conductor.rollout import (
+    ConductorResult,
+    ConductorRunner,
+    summarize_conductor,
+)
 from mapoco.config import RunConfig
 from mapoco.rollout.discussion import Team
 from mapoco.rollout.verifier import VerifierClient

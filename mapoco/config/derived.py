@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mapoco.config.schema import VLLM_LORA_RANKS, AgentConfig, EngineConfig, LearnerConfig, TeamConfig
+from mapoco.config.schema import (
+    VLLM_LORA_RANKS,
+    AgentConfig,
+    EngineConfig,
+    LearnerConfig,
+    TeamConfig,
+)
 
 
 def gpu_sharing(learner: LearnerConfig, engine: EngineConfig) -> str | None:

@@ -17,7 +17,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 # The names the validators accept; the code that implements each keeps its own registry, and a test checks that the
 # two match (tests/test_config.py).
-WEIGHT_SYNCS = ("auto", "object_store", "collective")  # mapoco.training.weight_sync
+WEIGHT_SYNCS = ("auto", "object_store", "collective")  # mapoco.weights.sync.sync_method
 TOPOLOGIES = ("all_to_all", "ring", "star")  # mapoco.rollout.topology: who sees whom in a discussion
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")  # mapoco.training.algorithms: advantage estimators
 KL_ESTIMATORS = ("k1", "k2", "k3")  # mapoco.training.algorithms: KL penalty estimators

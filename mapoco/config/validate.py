@@ -28,7 +28,11 @@ from mapoco.config.schema import (
 )
 from mapoco.config.validate_conductor import validate_conductor
 from mapoco.config.validate_team import validate_team
-from mapoco.config.validate_training import validate_rewards, validate_training, validate_verifier
+from mapoco.config.validate_training import (
+    validate_rewards,
+    validate_training,
+    validate_verifier,
+)
 from mapoco.tasks import (
     ANLI_ROUNDS,
     ARITHMETIC_DEFAULTS,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mapoco.config.checks import require, require_model, require_name, require_weights_folder
+from mapoco.config.checks import (
+    require,
+    require_model,
+    require_name,
+    require_weights_folder,
+)
 from mapoco.config.derived import gpu_sharing
 from mapoco.config.schema import (
     ESTIMATORS,

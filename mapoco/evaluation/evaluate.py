@@ -8,7 +8,13 @@ from typing import Any
 from tqdm import tqdm
 
 from mapoco.config import RunConfig
-from mapoco.evaluation.report import discussion_transcripts, plot_turns, summarize, turn_curves, turn_table
+from mapoco.evaluation.report import (
+    discussion_transcripts,
+    plot_turns,
+    summarize,
+    turn_curves,
+    turn_table,
+)
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient

@@ -50,7 +50,7 @@ def _shape(ref: str, lora_rank: int, lora_alpha: int) -> ModelShape:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     adapters = 0
     if lora_rank > 0:
-        from mapoco.training.policy_model import with_lora
+        from mapoco.weights.adapters import with_lora
 
         with torch.device("meta"):
             model = with_lora(model, LearnerConfig(lora_rank=lora_rank, lora_alpha=lora_alpha))

@@ -29,7 +29,9 @@ import ray
 from mapoco.config import GPU_MEMORY_CAP, AgentConfig, ConfigError, RunConfig
 from mapoco.runtime.cluster import engine_hosts, learning_agents, run_bundles
 from mapoco.runtime.placement import Bundles, node_of_actor, reserve
-from mapoco.runtime.precision import pick_dtype  # auto on a GPU: bf16 (fp16, the same bytes, before Ampere)
+from mapoco.runtime.precision import (
+    pick_dtype,  # auto on a GPU: bf16 (fp16, the same bytes, before Ampere)
+)
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -176,7 +178,9 @@ def engine_load(agent: AgentConfig, gpu_gib: float, who: str) -> tuple[Load, str
 def learner_load(agent: AgentConfig, ranks: int, who: str) -> Load:
     """One learner rank's model states (DeepSpeed's estimators) and the frozen weights it holds beside them."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+    )
 
     from mapoco.planning.architecture import model_shape
 
@@ -230,8 +234,8 @@ def gpu_loads(cfg: RunConfig, seats: dict[str, list[Seat]]) -> tuple[list[GpuPla
 
 
 def sync_paths(cfg: RunConfig) -> dict[str, str]:
-    """How each trained agent's weights reach its engines (``mapoco.training.weight_sync``)."""
-    from mapoco.training.weight_sync import sync_method
+    """How each trained agent's weights reach its engines (``mapoco.weights``)."""
+    from mapoco.weights.sync import sync_method
 
     paths = {}
     for i, agent in learning_agents(cfg):

@@ -37,8 +37,8 @@ from mapoco.runtime.placement import (
     learner_shares_engines,
     reserve,
 )
-from mapoco.runtime.weights import AdapterPayload, read_adapter
 from mapoco.tasks import Problem
+from mapoco.weights.adapters import AdapterPayload, read_adapter
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Engine actors: one Ray actor per agent replica wrapping a vLLM ``LLM``; token ids in, token ids out.
 
-New weights arrive on CPU as a ``mapoco.runtime.weights`` payload read in place from Ray's object store; on GPU
-through an NCCL broadcast (``mapoco.training.weight_sync``).
+New weights arrive on CPU as a ``mapoco.weights.payload`` read in place from Ray's object store; on GPU
+through an NCCL broadcast (``mapoco.weights.collective``).
 
 A shared LoRA engine (``team.lora_engine``) serves several agents on one base model, each request with its agent's
 adapter (``load_adapter``: written as a peft folder, loaded by vLLM in place); one batch mixes adapters.
@@ -35,14 +35,10 @@ from mapoco.runtime.devices import visible_devices_env
 from mapoco.runtime.logs import capture_output
 from mapoco.runtime.placement import READY_TIMEOUT_S, Placement, node_of_actor
 from mapoco.runtime.precision import engine_dtype, on_this_device
-from mapoco.runtime.weights import (
-    AdapterPayload,
-    WeightPayload,
-    init_group_in_worker,
-    receive_in_worker,
-    reload_in_worker,
-    write_adapter,
-)
+from mapoco.weights.adapters import AdapterPayload, write_adapter
+from mapoco.weights.collective import init_group_in_worker, receive_in_worker
+from mapoco.weights.object_store import reload_in_worker
+from mapoco.weights.payload import WeightPayload
 
 
 @dataclass
@@ -175,7 +171,7 @@ class Engine:
         self.llm.reset_prefix_cache()
 
     def init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
-        """Collective weight sync: join this agent's broadcast group (see ``mapoco.training.weight_sync``)."""
+        """Collective weight sync: join this agent's broadcast group (see ``mapoco.weights.collective``)."""
         self.llm.collective_rpc(init_group_in_worker, args=(host, port, rank_offset, world_size, timeout_s))
 
     def receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:

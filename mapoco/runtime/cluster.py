@@ -14,7 +14,13 @@ from typing import Any
 
 import ray
 
-from mapoco.config import AgentConfig, ConfigError, RunConfig, check_models, lora_engine_config
+from mapoco.config import (
+    AgentConfig,
+    ConfigError,
+    RunConfig,
+    check_models,
+    lora_engine_config,
+)
 from mapoco.runtime.devices import check_install, this_install
 from mapoco.runtime.logs import actor_env
 from mapoco.runtime.placement import (

@@ -8,8 +8,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mapoco.config import ConfigError, LearnerConfig, RunConfig, from_dict
+from mapoco.config import ConfigError, RunConfig, from_dict
 from mapoco.training import checkpoint as checkpoints
+from mapoco.weights.adapters import ADAPTER_DIR
+from mapoco.weights.checkpoint import restore
 
 # Keys the serve command itself sets; everything else comes from the trained run's saved configuration.
 SERVE_KEYS = ("serve", "cluster", "logger", "checkpoint", "command", "hydra", "output_dir")
@@ -89,52 +91,15 @@ def check_checkpoint(cfg: RunConfig, path: Path) -> None:
     lora_seats = cfg.team.lora_seats()
     for owner, seats in cfg.team.policy_seats().items():
         folder = checkpoints.agent_dir(path, seats[0])
-        for weights in [folder / "model.safetensors"] + [folder / checkpoints.ADAPTER_DIR] * (owner in lora_seats):
+        for weights in [folder / "model.safetensors"] + [folder / ADAPTER_DIR] * (owner in lora_seats):
             if not weights.exists():
                 raise ConfigError("checkpoint", str(path), f"{weights} is missing: team.agents[{owner}] is trained "
                                                            "in this run's configuration, so its checkpoint holds it")
 
 
-def engine_state(directory: Path, model_path: Path, learner: LearnerConfig) -> dict[str, Any]:
-    """A learner checkpoint's policy weights under the engine's (HF) names, LoRA adapters merged, tied weights once:
-    what the learner sends its engines after an update."""
-    import torch
-    from safetensors.torch import load_file
-
-    from mapoco.models.registry import load_causal_lm
-    from mapoco.runtime.precision import learner_dtype
-    from mapoco.runtime.weights import engine_weights
-    from mapoco.training.policy_model import with_lora
-
-    saved = load_file(str(directory / "model.safetensors"))
-    state = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}  # not the value head
-    model = load_causal_lm(model_path, getattr(torch, learner_dtype(learner)))
-    lora = learner.lora_rank > 0
-    if lora:
-        model = with_lora(model, learner)
-    try:  # a LoRA checkpoint holds what trained; the base comes from the model folder
-        missing, _ = model.load_state_dict(state, strict=not lora)
-        if lora and any("lora_" in name for name in missing):
-            raise RuntimeError(f"no adapter weights for {min(n for n in missing if 'lora_' in n)}")
-    except RuntimeError as exc:
-        raise ConfigError("checkpoint", str(directory), f"its weights do not fit {model_path} "
-                                                        f"({str(exc).splitlines()[0]})") from None
-    return engine_weights(model, lora=lora)
-
-
 def push_checkpoint(team: Any, cfg: RunConfig, path: Path) -> None:
-    """Put every trained policy's checkpointed weights into its engines (which keep them for any replica that
-    restarts later)."""
-    import ray
-    import torch
-
-    from mapoco.runtime.precision import engine_dtype
-    from mapoco.runtime.weights import pack, read_adapter
-
+    """Put every trained policy's checkpointed weights into its engines."""
     for owner, seats in cfg.team.policy_seats().items():
-        runtime = team.agents[owner]
-        if owner in cfg.team.lora_seats():  # the shared LoRA engine: only the adapter moves
-            runtime.load_adapter(read_adapter(checkpoints.agent_dir(path, seats[0]) / checkpoints.ADAPTER_DIR))
-            continue
-        state = engine_state(checkpoints.agent_dir(path, seats[0]), runtime.model_path, cfg.team.agents[owner].learner)
-        runtime.engines.push_weights(ray.put(pack(state, getattr(torch, engine_dtype(runtime.cfg.engine)))))
+        agent = cfg.team.agents[owner]
+        restore(team.agents[owner], checkpoints.agent_dir(path, seats[0]), agent.learner, agent.engine,
+                on_lora_engine=owner in cfg.team.lora_seats())

@@ -31,11 +31,34 @@ from mapoco.models.specs import (
     TinyModelSpec,
 )
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
-from mapoco.tasks import ARITHMETIC_DEFAULTS, Problem, arithmetic_problems, composition_problems
+from mapoco.tasks import (
+    ARITHMETIC_DEFAULTS,
+    Problem,
+    arithmetic_problems,
+    composition_problems,
+)
 from mapoco.testbed.cache import atomic_build, fingerprint
-from mapoco.testbed.chat_data import CONDUCTOR_SUBTASKS, TRAIN_POOL, card_line, composition_step, operation_note
-from mapoco.testbed.probes import NUM_EVAL, composition_accuracy, plan_stats, sample_plans, step_message, turn1_accuracy
-from mapoco.testbed.warm_start import tiny_model_config, tokenizer_corpus, train_tokenizer, train_warm_start
+from mapoco.testbed.chat_data import (
+    CONDUCTOR_SUBTASKS,
+    TRAIN_POOL,
+    card_line,
+    composition_step,
+    operation_note,
+)
+from mapoco.testbed.probes import (
+    NUM_EVAL,
+    composition_accuracy,
+    plan_stats,
+    sample_plans,
+    step_message,
+    turn1_accuracy,
+)
+from mapoco.testbed.warm_start import (
+    tiny_model_config,
+    tokenizer_corpus,
+    train_tokenizer,
+    train_warm_start,
+)
 
 WARMSTART_FILE = "warmstart.json"
 

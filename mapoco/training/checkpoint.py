@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from mapoco.config import ConfigError
+from mapoco.weights.adapters import ADAPTER_DIR  # noqa: F401  (a checkpoint's layout names it)
 
 COMPLETE = "COMPLETE"
-ADAPTER_DIR = "adapter"  # in a LoRA agent's folder: adapter_config.json + adapter_model.safetensors (peft's format)
+
 STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

@@ -28,17 +28,6 @@ from mapoco.runtime.placement import (
     node_of_actor,
 )
 from mapoco.runtime.precision import learner_dtype, on_this_device
-from mapoco.runtime.weights import (
-    AdapterPayload,
-    Broadcaster,
-    WeightPayload,
-    adapter_weights,
-    engine_weights,
-    join_broadcast,
-    pack,
-    send_weights,
-    write_adapter,
-)
 from mapoco.training.algorithms import (
     entropy_from_logits,
     kl_penalty,
@@ -57,8 +46,16 @@ from mapoco.training.batch import (
     response_outputs,
 )
 from mapoco.training.checkpoint import ADAPTER_DIR, CheckpointError
-from mapoco.training.policy_model import PolicyWithValue, deepspeed_config, with_lora
+from mapoco.training.policy_model import PolicyWithValue, deepspeed_config
 from mapoco.training.state_io import load_state, save_state
+from mapoco.weights.adapters import (
+    AdapterPayload,
+    adapter_weights,
+    with_lora,
+    write_adapter,
+)
+from mapoco.weights.collective import Broadcaster, join_broadcast, send_weights
+from mapoco.weights.payload import WeightPayload, engine_weights, pack
 
 
 def peak_memory_gib() -> float:

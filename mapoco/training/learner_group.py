@@ -17,9 +17,15 @@ from mapoco.runtime.placement import (
     learner_bundles,
     reserve,
 )
-from mapoco.runtime.weights import unpack
-from mapoco.training.batch import PER_RANK_STATS, Rollout, RolloutStats, TokenTargets, combine_stats
+from mapoco.training.batch import (
+    PER_RANK_STATS,
+    Rollout,
+    RolloutStats,
+    TokenTargets,
+    combine_stats,
+)
 from mapoco.training.learner import Learner
+from mapoco.weights.payload import unpack
 
 
 class LearnerGroup(ActorGroup):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mapoco.runtime.precision import AgentPrecision
 from mapoco.training.learner_group import LearnerGroup
-from mapoco.training.weight_sync import WeightSync
+from mapoco.weights.sync import WeightSync
 
 
 @dataclass

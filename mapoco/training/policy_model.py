@@ -39,11 +39,3 @@ def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
         "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
         "steps_per_print": 10**9,
     }
-
-
-def with_lora(policy: nn.Module, cfg: LearnerConfig) -> nn.Module:
-    """The policy with LoRA adapters on every linear layer (the output head excepted), as the learner trains it."""
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(policy, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -51,7 +51,9 @@ from mapoco.training.sweep_actors import SweepActors
 from mapoco.training.sync_guard import Probe, SyncGuard, gap_over_tolerance, probe
 from mapoco.training.tracking import Tracker
 from mapoco.training.update import advantages_of, token_targets
-from mapoco.training.weight_sync import AdapterSync, SyncFailed, make_sync
+from mapoco.weights.adapters import AdapterSync
+from mapoco.weights.factory import make_sync
+from mapoco.weights.sync import SyncFailed
 
 
 class TrainingInterrupted(RuntimeError):
@@ -399,7 +401,7 @@ class Trainer:
         self.method.close()
         self.tracker.finish()
         for policy in self.policies:
-            policy.sync.close()
+            policy.sync.shutdown()
             if self.learners is not None and policy.group.owns_placement:
                 self.learners.give_back(policy.group)
             else:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import torch
 
 from mapoco.config import AlgorithmConfig
-from mapoco.training.algorithms import AdvantageBatch, AdvantageConfig, compute_advantages
+from mapoco.training.algorithms import (
+    AdvantageBatch,
+    AdvantageConfig,
+    compute_advantages,
+)
 from mapoco.training.batch import AgentBatch, RolloutStats, TokenTargets
 
 

@@ -1,101 +1,31 @@
-"""Weight sync: after each update an agent's new weights reach its own engines before the next rollout.
-
-``object_store``: learner rank 0 writes the weights into Ray's object store once and every engine reads them in place
-and reloads (both ends: ``mapoco.runtime.weights``). It works wherever the actors run, also when a learner rank and
-an engine share one GPU (colocation, fractional GPUs), which no collective group allows.
-``collective``: one broadcast group per agent (learner rank 0 plus every engine worker, a rendezvous of its own, so
-agents never share a group); each sync broadcasts tensor by tensor into buffers the engines reload from. The group
-is NCCL on GPUs and gloo on CPUs, through the same code. A push that does not finish within
+"""The collective transport: one broadcast group per agent (learner rank 0 plus every engine worker, a rendezvous of
+its own, so agents never share a group); each push broadcasts tensor by tensor into buffers the engines reload from.
+The group is NCCL on GPUs and gloo on CPUs, through the same code. A push that does not finish within
 ``train.sync_timeout_s`` names the replicas it waited for; dead or stalled replicas are restarted, the group is
-rebuilt around them and the push runs again.
-An agent on the shared LoRA engine sends only its adapter, through the object store (``AdapterSync``).
-"""
+rebuilt around them and the push runs again."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
 import ray
+import torch
 
-from mapoco.config import EngineConfig, LearnerConfig, gpu_sharing
-from mapoco.rollout.discussion import AgentRuntime
-from mapoco.rollout.engine import AgentEngines
-from mapoco.training.learner_group import LearnerGroup
+from mapoco.weights.reload import reload_model
+from mapoco.weights.sync import Engines, Learners, SyncFailed, asleep
 
 PUSH_ATTEMPTS = 3  # a push that fails this often in a row, each time after restarting what failed, is a real fault
 RELOAD_GRACE_S = 30.0  # after the broadcast's own timeout, how long members that received may take to reload
 
 
-class WeightSync(Protocol):
-    def updating(self) -> AbstractContextManager[None]:
-        """Around the learner's update: colocated engines sleep through it (``asleep``)."""
-
-    def push(self) -> None:
-        """The learner group's current weights into every engine replica of its agent."""
-
-    def close(self) -> None:
-        """Its trainer is done: the engines (a shared team's outlive it) no longer call back into it."""
-
-
-@contextlib.contextmanager
-def asleep(engines: AgentEngines) -> Iterator[None]:
-    """Colocated engines sleep through the learner's update (it gets their device, their KV cache is dropped) and
-    wake before the weights come; engines of their own keep serving (an off-policy rollout may be running)."""
-    if not engines.sleep_mode:
-        yield
-        return
-    engines.sleep()
-    try:
-        yield
-    finally:
-        engines.wake_up()
-
-
-class SyncFailed(RuntimeError):
-    """A collective push kept failing (or its learner stalled): the run stops with the resume message."""
-
-
-class ObjectStoreSync:
-    """The engines keep the reference they were pushed, so a restarted replica reloads it (``AgentEngines``)."""
-
-    def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str):
-        self.group, self.engines, self.dtype = group, engines, dtype
-
-    def updating(self) -> AbstractContextManager[None]:
-        return asleep(self.engines)
-
-    def push(self) -> None:
-        self.engines.push_weights(self.group.weights_ref(self.dtype))
-
-    def close(self) -> None:
-        pass
-
-
-class AdapterSync:
-    """The shared LoRA engine: only this agent's adapter moves, in place of the adapter it had there."""
-
-    def __init__(self, group: LearnerGroup, agent: AgentRuntime, dtype: str):
-        self.group, self.agent, self.dtype = group, agent, dtype
-
-    def updating(self) -> AbstractContextManager[None]:
-        return contextlib.nullcontext()  # the shared LoRA engine serves every agent: it never sleeps for one
-
-    def push(self) -> None:
-        self.agent.load_adapter(self.group.adapter_ref(self.dtype))
-
-    def close(self) -> None:
-        pass
-
-
 class CollectiveSync:
     """Learner rank 0 broadcasts to every engine worker of its agent (world: 1 + replicas x tensor parallel)."""
 
-    def __init__(self, group: LearnerGroup, engines: AgentEngines, dtype: str, tensor_parallel_size: int,
+    def __init__(self, group: Learners, engines: Engines, dtype: str, tensor_parallel_size: int,
                  timeout_s: float, name: str):
         self.group, self.engines, self.dtype, self.name = group, engines, dtype, name
         self.tensor_parallel_size, self.timeout_s = tensor_parallel_size, timeout_s
@@ -118,7 +48,7 @@ class CollectiveSync:
     def updating(self) -> AbstractContextManager[None]:
         return asleep(self.engines)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
         self.engines.on_restart = None
 
     def restore(self, replica: int) -> None:
@@ -212,18 +142,97 @@ def _last_line(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def sync_method(method: str, learner: LearnerConfig, engine: EngineConfig) -> str:
-    """What ``train.weight_sync`` means for one agent. ``auto``: the broadcast group where its learner and engines
-    are on GPUs that none of them shares (decided from the config, not from the driver, which may sit on a CPU-only
-    head), else the object store."""
-    if method != "auto":
-        return method
-    on_gpus = learner.num_gpus > 0 and engine.num_gpus > 0
-    return "collective" if on_gpus and gpu_sharing(learner, engine) is None else "object_store"
+# ---------------------------------------------------------------- the two ends of the broadcast group
+class Broadcaster(Protocol):
+    """One member of an agent's weight broadcast group: learner rank 0 (group rank 0) and every engine worker."""
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    def synchronize(self) -> None:
+        """Until every broadcast asked for has finished here."""
+
+    def close(self) -> None: ...
 
 
-def make_sync(method: str, group: LearnerGroup, engines: AgentEngines, dtype: str, timeout_s: float,
-              name: str) -> WeightSync:
-    if sync_method(method, group.cfg, engines.cfg) == "collective":
-        return CollectiveSync(group, engines, dtype, engines.cfg.tensor_parallel_size, timeout_s, name)
-    return ObjectStoreSync(group, engines, dtype)
+class GlooBroadcaster:
+    """CPU: a gloo group of its own (vLLM's stateless rendezvous, apart from the process's default group), whose
+    collectives give up after ``timeout_s`` instead of waiting on a dead member forever."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+        from vllm.distributed.utils import (
+            stateless_init_torch_distributed_process_group,
+        )
+
+        self.group = stateless_init_torch_distributed_process_group(
+            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = src
+        self.group.broadcast([tensor], options).wait()
+
+    def synchronize(self) -> None:
+        pass  # each broadcast waited for itself
+
+    def close(self) -> None:
+        self.group.shutdown()
+
+
+class NcclBroadcaster:
+    """GPU: vLLM's NCCL communicator on the current stream. NCCL has no timeout of its own: a stalled broadcast is
+    caught by the driver's (``CollectiveSync``)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device: torch.device, timeout_s: float):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                             store_timeout=int(timeout_s))
+        self.comm = PyNcclCommunicator(group, device=device)
+        self.stream = torch.cuda.current_stream(device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self.comm.broadcast(tensor, src=src, stream=self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.comm = None
+
+
+def join_broadcast(host: str, port: int, rank: int, world_size: int, device: torch.device,
+                   timeout_s: float) -> Broadcaster:
+    """The group member for ``device``: NCCL on a CUDA device, gloo on the CPU (same rendezvous, same calls)."""
+    if device.type == "cuda":
+        return NcclBroadcaster(host, port, rank, world_size, device, timeout_s)
+    return GlooBroadcaster(host, port, rank, world_size, timeout_s)
+
+
+def send_weights(broadcaster: Broadcaster, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Learner rank 0's side: every tensor of ``state`` in ``dtype``, in order, from rank 0."""
+    for tensor in state.values():
+        broadcaster.broadcast(tensor.to(device, dtype).contiguous(), src=0)
+    broadcaster.synchronize()
+
+
+def init_group_in_worker(worker, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> None:
+    """Runs in each vLLM worker (collective_rpc): leave the old group (a rebuild after a restart), then join the
+    agent's new one after the learner."""
+    old = getattr(worker, "mapoco_sync", None)
+    if old is not None:
+        old.close()
+    worker.mapoco_sync = join_broadcast(host, port, rank_offset + worker.rank, world_size, worker.device, timeout_s)
+
+
+def receive_in_worker(worker, specs: list[tuple[str, str, list[int]]]) -> int:
+    """Runs in each vLLM worker: receive every tensor from learner rank 0, then reload the model in place."""
+    received = []
+    for name, dtype, shape in specs:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=worker.device)
+        worker.mapoco_sync.broadcast(tensor, src=0)
+        received.append((name, tensor))
+    worker.mapoco_sync.synchronize()
+    reload_model(worker, received)
+    return len(received)
