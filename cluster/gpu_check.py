@@ -6,7 +6,7 @@
 
 Each check is a real `mapoco` run on tiny models (engines on vLLM, learners on DeepSpeed with NCCL), judged from
 what the run wrote (summary.json, metrics.jsonl). Every one is a configuration the per-GPU guard accepts on a GPU of
-its size (tests/test_devices.py checks that against a Ray cluster advertising 1 GPU):
+its size (tests/runtime/test_devices.py checks that against a Ray cluster advertising 1 GPU):
 
 | check | GPUs | what passes |
 |---|---|---|

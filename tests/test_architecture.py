@@ -131,3 +131,14 @@ def test_one_trainer_for_every_method_and_no_sample_id_is_parsed():
                    and isinstance(node.func, ast.Attribute) and node.func.attr in ("split", "rsplit", "partition")
                    and any(isinstance(arg, ast.Constant) and arg.value == "#" for arg in node.args)]
     assert not subclasses and not parsed, (subclasses, parsed)
+
+
+def test_the_tests_mirror_the_package():
+    """A module's tests sit in the folder of its package (tests/training/ for mapoco/training/); the tests of the
+    project as a whole (README, install, experiments, layers) at the top."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert folders and folders <= packages | modules, sorted(folders - packages - modules)
+    assert not {p.stem.removeprefix("test_") for p in tests.glob("test_*.py")} & packages, "a package's tests at the top"

@@ -1,6 +1,6 @@
 """README command blocks run as written: each block marked ``<!-- readme-test: NAME -->`` runs in a fresh shell
 (`bash --noprofile --norc -e`, a bare environment, an empty HOME) from the project root, and what it claims is
-checked. The serve block runs in tests/test_serve.py, beside the checkpoint it serves.
+checked. The serve block runs in tests/serving/test_serve.py, beside the checkpoint it serves.
 
 The cluster block starts a Ray head on the default ports and ends with `ray stop`, which stops every Ray instance
 on the machine: it is ordered before every other test (conftest), while no other Ray instance runs.

@@ -16,7 +16,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks (a test compares the two)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 # The names the validators accept; the code that implements each keeps its own registry, and a test checks that the
-# two match (tests/test_config.py).
+# two match (tests/config/test_config.py).
 WEIGHT_SYNCS = ("auto", "object_store", "collective")  # mapoco.weights.sync.sync_method
 TOPOLOGIES = ("all_to_all", "ring", "star")  # mapoco.rollout.topology: who sees whom in a discussion
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")  # mapoco.training.algorithms: advantage estimators

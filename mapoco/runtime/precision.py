@@ -29,7 +29,7 @@ HALF_DTYPES = frozenset({"bfloat16", "float16"})
 
 # Largest |engine - learner| logprob on a sampled token that still means "same weights", by the coarser dtype of
 # the two. float32: vLLM's and HF's kernels sum in different orders (measured max 2e-4 on tiny models and SmolLM2,
-# tests/test_train.py); a stale or wrong weight push shows 0.1-0.9. Half precision: 0.05-0.28 measured on tiny
+# tests/training/test_train.py); a stale or wrong weight push shows 0.1-0.9. Half precision: 0.05-0.28 measured on tiny
 # models with both sides in bf16, so only gross drift can be told from rounding there.
 LOGPROB_TOLERANCE = {"float32": 0.01, "bfloat16": 0.5, "float16": 0.5}
 

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import ROOT, compose_config
 
 from mapoco.planning.architecture import model_shape
 from mapoco.planning.plan import GIB, Seat, gpu_loads
 
 pytestmark = pytest.mark.gpu  # a GPU path's logic, run on CPU
 
-ROOT = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
 
 # The parameter counts their model cards give (safetensors metadata), against the counts of the module trees

@@ -1,7 +1,7 @@
 import re
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from mapoco.answers import extract_answer, is_correct
 from mapoco.tasks import (
@@ -13,7 +13,7 @@ from mapoco.tasks import (
     straight_line_program_answer,
 )
 
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def test_arithmetic_is_seeded_and_splits_differ():

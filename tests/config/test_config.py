@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import compose_config
+from conftest import ROOT, compose_config
 from hydra.errors import MissingConfigException
 
 from mapoco.config import ConfigError
@@ -128,7 +128,7 @@ def test_a_model_folder_without_safetensors_is_refused_unloaded(tiny_models, tmp
 
 # Choices that need a key the YAML leaves to the user (what its comment says to set).
 NEEDS = {("verifier", "learned"): ["verifier.path={trained_verifier}"]}
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 CHOICES = sorted((path.parent.name, path.stem) for path in CONF.glob("*/*.yaml"))
 
 
