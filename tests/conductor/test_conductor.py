@@ -121,7 +121,8 @@ def test_grpo_two_iterations_train_the_conductor(trained):
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "rollout/staleness" in m]
     assert [m["rollout/staleness"] for m in steps] == [0, 1]  # the second step's plans came from the first weights
-    assert steps[0]["train/agent_0/is_weight_mean"] == 1.0 and steps[1]["train/agent_0/is_weight_mean"] > 0
+    assert steps[0]["train/agent_0/is_weight_mean"] == 1.0  # on-policy
+    assert 1.0 != steps[1]["train/agent_0/is_weight_mean"] <= trained.cfg.train.is_weight_cap  # reweighted, truncated
     records = [json.loads(line) for line in (tmp_path / "transcripts_after.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["reward"] in (0.0, 0.5, 1.0) for r in records)
     # The summary is the after-training transcripts', recounted here by hand.
