@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from mapoco.config import RunConfig
+from mapoco.runtime.run_folder import write_jsonl
 
 
 class Tracker:
-    def __init__(self, cfg: RunConfig, out: Path, resumed: bool):
+    def __init__(self, cfg: RunConfig, out: Path, resumed_at: int | None):
+        """``resumed_at``: the step a resumed run restarts from (None: a fresh run)."""
         self.path = out / "metrics.jsonl"
+        self._keep_rows_until(resumed_at)
+        resumed = resumed_at is not None
         self.run = None
         wandb_cfg = cfg.logger.wandb
         if wandb_cfg.mode != "disabled":
@@ -39,6 +43,14 @@ class Tracker:
             (out / "wandb_run.json").write_text(json.dumps(run_info, indent=2))
             where = f"wandb sync {self.run.dir.removesuffix('/files')}" if wandb_cfg.mode == "offline" else self.run.url
             print(f"wandb: {wandb_cfg.mode} run {self.run.name} ({where})", flush=True)
+
+    def _keep_rows_until(self, step: int | None) -> None:
+        """A fresh run in a used folder starts the file over; a resumed one keeps the rows up to its checkpoint (the
+        steps after it, which the stopped run may have logged, are logged again as they are redone)."""
+        if not self.path.exists():
+            return
+        rows = [] if step is None else [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        write_jsonl(self.path, [row for row in rows if row["step"] <= step])
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:

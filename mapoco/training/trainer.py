@@ -118,7 +118,7 @@ class Trainer:
             self._restore(self.resume_from)
         else:
             self.sync_weights()  # engines serve exactly the learners' weights from the first rollout on
-        self.tracker = Tracker(cfg, out, resumed=self.resume_from is not None)
+        self.tracker = Tracker(cfg, out, resumed_at=self.step if self.resume_from is not None else None)
 
     def _start_learners(self) -> list[Policy]:
         """A learner group per trained policy, settings from this run's config (the engines may be shared). The
