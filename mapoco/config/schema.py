@@ -174,6 +174,9 @@ class TrainConfig:
     save_every: int = 10  # 0: no checkpoints
     keep_checkpoints: int = 2
     resume: str | None = None  # auto: the last complete checkpoint of output_dir; or a checkpoint directory
+    # A new training phase from a trained run's weights (its run directory: the latest complete checkpoint, or a
+    # step_N folder): this run's own steps, data order, optimizer and learning-rate schedule. resume wins over it.
+    init_from: str | None = None
     logprob_tolerance: float | None = None  # max |engine - learner| logprob that counts as in sync (None: by dtype)
     logprob_breach_steps: int = 3  # this many steps in a row above the tolerance ...
     on_logprob_breach: str = "stop"  # ... stop the run | warn (the progress line says so every step)

@@ -53,6 +53,9 @@ def validate_training(cfg: RunConfig) -> None:
     require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints, "must be >= 1")
     require(train.resume in (None, "auto") or Path(train.resume).is_dir(), "train.resume", train.resume,
             "no such checkpoint directory (use auto, or a step_<n> folder)")
+    require(train.init_from is None or Path(train.init_from).expanduser().is_dir(), "train.init_from", train.init_from,
+            "no such directory: a trained run's directory (its latest complete checkpoint) or one of its step_N "
+            "folders")
     require(train.weight_sync in WEIGHT_SYNCS, "train.weight_sync", train.weight_sync,
             f"one of {', '.join(WEIGHT_SYNCS)}")
     require(train.sync_timeout_s > 0, "train.sync_timeout_s", train.sync_timeout_s, "seconds, > 0")

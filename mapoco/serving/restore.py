@@ -18,26 +18,6 @@ SERVE_KEYS = ("serve", "cluster", "logger", "checkpoint", "command", "hydra", "o
 CONFIG_GROUPS = ("task", "team", "verifier", "experiment")
 
 
-def find_checkpoint(ref: str) -> tuple[Path, Path]:
-    """``(checkpoint folder, run directory)`` for a run directory (its latest complete checkpoint) or a
-    ``checkpoints/step_N`` folder."""
-    path = Path(ref).expanduser().resolve()  # replicas may run in another working directory
-    if not path.is_dir():
-        raise ConfigError("checkpoint", ref, "no such directory: a run directory (with checkpoints/step_N) or one of "
-                                             "its step_N folders")
-    if path.name.startswith("step_") or (path / checkpoints.COMPLETE).exists() or (path / checkpoints.STATE).exists():
-        if not checkpoints.is_complete(path):
-            raise ConfigError("checkpoint", ref, f"incomplete checkpoint (no {checkpoints.COMPLETE} marker or "
-                                                 f"{checkpoints.STATE}): give the run directory to serve its latest "
-                                                 "complete checkpoint")
-        return path, path.parent.parent
-    found = checkpoints.complete_checkpoints(path)
-    if not found:
-        raise ConfigError("checkpoint", ref, f"no complete checkpoint under {checkpoints.checkpoints_dir(path)} "
-                                             "(train with train.save_every > 0)")
-    return found[-1], path
-
-
 def load_config(ref: str, serve_cfg: Mapping[str, Any] | None = None, cluster: Mapping[str, Any] | None = None,
                 overrides: Sequence[str] = ()) -> tuple[RunConfig, Path]:
     """The trained run's configuration, as Hydra saved it in ``<run>/.hydra/config.yaml``, with the serve command's
@@ -47,7 +27,7 @@ def load_config(ref: str, serve_cfg: Mapping[str, Any] | None = None, cluster: M
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    found, run_dir = find_checkpoint(ref)
+    found, run_dir = checkpoints.find(ref, "checkpoint")
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise ConfigError("checkpoint", ref, f"{saved} is missing: serve reads the run's configuration there (Hydra "

@@ -60,6 +60,25 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def find(ref: str, key: str) -> tuple[Path, Path]:
+    """``(checkpoint folder, run directory)`` for a run directory (its latest complete checkpoint) or a
+    ``checkpoints/step_N`` folder, given as config key ``key`` (``checkpoint`` to serve, ``train.init_from``)."""
+    path = Path(ref).expanduser().resolve()  # replicas may run in another working directory
+    if not path.is_dir():
+        raise ConfigError(key, ref, "no such directory: a run directory (with checkpoints/step_N) or one of its "
+                                    "step_N folders")
+    if path.name.startswith("step_") or (path / COMPLETE).exists() or (path / STATE).exists():
+        if not is_complete(path):
+            raise ConfigError(key, ref, f"incomplete checkpoint (no {COMPLETE} marker or {STATE}): give the run "
+                                        "directory for its latest complete checkpoint")
+        return path, path.parent.parent
+    found = complete_checkpoints(path)
+    if not found:
+        raise ConfigError(key, ref, f"no complete checkpoint under {checkpoints_dir(path)} (train with "
+                                    "train.save_every > 0)")
+    return found[-1], path
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the partial folder is gone and earlier checkpoints are untouched."""
 

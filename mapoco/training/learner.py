@@ -321,7 +321,9 @@ class Learner:
             path / f"trainer_rank{self.rank}",
         )
 
-    def load_checkpoint(self, directory: str) -> None:
+    def load_checkpoint(self, directory: str, weights_only: bool = False) -> None:
+        """The checkpoint's weights, and unless ``weights_only`` (a new phase from trained weights:
+        ``train.init_from``) the optimizer, scheduler and RNG states it was saved with."""
         from safetensors.torch import load_file
 
         path = Path(directory)
@@ -334,6 +336,8 @@ class Learner:
             self.engine.module.load_state_dict(state, strict=self.cfg.lora_rank == 0)
         if hasattr(self.optimizer, "_restore_from_bit16_weights"):  # ZeRO keeps fp32 master copies: refresh them
             self.optimizer._restore_from_bit16_weights()
+        if weights_only:
+            return
         extra = load_state(path / f"trainer_rank{self.rank}")
         with self._optimizer_with_params() as optimizer:
             optimizer.load_state_dict(extra["optimizer"])
@@ -377,6 +381,7 @@ class Learner:
             "world_size": torch.distributed.get_world_size(),
             "zero_stage": self.engine.zero_optimization_stage(),
             "lr": self.learning_rate(),
+            "scheduler_steps": self.scheduler.last_epoch,  # updates the learning-rate schedule has counted
             "lora": self.cfg.lora_rank > 0 and hasattr(self.engine.module.policy, "peft_config"),
             "trainable_params": sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad),
             "model_type": self.engine.module.policy.config.model_type,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from mapoco.config import RunConfig
+from mapoco.config import ConfigError, RunConfig
 from mapoco.models.registry import node_source
 from mapoco.rollout.discussion import Team
 from mapoco.rollout.engine import ReplicaLost, request_seed
@@ -99,6 +99,7 @@ class Trainer:
         self.cfg, self.out, self.learners = cfg, out, learners or (sweep.learners if sweep else None)
         # Everything that can be wrong with the inputs fails here, before any actor starts.
         self.resume_from = checkpoint.resolve_resume(cfg.train.resume, out)
+        self.init_from = None if self.resume_from or not cfg.train.init_from else self._phase_start(cfg)
         prepare_output_dir(out)
         check_local_gpus(cfg)  # seconds, where the data may take minutes to fetch
         self.eval_problems = load_task(dataclasses.replace(cfg.task, limit=cfg.train.eval_limit)).problems
@@ -116,6 +117,8 @@ class Trainer:
         self.write_placement()
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        elif self.init_from is not None:
+            self._initialize(self.init_from)
         else:
             self.sync_weights()  # engines serve exactly the learners' weights from the first rollout on
         self.tracker = Tracker(cfg, out, resumed_at=self.step if self.resume_from is not None else None)
@@ -382,6 +385,24 @@ class Trainer:
         state = {"step": self.step, "seed": self.cfg.seed,
                  "data_position": self.step * self.cfg.train.batch_questions}
         return checkpoint.write(self.out, self.step, state, self.cfg.train.keep_checkpoints, write_parts)
+
+    @staticmethod
+    def _phase_start(cfg: RunConfig) -> Path:
+        """``train.init_from``'s checkpoint, which must hold every policy this run trains (checked before any actor
+        starts; that its weights fit the run's models is the learners' load)."""
+        path, _ = checkpoint.find(cfg.train.init_from, "train.init_from")
+        for seats in cfg.team.policy_seats().values():
+            if not (folder := checkpoint.agent_dir(path, seats[0])).is_dir():
+                raise ConfigError("train.init_from", cfg.train.init_from, f"{path} holds no weights for "
+                                  f"team.agents[{seats[0]}] (no {folder.name}/): its run trained a different team")
+        return path
+
+    def _initialize(self, path: Path) -> None:
+        """A new phase: every policy starts from ``path``'s weights, with a fresh optimizer at step 0."""
+        for policy in self.policies:
+            policy.group.call_all("load_checkpoint", str(checkpoint.agent_dir(path, policy.seats[0])), True)
+        self.sync_weights()
+        print(f"initialized from {path}")
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.read_state(path)

@@ -129,6 +129,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "train.save_every": "train.save_every=-1",
     "train.keep_checkpoints": "train.keep_checkpoints=0",
     "train.resume": "train.resume=/no/such/checkpoint",
+    "train.init_from": "train.init_from=/no/such/run",
     "train.logprob_tolerance": "train.logprob_tolerance=0",
     "train.logprob_breach_steps": "train.logprob_breach_steps=0",
     "train.on_logprob_breach": "train.on_logprob_breach=ignore",

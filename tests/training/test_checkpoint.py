@@ -41,6 +41,23 @@ def test_missing_or_corrupted_resume_path_is_a_config_error(tmp_path):
         checkpoint.resolve_resume(str(done), tmp_path)
 
 
+def test_init_from_must_hold_every_trained_policy_before_anything_starts(tmp_path):
+    """A phase started from a run of another team fails naming train.init_from, before Ray or any actor starts."""
+    from conftest import compose_config
+
+    from mapoco.training.trainer import Trainer
+
+    run = tmp_path / "routing"
+    done = _complete(run, 3)
+    (checkpoint.agent_dir(done, 0)).mkdir()  # a run that trained agent 0 only
+    cfg = compose_config("team=tiny_hetero", f"train.init_from={run}", "logger.wandb.mode=disabled")
+    with pytest.raises(ConfigError, match=r"train.init_from.*holds no weights for team.agents\[1\] \(no agent_1/\)"):
+        Trainer(cfg, tmp_path / "phase")
+    assert not (tmp_path / "phase").exists()
+    with pytest.raises(ConfigError, match="train.init_from.*no complete checkpoint"):
+        Trainer(compose_config(f"train.init_from={tmp_path}"), tmp_path / "x")  # a folder with no checkpoints
+
+
 def test_old_checkpoints_are_pruned(tmp_path):
     for step in range(1, 5):
         tmp = checkpoint.begin(tmp_path, step)

@@ -105,6 +105,7 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, learner_pool, tmp_
     first.train_step()
     first.step = 1
     first.save()
+    after_one, step_one = _weights(first), [p.group.call_all("describe")[0] for p in first.policies]
     expected = first.rollout(first.batch(1), 1)
     first.train_step()
     uninterrupted = {p.name: p.group.weights("float32") for p in first.policies}
@@ -127,6 +128,23 @@ def test_resume_reproduces_the_uninterrupted_run(hetero_team, learner_pool, tmp_
                 assert float((got[key] - tensor).abs().max()) < 1e-6, key
     finally:
         resumed.close()
+
+    # train.init_from: a new phase from the step-1 checkpoint: its weights, but its own step 0, data order and
+    # optimizer (the schedule starts over), and engines that serve what the learners loaded
+    phase = Trainer(compose_config("team=tiny_hetero", *SMALL, "train.steps=2", f"train.init_from={tmp_path}"),
+                    tmp_path / "phase", team=hetero_team, learners=learner_pool)
+    try:
+        assert phase.step == 0 and [p.id for p in phase.batch(0)] == [p.id for p in first.batch(0)]
+        for name, weights in _weights(phase).items():
+            assert all(torch.equal(weights[k], after_one[name][k]) for k in weights), name
+        described = [p.group.call_all("describe")[0] for p in phase.policies]
+        assert all(d["scheduler_steps"] > 0 for d in step_one)
+        assert [d["scheduler_steps"] for d in described] == [0, 0]
+        metrics = phase.train_step()
+        for name in ("agent_0", "agent_1"):
+            assert_engines_match_learner(metrics, name)
+    finally:
+        phase.close()
 
 
 def _weights(trainer):
