@@ -128,16 +128,26 @@ def test_heldout_pools_are_reported_beside_the_training_pools_each_with_its_base
                                                            _pool(held, (0.45, 0.5)), _pool(held, (0.5, 0.45))]),
                   "before": before} for a, held in ((0.9, 0.8), (0.92, 0.84), (0.88, 0.82))]
     _write(conductor.RUNS, "heldout_pool", summaries)
+    asked = {"Calculate 2 + 3.": "adder_b", "Calculate 2 * 3.": "multiplier_b", "Calculate 4 * 4.": "adder_b"}
+    for seed in range(3):  # one plan in three asks the adder for a product: not a specialist
+        records = [{"question": q, "steps": [{"worker": w}]} for q, w in asked.items()] + [{"question": "1 + 1",
+                                                                                          "steps": []}]
+        (conductor.RUNS.dir("heldout_pool", seed) / "transcripts_after_pool_2.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
     results = conductor.summarize()
     pools = results["heldout_pool"]
     assert pools["heldout_pool_conductor_accuracy_mean"] == pytest.approx(0.82)
     assert pools["heldout_pool_conductor_accuracy_before_mean"] == pytest.approx(0.5)
-    assert pools["trained_pool_renumbered_conductor_accuracy_mean"] == pytest.approx(0.89)
-    assert pools["heldout_pool_renumbered_best_worker_accuracy_mean"] == pytest.approx(0.5)
+    assert pools["trained_pool_reversed_conductor_accuracy_mean"] == pytest.approx(0.89)
+    assert pools["heldout_pool_reversed_best_worker_accuracy_mean"] == pytest.approx(0.5)
+    assert pools["heldout_pool_specialist_rate_mean"] == pytest.approx(0.5)  # and a malformed plan asks no one
     claim = results["claims"]["heldout_pool"]["heldout_pool"]["best_worker_accuracy"]
     assert claim["margin"] == pytest.approx(0.32) and claim["beats_by_twice_std"]
+    acceptance = results["claims"]["heldout_pool"]["acceptance"]
+    assert acceptance["trained_minus_heldout"] == pytest.approx(0.895 - 0.82) and not acceptance["met"]
     table = (conductor_runs / "results.md").read_text()
-    assert "| heldout pool | 0.820 ± 0.020 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 | 0.400 ± 0.000 |" in table
+    assert ("| heldout pool | 0.820 ± 0.020 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 | 0.400 ± 0.000 | "
+            "0.500 ± 0.000 |") in table
     assert "| random training pools (2-4 workers) | 0.900 ± 0.020 |" in table
 
 
@@ -155,15 +165,24 @@ def test_recursion_shows_what_the_replan_round_did_beside_composition(conductor_
     assert "| `composition` | 3 | 0.900 ± 0.000 | – | – | – | – | – | 2.000 ± 0.000 |" in table
 
 
-def test_the_pools_experiment_holds_out_the_pools_the_results_call_held_out(tiny_models, conductor_models):
-    cfg = compose_config("command=train", *conductor.CONDITIONS["heldout_pool"])
+@pytest.mark.parametrize("condition", conductor.POOL_CONDITIONS)
+def test_the_pools_experiment_holds_out_the_pools_the_results_call_held_out(tiny_models, conductor_models, condition):
+    """Both pools experiments ask the named pools the results name; the paper's way (stable ids, no cards) is a
+    second phase from a routing conductor of the same model, the card variant numbers workers anew by their cards."""
+    cfg = compose_config("command=train", *conductor.CONDITIONS[condition])
     con = cfg.conductor
     assert con.random_pools and len(cfg.team.agents) - 1 >= 4
     assert len(con.eval_pools) == len(conductor.NAMED_POOLS)
     for pool, name in zip(con.eval_pools, conductor.NAMED_POOLS):
         assert (set(pool) in [set(p) for p in con.heldout_pools]) == name.startswith("heldout")
     assert con.eval_pools[1] == con.eval_pools[0][::-1] and con.eval_pools[3] == con.eval_pools[2][::-1]
-    assert all(a.description for a in cfg.team.agents[1:])
+    cards = condition == "heldout_pool_cards"
+    assert all(bool(a.description) == cards for a in cfg.team.agents[1:])
+    assert con.pool_ids == ("renumbered" if cards else "stable")
+    if not cards:
+        first = compose_config("command=train", *conductor.CONDITIONS[conductor.PHASES[condition]])
+        assert first.team.agents[0].model == cfg.team.agents[0].model  # the phase starts from the same model
+        assert [a.name for a in first.team.agents[1:]] == [a.name for a in cfg.team.agents[1:3]]  # ids 0 and 1
 
 
 def test_the_routing_condition_is_the_conductor_demo(conductor_models):

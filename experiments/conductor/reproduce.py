@@ -16,11 +16,15 @@ same questions).
 - ``cost_<w>``: a cheap `+` specialist (1 per call) and an expensive generalist (10 per call) on questions that are
   `+` three times in four, at `conductor.cost_weight=w`; results.json's ``cost`` has one entry per weight and
   cost.png the accuracy/cost trade-off.
-- ``heldout_pool``: four workers with cards (two that add, two that multiply); each training question draws 2-4
-  of them, renumbered, never both b-workers. Evaluated on random training-like pools, and on four named pools each
-  beside its own baselines: the first pair as trained and renumbered, the held-out b-pair in both orders.
-- ``recursion``: composition again, with one re-plan round (`conductor.replan=true`): the conductor sees its
-  workflow's answer and accepts it (three empty lists) or writes a new workflow; set beside ``composition``.
+- ``pools_routing`` then ``heldout_pool`` (the paper's way): a routing conductor trained on the first pair
+  (``pool-conductor``, workers known by stable ids), then a second phase from it (``train.init_from``) on random
+  subsets of four workers in random order, never both b-workers; evaluated on random training-like pools and on
+  four named pools each beside its own baselines: the trained pair and the held-out b-pair, each in both orders.
+- ``heldout_pool_cards``: the same pools, renumbered, the workers known only by their cards (``card-conductor``).
+- ``recursion``: composition with an adder that fails 30% of its calls and up to two planning rounds: the conductor
+  sees its workflow's answer and accepts it or writes a new workflow, earning what its re-plan changed;
+  ``recursion_control`` at failure rate 0; ``recursion_discounted`` with the paper's reward (one group over both
+  rounds, the first earning 0.25 of its own outcome and 0.75 of the final one).
 """
 
 from __future__ import annotations
@@ -49,11 +53,19 @@ CONDITIONS: dict[str, list[str]] = {
     "routing": ["+experiment=conductor"],
     "composition": ["+experiment=composition"],
     **{f"cost_{w}": ["+experiment=cost", f"conductor.cost_weight={w}"] for w in COST_WEIGHTS},
-    "heldout_pool": ["+experiment=pools"],
-    "recursion": ["+experiment=composition", "conductor.replan=true"],
+    "pools_routing": ["+experiment=conductor", "team.agents.0.model=pool-conductor"],
+    "heldout_pool": ["+experiment=pools_ids"],
+    "heldout_pool_cards": ["+experiment=pools"],
+    "recursion": ["+experiment=recursion"],
+    "recursion_control": ["+experiment=recursion", "team.agents.2.fail_rate=0"],
+    "recursion_discounted": ["+experiment=recursion", "conductor.replan_reward=discounted"],
 }
+# A condition that is a second training phase: it starts from the same seed's run of another (train.init_from)
+PHASES = {"heldout_pool": "pools_routing"}
 # experiment/pools.yaml's conductor.eval_pools, in order, as results.json names them
-NAMED_POOLS = ("trained_pool", "trained_pool_renumbered", "heldout_pool", "heldout_pool_renumbered")
+NAMED_POOLS = ("trained_pool", "trained_pool_reversed", "heldout_pool", "heldout_pool_reversed")
+POOL_CONDITIONS = ("heldout_pool", "heldout_pool_cards")
+SPECIALTY = {"adder": "+", "multiplier": "*", "adder_b": "+", "multiplier_b": "*"}  # team/conductor_pools*
 POOL_FIGURES = {"conductor_accuracy": lambda p: p["conductor_accuracy"],
                 "best_worker_accuracy": lambda p: max(p["worker_accuracy"]),
                 "majority_vote_accuracy": lambda p: p["majority_vote_accuracy"],
@@ -92,6 +104,9 @@ BASELINES = ("conductor_accuracy_before", "best_worker_accuracy", "majority_vote
              "random_workflow_accuracy", "best_fixed_workflow_accuracy")
 
 
+SPECIALIST_FIGURES = tuple(f"{pool}_specialist_rate" for pool in NAMED_POOLS)
+
+
 def seed_figures(summaries: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Every figure of each run, from its summary.json."""
     return [{"seed": s, **{name: value for name, read in FIGURES.items() if (value := read(summary)) is not None},
@@ -100,10 +115,27 @@ def seed_figures(summaries: list[tuple[int, dict[str, Any]]]) -> list[dict[str, 
             for s, summary in summaries]
 
 
+def specialist_rates(run: Path) -> dict[str, float]:
+    """Per named pool after training: the share of questions whose every workflow step asked a worker whose
+    specialty is the question's operation (a malformed plan asks no one: not a specialist)."""
+    out = {}
+    for index, figure in enumerate(SPECIALIST_FIGURES):
+        path = run / f"transcripts_after_pool_{index}.jsonl"
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            out[figure] = sum(bool(r["steps"]) and all(SPECIALTY.get(step["worker"]) == operation(r["question"])
+                                                       for step in r["steps"]) for r in records) / len(records)
+    return out
+
+
+def operation(question: str) -> str:
+    return "*" if "*" in question else "+"
+
+
 def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """One condition's figures per seed, and their mean and std over the seeds (of every figure all seeds have)."""
     out: dict[str, Any] = {"seeds": seeds}
-    for name in FIGURES:
+    for name in (*FIGURES, *SPECIALIST_FIGURES):
         if all(name in s for s in seeds):
             out[f"{name}_mean"], out[f"{name}_std"] = mean_std([s[name] for s in seeds])
     for per_worker in ("worker_accuracy", "worker_cost"):
@@ -140,9 +172,24 @@ def beats(figures: dict[str, Any], pool: str = "") -> dict[str, Any]:
 def claims(conditions: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
     """Every condition against its baselines; composition's and cost's acceptance figures."""
     out: dict[str, Any] = {name: beats(f) for name, f in conditions.items()}
-    if "heldout_pool" in conditions:
-        out["heldout_pool"].update({pool: beats(conditions["heldout_pool"], f"{pool}_") for pool in NAMED_POOLS
-                                    if f"{pool}_conductor_accuracy_mean" in conditions["heldout_pool"]})
+    for name in POOL_CONDITIONS:
+        if name in conditions:
+            out[name].update({pool: beats(conditions[name], f"{pool}_") for pool in NAMED_POOLS
+                              if f"{pool}_conductor_accuracy_mean" in conditions[name]})
+    if "heldout_pool_conductor_accuracy_mean" in conditions.get("heldout_pool", {}):
+        c = conditions["heldout_pool"]
+        held = [c[f"{pool}_conductor_accuracy_mean"] for pool in ("heldout_pool", "heldout_pool_reversed")]
+        trained = [c[f"{pool}_conductor_accuracy_mean"] for pool in ("trained_pool", "trained_pool_reversed")]
+        margins = [out["heldout_pool"][pool]["best_worker_accuracy"]["beats_by_twice_std"]
+                   for pool in ("heldout_pool", "heldout_pool_reversed")]
+        specialist = [c.get(f"{pool}_specialist_rate_mean", 0.0) for pool in ("heldout_pool", "heldout_pool_reversed")]
+        out["heldout_pool"]["acceptance"] = {
+            "heldout_accuracy": held, "specialist_rate": specialist,
+            "trained_minus_heldout": sum(trained) / 2 - sum(held) / 2,
+            "met": (min(held) >= 0.85 and all(margins) and min(specialist) >= 0.95
+                    and sum(trained) / 2 - sum(held) / 2 <= 0.05)}
+    if "recursion" in conditions:
+        out["recursion"]["acceptance"] = recursion_acceptance(conditions)
     if "composition" in conditions:
         c = conditions["composition"]
         out["composition"]["acceptance"] = {
@@ -162,13 +209,33 @@ def claims(conditions: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def recursion_acceptance(conditions: dict[str, Any]) -> dict[str, Any]:
+    """Re-planning against a failing worker: the final answer at least 0.15 above the first plan's, at most 1% of
+    right first answers broken; at failure rate 0 (the control) within 0.01 of composition."""
+    r = conditions["recursion"]
+    gain = r["conductor_accuracy_mean"] - r["first_plan_accuracy_mean"]
+    out = {"final_minus_first_plan": gain, "right_answers_broken": r["replan_broke_rate_mean"]}
+    met = gain >= 0.15 and r["replan_broke_rate_mean"] <= 0.01
+    if "recursion_control" in conditions and "composition" in conditions:
+        out["control_minus_composition"] = (conditions["recursion_control"]["conductor_accuracy_mean"]
+                                            - conditions["composition"]["conductor_accuracy_mean"])
+        met = met and abs(out["control_minus_composition"]) <= 0.01
+    return {**out, "met": met}
+
+
+def run_figures(condition: str) -> list[dict[str, Any]]:
+    """Every finished run's figures, with its named pools' specialist rates read from its transcripts."""
+    return [{**figures, **specialist_rates(RUNS.dir(condition, figures["seed"]))}
+            for figures in seed_figures(RUNS.summaries(condition))]
+
+
 def summarize() -> dict[str, Any]:
     """results.json from every finished run on disk; a seed without one keeps what results.json recorded."""
     recorded = read_results(HERE / "results.json")
     recorded_of = {**{n: recorded.get(n) for n in CONDITIONS},
                    **{f"cost_{w}": recorded.get("cost", {}).get(w) for w in COST_WEIGHTS}}
     found = {name: condition_figures(seeds) for name in CONDITIONS
-             if (seeds := with_recorded(seed_figures(RUNS.summaries(name)), recorded_of[name]))}
+             if (seeds := with_recorded(run_figures(name), recorded_of[name]))}
     conditions = {n: f for n, f in found.items() if not n.startswith("cost_")}
     cost = {n.removeprefix("cost_"): f for n, f in found.items() if n.startswith("cost_")}
     if "composition" in conditions:
@@ -212,12 +279,14 @@ def cost_table(cost: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def pools_table(c: dict[str, Any]) -> str:
-    """heldout_pool: the conductor on each kind of pool, before and after training, beside that pool's baselines."""
+def pools_table(name: str, c: dict[str, Any]) -> str:
+    """A pools condition: the conductor on each kind of pool, before and after training, beside that pool's
+    baselines, and how often its plans ask only specialists of the question's operation."""
     columns = [("conductor, after", "conductor_accuracy"), ("conductor, before", "conductor_accuracy_before"),
                ("best worker alone", "best_worker_accuracy"), ("majority vote", "majority_vote_accuracy"),
-               ("random workflow", "random_workflow_accuracy")]
-    rows = ["| pool | " + " | ".join(label for label, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+               ("random workflow", "random_workflow_accuracy"), ("asks only specialists", "specialist_rate")]
+    rows = [f"`{name}`:", "", "| pool | " + " | ".join(label for label, _ in columns) + " |",
+            "|---|" + "---|" * len(columns)]
     for label, prefix in (("random training pools (2-4 workers)", ""), *((pool.replace("_", " "), f"{pool}_")
                                                                          for pool in NAMED_POOLS)):
         rows.append(f"| {label} | " + " | ".join(_cell(c, prefix + key) for _, key in columns) + " |")
@@ -232,7 +301,7 @@ def recursion_table(conditions: dict[str, Any]) -> str:
                ("right → wrong", "replan_broke_rate"), ("steps", "mean_steps")]
     rows = ["| condition | seeds | " + " | ".join(label for label, _ in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
-    for name in ("composition", "recursion"):
+    for name in ("composition", "recursion", "recursion_control", "recursion_discounted"):
         if name in conditions:
             c = conditions[name]
             rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(_cell(c, k) for _, k in columns) + " |")
@@ -252,8 +321,9 @@ def report_tables(results: dict[str, Any]) -> str:
     parts = [table(conditions)] if conditions else []
     if results["cost"]:
         parts.append(cost_table(results["cost"]))
-    if "heldout_pool" in conditions:
-        parts.append(pools_table(conditions["heldout_pool"]))
+    for name in POOL_CONDITIONS:
+        if name in conditions:
+            parts.append(pools_table(name, conditions[name]))
     if "recursion" in conditions:
         parts.append(recursion_table(conditions))
     if conditions.get("composition", {}).get("example"):
@@ -285,13 +355,22 @@ def plot_cost(cost: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def overrides(condition: str, seed: int) -> list[str]:
+    """A condition's command line; a second phase's starts from its first phase's run of the same seed."""
+    if condition not in PHASES:
+        return CONDITIONS[condition]
+    first = PHASES[condition]
+    RUNS.run(first, seed, CONDITIONS[first])
+    return [*CONDITIONS[condition], f"train.init_from={RUNS.dir(first, seed)}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = reproduce_parser(__doc__, CONDITIONS)
     args = parser.parse_args(argv)
     if not args.summarize:
         for seed in args.seeds:  # seed-major: an interrupted run has every condition's first seeds
             for condition in args.only or list(CONDITIONS):
-                RUNS.run(condition, seed, CONDITIONS[condition])
+                RUNS.run(condition, seed, overrides(condition, seed))
                 summarize()
     results = summarize()
     text = report_tables(results)

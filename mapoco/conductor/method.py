@@ -36,7 +36,7 @@ class ConductorMethod:
         self.pool_baselines: dict[int, dict[str, Any]] = {}  # per conductor.eval_pools entry
 
     def value_turns(self) -> int:
-        return 1 + int(self.cfg.conductor.replan)  # the plan, and the re-plan
+        return self.cfg.conductor.max_rounds  # the plan, and each re-plan
 
     def rollout(self, problems: list[Problem], seed: int) -> ConductorResult:
         return self.runner.rollout(with_samples(problems, self.cfg.algorithm.samples_per_question), seed)
@@ -47,17 +47,18 @@ class ConductorMethod:
 
     def batches(self, result: ConductorResult, rewards: np.ndarray,
                 policies: dict[str, list[int]]) -> dict[str, AgentBatch]:
-        """Every conductor generation with its reward, grouped by question and turn: a plan alone earns its
-        workflow's reward; with a re-plan round each turn earns its own (``ConductorRecord.turn_rewards``)."""
+        """Every conductor generation with what it earns (``ConductorRecord.turn_rewards``: a plan alone its
+        workflow's reward), grouped by question and turn, or by question alone for the discounted re-plan reward."""
         (name,) = policies  # only the conductor learns
+        one_group = self.cfg.conductor.replan_reward == "discounted"
         batch = AgentBatch([], [], [], [])
-        for problem, record, reward in zip(result.problems, result.records, rewards):
+        for problem, record in zip(result.problems, result.records):
             for turn, generation in enumerate(record.turns):
                 if not generation.token_ids:
                     continue
                 batch.rows.append(Rollout(generation.prompt_ids, generation.token_ids, turn))
-                batch.keys.append((problem.group_id, 0, turn))
-                batch.rewards.append(float(reward if len(record.turns) == 1 else record.turn_rewards[turn]))
+                batch.keys.append((problem.group_id, 0, 0 if one_group else turn))
+                batch.rewards.append(float(record.turn_rewards[turn]))
                 batch.engine_logprobs.append(generation.logprobs)
         return {name: batch}
 
@@ -81,6 +82,8 @@ class ConductorMethod:
 
     def eval_metrics(self, summary: dict[str, Any]) -> dict[str, float]:
         metrics = {f"eval/conductor/{key}": summary[key] for key in SUMMARY_KEYS}
+        metrics.update({f"eval/conductor/worker_share/{name}": share
+                        for name, share in summary["worker_share"].items()})
         metrics.update({f"eval/conductor/pool_{i}/conductor_accuracy": pool["conductor_accuracy"]
                         for i, pool in enumerate(summary.get("eval_pools", []))})
         return metrics
@@ -88,6 +91,7 @@ class ConductorMethod:
     def rollout_metrics(self, result: ConductorResult, rewards: np.ndarray) -> dict[str, float]:
         summary = summarize_conductor(result)
         return {**{f"rollout/{key}": summary[key] for key in (*SUMMARY_KEYS, "mean_reward")},
+                **{f"rollout/worker_share/{name}": share for name, share in summary["worker_share"].items()},
                 "perf/gen_tokens": summary["gen_tokens"], "perf/prompt_tokens": summary["prompt_tokens"]}
 
     def progress(self, metrics: dict[str, float], policies: list[str]) -> str:

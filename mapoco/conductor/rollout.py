@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +32,14 @@ from mapoco.conductor.workers import (
 from mapoco.conductor.workflow import (
     Parsed,
     Plan,
-    Step,
     conductor_message,
     conductor_reward,
+    flow_lists,
     parse_workflow,
     random_plan,
     replan_message,
     single_step,
+    turn_rewards,
     waves,
     worker_thread,
 )
@@ -51,13 +53,17 @@ from mapoco.tasks import Problem
 
 @dataclass
 class Job:
-    """One workflow to run: the question, the plan, and the question's pool (plan ids index into it)."""
+    """One workflow to run: the question, the plan, and the question's pool (the plan's ids -> workers)."""
 
     problem: Problem
     plan: Plan
-    pool: list[int]  # global worker indices
+    pool: dict[int, int] | list[int]  # conductor id -> global worker index (a list: ids are its positions)
     seed: int
     responses: list[Reply | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pool, dict):
+            self.pool = dict(enumerate(self.pool))
 
     def answer(self) -> str:
         return self.responses[-1].text if self.responses and self.responses[-1] else ""
@@ -80,7 +86,8 @@ class ConductorTurn:
 @dataclass
 class ConductorRecord:
     question_id: str
-    pool: list[str]  # worker names in the order the conductor saw them (as Model 0..k-1)
+    pool: list[str]  # worker names in the order the conductor saw them
+    ids: list[int]  # the id the conductor saw each by ("Model <id>"): its position, or its stable id
     turns: list[ConductorTurn]  # the plan, then the re-plan if any
     job: Job | None  # the workflow that produced the final answer (None: the first plan was malformed)
     answer: str | None
@@ -88,8 +95,7 @@ class ConductorRecord:
     reward: float
     cost: float  # of every worker call made for the question (a re-planned workflow's too)
     first_correct: bool | None = None  # with a re-plan round: whether the first workflow's answer was right
-    # What each turn earns in training: the plan its first workflow's outcome, a re-plan the final one (0 if it
-    # does not parse), so a re-plan that decides nothing adds no signal to the plan's and no noise
+    # What each turn earns in training (``workflow.turn_rewards``)
     turn_rewards: list[float] = field(default_factory=list)
 
     @property
@@ -109,8 +115,8 @@ class ConductorResult:
 
 
 def standing_plan(turns: Sequence[ConductorTurn]) -> Parsed:
-    """The plan whose answer stands: the re-plan's if it parsed (a new workflow, or accepting), else the first."""
-    return turns[-1].parsed if not turns[-1].parsed.malformed else turns[0].parsed
+    """The plan whose answer stands: the last that parsed (a new workflow, or accepting), else the first."""
+    return next((t.parsed for t in reversed(turns) if not t.parsed.malformed), turns[0].parsed)
 
 
 class ConductorWorker:
@@ -163,9 +169,10 @@ class ConductorRunner:
 
     # ------------------------------------------------------------------ pools and plans
     def pool(self, problem: Problem, seed: int, depth: int = 0) -> list[int]:
-        """The question's workers: everyone, or a random renumbered subset that holds no held-out pool whole
-        (drawn again until it does not; ``conductor.heldout_pools`` is checked to leave such subsets). Every sample
-        of a question draws the same pool, so its GRPO group compares workflows, not pools."""
+        """The question's workers, in the order it lists them: everyone, or a random subset in random order that
+        holds no held-out pool whole (drawn again until it does not; ``conductor.heldout_pools`` is checked to leave
+        such subsets). Every sample of a question draws the same pool, so its GRPO group compares workflows, not
+        pools."""
         everyone = [i for i in range(len(self.workers)) if depth < self.cfg.max_depth or i != self.self_index]
         if not self.cfg.random_pools:
             return everyone
@@ -175,6 +182,11 @@ class ConductorRunner:
             drawn = rng.sample(everyone, rng.randint(min(self.cfg.min_pool, len(everyone)), len(everyone)))
             if not any(held <= set(drawn) for held in heldout):
                 return drawn
+
+    def ids(self, pool: Sequence[int]) -> list[int]:
+        """What the conductor calls the pool's workers: their stable ids (``conductor.pool_ids=stable``: a worker's
+        index in the team, in every pool), or their positions in this pool (``renumbered``)."""
+        return list(pool) if self.cfg.pool_ids == "stable" else list(range(len(pool)))
 
     def named_pool(self, names: Sequence[str]) -> list[int]:
         """A pool given by worker names, numbered for the conductor in that order."""
@@ -219,22 +231,31 @@ class ConductorRunner:
         result = ConductorResult(list(problems), [])
         start = time.perf_counter()
         pools = [self.named_pool(pool) for _ in problems] if pool else [self.pool(p, seed, depth) for p in problems]
-        threads = [[{"role": "user", "content": conductor_message(p.question, len(workers), self.cfg.examples,
+        ids = [self.ids(workers) for workers in pools]
+        threads = [[{"role": "user", "content": conductor_message(p.question, shown, self.cfg.examples,
                                                                   self.cards(workers))}]
-                   for p, workers in zip(problems, pools)]
-        turns = self._plan(threads, [request_seed(seed, p.id, "plan") for p in problems], pools)
-        jobs = [Job(p, t.parsed.plan, pool, seed) if t.parsed.plan else None
-                for p, t, pool in zip(problems, turns, pools)]
+                   for p, workers, shown in zip(problems, pools, ids)]
+        turns = self._plan(threads, [request_seed(seed, p.id, "plan") for p in problems], ids)
+        jobs = [Job(p, t.parsed.plan, dict(zip(shown, workers)), seed) if t.parsed.plan else None
+                for p, t, workers, shown in zip(problems, turns, pools, ids)]
         self.execute([j for j in jobs if j])
         histories = [[t] for t in turns]
-        spent = first_cost = [job.cost() if job else 0.0 for job in jobs]
+        conversations = [list(thread) for thread in threads]
+        spent = [job.cost() if job else 0.0 for job in jobs]
+        standing: list[list[float]] = [[] for _ in problems]  # what accepting would earn after each round
         first_correct: list[bool | None] = [None] * len(problems)
-        if self.cfg.replan:
-            if verify:  # what the re-plan round changed: the first workflows' answers, scored before it
-                first_correct = self._correct(problems, jobs)
-            replanned = self._replan(problems, threads, histories, jobs, seed)
-            spent = [c + (new.cost() if new and new is not old else 0.0) for c, old, new in zip(spent, jobs, replanned)]
-            jobs = replanned
+        for round_index in range(1, self.cfg.max_rounds):
+            asked = [i for i, turns_so_far in enumerate(histories) if turns_so_far[-1].parsed.plan is not None]
+            if not asked:
+                break
+            if verify:  # what a re-plan changes: the standing answers, scored before it
+                correct = self._correct(problems, jobs)
+                first_correct = correct if round_index == 1 else first_correct
+                for i, ok in enumerate(correct):
+                    standing[i].append(conductor_reward(standing_plan(histories[i]), ok, self.cost_penalty(spent[i])))
+            for i, job in self._replan(problems, conversations, histories, jobs, asked, seed, round_index).items():
+                spent[i] += job.cost()
+                jobs[i] = job
         result.seconds["generate"] = time.perf_counter() - start
         start = time.perf_counter()
         correct = self._correct(problems, jobs) if verify else [False] * len(problems)
@@ -242,15 +263,10 @@ class ConductorRunner:
         for i, problem in enumerate(problems):
             job, ok, turns = jobs[i], correct[i], histories[i]
             reward = conductor_reward(standing_plan(turns), ok, self.cost_penalty(spent[i]))
-            turn_rewards = [reward]
-            if len(turns) > 1:
-                turn_rewards = [conductor_reward(turns[0].parsed, bool(first_correct[i]),
-                                                 self.cost_penalty(first_cost[i])),
-                                conductor_reward(turns[1].parsed, ok, self.cost_penalty(spent[i]))]
             result.records.append(ConductorRecord(
-                problem.id, [self.names[w] for w in pools[i]], turns, job,
+                problem.id, [self.names[w] for w in pools[i]], ids[i], turns, job,
                 extract_answer(job.answer(), problem.kind) if job else None, ok, reward, spent[i], first_correct[i],
-                turn_rewards))
+                turn_rewards([*standing[i], reward], len(turns), self.cfg.replan_reward) if verify else []))
         return result
 
     def _correct(self, problems: Sequence[Problem], jobs: Sequence[Job | None]) -> list[bool]:
@@ -264,31 +280,30 @@ class ConductorRunner:
         """What ``cost`` takes off the reward: ``cost_weight`` times the cost in units of ``cost_scale``."""
         return self.cfg.cost_weight * cost / self.cost_scale if self.cost_scale > 0 else 0.0
 
-    def _plan(self, threads: list[Thread], seeds: list[int], pools: list[list[int]]) -> list[ConductorTurn]:
+    def _plan(self, threads: list[Thread], seeds: list[int], ids: list[list[int]]) -> list[ConductorTurn]:
         generations = self.generate_plans(threads, seeds)
         return [ConductorTurn(g.prompt_ids, g.token_ids, g.logprobs, g.text,
-                              parse_workflow(g.text, len(pool), self.cfg.max_steps))
-                for g, pool in zip(generations, pools)]
+                              parse_workflow(g.text, shown, self.cfg.max_steps))
+                for g, shown in zip(generations, ids)]
 
-    def _replan(self, problems: Sequence[Problem], threads: list[Thread], histories: list[list[ConductorTurn]],
-                jobs: list[Job | None], seed: int) -> list[Job | None]:
-        """One more round: the conductor sees its plan's answer and accepts it (three empty lists) or replaces
-        the plan. A re-plan that does not parse changes nothing: the first workflow's answer stands (a conductor
-        never taught the round, as the tiny ones, would otherwise lose every answer and every reward)."""
-        asked = [i for i, job in enumerate(jobs) if job]
-        follow_ups = [[*threads[i], {"role": "assistant", "content": histories[i][0].text},
-                       {"role": "user", "content": replan_message(jobs[i].answer())}] for i in asked]
-        turns = self._plan(follow_ups, [request_seed(seed, problems[i].id, "replan") for i in asked],
-                           [jobs[i].pool for i in asked])
-        new_jobs = list(jobs)
-        rerun = []
+    def _replan(self, problems: Sequence[Problem], conversations: list[Thread], histories: list[list[ConductorTurn]],
+                jobs: list[Job | None], asked: list[int], seed: int, round_index: int) -> dict[int, Job]:
+        """One more round for the questions ``asked``: the conductor sees its last workflow's answer and accepts it
+        (three empty lists) or replaces the workflow, whose new job runs and is returned. A re-plan that does not
+        parse changes nothing: the answer before it stands, as if accepted, and the question plans no more."""
+        for i in asked:
+            conversations[i] += [{"role": "assistant", "content": histories[i][-1].text},
+                                 {"role": "user", "content": replan_message(jobs[i].answer())}]
+        key = ("replan",) if round_index == 1 else ("replan", round_index)
+        turns = self._plan([conversations[i] for i in asked], [request_seed(seed, problems[i].id, *key) for i in asked],
+                           [list(jobs[i].pool) for i in asked])
+        rerun = {}
         for i, turn in zip(asked, turns):
             histories[i].append(turn)
             if turn.parsed.plan is not None:
-                new_jobs[i] = Job(problems[i], turn.parsed.plan, jobs[i].pool, seed + 1)
-                rerun.append(new_jobs[i])
-        self.execute(rerun)
-        return new_jobs
+                rerun[i] = Job(problems[i], turn.parsed.plan, jobs[i].pool, seed + round_index)
+        self.execute(list(rerun.values()))
+        return rerun
 
     # ------------------------------------------------------------------ evaluation baselines
     def baselines(self, problems: Sequence[Problem], seed: int, pool: Sequence[str] | None = None) -> dict[str, Any]:
@@ -299,8 +314,8 @@ class ConductorRunner:
         alone = [[Job(p, single_step(k), everyone, seed) for p in problems] for k in range(len(everyone))]
         rng = random.Random(seed)
         randomized = [Job(p, random_plan(len(everyone), rng, self.cfg.max_steps), everyone, seed) for p in problems]
-        plans = [Plan(tuple(Step(k, task, list(access) == ["all"]) for k, task, access in
-                            zip(flow.model_id, flow.subtasks, flow.access_list))) for flow in self.cfg.fixed_workflows]
+        plans = [parse_workflow(flow_lists(flow), len(everyone), self.cfg.max_steps).plan
+                 for flow in self.cfg.fixed_workflows]
         fixed = [[Job(p, plan, everyone, seed) for p in problems] for plan in plans]
         self.execute([job for jobs in alone + fixed for job in jobs] + randomized)
         fixed_correct = [self.verify(problems, [j.answer() for j in jobs]) for jobs in fixed]
@@ -337,10 +352,18 @@ def summarize_conductor(result: ConductorResult) -> dict[str, Any]:
         "mean_steps": sum(steps) / max(len(steps), 1),  # of the workflows that ran
         "mean_reward": sum(r.reward for r in result.records) / n,
         "mean_cost": sum(r.cost for r in result.records) / n,  # per question
+        "worker_share": worker_shares(result.records),
         "gen_tokens": sum(len(t.token_ids) for r in result.records for t in r.turns),
         "prompt_tokens": sum(len(t.prompt_ids) for r in result.records for t in r.turns),
         **replan_summary(result.records),
     }
+
+
+def worker_shares(records: Sequence[ConductorRecord]) -> dict[str, float]:
+    """Of every step the standing workflows ran, the share each worker was asked, by name."""
+    asked = Counter(r.pool[r.ids.index(step.worker)] for r in records if r.job for step in r.job.plan.steps)
+    total = sum(asked.values())
+    return {name: asked[name] / total for name in sorted(asked)}
 
 
 def replan_summary(records: Sequence[ConductorRecord]) -> dict[str, float]:
@@ -362,11 +385,12 @@ def transcript(problem: Problem, record: ConductorRecord) -> dict[str, Any]:
     """One question's workflow as transcripts.jsonl keeps it."""
     job = record.job
     steps = [] if job is None else [
-        {"worker": record.pool[s.worker], "model_id": s.worker, "subtask": s.subtask,
-         "access": ["all"] if s.sees_all else [], "response": r.text if r else None, "error": r.error if r else None,
+        {"worker": record.pool[record.ids.index(s.worker)], "model_id": s.worker, "subtask": s.subtask,
+         "access": s.access(), "response": r.text if r else None, "error": r.error if r else None,
          "cost": r.cost if r else 0.0}
         for s, r in zip(job.plan.steps, job.responses)]
     return {"id": problem.id, "question": problem.question, "gold": problem.gold, "pool": record.pool,
+            "ids": record.ids,
             "conductor": [{"text": t.text, "error": t.parsed.error, "accepts": t.parsed.accepts} for t in record.turns],
             "steps": steps, "answer": record.answer, "correct": record.correct, "reward": record.reward,
             "cost": record.cost}

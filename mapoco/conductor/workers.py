@@ -11,6 +11,7 @@ plus its price per generated token (a failed call generated none).
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from typing import Protocol
 
 from mapoco.config import HttpWorkerConfig, PriceConfig
 from mapoco.rollout.discussion import AgentRuntime
+from mapoco.rollout.engine import request_seed
 
 Thread = list[dict[str, str]]
+FAILED = "the worker failed (a seeded failure, team.agents.N.fail_rate)"
 
 
 @dataclass
@@ -63,15 +66,22 @@ class LocalWorker:
 
     def __init__(self, agent: AgentRuntime):
         self.agent, self.name, self.price = agent, agent.cfg.name, agent.cfg.price
-        self.description = agent.cfg.description
+        self.description, self.fail_rate = agent.cfg.description, agent.cfg.fail_rate
         self.max_cost = self.price.of(agent.cfg.sampling.max_new_tokens)
 
     def submit(self, threads: list[Thread], seeds: list[int]) -> Pending:
-        if not threads:
-            return Ready([])
-        shards = self.agent.submit(threads, seeds)
-        return _Later(lambda: [_priced(self.price, g.text, len(g.token_ids))
-                               for g in self.agent.engines.collect(shards)])
+        """A call that ``fail_rate`` fails (drawn from its seed: the same call fails again, another may not) gets the
+        error reply an unreachable worker would give, and costs a call."""
+        failed = [random.Random(request_seed(seed, "fail")).random() < self.fail_rate for seed in seeds]
+        asked = [i for i, fail in enumerate(failed) if not fail]
+        if not asked:
+            return Ready([_failed(self.price, FAILED) for _ in threads])
+        shards = self.agent.submit([threads[i] for i in asked], [seeds[i] for i in asked])
+
+        def collect() -> list[Reply]:
+            replies = iter(_priced(self.price, g.text, len(g.token_ids)) for g in self.agent.engines.collect(shards))
+            return [_failed(self.price, FAILED) if fail else next(replies) for fail in failed]
+        return _Later(collect)
 
 
 class HttpWorker:
@@ -111,7 +121,7 @@ class HttpWorker:
             return self._failed(f"{type(exc).__name__}: {exc}"[:300])
 
     def _failed(self, why: str) -> Reply:
-        return Reply(f"[worker error: {why}]", error=why, cost=self.cfg.price.of(0))
+        return _failed(self.cfg.price, why)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -120,3 +130,8 @@ class HttpWorker:
 
 def _priced(price: PriceConfig, text: str, tokens: int) -> Reply:
     return Reply(text, tokens=tokens, cost=price.of(tokens))
+
+
+def _failed(price: PriceConfig, why: str) -> Reply:
+    """A failed call: later steps (and a re-plan) read why, and it costs what a call that generated nothing does."""
+    return Reply(f"[worker error: {why}]", error=why, cost=price.of(0))

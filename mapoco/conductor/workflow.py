@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mapoco.config import WorkflowConfig
 from mapoco.rollout.prompts import first_turn_message
 from mapoco.tasks import Problem
 
@@ -31,9 +32,17 @@ _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": 
 
 @dataclass(frozen=True)
 class Step:
-    worker: int  # index into the question's (renumbered) worker pool
+    worker: int  # the id the conductor asked: a position in the question's pool, or a stable worker id
     subtask: str
-    sees_all: bool  # access ["all"]: sees every earlier step; access []: sees none
+    sees_all: bool  # access ["all"]: sees every earlier step
+    sees: tuple[int, ...] = ()  # else the earlier steps it sees, by index (access [0, 2]); () with access []
+
+    def access(self) -> list:
+        return ["all"] if self.sees_all else list(self.sees)
+
+    def seen(self, index: int) -> list[int]:
+        """The earlier steps step ``index`` sees."""
+        return list(range(index)) if self.sees_all else list(self.sees)
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,7 @@ class Plan:
         """The plan written back in the conductor's format (warm-start targets, transcripts)."""
         return (f"model_id = {[s.worker for s in self.steps]}\n"
                 f"subtasks = {[s.subtask for s in self.steps]!r}\n"
-                f"access_list = {[['all'] if s.sees_all else [] for s in self.steps]}")
+                f"access_list = {[s.access() for s in self.steps]}")
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,21 @@ class Parsed:
         return self.error is not None
 
 
-def conductor_message(question: str, num_workers: int, examples: Sequence[str] = (), cards: Sequence[str] = ()) -> str:
-    """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (names hidden), then, where
-    workers have cards, who holds each card ("Cards: adds=Model 0, Model 2; multiplies=Model 1")."""
-    pool = ", ".join(f"Model {i}" for i in range(num_workers))
+def pool_ids(workers: int | Sequence[int]) -> list[int]:
+    """The ids a conductor may ask: ``0 .. n-1`` for a pool of ``n`` (renumbered), or the pool's own ids in the order
+    it lists them (stable: a worker keeps its number in every pool)."""
+    return list(range(workers)) if isinstance(workers, int) else list(workers)
+
+
+def conductor_message(question: str, workers: int | Sequence[int], examples: Sequence[str] = (),
+                      cards: Sequence[str] = ()) -> str:
+    """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (or the pool's stable ids,
+    "Model 3, Model 1"; names hidden), then, where workers have cards (one per listed id), who holds each card
+    ("Cards: adds=Model 0, Model 2; multiplies=Model 1")."""
+    ids = pool_ids(workers)
+    pool = ", ".join(f"Model {i}" for i in ids)
     holders: dict[str, list[int]] = {}
-    for i, card in enumerate(cards):
+    for i, card in zip(ids, cards):
         if card:
             holders.setdefault(card, []).append(i)
     listed = "; ".join(f"{card}=" + ", ".join(f"Model {i}" for i in ids) for card, ids in holders.items())
@@ -127,16 +145,22 @@ def _show(value: object) -> str:
         return f"<{type(value).__name__}>"
 
 
-def _access(entry: object) -> bool | None:
-    """True for ["all"] (or "all"), False for [] (or "none"); None for anything else."""
+def _access(entry: object, index: int) -> tuple[bool, tuple[int, ...]] | None:
+    """(sees every earlier step, else which) for ["all"] (or "all"), [] (or "none") and a list of earlier step
+    indices ([0, 2], the paper's access lists); None for anything else, a later or its own step included."""
     if entry in (["all"], "all", ("all",)):
-        return True
+        return True, ()
     if entry in ([], "none", ()):
-        return False
+        return False, ()
+    if isinstance(entry, list) and all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < index
+                                       for j in entry):
+        return False, tuple(sorted(set(entry)))
     return None
 
 
-def parse_workflow(text: str, num_workers: int, max_steps: int = 5) -> Parsed:
+def parse_workflow(text: str, workers: int | Sequence[int], max_steps: int = 5) -> Parsed:
+    """``workers``: the pool's size (ids 0..n-1) or its ids; a plan that asks any other id is malformed."""
+    allowed = pool_ids(workers)
     lists = {}
     for name in LIST_NAMES:
         source = _list_after(text.translate(_QUOTES), name)
@@ -152,24 +176,29 @@ def parse_workflow(text: str, num_workers: int, max_steps: int = 5) -> Parsed:
     if len(ids) > max_steps:
         return Parsed(None, f"{len(ids)} steps, more than {max_steps}")
     steps = []
-    for worker, subtask, entry in zip(ids, subtasks, access):
+    for index, (worker, subtask, entry) in enumerate(zip(ids, subtasks, access)):
         if isinstance(worker, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", worker):  # not "²", not 5000 digits
             worker = int(worker)
-        if not isinstance(worker, int) or isinstance(worker, bool) or not 0 <= worker < num_workers:
-            return Parsed(None, f"unknown worker {_show(worker)} (pool has {num_workers})")
-        sees_all = _access(entry)
-        if not isinstance(subtask, str) or sees_all is None:
+        if not isinstance(worker, int) or isinstance(worker, bool) or worker not in allowed:
+            return Parsed(None, f"unknown worker {_show(worker)} (the pool has {', '.join(map(str, allowed))})")
+        seen = _access(entry, index)
+        if not isinstance(subtask, str) or seen is None:
             return Parsed(None, f"bad step ({_show(subtask)}, {_show(entry)})")
-        steps.append(Step(worker, subtask.strip(), sees_all))
+        steps.append(Step(worker, subtask.strip(), *seen))
     return Parsed(Plan(tuple(steps)))
 
 
+def flow_lists(flow: WorkflowConfig) -> str:
+    """A hand-written workflow (``conductor.fixed_workflows``) in the conductor's format, for the same parser."""
+    return f"model_id = {flow.model_id!r}\nsubtasks = {flow.subtasks!r}\naccess_list = {flow.access_list!r}"
+
+
 def waves(plan: Plan) -> list[int]:
-    """The round in which each step can run: a step that sees all earlier steps waits for all of them; a step that
-    sees none can start at once. Steps of one round run concurrently."""
+    """The round in which each step can run: a step waits for the steps it sees; one that sees none can start at
+    once. Steps of one round run concurrently."""
     rounds: list[int] = []
     for i, step in enumerate(plan.steps):
-        rounds.append(max(rounds) + 1 if step.sees_all and i else 0)
+        rounds.append(max((rounds[j] + 1 for j in step.seen(i)), default=0))
     return rounds
 
 
@@ -182,7 +211,7 @@ def worker_thread(problem: Problem, plan: Plan, index: int, responses: Sequence[
     """What step ``index``'s worker sees: the question, the (subtask, response) pairs its access grants as
     earlier chat turns, then its own subtask."""
     step = plan.steps[index]
-    granted = [(plan.steps[j].subtask, responses[j]) for j in range(index)] if step.sees_all else []
+    granted = [(plan.steps[j].subtask, responses[j]) for j in step.seen(index)]
     messages: list[dict[str, str]] = []
     for subtask, response in granted:
         content = worker_message(problem, subtask) if not messages else subtask
@@ -197,6 +226,18 @@ def conductor_reward(parsed: Parsed, correct: bool, cost_penalty: float = 0.0) -
     if parsed.malformed:
         return 0.0
     return (1.0 if correct else 0.5) - cost_penalty
+
+
+def turn_rewards(standing: Sequence[float], turns: int, kind: str = "change") -> list[float]:
+    """What each of a question's ``turns`` conductor turns earns, from ``standing``: the reward of the answer that
+    stood after each round, the final one last. ``change``: the first plan its own outcome, a re-plan the final
+    outcome minus what accepting would have earned (the answer before it); accepting earns 0, a re-plan that fixes a
+    wrong answer +0.5 and one that breaks a right one -0.5, whatever the first plan did. ``discounted`` (the paper's,
+    for one group over every round): a turn before the last 0.25 of its round's outcome and 0.75 of the final one."""
+    final = standing[-1]
+    if kind == "discounted":
+        return [0.25 * standing[k] + 0.75 * final for k in range(turns - 1)] + [final]
+    return [standing[0]] + [final - standing[k - 1] for k in range(1, turns)]
 
 
 def random_plan(num_workers: int, rng: random.Random, max_steps: int = 5) -> Plan:

@@ -21,6 +21,8 @@ WEIGHT_SYNCS = ("auto", "object_store", "collective")  # mapoco.weights.sync.syn
 TOPOLOGIES = ("all_to_all", "ring", "star")  # mapoco.rollout.topology: who sees whom in a discussion
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")  # mapoco.training.algorithms: advantage estimators
 KL_ESTIMATORS = ("k1", "k2", "k3")  # mapoco.training.algorithms: KL penalty estimators
+REPLAN_REWARDS = ("change", "discounted")  # mapoco.conductor.rollout: what a re-plan earns
+POOL_IDS = ("stable", "renumbered")  # mapoco.conductor.rollout.ConductorRunner.ids: how a pool's workers are numbered
 MANAGED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE",
                          "VLLM_ENABLE_V1_MULTIPROCESSING"})  # the actors' environment mapoco sets (env may not)
 GPU_MEMORY_CAP = 0.9  # of one GPU's memory, for everything mapoco puts on it (the rest: CUDA context, fragments)
@@ -114,6 +116,9 @@ class AgentConfig:
     adapter: str | None = None  # a frozen agent on the shared LoRA engine: its fixed peft adapter (None: the base)
     price: PriceConfig = field(default_factory=PriceConfig)  # a Conductor worker's cost per call
     description: str = ""  # a Conductor worker's card, shown to the conductor with its number ("adds=Model 0")
+    # A Conductor worker that fails this share of its calls with an error reply, drawn per call from its seed (a
+    # testbed where re-planning can help)
+    fail_rate: float = 0.0
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -217,7 +222,7 @@ class WorkflowConfig:
 
     model_id: list[int] = field(default_factory=list)
     subtasks: list[str] = field(default_factory=list)
-    access_list: list[list[str]] = field(default_factory=list)  # per step: ["all"] or []
+    access_list: list[list[Any]] = field(default_factory=list)  # per step: ["all"], [] or earlier indices [0, 2]
 
 
 @dataclass(frozen=True)
@@ -228,13 +233,22 @@ class ConductorConfig:
     max_steps: int = 5
     random_pools: bool = False  # each question draws a random subset of the pool (renumbered)
     min_pool: int = 1  # smallest random pool
+    # How the prompt numbers a pool's workers: stable (a worker keeps its team index, "Model 3, Model 1", in every
+    # pool; the paper's way) or renumbered (Model 0..k-1 in the order drawn, known only by cards)
+    pool_ids: str = "stable"
     # Worker-name pools that random training pools never contain all of (a held-out pool composition)
     heldout_pools: list[list[str]] = field(default_factory=list)
     # eval: each of these pools too (worker names, in the order the conductor sees them), against its baselines
     eval_pools: list[list[str]] = field(default_factory=list)
     self_worker: bool = False  # the conductor is also a worker (recursion), up to max_depth
     max_depth: int = 1
-    replan: bool = False  # one re-plan round after seeing the final answer
+    # Planning rounds per question: after each, the conductor sees its workflow's answer and accepts it (three empty
+    # lists) or writes a new workflow, until it accepts or the budget is spent (1: no re-planning)
+    max_rounds: int = 1
+    # What a re-plan earns in training: "change" (the final outcome minus what accepting would have earned, in its
+    # own group) or "discounted" (the paper's: one group over all rounds, an earlier turn earning 0.25 of its own
+    # outcome and 0.75 of the final one)
+    replan_reward: str = "change"
     examples: list[str] = field(default_factory=list)  # few-shot examples shown in the prompt
     baselines: bool = True  # eval: also each worker alone, majority vote, a random workflow
     fixed_workflows: list[WorkflowConfig] = field(default_factory=list)  # eval: hand-written workflows too

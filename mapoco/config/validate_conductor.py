@@ -8,12 +8,15 @@ import os
 import re
 
 from mapoco.config.checks import is_int, require, require_env_name, require_name
-from mapoco.config.schema import RunConfig, WorkflowConfig
+from mapoco.config.schema import POOL_IDS, REPLAN_REWARDS, RunConfig, WorkflowConfig
 
 
 def validate_conductor(cfg: RunConfig) -> None:
     _validate_prices(cfg)
     _validate_cards(cfg)
+    for i, agent in enumerate(cfg.team.agents):
+        require(0 <= agent.fail_rate <= 1, f"team.agents[{i}].fail_rate", agent.fail_rate,
+                "a share of calls in 0..1 (a Conductor worker's seeded failures)")
     if cfg.method != "conductor":
         return
     con = cfg.conductor
@@ -23,6 +26,11 @@ def validate_conductor(cfg: RunConfig) -> None:
     require(not cfg.team.shared_policy, "team.shared_policy", True, "must be false for method=conductor")
     require(1 <= con.max_steps <= 5, "conductor.max_steps", con.max_steps, "an integer in 1..5")
     require(1 <= con.min_pool <= pool, "conductor.min_pool", con.min_pool, f"an integer in 1..{pool} (the pool)")
+    require(con.pool_ids in POOL_IDS, "conductor.pool_ids", con.pool_ids, f"one of {', '.join(POOL_IDS)}")
+    require(is_int(con.max_rounds) and con.max_rounds >= 1, "conductor.max_rounds", con.max_rounds,
+            "an integer >= 1 (1: no re-planning)")
+    require(con.replan_reward in REPLAN_REWARDS, "conductor.replan_reward", con.replan_reward,
+            f"one of {', '.join(REPLAN_REWARDS)}")
     require(con.max_depth >= 1, "conductor.max_depth", con.max_depth, "an integer >= 1")
     for i, example in enumerate(con.examples):
         require_name(f"conductor.examples[{i}]", example, "a non-empty example workflow")
@@ -112,5 +120,5 @@ def _validate_fixed_workflow(key: str, flow: WorkflowConfig, pool: int) -> None:
     for j, subtask in enumerate(flow.subtasks):
         require(isinstance(subtask, str), f"{key}.subtasks[{j}]", subtask, "the step's request, a string")
     for j, access in enumerate(flow.access_list):
-        require(list(access) in ([], ["all"]), f"{key}.access_list[{j}]", access,
-                '["all"] (sees every earlier step) or [] (sees none)')
+        require(list(access) == ["all"] or all(is_int(i) and 0 <= i < j for i in access), f"{key}.access_list[{j}]",
+                access, '["all"] (sees every earlier step), [] (sees none) or the earlier steps it sees ([0, 2])')

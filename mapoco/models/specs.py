@@ -70,6 +70,12 @@ class TinyModelSpec:
     # A conductor for pools with worker cards (``conductor_message``'s "Model 0 (adds)"): each pool position gets a
     # card drawn from these, and the plan first names a card and asks a worker holding it.
     cards: tuple[str, ...] = field(default=(), repr=False)
+    # A conductor for pools numbered by stable ids (``conductor.pool_ids=stable``): each pool is a random subset, in
+    # random order, of this many workers, listed by their own ids ("Model 3, Model 1"); 0: pools of 0..k-1.
+    stable_ids_of: int = field(default=0, repr=False)
+    # A conductor: share of examples that go on to a re-plan round (``replan_message``), answered by accepting or by
+    # a new plan at random, whatever the answer shown
+    replan_fraction: float = field(default=0.0, repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -227,6 +233,36 @@ TINY_MODELS["tiny-conductor"] = replace(
     max_steps=1200,
     eval_every=1200,
     target_accuracy=1.0,
+)
+# The Conductor's recursion experiment: tiny-conductor's warm-start, and a third of its examples go on to a re-plan
+# round (accept or re-plan, at random, whatever answer it was shown), so both are in reach of RL.
+TINY_MODELS["replan-conductor"] = replace(
+    TINY_MODELS["tiny-conductor"],
+    name="replan-conductor",
+    tokenizer=replace(TINY_MODELS["tiny-conductor"].tokenizer, seed=13),
+    seed=13,
+    replan_fraction=0.33,
+)
+# The Conductor's pools the paper's way: pools of 2-4 of four workers, each listed by its stable id. The warm-start
+# asks a listed id uniformly, whatever the question: which id does what is left to RL.
+TINY_MODELS["pool-conductor"] = replace(
+    TINY_MODELS["tiny-conductor"],
+    name="pool-conductor",
+    tokenizer=replace(TINY_MODELS["tiny-conductor"].tokenizer, seed=12),
+    seed=12,
+    two_step_fraction=0.0,
+    pool_sizes=(2, 3, 4),
+    stable_ids_of=4,
+    # Asking only a listed id is a copy from the prompt: at tiny-conductor's size plans asked one of the four ids
+    # uniformly whatever the pool listed (sampled parse rate 0.74 after 1,200 and after 2,400 steps, what ignoring
+    # the list gives); card-conductor's size (a third layer, twice the width)
+    hidden_size=128,
+    num_layers=3,
+    num_heads=4,  # head_dim 32
+    num_kv_heads=2,
+    intermediate_size=512,
+    max_steps=2400,
+    eval_every=2400,
 )
 # The Conductor's pools experiment: pools of 2-4 workers drawn at run time, each shown with its card. Which card a
 # question needs is left to RL (the card a warm-start plan names is random); reading its number off the pool is not.

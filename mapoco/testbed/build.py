@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from mapoco.conductor.workers import FAILED
 from mapoco.conductor.workflow import (
     SUBTASKS,
     Plan,
     Step,
     conductor_message,
+    replan_message,
     worker_thread,
 )
 from mapoco.models.registry import MARKER, model_dir
@@ -77,6 +79,10 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
         workflow = (*workflow, operation_note(probe.question), CONDUCTOR_SUBTASKS)
     if spec.cards:
         workflow = (*workflow, conductor_message(probe.question, 2, cards=spec.cards), card_line("adds", 0))
+    if spec.stable_ids_of:
+        workflow = (*workflow, conductor_message(probe.question, [3, 1]))
+    if spec.replan_fraction:
+        workflow = (*workflow, replan_message("x"), Plan(()).lists(), FAILED)
     if spec.composition_fraction:
         example = composition_problems("train")[0]
         workflow = (*workflow, example, composition_step(example, "+", random.Random(0)))

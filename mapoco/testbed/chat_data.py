@@ -8,11 +8,13 @@ import random
 import re
 from typing import Any
 
+from mapoco.conductor.workers import FAILED
 from mapoco.conductor.workflow import (
     SUBTASKS,
     Plan,
     Step,
     conductor_message,
+    replan_message,
     worker_thread,
 )
 from mapoco.models.specs import (
@@ -159,15 +161,35 @@ def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -
     count = 1 + (rng.random() < spec.two_step_fraction)
     reasons = [operation_note(problem.question)]
     cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
+    ids = rng.sample(range(spec.stable_ids_of), size) if spec.stable_ids_of else list(range(size))
     if cards:
         card = rng.choice(sorted(set(cards)))
-        workers = [cards.index(card)] * count  # its first holder: the number after the card in the prompt
+        workers = [ids[cards.index(card)]] * count  # its first holder: the number after the card in the prompt
         reasons.append(card_line(card, workers[-1]))
     else:
-        workers = [rng.randrange(size) for _ in range(count)]
+        workers = [ids[rng.randrange(size)] for _ in range(count)]
     plan = Plan(tuple(Step(worker, CONDUCTOR_SUBTASKS[i], i > 0) for i, worker in enumerate(workers)))
-    return [{"role": "user", "content": conductor_message(problem.question, size, cards=cards)},
+    chat = [{"role": "user", "content": conductor_message(problem.question, ids, cards=cards)},
             {"role": "assistant", "content": "\n".join([*reasons, plan.lists()])}]
+    if spec.replan_fraction and rng.random() < spec.replan_fraction:
+        chat += _replan_turn(problem, spec, rng, ids)
+    return chat
+
+
+def _replan_turn(problem: Problem, spec: TinyModelSpec, rng: random.Random, ids: list[int]) -> list[dict]:
+    """The re-plan round: the workflow's answer (a boxed number or a worker's error reply, at random), then, whatever
+    it was, accepting it (three empty lists) or a new plan drawn as a first one is: half and half. The form is
+    learnt; when to re-plan is RL's."""
+    shown = (f"[worker error: {FAILED}]" if rng.random() < 0.5 else
+             f"The answer is {_boxed(rng.randrange(100))}.")
+    if rng.random() < 0.5:
+        reply = Plan(()).lists()
+    else:
+        count = 1 + (rng.random() < spec.two_step_fraction)
+        workers = [ids[rng.randrange(len(ids))] for _ in range(count)]
+        plan = Plan(tuple(Step(worker, CONDUCTOR_SUBTASKS[i], i > 0) for i, worker in enumerate(workers)))
+        reply = "\n".join([operation_note(problem.question), plan.lists()])
+    return [{"role": "user", "content": replan_message(shown)}, {"role": "assistant", "content": reply}]
 
 
 def example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:

@@ -82,39 +82,42 @@ def step_message(problem: Problem) -> str:
 
 
 def sample_plans(model: Any, tokenizer: Any, problems: list[Problem], spec: TinyModelSpec, seed: int = 0,
-                 batch_size: int = 50) -> list[tuple[list[str], str]]:
-    """(the pool's cards, or a card-less pool of its size as empty cards; the reply) of a conductor sampled at
-    temperature 1 on each problem, pool sizes drawn uniformly from ``spec.pool_sizes`` and cards from
-    ``spec.cards``. Seeded, and the global torch RNG is left as it was."""
+                 batch_size: int = 50) -> list[tuple[list[int], list[str], str]]:
+    """(the pool's ids, its cards or as many empty ones, the reply) of a conductor sampled at temperature 1 on each
+    problem, pool sizes drawn uniformly from ``spec.pool_sizes``, cards from ``spec.cards``, stable ids from
+    ``spec.stable_ids_of`` workers. Seeded, and the global torch RNG is left as it was."""
     rng = random.Random(seed)
     sizes = [rng.choice(spec.pool_sizes) for _ in problems]
     pools = [[rng.choice(spec.cards) for _ in range(size)] if spec.cards else [""] * size for size in sizes]
-    messages = [_user(conductor_message(p.question, len(cards), cards=cards)) for p, cards in zip(problems, pools)]
+    ids = [rng.sample(range(spec.stable_ids_of), size) if spec.stable_ids_of else list(range(size)) for size in sizes]
+    messages = [_user(conductor_message(p.question, shown, cards=cards))
+                for p, shown, cards in zip(problems, ids, pools)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         texts = _replies(model, tokenizer, messages, PLAN_TOKENS, batch_size, do_sample=True, temperature=1.0,
                          top_k=0, top_p=1.0)
-    return list(zip(pools, texts))
+    return list(zip(ids, pools, texts))
 
 
-def plan_stats(samples: list[tuple[list[str], str]]) -> dict[str, Any]:
-    """Parse rate, and how often each worker id answers (the plan's last step) per pool size; with cards, how often
-    the answering worker holds the card the reply named."""
-    parsed = [(cards, parse_workflow(text, len(cards)), CARD_LINE.search(text)) for cards, text in samples]
-    answering = {size: [0] * size for size in sorted({len(cards) for cards, _ in samples})}
+def plan_stats(samples: list[tuple[list[int], list[str], str]]) -> dict[str, Any]:
+    """Parse rate, and how often each listed position answers (the plan's last step) per pool size; with cards, how
+    often the answering worker holds the card the reply named."""
+    parsed = [(ids, cards, parse_workflow(text, ids), CARD_LINE.search(text)) for ids, cards, text in samples]
+    answering = {size: [0] * size for size in sorted({len(cards) for _, cards, _ in samples})}
     steps: dict[int, int] = {}
     carded = [0, 0]  # plans that name a card, and those whose answering worker holds it
-    for cards, result, named in parsed:
+    for ids, cards, result, named in parsed:
         if result.plan is not None and result.plan.steps:
-            answering[len(cards)][result.plan.steps[-1].worker] += 1
+            answering_at = ids.index(result.plan.steps[-1].worker)
+            answering[len(cards)][answering_at] += 1
             steps[len(result.plan.steps)] = steps.get(len(result.plan.steps), 0) + 1
             if any(cards) and named:
                 carded[0] += 1
-                carded[1] += cards[result.plan.steps[-1].worker] == named.group(1)
-    stats = {"parse_rate": sum(p.plan is not None for _, p, _ in parsed) / len(parsed),
+                carded[1] += cards[answering_at] == named.group(1)
+    stats = {"parse_rate": sum(p.plan is not None for _, _, p, _ in parsed) / len(parsed),
              "answering_worker": {str(size): counts for size, counts in answering.items()},
              "plan_steps": {str(n): steps[n] for n in sorted(steps)}}
-    if any(any(cards) for cards, _ in samples):
+    if any(any(cards) for _, cards, _ in samples):
         stats["card_named_rate"] = carded[0] / len(parsed)
         stats["card_held_rate"] = carded[1] / max(carded[0], 1)
     return stats

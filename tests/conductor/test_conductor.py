@@ -17,8 +17,13 @@ from conftest import compose_config, kernels_twin, watch_updates
 
 from mapoco.conductor.evaluate import evaluate_conductor
 from mapoco.conductor.method import ConductorMethod
-from mapoco.conductor.rollout import ConductorRunner, Job, summarize_conductor
-from mapoco.conductor.workflow import Plan, Step
+from mapoco.conductor.rollout import (
+    ConductorRunner,
+    Job,
+    summarize_conductor,
+    transcript,
+)
+from mapoco.conductor.workflow import Plan, Step, single_step
 from mapoco.config import ConductorConfig, HttpWorkerConfig, PriceConfig
 from mapoco.tasks import Problem
 from mapoco.training.batch import with_samples
@@ -129,6 +134,8 @@ def test_grpo_two_iterations_train_the_conductor(trained):
     ran = [len(r["steps"]) for r in records if r["steps"]]
     assert written["conductor_accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 8)
     assert written["malformed_rate"] == pytest.approx(sum(not r["steps"] for r in records) / 8)
+    asked = [step["worker"] for r in records for step in r["steps"]]
+    assert written["worker_share"] == pytest.approx({w: asked.count(w) / len(asked) for w in set(asked)})
     assert written["mean_steps"] == pytest.approx(sum(ran) / max(len(ran), 1))
     assert written["mean_reward"] == pytest.approx(sum(r["reward"] for r in records) / 8)
     assert written["workers"] == ["adder", "multiplier"] and len(written["worker_accuracy"]) == 2
@@ -155,7 +162,6 @@ def test_the_majority_vote_baseline_credits_a_tie_by_half(trained, conductor_tea
     right ones (the team's tie-break picks one at random)."""
     from mapoco.answers import extract_answer
     from mapoco.conductor.rollout import Job
-    from mapoco.conductor.workflow import single_step
 
     runner = ConductorRunner(conductor_team, trained.cfg.conductor, rule_verifier)
     problems, seed = trained.eval_problems, trained.cfg.seed
@@ -208,27 +214,32 @@ def test_failing_http_worker_gives_an_error_step_and_the_workflow_goes_on(conduc
         runner.close()
 
 
-def test_a_replan_round_scores_the_first_answer_and_keeps_it_unless_replaced(conductor_team, rule_verifier):
-    runner = ConductorRunner(conductor_team, ConductorConfig(replan=True), rule_verifier)
+def test_replan_rounds_score_the_answer_before_each_and_stop_when_it_stands(conductor_team, rule_verifier):
+    """Up to conductor.max_rounds=3 plans per question: each re-plan sees the conversation so far and the last
+    answer; accepting or an unparsed re-plan leaves the answer as it was and ends the question's rounds, and earns
+    exactly 0 (the final outcome minus what accepting would have earned)."""
+    cfg = ConductorConfig(max_rounds=3)
+    runner = ConductorRunner(conductor_team, cfg, rule_verifier)
     problems = [Problem(id=f"p{i}", question=f"Calculate {i} + 5.", gold=str(i + 5)) for i in range(6)]
     result = runner.rollout(problems, seed=0)
     records = result.records
+    tokenizer = conductor_team.agents[0].tokenizer
     for record in records:
-        assert record.first_correct is not None
+        assert record.first_correct is not None and 1 <= len(record.turns) <= 3
         if record.turns[0].parsed.malformed:
             assert len(record.turns) == 1 and record.job is None and not record.correct
+            assert record.turn_rewards == [0.0]
             continue
-        assert len(record.turns) == 2 and "The workflow answered:" in conductor_team.agents[0].tokenizer.decode(
-            record.turns[1].prompt_ids)
-        if record.turns[1].parsed.accepts or record.turns[1].parsed.malformed:  # the first answer stands
-            assert record.correct == record.first_correct and record.job.plan == record.turns[0].parsed.plan
-            assert record.reward == (1.0 if record.correct else 0.5)
-        # each turn earns what it decided: the plan its first answer, the re-plan the final one (0 unparsed)
+        assert len(record.turns) >= 2
+        for k, turn in enumerate(record.turns[1:], start=1):
+            assert tokenizer.decode(turn.prompt_ids).count("The workflow answered:") == k  # the whole conversation
+            if turn.parsed.accepts or turn.parsed.malformed:  # the answer before it stands: no more rounds
+                assert k == len(record.turns) - 1 and record.turn_rewards[k] == 0.0
         assert record.turn_rewards[0] == (1.0 if record.first_correct else 0.5)
-        assert record.turn_rewards[1] == (0.0 if record.turns[1].parsed.malformed else
-                                          1.0 if record.correct else 0.5)
-    (batch,) = ConductorMethod.batches(SimpleNamespace(), result, np.array([r.reward for r in records]),
-                                       {"c": [0]}).values()
+        if all(t.parsed.accepts or t.parsed.malformed for t in record.turns[1:]):
+            assert record.correct == record.first_correct and record.job.plan == record.turns[0].parsed.plan
+    method = SimpleNamespace(cfg=SimpleNamespace(conductor=cfg))
+    (batch,) = ConductorMethod.batches(method, result, np.array([r.reward for r in records]), {"c": [0]}).values()
     assert batch.rewards == [reward for r in records for reward in r.turn_rewards]
     assert [key[2] for key in batch.keys] == [turn for r in records for turn in range(len(r.turns))]
     summary = summarize_conductor(result)
@@ -238,6 +249,24 @@ def test_a_replan_round_scores_the_first_answer_and_keeps_it_unless_replaced(con
     assert 0 <= summary["replan_accept_rate"] + summary["replan_malformed_rate"] <= 1
     assert "first_plan_accuracy" not in summarize_conductor(
         ConductorRunner(conductor_team, ConductorConfig(), rule_verifier).rollout(problems[:2], seed=0))
+
+
+def test_a_failing_worker_fails_a_seeded_share_of_its_calls_with_an_error_reply(conductor_team, rule_verifier):
+    with reconfigured(conductor_team, {1: {"fail_rate": 0.5}}):
+        runner = ConductorRunner(conductor_team, ConductorConfig(), rule_verifier)
+        problems = [Problem(id=f"p{i}", question=f"Calculate {i} + 5.", gold=str(i + 5)) for i in range(16)]
+
+        def failures(seed: int) -> list[int]:
+            jobs = [Job(p, single_step(0), [0, 1], seed) for p in problems]
+            runner.execute(jobs)
+            assert all(j.answer().startswith("[worker error: ") == bool(j.responses[0].error) for j in jobs)
+            return [i for i, j in enumerate(jobs) if j.responses[0].error]
+
+        first = failures(0)
+        assert 0 < len(first) < len(problems) and failures(0) == first and failures(1) != first
+        job = Job(problems[first[0]], single_step(0), [0, 1], 0)
+        runner.execute([job])
+        assert job.answer().startswith("[worker error: ") and "fail_rate" in job.responses[0].error
 
 
 def test_conductor_as_its_own_worker_recurses_to_the_depth_limit(conductor_team, rule_verifier):
@@ -251,7 +280,7 @@ def test_conductor_as_its_own_worker_recurses_to_the_depth_limit(conductor_team,
     assert runner.workers[2].depth == 0
 
 
-def test_random_pools_are_renumbered_subsets(conductor_team, rule_verifier):
+def test_random_pools_are_subsets_in_random_order_shared_by_a_group(conductor_team, rule_verifier):
     runner = ConductorRunner(conductor_team, ConductorConfig(random_pools=True), rule_verifier)
     pools = [runner.pool(Problem(id=f"p{i}", question="x", gold="1"), seed=0) for i in range(40)]
     assert all(1 <= len(p) <= 2 and len(set(p)) == len(p) for p in pools)
@@ -262,9 +291,12 @@ def test_random_pools_are_renumbered_subsets(conductor_team, rule_verifier):
     assert [drawn[i:i + 4] for i in range(0, 160, 4)] == [[pool] * 4 for pool in pools]  # a group shares its pool
 
 
-def test_renumbered_pools_never_show_worker_names_to_the_conductor(conductor_team, rule_verifier):
-    """The conductor sees "Model 0 .. Model k-1" only: whom a number stands for changes with every question."""
-    runner = ConductorRunner(conductor_team, ConductorConfig(random_pools=True), rule_verifier)
+@pytest.mark.parametrize("pool_ids", ["stable", "renumbered"])
+def test_pools_show_numbers_never_worker_names_to_the_conductor(conductor_team, rule_verifier, pool_ids):
+    """The conductor sees numbers only: stable ones (a worker keeps its team index in every pool, listed in the
+    pool's order) or "Model 0 .. Model k-1" (whom a number stands for changes with every question); a step's number
+    runs the worker it stands for."""
+    runner = ConductorRunner(conductor_team, ConductorConfig(random_pools=True, pool_ids=pool_ids), rule_verifier)
     candidates = [Problem(id=f"p{i}", question=f"Calculate {i} + 2.", gold=str(i + 2)) for i in range(40)]
     first_of = {}  # one question per pool: both orders of the two workers, and each alone
     for problem in candidates:
@@ -273,17 +305,21 @@ def test_renumbered_pools_never_show_worker_names_to_the_conductor(conductor_tea
     result = runner.rollout(list(first_of.values()), seed=0)
     assert [tuple(r.pool) for r in result.records] == [tuple(runner.names[w] for w in pool) for pool in first_of]
     tokenizer = conductor_team.agents[0].tokenizer
-    for record in result.records:
+    for record, (pool, problem) in zip(result.records, first_of.items()):
+        assert record.ids == (list(pool) if pool_ids == "stable" else list(range(len(pool))))
         prompt = tokenizer.decode(record.turns[0].prompt_ids)
-        assert f"Workers: {', '.join(f'Model {i}' for i in range(len(record.pool)))}\n" in prompt
+        assert f"Workers: {', '.join(f'Model {i}' for i in record.ids)}\n" in prompt
         assert not any(name in prompt for name in runner.names)
+        if record.job:
+            ran = [step["worker"] for step in transcript(problem, record)["steps"]]
+            assert ran == [runner.names[pool[record.ids.index(s.worker)]] for s in record.job.plan.steps]
 
 
 def test_cards_follow_the_renumbering_and_held_out_pools_are_never_drawn(conductor_team, rule_verifier):
     """Each worker's card is shown beside the number it has in the question's pool; a held-out pool is never a
     training pool's subset, while a named pool is asked as given."""
     with reconfigured(conductor_team, {1: {"description": "adds"}, 2: {"description": "multiplies"}}):
-        cfg = ConductorConfig(random_pools=True, heldout_pools=[["multiplier"]])
+        cfg = ConductorConfig(random_pools=True, pool_ids="renumbered", heldout_pools=[["multiplier"]])
         runner = ConductorRunner(conductor_team, cfg, rule_verifier)
         problems = [Problem(id=f"p{i}", question=f"Calculate {i} * 2.", gold=str(i * 2)) for i in range(24)]
         assert {tuple(runner.pool(p, seed=0)) for p in problems} == {(0,)}  # every pool holding the multiplier

@@ -18,6 +18,7 @@ from mapoco.conductor.workflow import (
     parse_workflow,
     random_plan,
     single_step,
+    turn_rewards,
     waves,
     worker_message,
     worker_thread,
@@ -123,7 +124,7 @@ MALFORMED = {
     "huge hex subtask": _reply("[1, 0]", f'["a", 0x{"f" * 5000}]', OK_ACCESS),
     "huge hex access": _reply("[1, 0]", OK_SUBTASKS, f"[[], [0x{'f' * 5000}]]"),
     "subtask not a string": _reply("[1, 0]", '["Solve.", 42]', OK_ACCESS),
-    "access indices": _reply("[1, 0]", OK_SUBTASKS, "[[], [0]]"),
+    "access to itself": _reply("[1, 0]", OK_SUBTASKS, "[[], [1]]"),  # indices name earlier steps only
     "access word": _reply("[1, 0]", OK_SUBTASKS, '[[], ["some"]]'),
     "access None": _reply("[1, 0]", OK_SUBTASKS, "[[], None]"),
     "access all and more": _reply("[1, 0]", OK_SUBTASKS, '[[], ["all", 0]]'),
@@ -292,6 +293,41 @@ def test_conductor_message_hides_names():
 def test_conductor_message_lists_who_holds_each_card():
     message = conductor_message("What is 3 + 4?", 4, cards=["multiplies", "", "adds", "multiplies"])
     assert "Workers: Model 0, Model 1, Model 2, Model 3\nCards: multiplies=Model 0, Model 3; adds=Model 2\n" in message
+
+
+def test_a_replan_earns_what_it_changes_or_the_papers_discounted_share():
+    """Standing rewards: a right first answer (1), a re-plan that broke it (0.5), then one that fixed it (1)."""
+    assert turn_rewards([1.0, 0.5, 1.0], 3) == [1.0, 0.0, 0.5]  # the final outcome minus accepting's
+    assert turn_rewards([0.5, 1.0], 2) == [0.5, 0.5] and turn_rewards([0.5, 0.5], 2) == [0.5, 0.0]  # accepting: 0
+    assert turn_rewards([1.0, 0.5], 2) == [1.0, -0.5]  # a re-plan that breaks a right answer loses
+    assert turn_rewards([0.5, 1.0], 2, "discounted") == [0.25 * 0.5 + 0.75 * 1.0, 1.0]
+    assert turn_rewards([0.0], 1) == turn_rewards([0.0], 1, "discounted") == [0.0]
+
+
+def test_access_lists_name_earlier_steps_by_index():
+    """The paper's access lists: a step may see chosen earlier steps ([0, 2]); it waits only for those, sees only
+    those, and a list naming itself or a later step is malformed."""
+    text = _reply("[0, 1, 2, 0]", '["a", "b", "c", "d"]', '[[], [], [0], [0, 2]]')
+    plan = _plan(text)
+    assert [s.seen(i) for i, s in enumerate(plan.steps)] == [[], [], [0], [0, 2]]
+    assert waves(plan) == [0, 0, 1, 2]
+    thread = worker_thread(PROBLEM, plan, 3, ["A", "B", "C", None])
+    assert [m["content"] for m in thread if m["role"] == "assistant"] == ["A", "C"]
+    assert parse_workflow(plan.lists(), 3) == Parsed(plan)  # written back as it was read
+    for bad in ('[[], [1], [], []]', '[[], [], [5], []]', '[[], [], ["0"], []]'):
+        assert parse_workflow(_reply("[0, 1, 2, 0]", '["a", "b", "c", "d"]', bad), 3).malformed
+
+
+def test_stable_ids_list_the_pool_in_its_order_and_the_parser_takes_only_those():
+    """A pool of workers 3 and 1 (the paper's way): the prompt lists their own numbers in the drawn order, their
+    cards beside them; a plan may ask 3 or 1 and nothing else, not even an id a smaller pool would have had."""
+    message = conductor_message("What is 3 + 4?", [3, 1], cards=["adds", "multiplies"])
+    assert "Workers: Model 3, Model 1\nCards: adds=Model 3; multiplies=Model 1\n" in message
+    assert conductor_message("What is 3 + 4?", [0, 1, 2]) == conductor_message("What is 3 + 4?", 3)
+    asks = [_reply(f"[{i}]", '["Solve the problem."]', "[[]]") for i in (3, 1, 0, 2)]
+    assert [parse_workflow(text, [3, 1]).plan.steps[0].worker for text in asks[:2]] == [3, 1]
+    for text in asks[2:]:
+        assert parse_workflow(text, [3, 1]).error.endswith("(the pool has 3, 1)")
 
 
 @pytest.mark.parametrize(("malformed", "correct", "penalty", "reward"), [
