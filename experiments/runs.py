@@ -96,10 +96,21 @@ def write_readme_block(marker: str, body: str, readme: Path = ROOT / "README.md"
     readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
-def reproduce_parser(doc: str | None, conditions: Sequence[str]) -> argparse.ArgumentParser:
-    """Every reproduction's command line: ``--only`` some of its conditions, ``--seeds``, ``--summarize``."""
+def reproduce_parser(doc: str | None, conditions: Sequence[str],
+                     groups: dict[str, list[str]] | None = None) -> argparse.ArgumentParser:
+    """Every reproduction's command line: ``--only`` some of its conditions (or groups of them: a group's name
+    stands for its conditions), ``--seeds``, ``--summarize``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(conditions), help="run only these conditions")
+    parser.add_argument("--only", nargs="+", choices=sorted({*conditions, *(groups or {})}),
+                        help="run only these conditions (or groups: " + ", ".join(
+                            f"{name} = {' '.join(members)}" for name, members in (groups or {}).items()) + ")")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--summarize", action="store_true", help="only rebuild the results from finished runs")
     return parser
+
+
+def selected(only: Sequence[str] | None, conditions: Sequence[str],
+             groups: dict[str, list[str]] | None = None) -> list[str]:
+    """``--only``'s conditions in order, each group replaced by its members (all conditions without ``--only``)."""
+    names = [member for name in only or conditions for member in (groups or {}).get(name, [name])]
+    return list(dict.fromkeys(names))

@@ -278,3 +278,13 @@ def test_the_other_kernels_change_float32_results():
                      for env in ({}, portability.KERNELS))
     assert other[0] == "DEFAULT"
     assert (native[1] != other[1]) == (native[0] != "DEFAULT"), (native, other)
+
+
+def test_only_names_conditions_or_groups_of_them():
+    from experiments.runs import selected
+
+    assert selected(["recursion", "pools"], list(conductor.CONDITIONS), conductor.GROUPS) == [
+        "recursion", "recursion_control", "recursion_discounted", "pools_routing", "heldout_pool", "heldout_pool_cards"]
+    assert selected(["composition", "composition"], list(conductor.CONDITIONS), conductor.GROUPS) == ["composition"]
+    assert selected(None, list(conductor.CONDITIONS), conductor.GROUPS) == list(conductor.CONDITIONS)
+    assert set(sum(conductor.GROUPS.values(), [])) <= set(conductor.CONDITIONS)

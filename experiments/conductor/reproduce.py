@@ -2,6 +2,7 @@
 
     .venv/bin/python -m experiments.conductor.reproduce                      # every condition, 3 seeds (resumes)
     .venv/bin/python -m experiments.conductor.reproduce --only composition   # one experiment
+    .venv/bin/python -m experiments.conductor.reproduce --only pools recursion   # groups of conditions
     .venv/bin/python -m experiments.conductor.reproduce --summarize          # rebuild results.json, .md, .png only
 
 Every run is a plain `mapoco train` into outputs/conductor/<condition>/seed_<s>/ and evaluates on the same 200
@@ -41,6 +42,7 @@ from experiments.runs import (
     mean_std,
     read_results,
     reproduce_parser,
+    selected,
     with_recorded,
     write_readme_block,
 )
@@ -62,6 +64,9 @@ CONDITIONS: dict[str, list[str]] = {
 }
 # A condition that is a second training phase: it starts from the same seed's run of another (train.init_from)
 PHASES = {"heldout_pool": "pools_routing"}
+# --only pools recursion: the names stand for these conditions
+GROUPS = {"pools": ["pools_routing", "heldout_pool", "heldout_pool_cards"],
+          "recursion": ["recursion", "recursion_control", "recursion_discounted"]}
 # experiment/pools.yaml's conductor.eval_pools, in order, as results.json names them
 NAMED_POOLS = ("trained_pool", "trained_pool_reversed", "heldout_pool", "heldout_pool_reversed")
 POOL_CONDITIONS = ("heldout_pool", "heldout_pool_cards")
@@ -365,11 +370,11 @@ def overrides(condition: str, seed: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = reproduce_parser(__doc__, CONDITIONS)
+    parser = reproduce_parser(__doc__, CONDITIONS, GROUPS)
     args = parser.parse_args(argv)
     if not args.summarize:
         for seed in args.seeds:  # seed-major: an interrupted run has every condition's first seeds
-            for condition in args.only or list(CONDITIONS):
+            for condition in selected(args.only, list(CONDITIONS), GROUPS):
                 RUNS.run(condition, seed, overrides(condition, seed))
                 summarize()
     results = summarize()
