@@ -94,9 +94,14 @@ def sample_plans(model: Any, tokenizer: Any, problems: list[Problem], spec: Tiny
                 for p, shown, cards in zip(problems, ids, pools)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        texts = _replies(model, tokenizer, messages, PLAN_TOKENS, batch_size, do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0)
+        texts = sample_replies(model, tokenizer, messages, batch_size)
     return list(zip(ids, pools, texts))
+
+
+def sample_replies(model: Any, tokenizer: Any, threads: list[list[dict[str, str]]], batch_size: int = 50) -> list[str]:
+    """A conductor's replies as training samples them: temperature 1, nothing cut off, ``PLAN_TOKENS`` at most."""
+    return _replies(model, tokenizer, threads, PLAN_TOKENS, batch_size, do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0)
 
 
 def plan_stats(samples: list[tuple[list[int], list[str], str]]) -> dict[str, Any]:
