@@ -25,7 +25,7 @@ same questions).
 - ``recursion``: composition with an adder that fails 30% of its calls and up to two planning rounds: the conductor
   sees its workflow's answer and accepts it or writes a new workflow, earning what its re-plan changed;
   ``recursion_control`` at failure rate 0; ``recursion_discounted`` with the paper's reward (one group over both
-  rounds, the first earning 0.25 of its own outcome and 0.75 of the final one).
+  rounds, the first earning 0.75 of its own outcome and 0.25 of the final one).
 """
 
 from __future__ import annotations

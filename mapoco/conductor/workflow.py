@@ -233,10 +233,11 @@ def turn_rewards(standing: Sequence[float], turns: int, kind: str = "change") ->
     stood after each round, the final one last. ``change``: the first plan its own outcome, a re-plan the final
     outcome minus what accepting would have earned (the answer before it); accepting earns 0, a re-plan that fixes a
     wrong answer +0.5 and one that breaks a right one -0.5, whatever the first plan did. ``discounted`` (the paper's,
-    for one group over every round): a turn before the last 0.25 of its round's outcome and 0.75 of the final one."""
+    for one group over every round, as its code weighs them): a turn before the last 0.75 of its round's outcome and
+    0.25 of the final one."""
     final = standing[-1]
     if kind == "discounted":
-        return [0.25 * standing[k] + 0.75 * final for k in range(turns - 1)] + [final]
+        return [0.75 * standing[k] + 0.25 * final for k in range(turns - 1)] + [final]
     return [standing[0]] + [final - standing[k - 1] for k in range(1, turns)]
 
 

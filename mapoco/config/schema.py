@@ -246,8 +246,8 @@ class ConductorConfig:
     # lists) or writes a new workflow, until it accepts or the budget is spent (1: no re-planning)
     max_rounds: int = 1
     # What a re-plan earns in training: "change" (the final outcome minus what accepting would have earned, in its
-    # own group) or "discounted" (the paper's: one group over all rounds, an earlier turn earning 0.25 of its own
-    # outcome and 0.75 of the final one)
+    # own group) or "discounted" (the paper's code: one group over all rounds, an earlier turn earning 0.75 of its
+    # own outcome and 0.25 of the final one)
     replan_reward: str = "change"
     examples: list[str] = field(default_factory=list)  # few-shot examples shown in the prompt
     baselines: bool = True  # eval: also each worker alone, majority vote, a random workflow

@@ -300,7 +300,7 @@ def test_a_replan_earns_what_it_changes_or_the_papers_discounted_share():
     assert turn_rewards([1.0, 0.5, 1.0], 3) == [1.0, 0.0, 0.5]  # the final outcome minus accepting's
     assert turn_rewards([0.5, 1.0], 2) == [0.5, 0.5] and turn_rewards([0.5, 0.5], 2) == [0.5, 0.0]  # accepting: 0
     assert turn_rewards([1.0, 0.5], 2) == [1.0, -0.5]  # a re-plan that breaks a right answer loses
-    assert turn_rewards([0.5, 1.0], 2, "discounted") == [0.25 * 0.5 + 0.75 * 1.0, 1.0]
+    assert turn_rewards([0.5, 1.0], 2, "discounted") == [0.75 * 0.5 + 0.25 * 1.0, 1.0]
     assert turn_rewards([0.0], 1) == turn_rewards([0.0], 1, "discounted") == [0.0]
 
 
