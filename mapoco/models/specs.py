@@ -243,27 +243,6 @@ TINY_MODELS["replan-conductor"] = replace(
     seed=13,
     replan_fraction=0.33,
 )
-# The Conductor's pools the paper's way: pools of 2-4 of four workers, each listed by its stable id. The warm-start
-# asks a listed id uniformly, whatever the question: which id does what is left to RL.
-TINY_MODELS["pool-conductor"] = replace(
-    TINY_MODELS["tiny-conductor"],
-    name="pool-conductor",
-    tokenizer=replace(TINY_MODELS["tiny-conductor"].tokenizer, seed=12),
-    seed=12,
-    two_step_fraction=0.0,
-    pool_sizes=(2, 3, 4),
-    stable_ids_of=4,
-    # Asking only a listed id is a copy from the prompt: at tiny-conductor's size plans asked one of the four ids
-    # uniformly whatever the pool listed (sampled parse rate 0.74 after 1,200 and after 2,400 steps, what ignoring
-    # the list gives); card-conductor's size (a third layer, twice the width)
-    hidden_size=128,
-    num_layers=3,
-    num_heads=4,  # head_dim 32
-    num_kv_heads=2,
-    intermediate_size=512,
-    max_steps=2400,
-    eval_every=2400,
-)
 # The Conductor's pools experiment: pools of 2-4 workers drawn at run time, each shown with its card. Which card a
 # question needs is left to RL (the card a warm-start plan names is random); reading its number off the pool is not.
 TINY_MODELS["card-conductor"] = replace(
@@ -286,5 +265,21 @@ TINY_MODELS["card-conductor"] = replace(
     max_steps=3000,
     eval_every=250,
     target_accuracy=0.95,  # of the parse rate and the card-held rate, the lower
+)
+# The Conductor's pools the paper's way: pools of 2-4 of four workers, each listed by its stable id. The warm-start
+# asks a listed id uniformly, whatever the question: which id does what is left to RL. Asking only a listed id is a
+# copy from the prompt: at tiny-conductor's size plans asked one of the four ids uniformly whatever the pool listed
+# (sampled parse rate 0.74 after 1,200 and after 2,400 steps, what ignoring the list gives); the same at
+# card-conductor's size, which it keeps.
+TINY_MODELS["pool-conductor"] = replace(
+    TINY_MODELS["card-conductor"],
+    name="pool-conductor",
+    tokenizer=replace(TINY_MODELS["tiny-conductor"].tokenizer, seed=12),
+    seed=12,
+    cards=(),
+    stable_ids_of=4,
+    max_steps=2400,
+    eval_every=2400,
+    target_accuracy=1.0,
 )
 MODEL_DIRS: dict[str, str] = {**{name: name for name in TINY_MODELS}, SMOLLM2: SMOLLM2_DIR}
