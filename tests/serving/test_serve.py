@@ -155,8 +155,8 @@ def test_conductor_answers_carry_the_workflow():
             for i, problem in enumerate(problems):
                 parsed = Parsed(plan) if i == 0 else Parsed(None, "unequal lists")
                 job = Job(problem, plan, [0], seed, [Reply("so \\boxed{7}", tokens=4, cost=1.5)]) if i == 0 else None
-                records.append(ConductorRecord(problem.id, ["adder"], [ConductorTurn([1, 2, 3], [4, 5], [0.0, 0.0],
-                                                                                     plan.lists(), parsed)],
+                records.append(ConductorRecord(problem.id, ["adder"], [0], [ConductorTurn([1, 2, 3], [4, 5], [0.0, 0.0],
+                                                                                          plan.lists(), parsed)],
                                                job, "7" if i == 0 else None, False, 0.0, job.cost() if job else 0.0))
             return ConductorResult(list(problems), records)
 
