@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,9 @@ from mapoco.rollout.discussion import AgentRuntime, Team
 from mapoco.rollout.engine import Generation, request_seed
 from mapoco.rollout.verifier import VerifierClient, VerifyItem
 from mapoco.tasks import Problem
+
+# A served question's progress, as it happens: (question index, event) after each plan and each workflow step.
+OnStep = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass
@@ -199,8 +202,9 @@ class ConductorRunner:
         return self.conductor.generate(threads, seeds)
 
     # ------------------------------------------------------------------ execution
-    def execute(self, jobs: Sequence[Job]) -> None:
-        """Run every job's steps round by round; each round sends all its steps to their workers at once."""
+    def execute(self, jobs: Sequence[Job], on_reply: Callable[[Job, int], None] | None = None) -> None:
+        """Run every job's steps round by round; each round sends all its steps to their workers at once.
+        ``on_reply(job, step)`` as each step's reply arrives."""
         rounds = [waves(job.plan) for job in jobs]
         for job in jobs:
             job.responses = [None] * len(job.plan.steps)
@@ -219,6 +223,8 @@ class ConductorRunner:
             for worker, steps in batches.items():
                 for (job, i), reply in zip(steps, pending[worker].result()):
                     job.responses[i] = reply
+                    if on_reply is not None:
+                        on_reply(job, i)
 
     def verify(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[bool]:
         items = [VerifyItem(p.question, a, p.gold, p.kind) for p, a in zip(problems, answers)]
@@ -226,8 +232,9 @@ class ConductorRunner:
 
     # ------------------------------------------------------------------ the rollout
     def rollout(self, problems: Sequence[Problem], seed: int, depth: int = 0, verify: bool = True,
-                pool: Sequence[str] | None = None) -> ConductorResult:
-        """``pool``: every question asks these workers (by name, in this order); by default each draws its own."""
+                pool: Sequence[str] | None = None, on_step: OnStep | None = None) -> ConductorResult:
+        """``pool``: every question asks these workers (by name, in this order); by default each draws its own.
+        ``on_step``: called with each plan and each step's reply as they come (``mapoco serve`` streams them)."""
         result = ConductorResult(list(problems), [])
         start = time.perf_counter()
         pools = [self.named_pool(pool) for _ in problems] if pool else [self.pool(p, seed, depth) for p in problems]
@@ -238,7 +245,9 @@ class ConductorRunner:
         turns = self._plan(threads, [request_seed(seed, p.id, "plan") for p in problems], ids)
         jobs = [Job(p, t.parsed.plan, dict(zip(shown, workers)), seed) if t.parsed.plan else None
                 for p, t, workers, shown in zip(problems, turns, pools, ids)]
-        self.execute([j for j in jobs if j])
+        progress = Progress(on_step, problems, self.names)
+        progress.plans(range(len(problems)), turns, 1)
+        self.execute([j for j in jobs if j], progress.reply)
         histories = [[t] for t in turns]
         conversations = [list(thread) for thread in threads]
         spent = [job.cost() if job else 0.0 for job in jobs]
@@ -253,7 +262,8 @@ class ConductorRunner:
                 first_correct = correct if round_index == 1 else first_correct
                 for i, ok in enumerate(correct):
                     standing[i].append(conductor_reward(standing_plan(histories[i]), ok, self.cost_penalty(spent[i])))
-            for i, job in self._replan(problems, conversations, histories, jobs, asked, seed, round_index).items():
+            for i, job in self._replan(problems, conversations, histories, jobs, asked, seed, round_index,
+                                       progress).items():
                 spent[i] += job.cost()
                 jobs[i] = job
         result.seconds["generate"] = time.perf_counter() - start
@@ -287,7 +297,8 @@ class ConductorRunner:
                 for g, shown in zip(generations, ids)]
 
     def _replan(self, problems: Sequence[Problem], conversations: list[Thread], histories: list[list[ConductorTurn]],
-                jobs: list[Job | None], asked: list[int], seed: int, round_index: int) -> dict[int, Job]:
+                jobs: list[Job | None], asked: list[int], seed: int, round_index: int, progress: Progress
+                ) -> dict[int, Job]:
         """One more round for the questions ``asked``: the conductor sees its last workflow's answer and accepts it
         (three empty lists) or replaces the workflow, whose new job runs and is returned. A re-plan that does not
         parse changes nothing: the answer before it stands, as if accepted, and the question plans no more."""
@@ -297,12 +308,13 @@ class ConductorRunner:
         key = ("replan",) if round_index == 1 else ("replan", round_index)
         turns = self._plan([conversations[i] for i in asked], [request_seed(seed, problems[i].id, *key) for i in asked],
                            [list(jobs[i].pool) for i in asked])
+        progress.plans(asked, turns, round_index + 1)
         rerun = {}
         for i, turn in zip(asked, turns):
             histories[i].append(turn)
             if turn.parsed.plan is not None:
                 rerun[i] = Job(problems[i], turn.parsed.plan, jobs[i].pool, seed + round_index)
-        self.execute(list(rerun.values()))
+        self.execute(list(rerun.values()), progress.reply)
         return rerun
 
     # ------------------------------------------------------------------ evaluation baselines
@@ -340,6 +352,30 @@ class ConductorRunner:
         for worker in self.workers:
             if isinstance(worker, HttpWorker):
                 worker.close()
+
+
+class Progress:
+    """A rollout's plans and step replies as ``on_step`` events, by question index (nothing without ``on_step``)."""
+
+    def __init__(self, on_step: OnStep | None, problems: Sequence[Problem], names: Sequence[str]):
+        self.on_step, self.names = on_step, names
+        self.index = {id(p): i for i, p in enumerate(problems)}
+        self.rounds: dict[int, int] = {}
+
+    def plans(self, questions: Sequence[int], turns: Sequence[ConductorTurn], round_number: int) -> None:
+        for i, turn in zip(questions, turns):
+            self.rounds[i] = round_number
+            if self.on_step is not None:
+                self.on_step(i, {"type": "plan", "round": round_number, "text": turn.text,
+                                 "accepts": turn.parsed.accepts, "error": turn.parsed.error})
+
+    def reply(self, job: Job, step: int) -> None:
+        if self.on_step is None:
+            return
+        i, reply = self.index[id(job.problem)], job.responses[step]
+        self.on_step(i, {"type": "step", "round": self.rounds[i], "step": step,
+                         "worker": self.names[job.pool[job.plan.steps[step].worker]],
+                         "subtask": job.plan.steps[step].subtask, "text": reply.text, "error": reply.error})
 
 
 def summarize_conductor(result: ConductorResult) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
+    stop: list[str] | None = None  # strings that end a reply (left out of it)
 
 
 @dataclass(frozen=True)

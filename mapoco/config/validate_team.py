@@ -56,6 +56,8 @@ def _validate_agent(i: int, agent: AgentConfig) -> None:
             engine.gpu_memory_utilization, "must be in (0, 1]")
     require(sampling.temperature >= 0, f"{key}.sampling.temperature", sampling.temperature, "must be >= 0")
     require(0 < sampling.top_p <= 1, f"{key}.sampling.top_p", sampling.top_p, "must be in (0, 1]")
+    require(sampling.stop is None or all(isinstance(s, str) and s for s in sampling.stop), f"{key}.sampling.stop",
+            sampling.stop, "must be a list of non-empty strings")
     require(1 <= sampling.max_new_tokens < engine.max_model_len, f"{key}.sampling.max_new_tokens",
             sampling.max_new_tokens, f"must be in 1..{engine.max_model_len - 1}: the prompt and the answer share "
                                      f"engine.max_model_len={engine.max_model_len} tokens")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -217,6 +217,18 @@ def turn_message(result: DiscussionResult, q: int, agent: int, turn: int, cfg: D
     return later_turn_message(problem, peers)
 
 
+@dataclass
+class ClientRequests:
+    """A discussion whose questions are clients' requests (``mapoco serve``): each question's own sampling seed and
+    sampling overrides (SamplingConfig fields, for every agent), a callback with each answer as its turn ends, and
+    whether its client still waits: a question whose client left gets no more turns."""
+
+    seeds: Sequence[int]
+    sampling: Sequence[Mapping[str, object]]
+    on_answer: Callable[[int, Record], None] = lambda q, record: None
+    wanted: Callable[[int], bool] = lambda q: True
+
+
 def run_discussion(
     team: Team,
     problems: Sequence[Problem],
@@ -224,42 +236,56 @@ def run_discussion(
     cfg: DiscussionConfig,
     verifier: VerifierClient,
     seed: int,
+    requests: ClientRequests | None = None,
 ) -> DiscussionResult:
+    """Every question's discussion; with ``requests``, a question dropped by its client has no records after the
+    turn it was dropped at."""
     result = DiscussionResult(list(problems), len(team), turns)
     threads = [[[] for _ in team.agents] for _ in problems]
+    active = list(range(len(problems)))
     for turn in range(turns):
+        active = [q for q in active if requests is None or requests.wanted(q)]
+        if not active:
+            break
         start = time.perf_counter()
-        for q in range(len(problems)):
+        for q in active:
             for a in range(len(team)):
                 threads[q][a].append({"role": "user", "content": turn_message(result, q, a, turn, cfg)})
-        generations = generate_turn(team, {a.index: [threads[q][a.index] for q in range(len(problems))]
-                                           for a in team.agents},
-                                    {a.index: [request_seed(seed, p.id, a.index, turn) for p in problems]
-                                     for a in team.agents})
+        seeds = [requests.seeds[q] if requests else seed for q in active]
+        generations = generate_turn(team, {a.index: [threads[q][a.index] for q in active] for a in team.agents},
+                                    {a.index: [request_seed(s, problems[q].id, a.index, turn)
+                                               for q, s in zip(active, seeds)] for a in team.agents},
+                                    [requests.sampling[q] for q in active] if requests else None)
         result.seconds["generate"] += time.perf_counter() - start
         start = time.perf_counter()
-        record_turn(result, threads, generations, turn, verifier)
+        record_turn(result, threads, generations, turn, verifier, active)
         result.seconds["verify"] += time.perf_counter() - start
+        if requests:
+            for q in active:
+                for a in range(len(team)):
+                    requests.on_answer(q, result.records[(q, a, turn)])
     return result
 
 
-def generate_turn(team: Team, threads: dict[int, list[list[dict[str, str]]]],
-                  seeds: dict[int, list[int]]) -> dict[int, list[Generation]]:
+def generate_turn(team: Team, threads: dict[int, list[list[dict[str, str]]]], seeds: dict[int, list[int]],
+                  sampling: Sequence[Mapping[str, object]] | None = None) -> dict[int, list[Generation]]:
     """Each agent answers its chat threads, one sampling seed per thread. Every agent's requests are submitted before
     any is collected, so all of a turn is in flight together; agents that share engines (one policy in every seat,
-    the shared LoRA engine) send theirs as one batch, each request with its agent's sampling and adapter."""
+    the shared LoRA engine) send theirs as one batch, each request with its agent's sampling and adapter.
+    ``sampling``: per thread index, SamplingConfig fields that override every agent's."""
     sharing: dict[int, list[AgentRuntime]] = {}
     for agent in team.agents:
         sharing.setdefault(id(agent.engines), []).append(agent)
     pending = []
     for agents in sharing.values():
-        prompts, sampling, batch_seeds, adapters = [], [], [], []
+        prompts, per_request, batch_seeds, adapters = [], [], [], []
         for a in agents:
             prompts += [a.render(t) for t in threads[a.index]]
-            sampling += [a.cfg.sampling] * len(threads[a.index])
+            per_request += ([replace(a.cfg.sampling, **s) for s in sampling] if sampling
+                            else [a.cfg.sampling] * len(threads[a.index]))
             batch_seeds += seeds[a.index]
             adapters += [a.adapter] * len(threads[a.index])
-        pending.append((agents, agents[0].engines.submit(prompts, sampling, batch_seeds, adapters)))
+        pending.append((agents, agents[0].engines.submit(prompts, per_request, batch_seeds, adapters)))
     out: dict[int, list[Generation]] = {}
     for agents, shards in pending:
         generations = agents[0].engines.collect(shards)
@@ -275,15 +301,17 @@ def record_turn(
     generations: dict[int, list[Generation]],
     turn: int,
     verifier: VerifierClient,
+    questions: Sequence[int],
 ) -> None:
-    keys = [(q, a) for a in generations for q in range(len(result.problems))]
+    """Turn ``turn``'s records of ``questions`` (``generations[a][i]`` answers ``questions[i]``)."""
+    keys = [(i, q, a) for a in generations for i, q in enumerate(questions)]
     items = [
-        VerifyItem(result.problems[q].question, generations[a][q].text, result.problems[q].gold,
+        VerifyItem(result.problems[q].question, generations[a][i].text, result.problems[q].gold,
                    result.problems[q].kind)
-        for q, a in keys
+        for i, q, a in keys
     ]
-    for (q, a), verdict in zip(keys, verifier.score(items)):
-        gen, problem = generations[a][q], result.problems[q]
+    for (i, q, a), verdict in zip(keys, verifier.score(items)):
+        gen, problem = generations[a][i], result.problems[q]
         result.records[(q, a, turn)] = Record(
             question_id=problem.id, agent=a, turn=turn + 1, prompt_ids=gen.prompt_ids, token_ids=gen.token_ids,
             logprobs=gen.logprobs, text=gen.text, finish_reason=gen.finish_reason,

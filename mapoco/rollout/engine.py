@@ -108,6 +108,7 @@ class Engine:
                 temperature=each.temperature,
                 top_p=each.top_p,
                 max_tokens=each.max_new_tokens,
+                stop=list(each.stop) if each.stop else None,
                 seed=seed,
                 logprobs=0,  # the sampled token's logprob only
             )
@@ -190,6 +191,10 @@ class Engine:
 
     def is_sleeping(self) -> bool:
         return self.llm.llm_engine.is_sleeping()
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still holds (none between batches: a served client that left leaves none behind)."""
+        return self.llm.llm_engine.get_num_unfinished_requests()
 
     def pid(self) -> int:
         return os.getpid()

@@ -1,7 +1,8 @@
 """`mapoco serve checkpoint=DIR`: a trained team (or conductor) behind an OpenAI-compatible endpoint, on Ray Serve.
 
     POST <route_prefix>/v1/chat/completions   the last user message is the question; the answer is the team's
-                                               (discussion: the last turn's majority vote; conductor: the workflow's)
+                                               (discussion: the last turn's majority vote; conductor: the workflow's);
+                                               stream=true: every turn (workflow step) as it ends, then the answer
     GET  <route_prefix>/v1/models             the one model served
 
 The run's configuration (``.hydra/config.yaml``) gives the team, turns, method and every engine and sampling setting;
@@ -23,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,26 @@ class TeamDeployment:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapoco-team")  # engine calls block
         self.answer_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        self.api = ChatApi(cfg.serve, model_name, card, digest, cfg.seed, self.answer_batch)
+        self.api = chat_api(cfg, model_name, card, digest, self.answer_batch)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # both set from serve.* in __init__
     async def answer_batch(self, questions: list[Question]) -> list[dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.served.answer, questions)
 
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, StreamingResponse
 
         status, body, headers = await self.api.handle(request.method, request.url.path, request.headers,
                                                       await request.body())
-        return JSONResponse(body, status_code=status, headers=headers)
+        if isinstance(body, dict):
+            return JSONResponse(body, status_code=status, headers=headers)
+        return StreamingResponse(body, status_code=status, headers=headers, media_type="text/event-stream")
+
+    def streams_left(self) -> dict[str, int]:
+        """Streams whose client went away before the end, questions a running discussion dropped for that, and
+        requests the engines still hold (tests check that a client leaving leaves nothing behind)."""
+        return {"left": self.api.left, "dropped": self.served.dropped,
+                "unfinished": self.served.unfinished_requests()}
 
     def engine_pids(self) -> list[int]:
         """Process ids of this replica's engines (tests kill one to check that the app recovers)."""
@@ -72,6 +81,14 @@ class TeamDeployment:
                 served.shutdown()
             except Exception:  # Ray may already be going down; the engines die with this replica anyway
                 pass
+
+
+def chat_api(cfg: RunConfig, name: str, card: dict[str, Any], digest: str | None,
+             answer: Callable[[Question], Awaitable[dict[str, Any]]]) -> ChatApi:
+    """The HTTP layer for this run: clients may set a discussion's sampling, up to its engines' context."""
+    return ChatApi(cfg.serve, name, card, digest, cfg.seed, answer,
+                   max_tokens=min(a.engine.max_model_len for a in cfg.team.agents) - 1,
+                   sampling=cfg.method == "discussion")
 
 
 def model_name(cfg: RunConfig, path: Path) -> str:

@@ -3,9 +3,11 @@ Conductor workflow on the team's engines, seeded per request as in training and 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,34 @@ from mapoco.tasks import Problem
 TASK_KINDS = {"anli": "nli"}  # the answer format of a task (every other task answers a number)
 
 
+class Listener:
+    """A streaming client's side of one question: the batch's thread hands it each step as it completes (onto the
+    client's event loop) and reads whether the client still waits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+        self.loop, self.queue, self.index = loop, queue, index
+        self.cancelled = threading.Event()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if not self.cancelled.is_set():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
+
+
 @dataclass(frozen=True)
 class Question:
     id: str  # the sampling seeds' key (see the module docstring)
     text: str
     seed: int
+    sampling: tuple[tuple[str, Any], ...] = ()  # SamplingConfig fields the client set, for every agent and turn
+    listener: Listener | None = field(default=None, compare=False)  # a streaming client's
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.listener is not None:
+            self.listener.emit(event)
+
+    @property
+    def wanted(self) -> bool:
+        return self.listener is None or not self.listener.cancelled.is_set()
 
 
 def question_id(text: str) -> str:
@@ -57,6 +82,7 @@ class ServedTeam:
         self.owns_team = team is None
         self.team = team or Team.of_run(cfg, wait=False)  # the checkpoint's weights are read while the engines load
         self.runner = None
+        self.dropped = 0  # questions left unfinished because their streaming client went away
         try:
             push_checkpoint(self.team, cfg, checkpoint)
             self.team.wait_ready()  # frozen agents' engines, which got no weights
@@ -69,34 +95,47 @@ class ServedTeam:
             raise
 
     def answer(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
-        """One result per question; questions with the same seed are answered in one rollout."""
-        out: list[dict[str, Any]] = [{} for _ in questions]
-        by_seed: dict[int, list[int]] = {}
-        for i, question in enumerate(questions):
-            by_seed.setdefault(question.seed, []).append(i)
-        for seed, indices in by_seed.items():
-            problems = [Problem(questions[i].id, questions[i].text, gold="", kind=self.kind) for i in indices]
-            answers = self._conduct(problems, seed) if self.runner else self._discuss(problems, seed)
-            for i, answer in zip(indices, answers):
-                out[i] = {**answer, "batch": len(questions)}
-        return out
+        """One result per question (``{"dropped": True}`` for a question whose client left before its end). A
+        discussion holds every question, each with its own seed and sampling; conductor rollouts group them by
+        seed."""
+        if self.runner is None:
+            out = self._discuss(questions)
+        else:
+            out = [{} for _ in questions]
+            by_seed: dict[int, list[int]] = {}
+            for i, question in enumerate(questions):
+                by_seed.setdefault(question.seed, []).append(i)
+            for seed, indices in by_seed.items():
+                for i, answer in zip(indices, self._conduct([questions[i] for i in indices], seed)):
+                    out[i] = answer
+        return [{**answer, "batch": len(questions)} for answer in out]
 
-    def _discuss(self, problems: list[Problem], seed: int) -> list[dict[str, Any]]:
-        from mapoco.rollout.discussion import run_discussion
+    def _discuss(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
+        from mapoco.rollout.discussion import ClientRequests, run_discussion
 
         names = [a.cfg.name for a in self.team.agents]
         out = []
         size = self.cfg.discussion.batch_size
-        for start in range(0, len(problems), size):
-            part = problems[start : start + size]
-            result = run_discussion(self.team, part, self.cfg.turns, self.cfg.discussion, NullVerifier(), seed)
-            out += [discussion_answer(result, q, names) for q in range(len(part))]
+        for start in range(0, len(questions), size):
+            part = questions[start : start + size]
+            problems = [Problem(q.id, q.text, gold="", kind=self.kind) for q in part]
+            requests = ClientRequests(
+                [q.seed for q in part], [dict(q.sampling) for q in part],
+                on_answer=lambda q, record: part[q].emit(turn_event(record, names)),
+                wanted=lambda q: part[q].wanted)
+            result = run_discussion(self.team, problems, self.cfg.turns, self.cfg.discussion, NullVerifier(), 0,
+                                    requests)
+            for q in range(len(part)):
+                finished = (q, 0, self.cfg.turns - 1) in result.records
+                self.dropped += not finished
+                out.append(discussion_answer(result, q, names) if finished else {"dropped": True})
         return out
 
-    def _conduct(self, problems: list[Problem], seed: int) -> list[dict[str, Any]]:
+    def _conduct(self, questions: Sequence[Question], seed: int) -> list[dict[str, Any]]:
         from mapoco.conductor.rollout import transcript
 
-        result = self.runner.rollout(problems, seed, verify=False)
+        problems = [Problem(q.id, q.text, gold="", kind=self.kind) for q in questions]
+        result = self.runner.rollout(problems, seed, verify=False, on_step=lambda i, event: questions[i].emit(event))
         out = []
         for problem, record in zip(problems, result.records):
             final = record.job.answer() if record.job else "[malformed workflow]"
@@ -110,11 +149,20 @@ class ServedTeam:
     def engine_pids(self) -> list[int]:
         return [pid for engines in self.team.distinct_engines() for pid in engines.call_all("pid")]
 
+    def unfinished_requests(self) -> int:
+        return sum(n for engines in self.team.distinct_engines() for n in engines.call_all("unfinished_requests"))
+
     def shutdown(self) -> None:
         if self.runner is not None:
             self.runner.close()
         if self.owns_team:
             self.team.shutdown()
+
+
+def turn_event(record: Any, names: Sequence[str]) -> dict[str, Any]:
+    """A discussion's step as a streaming client gets it: one agent's answer at one turn."""
+    return {"type": "turn", "turn": record.turn, "agent": record.agent, "name": names[record.agent],
+            "text": record.text, "answer": record.answer, "finish_reason": record.finish_reason}
 
 
 def discussion_answer(result: Any, q: int, names: Sequence[str]) -> dict[str, Any]:

@@ -399,9 +399,8 @@ def test_a_served_conductor_answers_with_its_trained_workflow(trained, conductor
     the checkpoint's weights pushed into them, the request through the OpenAI-compatible handler; the reply is the
     workflow the trained conductor wrote on the trainer's engines for the same question and seed (the conductor's
     text, each worker step's response, the final answer). Ray Serve's deployment around it is test_serve's."""
-    from mapoco.serving.openai_api import ChatApi
     from mapoco.serving.restore import load_config
-    from mapoco.serving.serve import model_card, model_name
+    from mapoco.serving.serve import chat_api, model_card, model_name
     from mapoco.serving.served_team import ServedTeam
 
     question, expected = SERVED, trained.served
@@ -411,12 +410,20 @@ def test_a_served_conductor_answers_with_its_trained_workflow(trained, conductor
     async def answer(asked):
         return served.answer([asked])[0]
 
-    api = ChatApi(cfg.serve, model_name(cfg, path), model_card(cfg, path), None, cfg.seed, answer)
+    async def streamed(body):
+        _, stream, _ = await api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        return [json.loads(line[6:]) for chunk in [c async for c in stream] for line in chunk.split("\n\n")
+                if line and line != "data: [DONE]"]
+
+    api = chat_api(cfg, model_name(cfg, path), model_card(cfg, path), None, answer)
     try:
         body = {"model": trained.out.name, "messages": [{"role": "user", "content": question.question}],
                 "mapoco": {"id": question.id, "transcript": True}}
         status, reply, _ = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
         _, models, _ = asyncio.run(api.handle("GET", "/v1/models", {}, b""))
+        events = asyncio.run(streamed({**body, "stream": True}))
+        refused, _, _ = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(
+            {**body, "temperature": 0.5}).encode()))
     finally:
         served.shutdown()
     assert status == 200, reply
@@ -426,3 +433,10 @@ def test_a_served_conductor_answers_with_its_trained_workflow(trained, conductor
     assert [s["response"] for s in workflow["steps"]] == responses
     assert reply["mapoco"]["answer"] == expected.answer and workflow["pool"] == expected.pool
     assert models["data"][0]["mapoco"]["checkpoint"] == "step_000002"
+    # streamed: each plan and each step as it ran, then the same answer; sampling stays the trained conductor's
+    steps = [e["mapoco"] for e in events if e.get("mapoco", {}).get("type")]
+    assert [s["text"] for s in steps if s["type"] == "plan"] == [t.text for t in expected.turns]
+    assert [s["text"] for s in steps if s["type"] == "step"] == responses
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")) == \
+        reply["choices"][0]["message"]["content"]
+    assert refused == 400

@@ -89,6 +89,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "team.agents[0].sampling.temperature": "sampling.temperature=-0.5",
     "team.agents[0].sampling.top_p": "sampling.top_p=0",
     "team.agents[0].sampling.max_new_tokens": "sampling.max_new_tokens=0",
+    "team.agents[0].sampling.stop": "+sampling.stop=['']",
     "team.agents[0].learner.num_learners": "learner.num_learners=0",
     "team.agents[0].learner.zero_stage": "learner.zero_stage=4",
     "team.agents[0].learner.lr": "learner.lr=0",

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -63,8 +63,21 @@ BAD_REQUESTS = [  # (body, status, error code)
     (chat("   "), 400, "invalid_value"),
     (chat("1+1=" * MAX_INPUT_CHARS), 400, "context_length_exceeded"),
     (chat("2+2", model="gpt-4o"), 404, "model_not_found"),
-    (chat("2+2", stream=True), 400, "unsupported_parameter"),
     (chat("2+2", seed="x"), 400, "invalid_value"),
+    (chat("2+2", n=0), 400, "invalid_value"),
+    (chat("2+2", n=9), 400, "invalid_value"),
+    (chat("2+2", temperature=3), 400, "invalid_value"),
+    (chat("2+2", top_p=0), 400, "invalid_value"),
+    (chat("2+2", max_tokens=0), 400, "invalid_value"),
+    (chat("2+2", max_tokens=10_000_000), 400, "invalid_value"),
+    (chat("2+2", stop=[""]), 400, "invalid_value"),
+    (chat("2+2", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
+    (chat("2+2", stream="yes"), 400, "invalid_value"),
+    (chat("2+2", stream_options={"include_usage": True}), 400, "invalid_value"),  # without stream=true
+    (chat("2+2", logprobs=True), 400, "unsupported_parameter"),
+    (chat("2+2", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter"),
+    (chat("2+2", presence_penalty=0.5), 400, "unsupported_parameter"),
+    (chat("2+2", best_of=2), 400, "unsupported_parameter"),
     (chat("2+2", mapoco={"transcript": "yes"}), 400, "invalid_value"),
 ]
 
@@ -77,6 +90,8 @@ def test_bad_requests_get_a_clear_4xx(body, status, code):
     got, payload, _ = _call(_api(answer), body)
     assert (got, payload["error"]["code"]) == (status, code)
     assert payload["error"]["message"]
+    if code in ("invalid_value", "unsupported_parameter"):  # the key to fix, as OpenAI names it
+        assert payload["error"]["param"].split("[")[0].split(".")[0] in {*body, "messages"}, payload
 
 
 def test_engine_failure_is_a_503_and_the_next_request_is_answered():
@@ -109,10 +124,105 @@ def test_question_is_the_last_user_message_and_ids_seeds_pass_through():
     body = {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "first"},
                          {"role": "assistant", "content": "x"},
                          {"role": "user", "content": [{"type": "text", "text": " What is 3 + 4? "}]}],
-            "seed": 11, "mapoco": {"id": "q-1"}, "model": "team-x", "temperature": 0.2}
+            "seed": 11, "mapoco": {"id": "q-1"}, "model": "team-x", "user": "u-1"}
     status, payload, _ = _call(_api(answer), body)
     assert status == 200 and "discussion" not in payload["mapoco"]  # the transcript only when asked for
-    assert (seen[0].text, seen[0].id, seen[0].seed) == ("What is 3 + 4?", "q-1", 11)
+    assert (seen[0].text, seen[0].id, seen[0].seed, seen[0].sampling) == ("What is 3 + 4?", "q-1", 11, ())
+
+
+def test_sampling_parameters_reach_every_agent_and_n_asks_n_seeds():
+    """temperature, top_p, max_tokens (or max_completion_tokens) and stop become each agent's sampling for the
+    request; n > 1 is n discussions seeded seed, seed + 1, ...; a conductor refuses sampling it was not trained
+    with."""
+    seen = []
+
+    async def answer(question):
+        seen.append(question)
+        return {**RESULT, "content": f"\\boxed{{{question.seed}}}"}
+
+    body = chat("What is 3 + 4?", seed=5, n=3, temperature=0, top_p=0.5, max_completion_tokens=7, stop="\n\n")
+    status, payload, _ = _call(_api(answer), body)
+    assert status == 200 and [q.seed for q in seen] == [5, 6, 7] and len({q.id for q in seen}) == 1
+    assert dict(seen[0].sampling) == {"temperature": 0.0, "top_p": 0.5, "max_new_tokens": 7, "stop": ("\n\n",)}
+    assert [c["message"]["content"] for c in payload["choices"]] == ["\\boxed{5}", "\\boxed{6}", "\\boxed{7}"]
+    assert [c["index"] for c in payload["choices"]] == [0, 1, 2]
+    assert payload["usage"]["total_tokens"] == 3 * RESULT["usage"]["total_tokens"]
+    assert [c["seed"] for c in payload["mapoco"]["choices"]] == [5, 6, 7]
+
+    from mapoco.config import ServeConfig
+    from mapoco.serving.openai_api import ChatApi
+
+    conductor = ChatApi(ServeConfig(), "team-x", {}, None, 7, answer, sampling=False)
+    status, payload, _ = _call(conductor, chat("2+2", temperature=0.5))
+    assert status == 400 and payload["error"]["param"] == "temperature"
+    assert _call(conductor, chat("2+2", n=2))[0] == 200
+
+
+def _events(api, body):
+    """A streamed reply's events, parsed, and the raw lines."""
+    async def read():
+        status, stream, headers = await api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        assert status == 200 and not isinstance(stream, dict), stream
+        return [line async for line in stream]
+
+    lines = asyncio.run(read())
+    lines = [line for chunk in lines for line in chunk.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]], lines
+
+
+def test_a_streamed_reply_sends_each_turn_as_it_completes_then_the_answer():
+    async def answer(question):
+        for turn in (1, 2):
+            for agent in (0, 1):
+                question.emit({"type": "turn", "turn": turn, "agent": agent, "name": f"agent_{agent}",
+                               "text": f"t{turn}a{agent}", "answer": "4", "finish_reason": "stop"})
+            await asyncio.sleep(0)  # the batch's thread, between turns
+        return RESULT
+
+    events, _ = _events(_api(answer), chat("What is 2 + 2?", stream=True, stream_options={"include_usage": True}))
+    assert {e["object"] for e in events} == {"chat.completion.chunk"} and len({e["id"] for e in events}) == 1
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    steps = [e["mapoco"]["text"] for e in events if e.get("mapoco", {}).get("type") == "turn"]
+    assert steps == ["t1a0", "t1a1", "t2a0", "t2a1"]
+    assert [d["reasoning_content"] for d in deltas[1:5]] == [f"[turn {t}, agent_{a}] t{t}a{a}\n"
+                                                            for t in (1, 2) for a in (0, 1)]
+    assert "".join(d.get("content", "") for d in deltas) == RESULT["content"]  # what the non-streamed reply says
+    finish = events[-2]
+    assert finish["choices"][0]["finish_reason"] == "stop" and finish["mapoco"]["answer"] == "4"
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == RESULT["usage"]
+
+
+def test_a_stream_whose_client_leaves_cancels_its_questions_and_an_engine_failure_is_an_error_event():
+    from mapoco.serving.openai_api import ApiError
+
+    started, questions = asyncio.Event(), []
+
+    async def answer(question):
+        questions.append(question)
+        started.set()
+        await asyncio.sleep(60)  # a discussion still running when the client leaves
+        return RESULT
+
+    async def leave():
+        api = _api(answer)
+        _, stream, _ = await api.handle("POST", "/v1/chat/completions", {}, json.dumps(
+            chat("2+2", stream=True, n=2)).encode())
+        first = await stream.__anext__()
+        await started.wait()
+        await stream.aclose()  # what the server does when the client's connection closes
+        return first
+
+    assert '"role": "assistant"' in asyncio.run(leave())
+    assert len(questions) == 2 and not any(q.wanted for q in questions)  # the batch skips their next turns
+
+    async def failing(question):
+        raise RuntimeError("ActorDiedError: the engine replica died twice")
+
+    events, _ = _events(_api(failing), chat("2+2", stream=True))
+    assert events[-1]["error"]["code"] == "engine_unavailable"
+    assert isinstance(ApiError(503, "x", "y").body()["error"], dict)
 
 
 def test_bearer_token_auth_and_routes():
@@ -149,7 +259,7 @@ def test_conductor_answers_carry_the_workflow():
     plan = Plan((Step(0, "add the numbers", False),))
 
     class Runner:
-        def rollout(self, problems, seed, verify=True):
+        def rollout(self, problems, seed, verify=True, on_step=None):
             assert not verify and seed == 3  # no gold answer to verify against
             records = []
             for i, problem in enumerate(problems):
@@ -368,6 +478,92 @@ def test_auth_bad_requests_and_models_on_the_app(served):
 
 
 @slow
+def test_the_openai_client_streams_each_turn_before_the_answer_it_would_get_unstreamed(served, trained):
+    """``openai``'s ``stream=True``: every agent's turn-1 answer arrives before the team's answer (as
+    ``reasoning_content``, with the step in ``mapoco``), the content is the unstreamed reply's for the same question
+    and seed, the turns are mapoco eval's, and the usage chunk comes last."""
+    from openai import OpenAI
+
+    client, model = served
+    problem = trained.problems[0]
+    body = chat(problem.question, model=model, seed=0, mapoco={"id": problem.id})
+    plain = client.post("/chat/completions", json=body).json()
+    api = OpenAI(base_url=str(client.base_url), api_key=TOKEN, max_retries=0)
+    start, arrivals = time.perf_counter(), []
+    stream = api.chat.completions.create(model=model, messages=body["messages"], seed=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"mapoco": body["mapoco"]})
+    for chunk in stream:
+        arrivals.append((time.perf_counter() - start, chunk))
+    steps = [(t, c.model_extra["mapoco"]) for t, c in arrivals if (c.model_extra or {}).get("mapoco", {}).get("type")]
+    content = [(t, c.choices[0].delta.content) for t, c in arrivals if c.choices and c.choices[0].delta.content]
+    assert [(e["turn"], e["agent"]) for _, e in steps] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [e["text"] for _, e in steps] == [t for turn in _texts(trained.after[0]) for t in turn]
+    assert max(t for t, e in steps if e["turn"] == 1) < content[0][0]  # turn 1 came before the answer
+    assert "".join(text for _, text in content) == plain["choices"][0]["message"]["content"]
+    finish = [c for _, c in arrivals if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == "stop"
+    assert arrivals[-1][1].usage.completion_tokens == plain["usage"]["completion_tokens"]
+    print(f"first step after {steps[0][0]:.2f}s, the answer after {content[0][0]:.2f}s")
+
+
+@slow
+def test_a_client_leaving_mid_stream_disturbs_no_one_and_leaves_nothing_in_the_engines(served, trained):
+    """A streaming client that leaves after the first chunk, while a batch of other clients' questions forms: the
+    server notices (its stream ends), the others are answered, a later request still gets mapoco eval's discussion,
+    and the engines hold no request."""
+    from ray import serve
+
+    from mapoco.serving.serve import APP_NAME
+
+    client, _ = served
+    handle = serve.get_app_handle(APP_NAME)
+    before = handle.streams_left.remote().result()
+    problem = trained.problems[1]
+
+    def ask(question):
+        return client.post("/chat/completions", json=chat(question))
+
+    with ThreadPoolExecutor(12) as pool:
+        replies = [pool.submit(ask, p.question) for p in load_problems(12)]
+        with client.stream("POST", "/chat/completions", json=chat(problem.question, stream=True)) as stream:
+            first = next(stream.iter_lines())
+        assert first.startswith("data: ") and '"role": "assistant"' in first
+        assert all(r.result().status_code == 200 for r in replies)
+    body = client.post("/chat/completions", json=chat(problem.question, mapoco={"id": problem.id,
+                                                                                "transcript": True})).json()
+    assert [[a["text"] for a in turn] for turn in body["mapoco"]["discussion"]] == _texts(trained.after[1])
+    after = handle.streams_left.remote().result()
+    assert after["left"] == before["left"] + 1 and after["unfinished"] == 0
+
+
+def test_a_question_whose_client_leaves_gets_no_more_turns(hetero_team):
+    """The batch's side, on real engines: a client leaves when its first turn arrives; its question is not sent to
+    the engines again, its batch-mates get every turn, and they are what they would be without it."""
+    from mapoco.serving.served_team import Listener, Question, ServedTeam
+
+    class LeavesAfterTurnOne(Listener):
+        def emit(self, event):
+            self.cancelled.set()
+
+    cfg = compose_config(*RUN)
+    served = object.__new__(ServedTeam)  # the session team's engines as they are: the batch logic is under test
+    served.cfg, served.team, served.kind, served.runner, served.dropped = cfg, hetero_team, "math", None, 0
+    problems = load_problems(3)
+    questions = [Question(p.id, p.question, 0) for p in problems]
+    alone = served.answer(questions[1:])
+    together = served.answer([replace(questions[0], listener=LeavesAfterTurnOne(None, None, 0)), *questions[1:]])
+    assert together[0] == {"dropped": True, "batch": 3} and served.dropped == 1
+    assert [t["transcript"] for t in together[1:]] == [a["transcript"] for a in alone]
+    assert served.unfinished_requests() == 0
+
+
+def load_problems(count: int) -> list:
+    from mapoco.tasks import load_task
+
+    return load_task(compose_config(*RUN).task).problems[8 : 8 + count]
+
+
+@slow
 def test_a_killed_engine_restarts_with_the_trained_weights(served, trained):
     from ray import serve
 
@@ -400,7 +596,16 @@ def test_the_readme_serve_block_runs_as_written(trained, tmp_path):
     shutil.copytree(trained.run_dir, tmp_path / "outputs" / "demo")
     proc = run_block(readme_block("serve"), timeout_s=600, cwd=tmp_path)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    reply = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    reply = json.loads(lines[at])
     assert reply["object"] == "chat.completion" and reply["model"] == "demo", reply
     assert reply["choices"][0]["message"]["content"] and len(reply["mapoco"]["discussion"]) == 2
+    # the openai client's stream: every agent's turn-1 answer, then turn 2's, then the unstreamed reply's content
+    streamed = "\n".join(lines[at + 1 :])
+    turns = [f"[turn {t + 1}, {a['name']}] {a['text']}" for t, turn in enumerate(reply["mapoco"]["discussion"])
+             for a in turn]
+    where = [streamed.find(turn) for turn in turns]
+    content = streamed.find(reply["choices"][0]["message"]["content"], max(where))
+    assert -1 not in where and where == sorted(where) and content > max(where), streamed
     assert "stopping" in proc.stdout  # SIGTERM reached the server, which shut its app down
