@@ -1,4 +1,5 @@
-"""serve: `mapoco serve`'s throughput and latency with 1, 8 and 32 concurrent clients, against the team's ceiling.
+"""serve: `mapoco serve`'s throughput and latency with 1, 8 and 32 concurrent clients, against the team's ceiling;
+serve_stream: the same at 32 clients with every reply streamed (``stream=true``, every chunk read).
 
 The served app is the tiny team (2 x tiny-qwen, 3 turns, the default sampling) loaded from a checkpoint in the
 learners' format (``model.safetensors`` of the policy and value head, written here from the base weights: speed does
@@ -7,7 +8,8 @@ HTTP to Ray Serve; the figures are requests per second over the whole level and 
 
 The baseline is the ceiling of the same engines: ``run_discussion`` of 32 questions in one call, on a team started
 outside Serve with the same checkpoint pushed into it (after the served app is gone: on 2 cores, idle engines of one
-side slow the other down). The ratio is served requests/s at 32 clients over that ceiling's questions/s.
+side slow the other down). The ratio is served requests/s at 32 clients over that ceiling's questions/s (target
+0.7x, streamed or not).
 
     python -m benchmarks.bench_serve              # or: python -m benchmarks.run --only serve
 """
@@ -27,6 +29,7 @@ import numpy as np
 from benchmarks.common import Figure, Result
 
 LEVELS = (1, 8, 32)
+TARGET = 0.7
 OVERRIDES = ["team=tiny2", "task=arithmetic", "turns=3"]
 
 
@@ -63,7 +66,8 @@ def write_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
     return run_dir
 
 
-def _load(url: str, questions: list, clients: int, requests: int) -> tuple[float, list[float]]:
+def _load(url: str, questions: list, clients: int, requests: int, stream: bool = False
+          ) -> tuple[float, list[float]]:
     """``clients`` threads, each sending its share of ``requests`` one after another; (wall seconds, latencies)."""
     import httpx
 
@@ -72,10 +76,13 @@ def _load(url: str, questions: list, clients: int, requests: int) -> tuple[float
         with httpx.Client(timeout=600) as http:
             for i in range(k, requests, clients):
                 problem = questions[i]
+                body = {"messages": [{"role": "user", "content": problem.question}], "mapoco": {"id": problem.id},
+                        "stream": stream}
                 start = time.perf_counter()
-                reply = http.post(f"{url}/chat/completions", json={
-                    "messages": [{"role": "user", "content": problem.question}], "mapoco": {"id": problem.id}})
-                reply.raise_for_status()
+                with http.stream("POST", f"{url}/chat/completions", json=body) as reply:
+                    reply.raise_for_status()
+                    lines = [line for line in reply.iter_lines() if line]
+                assert lines[-1] == "data: [DONE]" if stream else lines, lines[-3:]
                 latencies.append(time.perf_counter() - start)
         return latencies
 
@@ -85,7 +92,7 @@ def _load(url: str, questions: list, clients: int, requests: int) -> tuple[float
     return time.perf_counter() - start, latencies
 
 
-def run(levels: tuple[int, ...] = LEVELS, repeats: int = 2, batch: int = 32) -> Result:
+def run(levels: tuple[int, ...] = LEVELS, repeats: int = 2, batch: int = 32) -> list[Result]:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
         return _run(write_checkpoint(run_dir, OVERRIDES), levels, repeats, batch)
@@ -93,7 +100,7 @@ def run(levels: tuple[int, ...] = LEVELS, repeats: int = 2, batch: int = 32) -> 
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> Result:
+def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> list[Result]:
     import ray
     from ray import serve
 
@@ -106,25 +113,28 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> Re
 
     cfg, path = load_config(str(run_dir), {"port": free_port(), "max_batch_size": batch})
     sizes = {level: max(16, 4 * level) for level in levels}  # requests per level and repeat
-    total = sum(sizes.values()) * repeats + batch * repeats + 1
+    total = (sum(sizes.values()) + sizes[max(levels)]) * repeats + batch * repeats + 1
     # (Almost) every request a distinct question: up to 3 two-digit terms; one-digit pairs repeat after ~200.
     params = {**cfg.task.params, "max_digits": 2, "max_terms": 3}
     questions = load_task(dataclasses.replace(cfg.task, limit=total, params=params)).problems
     used = 0
-    figures: dict[int, dict[str, list[float]]] = {level: {"rps": [], "p50": [], "p99": []} for level in levels}
+    top = max(levels)
+    runs = [(level, False) for level in levels] + [(top, True)]
+    figures = {run: {"rps": [], "p50": [], "p99": []} for run in runs}
     url = start(cfg, path)
     try:
         _load(url, questions[used:], 1, 1)  # warm-up
         used += 1
         for _ in range(repeats):
-            for level in levels:
-                wall, latencies = _load(url, questions[used:], level, sizes[level])
+            for level, stream in runs:
+                wall, latencies = _load(url, questions[used:], level, sizes[level], stream)
                 used += sizes[level]
-                figures[level]["rps"].append(sizes[level] / wall)
-                figures[level]["p50"].append(float(np.percentile(latencies, 50)))
-                figures[level]["p99"].append(float(np.percentile(latencies, 99)))
-                print(f"serve: {level} clients: {sizes[level] / wall:.2f} req/s, p50 {figures[level]['p50'][-1]:.3f}s "
-                      f"p99 {figures[level]['p99'][-1]:.3f}s", flush=True)
+                figure = figures[(level, stream)]
+                figure["rps"].append(sizes[level] / wall)
+                figure["p50"].append(float(np.percentile(latencies, 50)))
+                figure["p99"].append(float(np.percentile(latencies, 99)))
+                print(f"serve: {level} clients{' streamed' if stream else ''}: {sizes[level] / wall:.2f} req/s, "
+                      f"p50 {figure['p50'][-1]:.3f}s p99 {figure['p99'][-1]:.3f}s", flush=True)
     finally:
         serve.delete(APP_NAME)
     team = Team(cfg.team, cfg.seed)
@@ -141,18 +151,17 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> Re
         del refs
     finally:
         team.shutdown()
-    top = max(levels)
-    served = figures[top]["rps"]
-    extra = {"levels": {str(level): {"requests_per_s": round(statistics.median(f["rps"]), 3),
-                                     "p50_s": round(statistics.median(f["p50"]), 4),
-                                     "p99_s": round(statistics.median(f["p99"]), 4),
-                                     "requests": sizes[level]} for level, f in figures.items()}}
-    return Result("serve", Figure(f"served over HTTP, {top} concurrent clients", "req/s", served),
-                  Figure(f"run_discussion, one call of {batch} questions", "questions/s", ceiling),
-                  sizes={"team": cfg.team.name, "turns": cfg.turns, "max_new_tokens": cfg.team.agents[0].sampling
-                         .max_new_tokens, "max_batch_size": batch, "levels": list(levels), "ray_cluster_cpus":
-                         ray.cluster_resources().get("CPU")},
-                  ratios=[a / b for a, b in zip(served, ceiling)], extra=extra)
+    extra = {"levels": {f"{level}{'_streamed' if stream else ''}": {
+        "requests_per_s": round(statistics.median(f["rps"]), 3), "p50_s": round(statistics.median(f["p50"]), 4),
+        "p99_s": round(statistics.median(f["p99"]), 4), "requests": sizes[level]}
+        for (level, stream), f in figures.items()}}
+    sizes = {"team": cfg.team.name, "turns": cfg.turns, "max_new_tokens": cfg.team.agents[0].sampling.max_new_tokens,
+             "max_batch_size": batch, "levels": list(levels), "ray_cluster_cpus": ray.cluster_resources().get("CPU")}
+    baseline = Figure(f"run_discussion, one call of {batch} questions", "questions/s", ceiling)
+    return [Result(name, Figure(f"served over HTTP, {top} concurrent clients{label}", "req/s", served), baseline,
+                   sizes=sizes, target=TARGET, ratios=[a / b for a, b in zip(served, ceiling)], extra=extra)
+            for name, label, served in (("serve", "", figures[(top, False)]["rps"]),
+                                        ("serve_stream", ", streamed", figures[(top, True)]["rps"]))]
 
 
 def main() -> None:
@@ -161,8 +170,8 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=max(32, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    result = run()
-    print(result.to_json())
+    for result in run():
+        print(result.to_json())
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ BENCHMARKS = {
     "concurrency": lambda: [bench_concurrency.run()],
     "overlap": run_overlap,
     "scaling": lambda: [bench_scaling.run()],
-    "serve": lambda: [bench_serve.run()],
+    "serve": bench_serve.run,
     "precision": run_precision,
     "lora": lambda: [*bench_lora.run_rollout(), bench_lora.run_sync()],
 }

@@ -309,8 +309,8 @@ class ServeConfig:
     model_name: str | None = None  # the "model" clients send (None: the run directory's name)
     replicas: int = 1  # Serve replicas, each with engines of its own (the team's engine.* settings)
     num_cpus: float = 0.0  # per Serve replica (it tokenizes and routes; its engines reserve their own bundles)
-    max_batch_size: int = 32  # concurrent requests discussed together in one engine batch
-    batch_wait_timeout_s: float = 0.05  # how long the first request of a batch waits for others to join
+    max_batch_size: int = 32  # questions in discussion at once (each step: their next turns, one engine batch)
+    batch_wait_timeout_s: float = 0.05  # how long an idle replica's first question waits for others to join
     api_key_env: str | None = None  # environment variable holding the bearer token clients must send (None: no auth)
     max_input_chars: int = 4000  # longer questions are refused with 400
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -217,16 +217,58 @@ def turn_message(result: DiscussionResult, q: int, agent: int, turn: int, cfg: D
     return later_turn_message(problem, peers)
 
 
-@dataclass
-class ClientRequests:
-    """A discussion whose questions are clients' requests (``mapoco serve``): each question's own sampling seed and
-    sampling overrides (SamplingConfig fields, for every agent), a callback with each answer as its turn ends, and
-    whether its client still waits: a question whose client left gets no more turns."""
+class Discussion:
+    """Questions under discussion, each at its own turn. ``step`` generates the next turn of the questions given,
+    every agent's requests for all of them in one batch per engine: the questions of a rollout batch in lockstep
+    (``run_discussion``), or clients' questions that joined at different times (``mapoco serve``: a new question
+    starts its first turn in the same batch as others' later turns). A question's answers depend only on its own
+    seed, sampling and thread, never on what it shares a batch with."""
 
-    seeds: Sequence[int]
-    sampling: Sequence[Mapping[str, object]]
-    on_answer: Callable[[int, Record], None] = lambda q, record: None
-    wanted: Callable[[int], bool] = lambda q: True
+    def __init__(self, team: Team, turns: int, cfg: DiscussionConfig, verifier: VerifierClient):
+        self.team, self.cfg, self.verifier = team, cfg, verifier
+        self.result = DiscussionResult([], len(team), turns)
+        self.threads: list[list[list[dict[str, str]]]] = []  # per question, per agent
+        self.next_turn: list[int] = []
+        self.seeds: list[int] = []
+        self.sampling: list[Mapping[str, object]] = []  # per question: SamplingConfig fields for every agent
+
+    def add(self, problem: Problem, seed: int, sampling: Mapping[str, object] | None = None) -> int:
+        """A question joins (its first turn comes with the next step); returns its index."""
+        self.result.problems.append(problem)
+        self.threads.append([[] for _ in self.team.agents])
+        self.next_turn.append(0)
+        self.seeds.append(seed)
+        self.sampling.append(sampling or {})
+        return len(self.result.problems) - 1
+
+    def finished(self, q: int) -> bool:
+        return self.next_turn[q] == self.result.num_turns
+
+    def step(self, questions: Sequence[int]) -> None:
+        """The next turn of each of ``questions`` (none finished)."""
+        start = time.perf_counter()
+        turns = [self.next_turn[q] for q in questions]
+        for q, turn in zip(questions, turns):
+            for a in range(len(self.team)):
+                self.threads[q][a].append({"role": "user", "content": turn_message(self.result, q, a, turn, self.cfg)})
+        problems = self.result.problems
+        generations = generate_turn(
+            self.team, {a.index: [self.threads[q][a.index] for q in questions] for a in self.team.agents},
+            {a.index: [request_seed(self.seeds[q], problems[q].id, a.index, turn) for q, turn in zip(questions, turns)]
+             for a in self.team.agents},
+            [self.sampling[q] for q in questions] if any(self.sampling[q] for q in questions) else None)
+        self.result.seconds["generate"] += time.perf_counter() - start
+        start = time.perf_counter()
+        record_turn(self.result, self.threads, generations, self.verifier, list(zip(questions, turns)))
+        self.result.seconds["verify"] += time.perf_counter() - start
+        for q in questions:
+            self.next_turn[q] += 1
+
+    def forget(self, q: int) -> None:
+        """Free a question's threads and records (a served one, answered or dropped); its index stays taken."""
+        self.threads[q] = []
+        for key in [(q, a, t) for a in range(len(self.team)) for t in range(self.next_turn[q])]:
+            self.result.records.pop(key, None)
 
 
 def run_discussion(
@@ -236,35 +278,12 @@ def run_discussion(
     cfg: DiscussionConfig,
     verifier: VerifierClient,
     seed: int,
-    requests: ClientRequests | None = None,
 ) -> DiscussionResult:
-    """Every question's discussion; with ``requests``, a question dropped by its client has no records after the
-    turn it was dropped at."""
-    result = DiscussionResult(list(problems), len(team), turns)
-    threads = [[[] for _ in team.agents] for _ in problems]
-    active = list(range(len(problems)))
-    for turn in range(turns):
-        active = [q for q in active if requests is None or requests.wanted(q)]
-        if not active:
-            break
-        start = time.perf_counter()
-        for q in active:
-            for a in range(len(team)):
-                threads[q][a].append({"role": "user", "content": turn_message(result, q, a, turn, cfg)})
-        seeds = [requests.seeds[q] if requests else seed for q in active]
-        generations = generate_turn(team, {a.index: [threads[q][a.index] for q in active] for a in team.agents},
-                                    {a.index: [request_seed(s, problems[q].id, a.index, turn)
-                                               for q, s in zip(active, seeds)] for a in team.agents},
-                                    [requests.sampling[q] for q in active] if requests else None)
-        result.seconds["generate"] += time.perf_counter() - start
-        start = time.perf_counter()
-        record_turn(result, threads, generations, turn, verifier, active)
-        result.seconds["verify"] += time.perf_counter() - start
-        if requests:
-            for q in active:
-                for a in range(len(team)):
-                    requests.on_answer(q, result.records[(q, a, turn)])
-    return result
+    discussion = Discussion(team, turns, cfg, verifier)
+    questions = [discussion.add(problem, seed) for problem in problems]
+    for _ in range(turns):
+        discussion.step(questions)
+    return discussion.result
 
 
 def generate_turn(team: Team, threads: dict[int, list[list[dict[str, str]]]], seeds: dict[int, list[int]],
@@ -299,18 +318,17 @@ def record_turn(
     result: DiscussionResult,
     threads: list[list[list[dict[str, str]]]],
     generations: dict[int, list[Generation]],
-    turn: int,
     verifier: VerifierClient,
-    questions: Sequence[int],
+    questions: Sequence[tuple[int, int]],
 ) -> None:
-    """Turn ``turn``'s records of ``questions`` (``generations[a][i]`` answers ``questions[i]``)."""
-    keys = [(i, q, a) for a in generations for i, q in enumerate(questions)]
+    """The records of ``questions``, (question, turn) pairs: ``generations[a][i]`` answers ``questions[i]``."""
+    keys = [(i, q, turn, a) for a in generations for i, (q, turn) in enumerate(questions)]
     items = [
         VerifyItem(result.problems[q].question, generations[a][i].text, result.problems[q].gold,
                    result.problems[q].kind)
-        for i, q, a in keys
+        for i, q, _, a in keys
     ]
-    for (i, q, a), verdict in zip(keys, verifier.score(items)):
+    for (i, q, turn, a), verdict in zip(keys, verifier.score(items)):
         gen, problem = generations[a][i], result.problems[q]
         result.records[(q, a, turn)] = Record(
             question_id=problem.id, agent=a, turn=turn + 1, prompt_ids=gen.prompt_ids, token_ids=gen.token_ids,

@@ -198,7 +198,7 @@ class DiscussionEnv(MultiAgentEnv):
             for i, a in enumerate(self.agents)
         }
         threads = [self.threads]  # one question: record_turn indexes threads[question][agent]
-        record_turn(self.result, threads, generations, self.turn, self.verifier, [0])  # scores; appends the answers
+        record_turn(self.result, threads, generations, self.verifier, [(0, self.turn)])  # scores; appends the answers
         self.turn += 1
         done = self.turn == self.num_turns
         infos = {a: self._answer_info(i) for i, a in enumerate(self.agents)}

@@ -303,21 +303,26 @@ class ChatApi:
         chunk = Chunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name)
         results: list[dict[str, Any]] = []
         try:
-            for i in range(len(tasks)):
-                yield chunk.sse(i, {"role": "assistant", "content": ""})
+            yield "".join(chunk.sse(i, {"role": "assistant", "content": ""}) for i in range(len(tasks)))
             while len(results) < len(tasks):
-                i, event = await events.get()
-                if event is not None:
-                    yield chunk.sse(i, {"reasoning_content": step_text(event)}, mapoco=event)
-                    continue
-                try:
-                    result = tasks[i].result()
-                except ApiError as err:  # headers are sent: the error is an event, as vLLM's server sends it
-                    yield f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
-                    return
-                results.append(result)
-                yield chunk.sse(i, {"content": result["content"]})
-                yield chunk.sse(i, {}, "stop", mapoco=self._extra(request.questions[i], result, request.transcript))
+                ready = [await events.get()]
+                while not events.empty():  # what arrived together leaves together (one message through the proxy)
+                    ready.append(events.get_nowait())
+                out = []
+                for i, event in ready:
+                    if event is not None:
+                        out.append(chunk.sse(i, {"reasoning_content": step_text(event)}, mapoco=event))
+                        continue
+                    try:
+                        result = tasks[i].result()
+                    except ApiError as err:  # headers are sent: the error is an event, as vLLM's server sends it
+                        yield "".join(out) + f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
+                        return
+                    results.append(result)
+                    out.append(chunk.sse(i, {"content": result["content"]}))
+                    out.append(chunk.sse(i, {}, "stop", mapoco=self._extra(request.questions[i], result,
+                                                                           request.transcript)))
+                yield "".join(out)
             if request.include_usage:
                 yield f"data: {json.dumps({**chunk.head(), 'choices': [], 'usage': _total_usage(results)})}\n\n"
             yield "data: [DONE]\n\n"

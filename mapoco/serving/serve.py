@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +36,39 @@ from mapoco.config import ConfigError, RunConfig, ServeConfig
 from mapoco.runtime.devices import visible_devices_env
 from mapoco.serving.openai_api import ChatApi, token_digest
 from mapoco.serving.restore import check_checkpoint, load_config
-from mapoco.serving.served_team import Question, ServedTeam
+from mapoco.serving.served_team import Pending, Question, ServedTeam
 from mapoco.training import checkpoint as checkpoints
 
 APP_NAME = "mapoco"
 
 
 class TeamDeployment:
-    """One Serve replica: the team's engines, the HTTP handling, and the batch that concurrent requests join."""
+    """One Serve replica: the team's engines, answering from a thread of their own, and the HTTP handling."""
 
     def __init__(self, cfg: RunConfig, checkpoint: str, model_name: str, card: dict[str, Any], digest: str | None):
         self.served = ServedTeam(cfg, Path(checkpoint))
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapoco-team")  # engine calls block
-        self.answer_batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self.answer_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        self.api = chat_api(cfg, model_name, card, digest, self.answer_batch)
+        self.inbox: queue.Queue[Pending | None] = queue.Queue()
+        self.worker = threading.Thread(target=self.served.serve_forever,  # engine calls block
+                                       args=(self.inbox, cfg.serve.batch_wait_timeout_s), daemon=True,
+                                       name="mapoco-team")
+        self.worker.start()
+        self.api = chat_api(cfg, model_name, card, digest, self.answer)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # both set from serve.* in __init__
-    async def answer_batch(self, questions: list[Question]) -> list[dict[str, Any]]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.served.answer, questions)
+    async def answer(self, question: Question) -> dict[str, Any]:
+        """The question's result, once the team has answered it; a cancelled caller (its client left) drops it."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def deliver(result: dict[str, Any] | BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, done, result)
+
+        pending = Pending(question, deliver)
+        self.inbox.put(pending)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            pending.left.set()
+            raise
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
@@ -75,12 +90,24 @@ class TeamDeployment:
         return self.served.engine_pids()
 
     def __del__(self) -> None:
+        inbox = getattr(self, "inbox", None)
+        if inbox is not None:
+            inbox.put(None)  # the worker thread ends
         served = getattr(self, "served", None)
         if served is not None:
             try:
                 served.shutdown()
             except Exception:  # Ray may already be going down; the engines die with this replica anyway
                 pass
+
+
+def _settle(future: asyncio.Future, result: dict[str, Any] | BaseException) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def chat_api(cfg: RunConfig, name: str, card: dict[str, Any], digest: str | None,

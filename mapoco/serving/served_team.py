@@ -1,12 +1,21 @@
 """The team answering questions: a served request becomes a discussion (the last turn's majority vote) or a
-Conductor workflow on the team's engines, seeded per request as in training and evaluation."""
+Conductor workflow on the team's engines, seeded per request as in training and evaluation.
+
+Discussions are batched turn by turn, not request by request: every step generates the next turn of every question
+in discussion, and a question that arrives joins at the next step, whatever turn the others are at. Clients that
+wait for their answers before sending again therefore never split into half-empty batches that take turns on the
+engines (what batching whole discussions does: the requests that arrive while one batch runs form the next). A
+conductor's rollouts, several rounds with workers in between, are batched whole: the questions waiting when the
+previous rollout ends, one rollout per seed."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +79,24 @@ def _usage(pairs: Sequence[tuple[list[int], list[int]]]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+@dataclass
+class Pending:
+    """A question on its way through the team: ``deliver`` gets its result (or the exception that stopped it)."""
+
+    question: Question
+    deliver: Callable[[dict[str, Any] | BaseException], None]
+    index: int = -1  # in the discussion
+    batch: int = 0  # the most questions it shared a step with
+    left: threading.Event = field(default_factory=threading.Event)  # its client stopped waiting
+
+    @property
+    def cancelled(self) -> bool:
+        return self.left.is_set() or not self.question.wanted
+
+
 class ServedTeam:
-    """The team's engines with the checkpoint's weights, answering batches of questions (blocking calls).
+    """The team's engines with the checkpoint's weights, answering questions: ``take`` new ones, ``advance`` while
+    ``busy`` (blocking calls; ``serve_forever`` runs both from a queue, ``answer`` for a list).
     ``team``: engines already running to serve with (tests share them); by default it starts its own."""
 
     def __init__(self, cfg: RunConfig, checkpoint: Path, team: Any = None):
@@ -82,7 +107,8 @@ class ServedTeam:
         self.owns_team = team is None
         self.team = team or Team.of_run(cfg, wait=False)  # the checkpoint's weights are read while the engines load
         self.runner = None
-        self.dropped = 0  # questions left unfinished because their streaming client went away
+        self.discussion, self.active = None, {}
+        self.dropped = 0  # questions left unfinished because their client went away
         try:
             push_checkpoint(self.team, cfg, checkpoint)
             self.team.wait_ready()  # frozen agents' engines, which got no weights
@@ -94,42 +120,102 @@ class ServedTeam:
             self.shutdown()
             raise
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    @property
+    def room(self) -> int:
+        """How many more questions can join the discussion now (``serve.max_batch_size`` in all)."""
+        return self.cfg.serve.max_batch_size - len(self.active)
+
     def answer(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
-        """One result per question (``{"dropped": True}`` for a question whose client left before its end). A
-        discussion holds every question, each with its own seed and sampling; conductor rollouts group them by
-        seed."""
-        if self.runner is None:
-            out = self._discuss(questions)
-        else:
-            out = [{} for _ in questions]
-            by_seed: dict[int, list[int]] = {}
-            for i, question in enumerate(questions):
-                by_seed.setdefault(question.seed, []).append(i)
-            for seed, indices in by_seed.items():
-                for i, answer in zip(indices, self._conduct([questions[i] for i in indices], seed)):
-                    out[i] = answer
-        return [{**answer, "batch": len(questions)} for answer in out]
+        """These questions together, to the end (blocking); a dropped one's result is ``{"dropped": True}``."""
+        results: list[Any] = [None] * len(questions)
 
-    def _discuss(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
-        from mapoco.rollout.discussion import ClientRequests, run_discussion
+        def keep(i: int) -> Callable[[dict[str, Any] | BaseException], None]:
+            return lambda result: results.__setitem__(i, result)
 
+        self.take([Pending(q, keep(i)) for i, q in enumerate(questions)])
+        while self.busy:
+            self.advance()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    def serve_forever(self, inbox: queue.Queue[Pending | None], wait_s: float) -> None:
+        """Answer what comes into ``inbox`` until it holds None: an idle team waits ``wait_s`` after a first question
+        for others to start with it; a busy one takes whatever has arrived before each step."""
+        while True:
+            if not self.busy:
+                first = inbox.get()
+                if first is None:
+                    return
+                new = [first, *_drain(inbox, self.cfg.serve.max_batch_size - 1, wait_s)]
+            else:
+                new = _drain(inbox, self.room, 0.0)
+            if None in new:
+                return
+            try:
+                self.take(new)
+                self.advance()
+            except Exception as exc:  # the engines restart themselves on the next call: the team stays up
+                waiting = {id(p): p for p in [*new, *self.active.values()]}  # a conductor's new ones are not active
+                self.discussion, self.active = None, {}
+                for pending in waiting.values():
+                    pending.deliver(exc)
+
+    def take(self, new: Sequence[Pending]) -> None:
+        """New questions: a conductor answers them at once (one rollout per seed), a discussion starts them with its
+        next step."""
+        if self.runner is not None:
+            by_seed: dict[int, list[Pending]] = {}
+            for pending in new:
+                by_seed.setdefault(pending.question.seed, []).append(pending)
+            for seed, group in by_seed.items():
+                for pending, result in zip(group, self._conduct([p.question for p in group], seed)):
+                    pending.deliver({**result, "batch": len(group)})
+            return
+        from mapoco.rollout.discussion import Discussion
+
+        if self.discussion is None:  # a fresh one whenever the team was idle: nothing of earlier questions stays
+            self.discussion = Discussion(self.team, self.cfg.turns, self.cfg.discussion, NullVerifier())
+        for pending in new:
+            q = pending.question
+            pending.index = self.discussion.add(Problem(q.id, q.text, gold="", kind=self.kind), q.seed,
+                                                dict(q.sampling))
+            self.active[pending.index] = pending
+
+    def advance(self) -> None:
+        """One step: drop the questions whose client left, then the next turn of every other one; deliver the
+        finished ones."""
+        for index, pending in list(self.active.items()):
+            if pending.cancelled:
+                self._finish(pending, {"dropped": True, "batch": pending.batch})
+                self.dropped += 1
+        if not self.active:
+            return
         names = [a.cfg.name for a in self.team.agents]
-        out = []
-        size = self.cfg.discussion.batch_size
-        for start in range(0, len(questions), size):
-            part = questions[start : start + size]
-            problems = [Problem(q.id, q.text, gold="", kind=self.kind) for q in part]
-            requests = ClientRequests(
-                [q.seed for q in part], [dict(q.sampling) for q in part],
-                on_answer=lambda q, record: part[q].emit(turn_event(record, names)),
-                wanted=lambda q: part[q].wanted)
-            result = run_discussion(self.team, problems, self.cfg.turns, self.cfg.discussion, NullVerifier(), 0,
-                                    requests)
-            for q in range(len(part)):
-                finished = (q, 0, self.cfg.turns - 1) in result.records
-                self.dropped += not finished
-                out.append(discussion_answer(result, q, names) if finished else {"dropped": True})
-        return out
+        questions = list(self.active)
+        self.discussion.step(questions)
+        records = self.discussion.result.records
+        for q in questions:
+            pending = self.active[q]
+            pending.batch = max(pending.batch, len(questions))
+            turn = self.discussion.next_turn[q] - 1
+            for a in range(len(names)):
+                pending.question.emit(turn_event(records[(q, a, turn)], names))
+            if self.discussion.finished(q):
+                result = discussion_answer(self.discussion.result, q, names)
+                self._finish(pending, {**result, "batch": pending.batch})
+
+    def _finish(self, pending: Pending, result: dict[str, Any]) -> None:
+        del self.active[pending.index]
+        self.discussion.forget(pending.index)
+        if not self.active:
+            self.discussion = None
+        pending.deliver(result)
 
     def _conduct(self, questions: Sequence[Question], seed: int) -> list[dict[str, Any]]:
         from mapoco.conductor.rollout import transcript
@@ -157,6 +243,18 @@ class ServedTeam:
             self.runner.close()
         if self.owns_team:
             self.team.shutdown()
+
+
+def _drain(inbox: queue.Queue, most: int, wait_s: float) -> list[Any]:
+    """Up to ``most`` items: those already in ``inbox``, and those that arrive within ``wait_s``."""
+    out: list[Any] = []
+    deadline = time.monotonic() + wait_s
+    while len(out) < most:
+        try:
+            out.append(inbox.get(timeout=max(deadline - time.monotonic(), 0)) if wait_s else inbox.get_nowait())
+        except queue.Empty:
+            break
+    return out
 
 
 def turn_event(record: Any, names: Sequence[str]) -> dict[str, Any]:

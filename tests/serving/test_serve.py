@@ -271,7 +271,7 @@ def test_conductor_answers_carry_the_workflow():
             return ConductorResult(list(problems), records)
 
     served = object.__new__(ServedTeam)  # no engines: only the answer assembly is under test
-    served.kind, served.runner = "math", Runner()
+    served.kind, served.runner, served.active = "math", Runner(), {}
     good, malformed = served.answer([Question("a", "What is 3 + 4?", 3), Question("b", "?", 3)])
     assert (good["content"], good["answer"], good["batch"]) == ("\\boxed{7}", "7", 2)
     assert good["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -548,6 +548,7 @@ def test_a_question_whose_client_leaves_gets_no_more_turns(hetero_team):
     cfg = compose_config(*RUN)
     served = object.__new__(ServedTeam)  # the session team's engines as they are: the batch logic is under test
     served.cfg, served.team, served.kind, served.runner, served.dropped = cfg, hetero_team, "math", None, 0
+    served.discussion, served.active = None, {}
     problems = load_problems(3)
     questions = [Question(p.id, p.question, 0) for p in problems]
     alone = served.answer(questions[1:])
