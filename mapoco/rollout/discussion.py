@@ -64,9 +64,10 @@ class AgentRuntime:
     def generate(self, threads: list[list[dict[str, str]]], seeds: list[int]) -> list[Generation]:
         return self.engines.collect(self.submit(threads, seeds))
 
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
-        """Chat-template a thread into prompt ids; if it no longer fits the context, keep only the last message."""
-        budget = self.cfg.engine.max_model_len - self.cfg.sampling.max_new_tokens
+    def render(self, messages: list[dict[str, str]], max_new_tokens: int | None = None) -> list[int]:
+        """Chat-template a thread into prompt ids, leaving room for ``max_new_tokens`` (default: the agent's); if it
+        no longer fits the context, keep only the last message."""
+        budget = self.cfg.engine.max_model_len - (max_new_tokens or self.cfg.sampling.max_new_tokens)
         for thread in (messages, messages[-1:]):
             text = self.tokenizer.apply_chat_template(thread, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -299,9 +300,10 @@ def generate_turn(team: Team, threads: dict[int, list[list[dict[str, str]]]], se
     for agents in sharing.values():
         prompts, per_request, batch_seeds, adapters = [], [], [], []
         for a in agents:
-            prompts += [a.render(t) for t in threads[a.index]]
-            per_request += ([replace(a.cfg.sampling, **s) for s in sampling] if sampling
-                            else [a.cfg.sampling] * len(threads[a.index]))
+            requested = ([replace(a.cfg.sampling, **s) for s in sampling] if sampling
+                         else [a.cfg.sampling] * len(threads[a.index]))
+            prompts += [a.render(t, each.max_new_tokens) for t, each in zip(threads[a.index], requested)]
+            per_request += requested
             batch_seeds += seeds[a.index]
             adapters += [a.adapter] * len(threads[a.index])
         pending.append((agents, agents[0].engines.submit(prompts, per_request, batch_seeds, adapters)))

@@ -233,9 +233,11 @@ class ChatApi:
                                     f"turn; the engines' context), got {value!r}", "invalid_value", key)
             return {"max_new_tokens": value}
         stops = [value] if isinstance(value, str) else value
+        if stops == []:  # no stop strings: what the run does anyway
+            return {}
         if (not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOP
                 or not all(isinstance(s, str) and s for s in stops)):
-            raise ApiError(400, f"stop must be a non-empty string or a list of 1..{MAX_STOP} of them, got {value!r}",
+            raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them, got {value!r}",
                            "invalid_value", key)
         return {"stop": tuple(stops)}
 

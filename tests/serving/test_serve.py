@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -339,6 +340,7 @@ class TrainedRun:
     problems: list
     before: list  # mapoco eval's discussion of each problem (alone, as a request is) with the base weights
     after: list  # ... and with the trained weights, on the trainer's engines
+    harness: object  # mapoco eval's discussion of HARNESS_QUESTIONS, each known by its text's hash as served
 
 
 @pytest.fixture(scope="module")
@@ -370,10 +372,11 @@ def trained(hetero_team, learner_pool, tmp_path_factory):
         trainer.step += 1
         trainer.save()
         after = [discuss_in_batches(hetero_team, [p], cfg, trainer.verifier) for p in problems]
+        harness = discuss_in_batches(hetero_team, harness_problems(cfg), cfg, trainer.verifier)
     finally:
         trainer.close()
         hetero_team.agents[0].engines.push_weights(pack(base, torch.float32))
-    yield TrainedRun(run_dir, problems, before, after)
+    yield TrainedRun(run_dir, problems, before, after, harness)
 
 
 @pytest.fixture(scope="module")
@@ -558,6 +561,59 @@ def test_a_question_whose_client_leaves_gets_no_more_turns(hetero_team):
     assert served.unfinished_requests() == 0
 
 
+def harness_problems(cfg) -> list:
+    """Questions as a client that cannot send mapoco.id asks them: each known by its text's hash."""
+    from mapoco.serving.served_team import question_id
+    from mapoco.tasks import Problem, load_task
+
+    return [Problem(question_id(p.question), p.question, p.gold, p.kind) for p in load_task(cfg.task).problems[2:18]]
+
+
+@slow
+def test_lm_eval_scores_a_served_team_as_mapoco_eval_does(served, trained, tmp_path):
+    """lm-eval's `local-chat-completions` with the GSM8K task file of experiments/lm_eval, pointed at the testbed's
+    questions and sent the run's sampling (temperature, max_gen_toks) and seed: the answers it extracts are the team
+    answers of mapoco eval's discussions of the same questions with the same seed, and so is its accuracy."""
+    import yaml
+
+    from mapoco.evaluation.metrics import team_answer
+
+    client, model = served
+    cfg = compose_config(*RUN)
+    (sampling,) = {a.sampling for a in cfg.team.agents}
+    problems = harness_problems(cfg)
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": p.question, "answer": p.gold}) + "\n" for p in problems))
+    task = yaml.safe_load((ROOT / "experiments" / "lm_eval" / "mapoco_gsm8k.yaml").read_text())
+    task.update(task="mapoco_testbed", doc_to_target="{{answer}}", dataset_kwargs={"data_files": {"test": str(data)}})
+    task["generation_kwargs"].update(temperature=sampling.temperature, max_gen_toks=sampling.max_new_tokens)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mapoco_testbed.yaml").write_text(yaml.safe_dump(task))
+    model_args = (f"model={model},base_url={str(client.base_url).rstrip('/')}/chat/completions,num_concurrent=8,max_retries=1,"
+                  f"tokenized_requests=False,tokenizer_backend=None,seed={cfg.seed}")
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "lm_eval"), "--model", "local-chat-completions",
+                           "--model_args", model_args, "--tasks", "mapoco_testbed",
+                           "--include_path", str(tmp_path / "tasks"), "--apply_chat_template",
+                           "--output_path", str(tmp_path / "out"), "--log_samples"],
+                          env={**os.environ, "OPENAI_API_KEY": TOKEN}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    accuracy = json.loads(results.read_text())["results"]["mapoco_testbed"]["exact_match,boxed"]
+    (samples,) = (tmp_path / "out").rglob("samples_mapoco_testbed_*.jsonl")
+    extracted = {json.loads(line)["doc"]["question"]: json.loads(line)["filtered_resps"][0]
+                 for line in samples.read_text().splitlines()}
+    result, last = trained.harness, cfg.turns - 1
+    expected, right = [], []
+    for q, problem in enumerate(problems):
+        final = [result.records[(q, a, last)] for a in range(2)]
+        answer = team_answer([r.answer for r in final], problem.id)
+        expected.append(answer if answer is not None else "[invalid]")
+        right.append(any(r.correct and r.answer == answer for r in final) if answer is not None else False)
+    assert [extracted[p.question] for p in problems] == expected and set(expected) != {"[invalid]"}
+    assert accuracy == pytest.approx(sum(right) / len(right))
+    print(f"lm-eval exact_match {accuracy:.3f} on {len(problems)} questions, mapoco eval {sum(right) / len(right):.3f}")
+
+
 def load_problems(count: int) -> list:
     from mapoco.tasks import load_task
 
@@ -587,15 +643,20 @@ def test_a_killed_engine_restarts_with_the_trained_weights(served, trained):
 def test_the_readme_serve_block_runs_as_written(trained, tmp_path):
     """README's "Serve what you trained" block, as a user runs it right after `make demo`: in a project folder whose
     `outputs/demo` is a trained run with its last checkpoint (this module's one-step run, copied there), it starts
-    `mapoco serve` on 127.0.0.1:8000 with a fresh token, waits for it, gets the answer with its transcript, and
-    stops it with SIGTERM (the block fails if the server exits with an error)."""
+    `mapoco serve` on 127.0.0.1:8000 with a fresh token, waits for it, gets the answer with its transcript, streams
+    it with the openai client, scores the team on 4 GSM8K questions with lm-eval, and stops it with SIGTERM (the
+    block fails if the server exits with an error)."""
     import shutil
 
     from conftest import readme_block, run_block
 
-    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
-    shutil.copytree(trained.run_dir, tmp_path / "outputs" / "demo")
-    proc = run_block(readme_block("serve"), timeout_s=600, cwd=tmp_path)
+    project = tmp_path / "project"  # beside ../shared/data, as the clone is
+    (tmp_path / "shared").symlink_to((ROOT.parent / "shared").resolve())
+    project.mkdir()
+    for name in (".venv", "experiments"):
+        (project / name).symlink_to(ROOT / name)
+    shutil.copytree(trained.run_dir, project / "outputs" / "demo")
+    proc = run_block(readme_block("serve"), timeout_s=600, cwd=project)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     lines = proc.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("{"))
@@ -609,4 +670,5 @@ def test_the_readme_serve_block_runs_as_written(trained, tmp_path):
     where = [streamed.find(turn) for turn in turns]
     content = streamed.find(reply["choices"][0]["message"]["content"], max(where))
     assert -1 not in where and where == sorted(where) and content > max(where), streamed
+    assert re.search(r"\|mapoco_gsm8k\|.*\|exact_match\|", streamed), streamed  # lm-eval's table of the team
     assert "stopping" in proc.stdout  # SIGTERM reached the server, which shut its app down
