@@ -142,7 +142,7 @@ def build_app(cfg: RunConfig, path: Path) -> Any:
         "env_vars": {**env, **visible_devices_env(0)}}}  # the engines it starts hold the GPUs, if any
     deployment = serve.deployment(TeamDeployment, name="team").options(
         num_replicas=cfg.serve.replicas,
-        max_ongoing_requests=2 * cfg.serve.max_batch_size,  # one batch runs while the next one fills
+        max_ongoing_requests=2 * cfg.serve.max_batch_size,  # a full discussion, and as many waiting to join
         ray_actor_options=options,
     )
     return deployment.bind(cfg, str(path), model_name(cfg, path), model_card(cfg, path), digest)
