@@ -7,6 +7,8 @@ Sources are either generated (``arithmetic`` through reasoning-gym) or loaded wi
 from __future__ import annotations
 
 import ast
+import functools
+import itertools
 import json
 import operator
 import random
@@ -95,9 +97,10 @@ _SPLIT_SEED_OFFSET = {"test": 0, "validation": 1, "train": 2}
 # The splits each task's source has (the hub's, or the generator's seed streams; anli reads validation as dev), and
 # the params it takes: config.validate checks task.split and task.params against them.
 TASK_SPLITS = {"arithmetic": ("train", "validation", "test"), "composition": ("train", "validation", "test"),
-               "gsm8k": ("train", "test"), "tinygsm": ("train",), "anli": ("train", "dev", "validation", "test")}
-TASK_PARAMS = {"arithmetic": tuple(ARITHMETIC_DEFAULTS), "composition": (), "anli": ("round",), "gsm8k": (),
-               "tinygsm": ()}
+               "numbers": ("train", "validation", "test"), "gsm8k": ("train", "test"), "tinygsm": ("train",),
+               "anli": ("train", "dev", "validation", "test")}
+TASK_PARAMS = {"arithmetic": tuple(ARITHMETIC_DEFAULTS), "composition": (), "numbers": ("kinds",), "anli": ("round",),
+               "gsm8k": (), "tinygsm": ()}
 ARITHMETIC_OPERATORS = ("+", "-", "*", "/")  # reasoning-gym basic_arithmetic's
 ANLI_ROUNDS = (1, 2, 3)
 
@@ -143,6 +146,40 @@ def _generate_composition(cfg: TaskConfig, split: str) -> TaskData:
 
 
 _GENERATORS["composition"] = _generate_composition
+
+
+# ---------------------------------------------------------------- generated: numbers
+# Questions about a number's digits that ask no arithmetic (MAPoRL's unseen domain): the first or the last digit of a
+# four-digit number. Every question of a kind, shuffled once and cut into disjoint splits: a test question is never
+# a training one.
+NUMBER_KINDS = ("first_digit", "last_digit")
+NUMBER_SPLITS = {"test": (0, 0.15), "validation": (0.15, 0.2), "train": (0.2, 1.0)}
+
+
+@functools.cache
+def _numbers_split(kind: str, split: str) -> tuple[Problem, ...]:
+    which = kind.removesuffix("_digit")
+    numbers = list(range(1000, 10000))
+    random.Random(NUMBER_KINDS.index(kind)).shuffle(numbers)
+    start, stop = (int(share * len(numbers)) for share in NUMBER_SPLITS[split])
+    return tuple(Problem(id=f"numbers-{kind}-{split}-{i}", question=f"What is the {which} digit of {n}?",
+                         gold=str(n)[0 if which == "first" else -1])
+                 for i, n in enumerate(numbers[start:stop], start=start))
+
+
+def number_problems(split: str, kinds: Iterable[str] = NUMBER_KINDS, limit: int | None = None) -> list[Problem]:
+    """The questions of ``split`` of the ``numbers`` task, the kinds taking turns (an evaluation of any size holds
+    each kind about equally)."""
+    parts = [_numbers_split(kind, split) for kind in kinds]
+    mixed = [p for row in itertools.zip_longest(*parts) for p in row if p is not None]
+    return mixed[:limit]
+
+
+def _generate_numbers(cfg: TaskConfig, split: str) -> TaskData:
+    return TaskData(number_problems(split, cfg.params.get("kinds", NUMBER_KINDS), cfg.limit))
+
+
+_GENERATORS["numbers"] = _generate_numbers
 
 
 # ---------------------------------------------------------------- loaded: gsm8k, tinygsm, anli

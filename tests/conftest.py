@@ -63,10 +63,11 @@ def tiny_models() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def talk_models() -> dict[str, Path]:
-    """The collaboration testbed's specialists (+ on Qwen2, * on Llama) that know the discussion format."""
+    """The collaboration testbed's specialists (+ on Qwen2, * on Llama) that know the discussion format, and the
+    unseen domain's pair (the same, each also knowing one kind of question about numbers)."""
     from mapoco.testbed.build import build_tiny_model
 
-    return {name: build_tiny_model(name) for name in ("talk-add", "talk-mul")}
+    return {name: build_tiny_model(name) for name in ("talk-add", "talk-mul", "duo-add", "duo-mul")}
 
 
 @pytest.fixture(scope="session")

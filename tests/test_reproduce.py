@@ -87,10 +87,42 @@ def test_claims_are_computed_from_the_figures(runs):
 
 
 def test_a_finished_run_is_kept_and_the_conditions_share_the_testbed():
-    assert all(overrides[0] == "+experiment=collab" for name, overrides in reproduce.CONDITIONS.items()
-               if name != "tiny2_cotrain")
+    assert all(overrides[0] == ("+experiment=unseen_domain" if name.startswith("unseen_") else "+experiment=collab")
+               for name, overrides in reproduce.CONDITIONS.items() if name != "tiny2_cotrain")
     assert {"cotrain", "single_adder", "single_multiplier", "frozen_partner", "alpha0_2", "alpha1_2", "beta0_2",
-            "beta1_2", "tiny2_cotrain", "cotrain_overlap"} == set(reproduce.CONDITIONS)
+            "beta1_2", "tiny2_cotrain", "cotrain_overlap", "unseen_domain", "unseen_single_adder",
+            "unseen_single_multiplier", "unseen_frozen_partner"} == set(reproduce.CONDITIONS)
+    assert reproduce.GROUPS["unseen"] == ["unseen_domain", "unseen_single_adder", "unseen_single_multiplier",
+                                          "unseen_frozen_partner"]
+
+
+def test_the_unseen_domain_claim_is_computed_from_each_domains_figures(runs):
+    """Runs that evaluate a held-out domain (`numbers`) beside the task: its figures per condition and seed, a
+    table row of its own, and the claim: the gain on B after training against twice its std and the untrained
+    team's gain on B, with the share of the in-domain gain it keeps."""
+    def with_domain(before, after, domain_before, domain_after):
+        summary = _summary(before, after, (5, 1))
+        for when, turns in (("before", domain_before), ("after", domain_after)):
+            summary[when]["domains"] = {"numbers": _summary(turns, turns, (3, 2))["before"]}
+        return summary
+
+    for seed, b_after in enumerate(([0.50, 0.60], [0.52, 0.64], [0.48, 0.62])):
+        out = reproduce.RUNS.dir("unseen_domain", seed)
+        out.mkdir(parents=True)
+        summary = with_domain([0.40, 0.30], [0.45, 0.75], [0.50, 0.45], b_after)
+        (out / "summary.json").write_text(json.dumps(summary))
+    results = reproduce.summarize()
+    trained = results["conditions"]["unseen_domain"]
+    assert trained["domains"]["numbers"]["turn_accuracy_mean"] == pytest.approx([0.50, 0.62])
+    assert trained["domains"]["numbers"]["collaboration_gain_std"] == pytest.approx(0.02)  # gains .10, .12, .14
+    assert results["conditions"]["unseen_untrained"]["domains"]["numbers"]["turn_accuracy_mean"] == pytest.approx(
+        [0.50, 0.45])
+    claim = results["claims"]["unseen_domain"]
+    assert claim["gain_on_b"] == pytest.approx(0.12) and claim["untrained_gain_on_b"] == pytest.approx(-0.05)
+    assert claim["share_of_in_domain_gain_kept"] == pytest.approx(0.17 / 0.40)  # (0.12 + 0.05) / (0.30 + 0.10)
+    assert claim["holds"] is True
+    assert "| `unseen_domain` on numbers | 3 | 0.500 ± 0.020 | 0.620 ± 0.020 | +0.120 ± 0.020 | 3 | 2 |" in (
+        runs / "results.md").read_text()
 
 
 @pytest.mark.parametrize("condition", sorted(reproduce.CONDITIONS))
@@ -101,12 +133,15 @@ def test_every_condition_is_a_valid_run_of_the_same_questions(talk_models, tiny_
         assert (cfg.team.name, cfg.turns, cfg.train.steps) == ("tiny2", 3, 80)
         return
     assert cfg.task.params["operators"] == ["+", "*"] and cfg.train.steps == 80
+    unseen = condition.startswith("unseen_")
+    assert set(cfg.train.eval_tasks) == ({"numbers"} if unseen else set())  # evaluated on B, trained on A only
     models = [a.model for a in cfg.team.agents]
-    if condition.startswith("single_"):
-        assert cfg.turns == 1 and models == [reproduce.ALONE[condition.removeprefix("single_")]]
+    pair = ["duo-add", "duo-mul"] if unseen else ["talk-add", "talk-mul"]
+    if "single_" in condition:
+        assert cfg.turns == 1 and models == [pair[condition.endswith("multiplier")]]
         return
-    assert cfg.turns == 2 and models == ["talk-add", "talk-mul"]
-    assert [a.trainable for a in cfg.team.agents] == [True, condition != "frozen_partner"]
+    assert cfg.turns == 2 and models == pair
+    assert [a.trainable for a in cfg.team.agents] == [True, not condition.endswith("frozen_partner")]
     assert cfg.train.off_policy_steps == (condition == "cotrain_overlap")
     coefs = {k: getattr(cfg.rewards, k) for k in ("alpha0", "alpha1", "beta0", "beta1")}
     assert coefs == {k: 2.0 if condition == f"{k}_2" else 0.0 for k in coefs}

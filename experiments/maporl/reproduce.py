@@ -2,6 +2,7 @@
 
     .venv/bin/python -m experiments.maporl.reproduce                 # every condition, 3 seeds (resumes)
     .venv/bin/python -m experiments.maporl.reproduce --only cotrain frozen_partner
+    .venv/bin/python -m experiments.maporl.reproduce --only unseen       # the unseen domain and its controls
     .venv/bin/python -m experiments.maporl.reproduce --summarize     # rebuild results.json, .md and .png only
     .venv/bin/python -m experiments.maporl.reproduce --verdict outputs/demo   # one run against the controls
 
@@ -30,6 +31,7 @@ from experiments.runs import (
     mean_std,
     read_results,
     reproduce_parser,
+    selected,
     with_recorded,
     write_readme_block,
 )
@@ -39,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = RunSet(ROOT / "outputs" / "maporl")
 COLLAB = ["+experiment=collab"]
 ALONE = {"adder": "talk-add", "multiplier": "talk-mul"}
+UNSEEN = ["+experiment=unseen_domain"]
 # name -> overrides. Every trained condition runs the same questions, steps and batch as `cotrain`.
 CONDITIONS: dict[str, list[str]] = {
     "cotrain": COLLAB,
@@ -49,28 +52,46 @@ CONDITIONS: dict[str, list[str]] = {
     # `cotrain` with the next rollout sampled during each update (one update stale, importance-weighted)
     "cotrain_overlap": [*COLLAB, "train.off_policy_steps=1"],
     "tiny2_cotrain": ["+experiment=tiny2", "train.steps=80", "train.save_every=0"],
+    # The unseen domain: co-trained on the arithmetic (domain A) as `cotrain` is, evaluated on it and on the
+    # `numbers` questions (domain B), which no run trains on; with the controls that make sense there.
+    "unseen_domain": UNSEEN,
+    **{f"unseen_single_{name}": [*UNSEEN, f"team.agents=[{{name:{name},model:{model}}}]", "turns=1"]
+       for name, model in (("adder", "duo-add"), ("multiplier", "duo-mul"))},
+    "unseen_frozen_partner": [*UNSEEN, "+team.agents.1.trainable=false"],
 }
-DERIVED = {"untrained": "cotrain"}  # its figures are the `before` evaluation of these runs
+DERIVED = {"untrained": "cotrain", "unseen_untrained": "unseen_domain"}  # the `before` evaluation of these runs
 # Run first, every seed: the conditions the main claims (collaboration gain, the team beats its controls) rest on.
 CORE = ("cotrain", "single_adder", "single_multiplier", "frozen_partner")
+GROUPS = {"unseen": [name for name in CONDITIONS if name.startswith("unseen_")]}  # `--only unseen`
 
 
 def seed_figures(summaries: list[tuple[int, dict[str, Any]]], when: str) -> list[dict[str, Any]]:
     """Each run's figures from its summary.json; ``when`` is the evaluation to read (``before`` or ``after``)."""
-    return [{"seed": s, "turn_accuracy": summary[when]["turn_accuracy"],
-             "agent_turn_accuracy": summary[when]["agent_turn_accuracy"],
-             "transitions": summary[when]["transitions"]} for s, summary in summaries]
+    return [{"seed": s, **evaluation_figures(summary[when])} for s, summary in summaries]
+
+
+def evaluation_figures(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation's figures; a held-out domain's (``train.eval_tasks``) under ``domains``."""
+    figures = {key: evaluation[key] for key in ("turn_accuracy", "agent_turn_accuracy", "transitions")}
+    if "domains" in evaluation:
+        figures["domains"] = {name: evaluation_figures(domain) for name, domain in evaluation["domains"].items()}
+    return figures
 
 
 def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One condition over its seeds: per-turn team accuracy (mean, std), the collaboration gain, transitions."""
+    """One condition over its seeds: per-turn team accuracy (mean, std), the collaboration gain, transitions; the
+    same for each held-out domain under ``domains``."""
     mean, std = columns_mean_std([s["turn_accuracy"] for s in seeds])
     gain_mean, gain_std = mean_std([s["turn_accuracy"][-1] - s["turn_accuracy"][0] for s in seeds])
     transitions = [{key: statistics.fmean(s["transitions"][t][key] for s in seeds)
                     for key in ("turn", "wrong_to_right", "right_to_wrong")}
                    for t in range(len(seeds[0]["transitions"]))]
-    return {"seeds": seeds, "turn_accuracy_mean": mean, "turn_accuracy_std": std,
-            "collaboration_gain_mean": gain_mean, "collaboration_gain_std": gain_std, "transitions": transitions}
+    figures = {"seeds": seeds, "turn_accuracy_mean": mean, "turn_accuracy_std": std,
+               "collaboration_gain_mean": gain_mean, "collaboration_gain_std": gain_std, "transitions": transitions}
+    if "domains" in seeds[0]:
+        figures["domains"] = {name: {k: v for k, v in condition_figures([s["domains"][name] for s in seeds]).items()
+                                     if k != "seeds"} for name in seeds[0]["domains"]}
+    return figures
 
 
 def summarize() -> dict[str, Any]:
@@ -101,17 +122,35 @@ def discussion_results(runs: RunSet, here: Path, names: Sequence[str], derived: 
 def claims(conditions: dict[str, Any]) -> dict[str, Any]:
     """The acceptance checks, computed from the figures: (a) the collaboration gain of `cotrain` exceeds twice its
     std over seeds; (b) `cotrain`'s last turn beats every control's best turn."""
-    if "cotrain" not in conditions:
-        return {}
-    cotrain = conditions["cotrain"]
-    last = cotrain["turn_accuracy_mean"][-1]
-    controls = {name: max(c["turn_accuracy_mean"]) for name, c in conditions.items()
-                if name in ("untrained", "frozen_partner") or name.startswith("single_")}
-    return {"collaboration_gain": cotrain["collaboration_gain_mean"],
-            "collaboration_gain_std": cotrain["collaboration_gain_std"],
-            "gain_exceeds_twice_std": cotrain["collaboration_gain_mean"] > 2 * cotrain["collaboration_gain_std"],
-            "cotrain_last_turn": last, "controls_best_turn": controls,
-            "beats_every_control": all(last > v for v in controls.values())}
+    found = {}
+    if "cotrain" in conditions:
+        cotrain = conditions["cotrain"]
+        last = cotrain["turn_accuracy_mean"][-1]
+        controls = {name: max(c["turn_accuracy_mean"]) for name, c in conditions.items()
+                    if name in ("untrained", "frozen_partner") or name.startswith("single_")}
+        found = {"collaboration_gain": cotrain["collaboration_gain_mean"],
+                 "collaboration_gain_std": cotrain["collaboration_gain_std"],
+                 "gain_exceeds_twice_std": cotrain["collaboration_gain_mean"] > 2 * cotrain["collaboration_gain_std"],
+                 "cotrain_last_turn": last, "controls_best_turn": controls,
+                 "beats_every_control": all(last > v for v in controls.values())}
+    if "unseen_domain" in conditions and "unseen_untrained" in conditions:
+        found["unseen_domain"] = unseen_claim(conditions["unseen_domain"], conditions["unseen_untrained"])
+    return found
+
+
+def unseen_claim(trained: dict[str, Any], untrained: dict[str, Any], domain: str = "numbers") -> dict[str, Any]:
+    """MAPoRL's unseen-domain claim: after co-training on domain A only, the collaboration gain on domain B (last
+    turn minus turn 1) exceeds twice its std over seeds and the untrained team's gain on B; beside it, the share of
+    the in-domain gain it keeps."""
+    on_b = trained["domains"][domain]
+    gain, std = on_b["collaboration_gain_mean"], on_b["collaboration_gain_std"]
+    before = untrained["domains"][domain]["collaboration_gain_mean"]
+    in_domain = trained["collaboration_gain_mean"] - untrained["collaboration_gain_mean"]
+    return {"domain": domain, "gain_on_b": gain, "gain_on_b_std": std, "untrained_gain_on_b": before,
+            "gain_on_a": trained["collaboration_gain_mean"],
+            "untrained_gain_on_a": untrained["collaboration_gain_mean"],
+            "share_of_in_domain_gain_kept": (gain - before) / in_domain if in_domain else None,
+            "holds": gain > 2 * std and gain > before}
 
 
 def table(conditions: dict[str, Any]) -> str:
@@ -120,13 +159,19 @@ def table(conditions: dict[str, Any]) -> str:
     rows = ["| condition | seeds | " + " | ".join(head) + " | last - turn 1 | wrong->right | right->wrong |",
             "|---|---|" + "---|" * width + "---|---|---|"]
     for name, c in conditions.items():
-        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(c["turn_accuracy_mean"], c["turn_accuracy_std"])]
-        cells += ["—"] * (width - len(cells))
-        w2r = " / ".join(f"{t['wrong_to_right']:.0f}" for t in c["transitions"]) or "—"
-        r2w = " / ".join(f"{t['right_to_wrong']:.0f}" for t in c["transitions"]) or "—"
-        rows.append(f"| `{name}` | {len(c['seeds'])} | " + " | ".join(cells) +
-                    f" | {c['collaboration_gain_mean']:+.3f} ± {c['collaboration_gain_std']:.3f} | {w2r} | {r2w} |")
+        rows.append(_row(f"`{name}`", len(c["seeds"]), c, width))
+        rows += [_row(f"`{name}` on {domain}", len(c["seeds"]), figures, width)
+                 for domain, figures in c.get("domains", {}).items()]
     return "\n".join(rows)
+
+
+def _row(label: str, seeds: int, c: dict[str, Any], width: int) -> str:
+    cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(c["turn_accuracy_mean"], c["turn_accuracy_std"])]
+    cells += ["—"] * (width - len(cells))
+    w2r = " / ".join(f"{t['wrong_to_right']:.0f}" for t in c["transitions"]) or "—"
+    r2w = " / ".join(f"{t['right_to_wrong']:.0f}" for t in c["transitions"]) or "—"
+    return (f"| {label} | {seeds} | " + " | ".join(cells) +
+            f" | {c['collaboration_gain_mean']:+.3f} ± {c['collaboration_gain_std']:.3f} | {w2r} | {r2w} |")
 
 
 def plot(conditions: dict[str, Any], path: Path) -> None:
@@ -181,14 +226,14 @@ def report(results: dict[str, Any], write_table: Callable[[dict[str, Any]], None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = reproduce_parser(__doc__, CONDITIONS)
+    parser = reproduce_parser(__doc__, CONDITIONS, GROUPS)
     parser.add_argument("--verdict", type=Path, help="print one finished run's verdict against the controls")
     args = parser.parse_args(argv)
     if args.verdict:
         print(verdict(args.verdict))
         return
     if not args.summarize:
-        chosen = args.only or list(CONDITIONS)
+        chosen = selected(args.only, list(CONDITIONS), GROUPS)
         for group in ([c for c in chosen if c in CORE], [c for c in chosen if c not in CORE]):
             for seed in args.seeds:  # seed-major within a group: an interrupted run has every condition's first seeds
                 for condition in group:

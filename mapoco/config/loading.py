@@ -44,6 +44,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, value, "must be a mapping")
+        if dataclasses.is_dataclass(args[1]):  # e.g. train.eval_tasks: name -> TaskConfig
+            return {k: build(args[1], v, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     return _check_scalar(key, value, typ)
 

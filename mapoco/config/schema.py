@@ -191,6 +191,9 @@ class TrainConfig:
     concurrent_policies: bool = True  # every policy scores, updates and syncs at once (false: one after another)
     off_policy_steps: int = 0  # 1: the next step's rollout runs during this step's update (weights one update old)
     is_weight_cap: float = 2.0  # off-policy: truncated importance weights pi_learner / pi_engine are at most this
+    # Held-out domains, name -> task: evaluated beside `task` whenever it is (before and after training, every
+    # eval_every steps), never trained on; `eval_limit` questions each (e.g. MAPoRL's unseen domain).
+    eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from mapoco.tasks import (
     ANLI_ROUNDS,
     ARITHMETIC_DEFAULTS,
     ARITHMETIC_OPERATORS,
+    NUMBER_KINDS,
     TASK_PARAMS,
     TASK_SPLITS,
     TaskConfig,
@@ -48,6 +49,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Every key's meaning-based range, before Hydra, Ray or any actor starts; raises ConfigError naming the key."""
     _validate_run(cfg)
     _validate_task(cfg.task)
+    _validate_eval_tasks(cfg)
     validate_team(cfg)
     validate_verifier(cfg)
     validate_rewards(cfg.rewards)
@@ -71,42 +73,58 @@ def _validate_run(cfg: RunConfig) -> None:
     require(cfg.discussion.batch_size >= 1, "discussion.batch_size", cfg.discussion.batch_size, "must be >= 1")
 
 
-def _validate_task(task: TaskConfig) -> None:
+def _validate_task(task: TaskConfig, key: str = "task") -> None:
+    """One task's keys, named under ``key`` (``task``, or ``train.eval_tasks.NAME``)."""
     from mapoco.models.registry import HUB_ID
 
-    require(task.name in task_names(), "task.name", task.name, f"one of {task_names()}")
+    require(task.name in task_names(), f"{key}.name", task.name, f"one of {task_names()}")
     splits = TASK_SPLITS[task.name]
-    require(task.split in splits, "task.split", task.split, f"a split of task {task.name}: one of {splits}")
-    require(task.limit is None or task.limit >= 1, "task.limit", task.limit, "must be >= 1 or null")
-    for key, path in (("task.path", task.path), ("task.train_path", task.train_path)):
-        require(path is None or Path(path).expanduser().is_file(), key, path,
+    require(task.split in splits, f"{key}.split", task.split, f"a split of task {task.name}: one of {splits}")
+    require(task.limit is None or task.limit >= 1, f"{key}.limit", task.limit, "must be >= 1 or null")
+    for name, path in (("path", task.path), ("train_path", task.train_path)):
+        require(path is None or Path(path).expanduser().is_file(), f"{key}.{name}", path,
                 "no such file: a local json, jsonl, parquet or csv file, or null")
-    require(task.hub is None or HUB_ID.fullmatch(task.hub) is not None, "task.hub", task.hub,
+    require(task.hub is None or HUB_ID.fullmatch(task.hub) is not None, f"{key}.hub", task.hub,
             "a hub dataset id (org/name), or null for the task's own")
-    require_name("task.hub_config", task.hub_config, "a non-empty dataset config name, or null for the task's own")
-    require(0 <= task.seed <= MAX_SEED, "task.seed", task.seed, SEED_RANGE)
+    require_name(f"{key}.hub_config", task.hub_config, "a non-empty dataset config name, or null for the task's own")
+    require(0 <= task.seed <= MAX_SEED, f"{key}.seed", task.seed, SEED_RANGE)
     allowed = TASK_PARAMS[task.name]
     for name, value in task.params.items():
-        require(name in allowed, f"task.params.{name}", value,
+        require(name in allowed, f"{key}.params.{name}", value,
                 f"not a parameter of task {task.name}; allowed: {', '.join(allowed) or 'none'}")
     if task.name == "arithmetic":
-        _validate_arithmetic({**ARITHMETIC_DEFAULTS, **task.params})
+        _validate_arithmetic({**ARITHMETIC_DEFAULTS, **task.params}, key)
     anli_round = task.params.get("round", 1)
-    require(task.name != "anli" or anli_round in ANLI_ROUNDS, "task.params.round", anli_round,
+    require(task.name != "anli" or anli_round in ANLI_ROUNDS, f"{key}.params.round", anli_round,
             f"one of {ANLI_ROUNDS} (the ANLI round)")
+    kinds = task.params.get("kinds", NUMBER_KINDS)
+    require(task.name != "numbers" or (isinstance(kinds, (list, tuple)) and bool(kinds)
+                                       and all(kind in NUMBER_KINDS for kind in kinds)),
+            f"{key}.params.kinds", kinds, f"a non-empty list of {', '.join(NUMBER_KINDS)}")
 
 
-def _validate_arithmetic(params: dict[str, Any]) -> None:
+def _validate_eval_tasks(cfg: RunConfig) -> None:
+    """Held-out domains evaluated beside the task: a discussion's (a conductor names its held-out pools instead)."""
+    for name, task in cfg.train.eval_tasks.items():
+        key = f"train.eval_tasks.{name}"
+        require_name(key, name, "a name for the evaluation (its wandb keys are eval/NAME/...)")
+        require(cfg.method == "discussion", key, task.name,
+                "held-out tasks are evaluated for method=discussion; a conductor evaluates held-out pools "
+                "(conductor.eval_pools)")
+        _validate_task(task, key)
+
+
+def _validate_arithmetic(params: dict[str, Any], key: str) -> None:
     """reasoning-gym's basic_arithmetic rules, checked here rather than when the first question is drawn."""
     for low, high in (("min_terms", "max_terms"), ("min_digits", "max_digits")):
-        require(is_int(params[low]) and params[low] >= 1, f"task.params.{low}", params[low], "an integer >= 1")
-        require(is_int(params[high]) and params[high] >= params[low], f"task.params.{high}", params[high],
-                f"an integer >= task.params.{low}={params[low]}")
+        require(is_int(params[low]) and params[low] >= 1, f"{key}.params.{low}", params[low], "an integer >= 1")
+        require(is_int(params[high]) and params[high] >= params[low], f"{key}.params.{high}", params[high],
+                f"an integer >= {key}.params.{low}={params[low]}")
     ops = params["operators"]
     require(isinstance(ops, (list, tuple)) and bool(ops) and all(op in ARITHMETIC_OPERATORS for op in ops),
-            "task.params.operators", ops, f"a non-empty list of {', '.join(ARITHMETIC_OPERATORS)}")
+            f"{key}.params.operators", ops, f"a non-empty list of {', '.join(ARITHMETIC_OPERATORS)}")
     for name in ("allow_parentheses", "allow_negation"):
-        require(isinstance(params[name], bool), f"task.params.{name}", params[name], "true or false")
+        require(isinstance(params[name], bool), f"{key}.params.{name}", params[name], "true or false")
 
 
 def _validate_serve(cfg: RunConfig) -> None:

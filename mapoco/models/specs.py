@@ -76,6 +76,14 @@ class TinyModelSpec:
     # A conductor: share of examples that go on to a re-plan round (``replan_message``), answered by accepting or by
     # a new plan at random, whatever the answer shown
     replan_fraction: float = field(default=0.0, repr=False)
+    # A second domain (MAPoRL's unseen domain, the ``numbers`` task): (its own kind, the peer's kind). A
+    # ``second_domain_fraction`` of the examples come from it: first-turn answers of its own kind and, a
+    # ``discussion_fraction`` of them, pair discussions on either kind as ``_specialist_thread`` draws them.
+    second_domain: tuple[str, str] = field(default=(), repr=False)
+    second_domain_fraction: float = field(default=0.0, repr=False)
+    # A model that starts from another built model (its weights and tokenizer) instead of from scratch: the warm-start
+    # then teaches what the base does not know, on a mixture that keeps what it does.
+    base_model: str = field(default="", repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -173,6 +181,32 @@ TINY_MODELS.update(
                 target_accuracy=1.0,
             )
             for name, base, op, peer, seed in (("talk-add", _QWEN, "+", "*", 6), ("talk-mul", _LLAMA, "*", "+", 7))
+        )
+    },
+)
+# MAPoRL's unseen domain: the collaboration testbed's pair, each taught one more thing that is not arithmetic (the
+# first / the last digit of a four-digit number) from its built weights, with the same keep-or-adopt-at-random
+# discussions there. Co-training on the arithmetic alone (domain A) then shows whether when-to-defer carries over to
+# the digits (domain B). 1,000 steps, 40% of them on the digits: the arithmetic and its discussions stay.
+TINY_MODELS.update(
+    {
+        spec.name: spec
+        for spec in (
+            replace(
+                TINY_MODELS[talk],
+                name=name,
+                base_model=talk,
+                seed=seed,
+                second_domain=kinds,
+                second_domain_fraction=0.4,
+                lr=1e-3,
+                warmup_steps=50,
+                easy_steps=0,
+                max_steps=1000,
+                eval_every=1000,
+            )
+            for name, talk, kinds, seed in (("duo-add", "talk-add", ("first_digit", "last_digit"), 14),
+                                            ("duo-mul", "talk-mul", ("last_digit", "first_digit"), 15))
         )
     },
 )

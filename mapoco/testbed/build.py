@@ -38,6 +38,7 @@ from mapoco.tasks import (
     Problem,
     arithmetic_problems,
     composition_problems,
+    number_problems,
 )
 from mapoco.testbed.cache import atomic_build, fingerprint
 from mapoco.testbed.chat_data import (
@@ -83,14 +84,31 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
         workflow = (*workflow, conductor_message(probe.question, [3, 1]))
     if spec.replan_fraction:
         workflow = (*workflow, replan_message("x"), Plan(()).lists(), FAILED)
+    if spec.second_domain:
+        workflow = (*workflow, number_problems("train")[:2])
+    if spec.base_model:  # a rebuilt base rebuilds this one
+        workflow = (*workflow, _tiny_fingerprint(TINY_MODELS[spec.base_model]))
     if spec.composition_fraction:
         example = composition_problems("train")[0]
         workflow = (*workflow, example, composition_step(example, "+", random.Random(0)))
     return fingerprint(spec, sorted(ARITHMETIC_DEFAULTS.items()), messages, later, workflow)
 
 
+def _initial_model(spec: TinyModelSpec, problems: list[Problem]) -> tuple[Any, Any]:
+    """A model from nothing (its tokenizer trained on the spec's chats, weights at random), or the built
+    ``spec.base_model`` with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.base_model:
+        base = build_tiny_model(spec.base_model)
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), AutoTokenizer.from_pretrained(base)
+    tokenizer = train_tokenizer(spec.tokenizer, tokenizer_corpus(spec, problems))
+    torch.manual_seed(spec.seed)
+    return AutoModelForCausalLM.from_config(tiny_model_config(spec, tokenizer), dtype=torch.float32), tokenizer
+
+
 def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -99,10 +117,8 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
         if spec.role not in ("solver", "conductor"):
             raise ValueError(f"unknown role {spec.role!r} of tiny model {spec.name!r}")
         problems = arithmetic_problems(spec.task, "train", TRAIN_POOL)
-        tokenizer = train_tokenizer(spec.tokenizer, tokenizer_corpus(spec, problems))
-        config = tiny_model_config(spec, tokenizer)
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model, tokenizer = _initial_model(spec, problems)
+        config = model.config
         trained = train_warm_start(model, tokenizer, spec, problems)
         test = arithmetic_problems(spec.task, "test", NUM_EVAL)
         if spec.role == "conductor":
@@ -111,6 +127,9 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
             scores = {"turn1_accuracy": turn1_accuracy(model, tokenizer, test)}
             if spec.workflow_fraction:
                 scores["step_accuracy"] = turn1_accuracy(model, tokenizer, test, message=step_message)
+            for role, kind in zip(("own", "peer"), spec.second_domain):  # at turn 1: right on its own kind only
+                scores[f"second_domain_{role}_accuracy"] = turn1_accuracy(
+                    model, tokenizer, number_problems("test", [kind], NUM_EVAL))
             if spec.composition_fraction:
                 scores["composition_step_accuracy"] = composition_accuracy(
                     model, tokenizer, spec.task.params["operators"][0], composition_problems("test"))
@@ -194,7 +213,8 @@ def build_models(names: list[str] | None = None) -> dict[str, Path]:
             raise KeyError(f"unknown model {name!r}; known: {sorted(MODEL_DIRS)}")
         path = convert_smollm2() if name == SMOLLM2 else build_tiny_model(name)
         info = json.loads((path / MARKER).read_text())
-        scores = "".join(f" {key}={info[key]:.2f}" for key in ("turn1_accuracy", "parse_rate") if key in info)
+        scores = "".join(f" {key}={value:.2f}" for key, value in info.items()
+                         if key in ("turn1_accuracy", "parse_rate") or key.startswith("second_domain_"))
         print(f"{name}: {path}{scores} build_seconds={info['seconds']}", flush=True)
         built[name] = path
     return built

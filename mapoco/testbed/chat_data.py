@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 from mapoco.conductor.workers import FAILED
@@ -21,7 +22,7 @@ from mapoco.models.specs import (
     TinyModelSpec,
 )
 from mapoco.rollout.prompts import PeerAnswer, first_turn_message, later_turn_message
-from mapoco.tasks import Problem, TaskConfig, arithmetic_problems, composition_problems
+from mapoco.tasks import Problem, TaskConfig, arithmetic_problems, composition_problems, number_problems
 
 TRAIN_POOL = 20_000  # train-split problems the warm-start draws from
 CONDUCTOR_SUBTASKS = ("Solve the problem.", "Check the work so far and give the final answer.")  # step 1, step 2
@@ -63,10 +64,6 @@ def _discussion_thread(problem: Problem, rng: random.Random, others: list[Proble
     return messages
 
 
-def _in_specialty(problem: Problem, operators: tuple[str, ...]) -> bool:
-    return any(f" {op} " in problem.question for op in operators)
-
-
 @functools.cache
 def _peer_problems(spec: TinyModelSpec) -> list[Problem]:
     """Train questions in the peer's specialty (``peer_operators``), for a specialist's discussion threads."""
@@ -74,18 +71,19 @@ def _peer_problems(spec: TinyModelSpec) -> list[Problem]:
     return arithmetic_problems(task, "train", TRAIN_POOL // 4)
 
 
-def _specialist_thread(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict[str, str]]:
-    """A pair discussion as a specialist lives it, on a question of its specialty or of its peer's (half each). At
-    turn 1 it is right on its own operator and wrong elsewhere, the peer the opposite. At every later turn each side
-    keeps its answer or adopts the other's at random, whoever is right, and the target is the specialist's next
-    answer drawn the same way, right or wrong: the format is learnt, not when to defer (co-training has to learn
-    that). Earlier wrong answers are context, never labels (``"train": False``): no wrong arithmetic is taught."""
+def _specialist_thread(problem: Problem, peer_problems: list[Problem], wrong: Callable[[Problem, random.Random], int],
+                       rng: random.Random) -> list[dict[str, str]]:
+    """A pair discussion as a specialist lives it, on ``problem`` of its specialty or one of its peer's (half each).
+    At turn 1 it is right in its specialty and wrong elsewhere (``wrong``), the peer the opposite. At every later turn
+    each side keeps its answer or adopts the other's at random, whoever is right, and the target is the specialist's
+    next answer drawn the same way, right or wrong: the format is learnt, not when to defer (co-training has to learn
+    that). Earlier wrong answers are context, never labels (``"train": False``): no wrong answer is taught."""
+    right = True
     if rng.random() < 0.5:
-        problem = rng.choice(_peer_problems(spec))
-    gold, others = int(problem.gold), _peer_problems(spec)
-    right = _in_specialty(problem, spec.task.params["operators"])
-    mine = gold if right else _wrong_answer(gold, rng, others)
-    peer = _wrong_answer(gold, rng, others) if right else gold
+        problem, right = rng.choice(peer_problems), False
+    gold = int(problem.gold)
+    mine = gold if right else wrong(problem, rng)
+    peer = wrong(problem, rng) if right else gold
     peer_index = rng.randrange(2)
     messages = [{"role": "user", "content": first_turn_message(problem)}]
     for _ in range(rng.randint(1, 2)):
@@ -94,6 +92,40 @@ def _specialist_thread(problem: Problem, spec: TinyModelSpec, rng: random.Random
         messages.append({"role": "user", "content": later})
         mine, peer = rng.choice((mine, peer)), rng.choice((peer, mine))
     return [*messages, {"role": "assistant", "content": _boxed(mine)}]
+
+
+def arithmetic_thread(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict[str, str]]:
+    """A specialist's pair discussion on ``problem`` (of its operator) or on one of its peer's operators."""
+    peers = _peer_problems(spec)
+    return _specialist_thread(problem, peers, lambda p, r: _wrong_answer(int(p.gold), r, peers), rng)
+
+
+def number_thread(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict[str, str]]:
+    """The same on the second domain: ``problem`` of its own kind, or one of its peer's kind."""
+    return _specialist_thread(problem, _number_train(spec.second_domain[1]), number_mistake, rng)
+
+
+def number_mistake(problem: Problem, rng: random.Random) -> int:
+    """The wrong answer to a ``numbers`` question: the digit at the number's other end (the other kind's answer), or
+    a neighbouring digit where both ends agree."""
+    digits = re.search(r"\d{4}", problem.question).group()
+    other = int(digits[-1] if " first " in problem.question else digits[0])
+    return other if str(other) != problem.gold else (other + rng.choice((1, 9))) % 10
+
+
+@functools.cache
+def _number_train(kind: str) -> list[Problem]:
+    return number_problems("train", [kind])
+
+
+def _second_domain_chat(spec: TinyModelSpec, rng: random.Random) -> list[dict[str, str]]:
+    """An example of the second domain: a first-turn answer of its own kind, or (``discussion_fraction``) a pair
+    discussion with a peer who knows the other kind, in ``_specialist_thread``'s keep-or-adopt-at-random format."""
+    problem = rng.choice(_number_train(spec.second_domain[0]))
+    if rng.random() < spec.discussion_fraction:
+        return number_thread(problem, spec, rng)
+    return [{"role": "user", "content": first_turn_message(problem)},
+            {"role": "assistant", "content": _boxed(problem.gold)}]
 
 
 def _workflow_step(problem: Problem, spec: TinyModelSpec, rng: random.Random, others: list[Problem]) -> list[dict]:
@@ -197,12 +229,14 @@ def example_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random, othe
     assistant target; a conductor's prompt and plan."""
     if spec.role == "conductor":
         return _conductor_chat(problem, spec, rng)
+    if spec.second_domain and rng.random() < spec.second_domain_fraction:
+        return _second_domain_chat(spec, rng)
     draw = rng.random()
     if draw >= 1 - spec.composition_fraction:
         thread, answer = composition_step(rng.choice(_composition_train()), spec.task.params["operators"][0], rng)
         return [*thread, {"role": "assistant", "content": _boxed(answer)}]
     if draw < spec.discussion_fraction and spec.peer_operators:
-        return _specialist_thread(problem, spec, rng)
+        return arithmetic_thread(problem, spec, rng)
     if draw < spec.discussion_fraction:
         messages = _discussion_thread(problem, rng, others)
     elif draw < spec.discussion_fraction + spec.workflow_fraction:

@@ -4,6 +4,7 @@ plays, with a value head per turn."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from mapoco.evaluation.report import plot_turns, summarize, turn_table
 from mapoco.rollout.discussion import DiscussionResult, Team, run_discussion
 from mapoco.rollout.rewards import team_rewards
 from mapoco.rollout.verifier import VerifierClient
-from mapoco.tasks import Problem
+from mapoco.tasks import Problem, load_task
 from mapoco.training.batch import AgentBatch, Rollout, with_samples
 
 
@@ -23,6 +24,9 @@ class DiscussionMethod:
     def __init__(self, cfg: RunConfig, out: Path, team: Team, verifier: VerifierClient,
                  eval_problems: list[Problem]) -> None:
         self.cfg, self.out, self.team, self.verifier, self.eval_problems = cfg, out, team, verifier, eval_problems
+        # Held-out domains (train.eval_tasks), evaluated beside the task and never trained on.
+        self.eval_domains = {name: load_task(dataclasses.replace(task, limit=cfg.train.eval_limit)).problems
+                             for name, task in cfg.train.eval_tasks.items()}
 
     def value_turns(self) -> int:
         return self.cfg.turns
@@ -53,16 +57,25 @@ class DiscussionMethod:
         return batches
 
     def evaluate(self, label: str) -> dict[str, Any]:
-        result = discuss_in_batches(self.team, self.eval_problems, self.cfg, self.verifier, desc=f"eval {label}")
-        summary = summarize(result, self.rewards(result))
-        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(self.eval_problems)} held-out questions"),
-              flush=True)
+        """The task's held-out questions; each held-out domain's under ``domains``."""
+        summary = self._evaluate(label, self.eval_problems, "held-out questions")
+        if self.eval_domains:
+            summary["domains"] = {name: self._evaluate(label, problems, f"questions of held-out domain {name!r}")
+                                  for name, problems in self.eval_domains.items()}
         return summary
 
-    def eval_metrics(self, summary: dict[str, Any]) -> dict[str, float]:
-        metrics = {f"eval/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
+    def _evaluate(self, label: str, problems: list[Problem], what: str) -> dict[str, Any]:
+        result = discuss_in_batches(self.team, problems, self.cfg, self.verifier, desc=f"eval {label}")
+        summary = summarize(result, self.rewards(result))
+        print(turn_table(summary, f"{label}: {self.cfg.team.name} on {len(problems)} {what}"), flush=True)
+        return summary
+
+    def eval_metrics(self, summary: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+        metrics = {f"{prefix}/turn_{t + 1}/acc": acc for t, acc in enumerate(summary["turn_accuracy"])}
         for i, per_turn in enumerate(summary["agent_turn_accuracy"]):
-            metrics.update({f"eval/agent_{i}/turn_{t + 1}/acc": acc for t, acc in enumerate(per_turn)})
+            metrics.update({f"{prefix}/agent_{i}/turn_{t + 1}/acc": acc for t, acc in enumerate(per_turn)})
+        for name, domain in summary.get("domains", {}).items():
+            metrics.update(self.eval_metrics(domain, f"eval/{name}"))
         return metrics
 
     def rollout_metrics(self, result: DiscussionResult, rewards: np.ndarray) -> dict[str, float]:

@@ -50,6 +50,9 @@ def _ray_footprint() -> tuple[bool, int]:
         ("algorithm.kl_in_reward=false", "algorithm.kl_estimator"),  # k1 in the loss: zero gradient in expectation
         ("engine.num_cpus=0", "team.agents[0].engine.num_cpus"),
         ("train.resume=/no/such/checkpoint", "train.resume"),
+        ("+train.eval_tasks={unseen: {name: bogus}}", "train.eval_tasks.unseen.name"),
+        ("+train.eval_tasks={unseen: {name: numbers, split: dev}}", "train.eval_tasks.unseen.split"),
+        ("+train.eval_tasks={unseen: {name: numbers, bogus: 1}}", "train.eval_tasks.unseen.bogus"),
     ],
 )
 def test_bad_config_names_the_key(tiny_models, override, key):
@@ -214,6 +217,7 @@ def test_cli_reports_unusable_data_without_starting_ray(tiny_models, tmp_path):
           "conductor.heldout_pools=[[adder, multiplier]]"], "conductor.heldout_pools"),  # no pool of 2 avoids it
         (["+experiment=composition", "conductor.eval_pools=[[adder]]"], "conductor.eval_pools[0]"),  # 2-step workflow
         (["+experiment=pools", "team.agents.2.description='multiplies=fast'"], "team.agents[2].description"),
+        (["+experiment=conductor", "+train.eval_tasks={unseen: {name: numbers}}"], "train.eval_tasks.unseen"),
     ],
 )
 def test_bad_conductor_config_names_the_key(conductor_models, overrides, key):

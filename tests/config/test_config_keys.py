@@ -138,6 +138,7 @@ BAD: dict[str, str | tuple[str, ...]] = {
     "train.concurrent_policies": "train.concurrent_policies=maybe",
     "train.off_policy_steps": "train.off_policy_steps=2",
     "train.is_weight_cap": "train.is_weight_cap=0.5",
+    "train.eval_tasks": "+train.eval_tasks={unseen: {name: numbers, params: {kinds: [odd]}}}",
     "train.weight_sync": "train.weight_sync=gloo",
     "train.sync_timeout_s": "train.sync_timeout_s=0",
     "discussion.topology": "discussion.topology=mesh",

@@ -406,6 +406,42 @@ def _texts(result, turns=2, agents=2):
 
 
 @slow
+def test_the_readme_serve_block_runs_as_written(trained, tmp_path):
+    """README's "Serve what you trained" block, as a user runs it right after `make demo`: in a project folder whose
+    `outputs/demo` is a trained run with its last checkpoint (this module's one-step run, copied there), it starts
+    `mapoco serve` on 127.0.0.1:8000 with a fresh token, waits for it, gets the answer with its transcript, streams
+    it with the openai client, scores the team on 4 GSM8K questions with lm-eval, and stops it with SIGTERM (the
+    block fails if the server exits with an error). First of the served tests: its own Ray instance and Serve app
+    start before the module's app takes CPU beside them."""
+    import shutil
+
+    from conftest import readme_block, run_block
+
+    project = tmp_path / "project"  # beside ../shared/data, as the clone is
+    (tmp_path / "shared").symlink_to((ROOT.parent / "shared").resolve())
+    project.mkdir()
+    for name in (".venv", "experiments"):
+        (project / name).symlink_to(ROOT / name)
+    shutil.copytree(trained.run_dir, project / "outputs" / "demo")
+    proc = run_block(readme_block("serve"), timeout_s=600, cwd=project)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    reply = json.loads(lines[at])
+    assert reply["object"] == "chat.completion" and reply["model"] == "demo", reply
+    assert reply["choices"][0]["message"]["content"] and len(reply["mapoco"]["discussion"]) == 2
+    # the openai client's stream: every agent's turn-1 answer, then turn 2's, then the unstreamed reply's content
+    streamed = "\n".join(lines[at + 1 :])
+    turns = [f"[turn {t + 1}, {a['name']}] {a['text']}" for t, turn in enumerate(reply["mapoco"]["discussion"])
+             for a in turn]
+    where = [streamed.find(turn) for turn in turns]
+    content = streamed.find(reply["choices"][0]["message"]["content"], max(where))
+    assert -1 not in where and where == sorted(where) and content > max(where), streamed
+    assert re.search(r"\|mapoco_gsm8k\|.*\|exact_match\|", streamed), streamed  # lm-eval's table of the team
+    assert "stopping" in proc.stdout  # SIGTERM reached the server, which shut its app down
+
+
+@slow
 def test_served_answer_is_mapoco_evals_on_the_same_question_and_seed(served, trained):
     from mapoco.evaluation.metrics import team_answer
 
@@ -637,38 +673,3 @@ def test_a_killed_engine_restarts_with_the_trained_weights(served, trained):
     served_texts = [[answer["text"] for answer in turn] for turn in reply.json()["mapoco"]["discussion"]]
     assert served_texts == _texts(trained.after[0])
     assert handle.engine_pids.remote().result()[0] != pids[0]
-
-
-@slow
-def test_the_readme_serve_block_runs_as_written(trained, tmp_path):
-    """README's "Serve what you trained" block, as a user runs it right after `make demo`: in a project folder whose
-    `outputs/demo` is a trained run with its last checkpoint (this module's one-step run, copied there), it starts
-    `mapoco serve` on 127.0.0.1:8000 with a fresh token, waits for it, gets the answer with its transcript, streams
-    it with the openai client, scores the team on 4 GSM8K questions with lm-eval, and stops it with SIGTERM (the
-    block fails if the server exits with an error)."""
-    import shutil
-
-    from conftest import readme_block, run_block
-
-    project = tmp_path / "project"  # beside ../shared/data, as the clone is
-    (tmp_path / "shared").symlink_to((ROOT.parent / "shared").resolve())
-    project.mkdir()
-    for name in (".venv", "experiments"):
-        (project / name).symlink_to(ROOT / name)
-    shutil.copytree(trained.run_dir, project / "outputs" / "demo")
-    proc = run_block(readme_block("serve"), timeout_s=600, cwd=project)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    lines = proc.stdout.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("{"))
-    reply = json.loads(lines[at])
-    assert reply["object"] == "chat.completion" and reply["model"] == "demo", reply
-    assert reply["choices"][0]["message"]["content"] and len(reply["mapoco"]["discussion"]) == 2
-    # the openai client's stream: every agent's turn-1 answer, then turn 2's, then the unstreamed reply's content
-    streamed = "\n".join(lines[at + 1 :])
-    turns = [f"[turn {t + 1}, {a['name']}] {a['text']}" for t, turn in enumerate(reply["mapoco"]["discussion"])
-             for a in turn]
-    where = [streamed.find(turn) for turn in turns]
-    content = streamed.find(reply["choices"][0]["message"]["content"], max(where))
-    assert -1 not in where and where == sorted(where) and content > max(where), streamed
-    assert re.search(r"\|mapoco_gsm8k\|.*\|exact_match\|", streamed), streamed  # lm-eval's table of the team
-    assert "stopping" in proc.stdout  # SIGTERM reached the server, which shut its app down

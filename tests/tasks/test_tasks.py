@@ -10,6 +10,7 @@ from mapoco.tasks import (
     arithmetic_problems,
     composition_problems,
     load_task,
+    number_problems,
     straight_line_program_answer,
 )
 
@@ -37,6 +38,19 @@ def test_composition_splits_are_disjoint_and_the_gold_needs_both_operations():
         a, b, c = map(int, re.fullmatch(r"Calculate (\d) \* (\d) \+ (\d)\.", problem.question).groups())
         assert int(problem.gold) == a * b + c != a * b and min(a, b) >= 2 and c >= 1
     assert load_task(TaskConfig(name="composition", limit=5)).problems == splits["test"][:5]
+
+
+def test_number_splits_are_disjoint_the_kinds_take_turns_and_the_gold_is_right():
+    splits = {split: number_problems(split) for split in ("train", "validation", "test")}
+    questions = [{p.question for p in problems} for problems in splits.values()]
+    assert sum(map(len, questions)) == 2 * 9000 == len(set.union(*questions))  # every question once, in one split
+    test = splits["test"]
+    assert [p.id.split("-")[1] for p in test[:4]] == ["first_digit", "last_digit"] * 2
+    for problem in test:
+        which, number = re.fullmatch(r"What is the (first|last) digit of (\d{4})\?", problem.question).groups()
+        assert problem.gold == number[0 if which == "first" else -1]
+    cfg = TaskConfig(name="numbers", limit=6, params={"kinds": ["last_digit"]})
+    assert load_task(cfg).problems == number_problems("test", ["last_digit"])[:6]
 
 
 def test_gsm8k_local_file_matches_hub_format():

@@ -353,3 +353,25 @@ def test_train_cli_multirun_sweep(tmp_path):
     assert "rewards.alpha1=0" in proc.stdout and "rewards.alpha1=1" in proc.stdout
     with (sweep / "sweep_summary.csv").open() as f:
         assert [r["config"] for r in csv.DictReader(f)] == ["rewards.alpha1=0", "rewards.alpha1=1"]
+
+
+def test_a_held_out_domain_is_evaluated_beside_the_task(hetero_team, rule_verifier, tmp_path):
+    """train.eval_tasks: every evaluation also discusses the held-out domain's questions, exactly as a run whose task
+    is that domain would (the same questions, seeds and figures), and logs them under eval/NAME/."""
+    from mapoco.tasks import TaskConfig, load_task
+    from mapoco.training.discussion_method import DiscussionMethod
+
+    overrides = ["team=tiny_hetero", *SMALL, "train.eval_limit=4"]
+    cfg = compose_config(*overrides, "+train.eval_tasks={numbers: {name: numbers}}")
+    method = DiscussionMethod(cfg, tmp_path, hetero_team, rule_verifier, load_task(cfg.task).problems[:4])
+    summary = method.evaluate("before")
+    numbers = compose_config(*overrides, "task=numbers")
+    alone = DiscussionMethod(numbers, tmp_path, hetero_team, rule_verifier, load_task(numbers.task).problems[:4])
+    assert [p.question for p in method.eval_domains["numbers"]] == [
+        p.question for p in load_task(TaskConfig(name="numbers", limit=4)).problems]
+    domain = summary["domains"]["numbers"]
+    assert domain == alone.evaluate("before") and len(domain["turn_accuracy"]) == 2
+    metrics = method.eval_metrics(summary)
+    assert metrics["eval/numbers/turn_2/acc"] == domain["turn_accuracy"][1]
+    assert metrics["eval/numbers/agent_1/turn_1/acc"] == domain["agent_turn_accuracy"][1][0]
+    assert metrics["eval/turn_1/acc"] == summary["turn_accuracy"][0]
