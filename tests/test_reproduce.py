@@ -110,11 +110,17 @@ def test_the_unseen_domain_claim_is_computed_from_each_domains_figures(runs):
         out = reproduce.RUNS.dir("unseen_domain", seed)
         out.mkdir(parents=True)
         summary = with_domain([0.40, 0.30], [0.45, 0.75], [0.50, 0.45], b_after)
+        summary["after"]["domains"]["numbers"]["deferral"] = [  # agent 1 was never right at turn 1 in seed 0
+            {"turn": 2, "kept_when_right": [0.5 + seed / 10, None if seed == 0 else 0.6], "kept_when_wrong": [0.4, 0.5]}]
         (out / "summary.json").write_text(json.dumps(summary))
     results = reproduce.summarize()
     trained = results["conditions"]["unseen_domain"]
     assert trained["domains"]["numbers"]["turn_accuracy_mean"] == pytest.approx([0.50, 0.62])
     assert trained["domains"]["numbers"]["collaboration_gain_std"] == pytest.approx(0.02)  # gains .10, .12, .14
+    (turn2,) = trained["domains"]["numbers"]["deferral"]
+    assert turn2["turn"] == 2 and turn2["kept_when_right"] == pytest.approx([0.6, 0.6])  # seed 0's None left out
+    assert turn2["kept_when_wrong"] == pytest.approx([0.4, 0.5])
+    assert "deferral" not in trained  # runs written before the metric existed
     assert results["conditions"]["unseen_untrained"]["domains"]["numbers"]["turn_accuracy_mean"] == pytest.approx(
         [0.50, 0.45])
     claim = results["claims"]["unseen_domain"]

@@ -72,7 +72,8 @@ def seed_figures(summaries: list[tuple[int, dict[str, Any]]], when: str) -> list
 
 def evaluation_figures(evaluation: dict[str, Any]) -> dict[str, Any]:
     """One evaluation's figures; a held-out domain's (``train.eval_tasks``) under ``domains``."""
-    figures = {key: evaluation[key] for key in ("turn_accuracy", "agent_turn_accuracy", "transitions")}
+    figures = {key: evaluation[key] for key in ("turn_accuracy", "agent_turn_accuracy", "transitions", "deferral")
+               if key in evaluation}  # deferral: runs since 2026-12-07
     if "domains" in evaluation:
         figures["domains"] = {name: evaluation_figures(domain) for name, domain in evaluation["domains"].items()}
     return figures
@@ -88,6 +89,11 @@ def condition_figures(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                    for t in range(len(seeds[0]["transitions"]))]
     figures = {"seeds": seeds, "turn_accuracy_mean": mean, "turn_accuracy_std": std,
                "collaboration_gain_mean": gain_mean, "collaboration_gain_std": gain_std, "transitions": transitions}
+    if all("deferral" in s for s in seeds):
+        figures["deferral"] = [{"turn": turn["turn"], **{key: [_mean_of([s["deferral"][t][key][a] for s in seeds])
+                                                              for a in range(len(turn[key]))]
+                                                        for key in ("kept_when_right", "kept_when_wrong")}}
+                               for t, turn in enumerate(seeds[0]["deferral"])]
     if "domains" in seeds[0]:
         figures["domains"] = {name: {k: v for k, v in condition_figures([s["domains"][name] for s in seeds]).items()
                                      if k != "seeds"} for name in seeds[0]["domains"]}
@@ -117,6 +123,11 @@ def discussion_results(runs: RunSet, here: Path, names: Sequence[str], derived: 
     if conditions:
         plot(conditions, here / "turn_accuracy.png")
     return results
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
 
 
 def claims(conditions: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Discussion metrics: per-turn team accuracy by majority vote, per-agent accuracy, answer transitions."""
+"""Discussion metrics: per-turn team accuracy by majority vote, per-agent accuracy, answer transitions, and when
+each agent keeps its answer."""
 
 from __future__ import annotations
 
@@ -70,4 +71,20 @@ def transitions(correct: np.ndarray) -> list[dict[str, float]]:
                 "right_to_wrong_rate": r2w / right_before if right_before else 0.0,
             }
         )
+    return out
+
+
+def deferral(answers: np.ndarray, correct: np.ndarray) -> list[dict[str, object]]:
+    """Per turn t >= 2, per agent: how often it kept its turn t-1 answer when that was right, and when it was wrong.
+    An agent that knows when to defer keeps the first and drops the second; one that keeps or adopts at random keeps
+    both alike (None: no such answer)."""
+    def rate(kept: np.ndarray) -> float | None:
+        return float(kept.mean()) if kept.size else None
+
+    out = []
+    for t in range(1, correct.shape[2]):
+        kept, right = answers[:, :, t] == answers[:, :, t - 1], correct[:, :, t - 1].astype(bool)
+        out.append({"turn": t + 1,
+                    "kept_when_right": [rate(kept[right[:, a], a]) for a in range(correct.shape[1])],
+                    "kept_when_wrong": [rate(kept[~right[:, a], a]) for a in range(correct.shape[1])]})
     return out

@@ -25,6 +25,7 @@ def summarize(result: DiscussionResult, rewards: np.ndarray, skipped: int = 0) -
         "turn_accuracy": metrics.turn_accuracy(answers, correct),
         "agent_turn_accuracy": metrics.agent_turn_accuracy(correct),
         "transitions": metrics.transitions(correct),
+        "deferral": metrics.deferral(answers, correct),
         "mean_reward": mean_reward.tolist(),
         "skipped": skipped,
         "flagged": len(result.flagged()),

@@ -1,6 +1,7 @@
 import numpy as np
 
 from mapoco.evaluation.metrics import (
+    deferral,
     agent_turn_accuracy,
     majority_credit,
     team_answer,
@@ -40,3 +41,15 @@ def test_team_answer_draws_ties_uniformly_and_the_same_for_one_question():
     picks = [team_answer(["3", "4"], f"q{i}") for i in range(2000)]
     assert abs(picks.count("3") / len(picks) - 0.5) < 0.05  # what majority_credit's 0.5 for a tie assumes
     assert all(team_answer(["3", "4"], f"q{i}") == p for i, p in enumerate(picks[:50]))
+
+
+def test_deferral_counts_kept_answers_by_whether_they_were_right():
+    # [question, agent, turn]: agent 0 keeps its right answers (q0, q2) and drops its wrong one (q1); agent 1 keeps its
+    # right one (q2) and one of its two wrong ones (q1, not q0)
+    answers = np.array([[["7", "7"], ["3", "7"]], [["2", "5"], ["4", "4"]], [["9", "9"], ["6", "6"]]], dtype=object)
+    correct = np.array([[[True, True], [False, True]], [[False, True], [False, False]], [[True, True], [True, True]]])
+    (turn2,) = deferral(answers, correct)
+    assert turn2 == {"turn": 2, "kept_when_right": [1.0, 1.0], "kept_when_wrong": [0.0, 0.5]}
+    assert deferral(answers[:, :, :1], correct[:, :, :1]) == []  # one turn: nothing kept or dropped
+    always_right = deferral(answers[2:], correct[2:])[0]
+    assert always_right["kept_when_wrong"] == [None, None]  # no wrong answer to keep
