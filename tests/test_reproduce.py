@@ -111,7 +111,8 @@ def test_the_unseen_domain_claim_is_computed_from_each_domains_figures(runs):
         out.mkdir(parents=True)
         summary = with_domain([0.40, 0.30], [0.45, 0.75], [0.50, 0.45], b_after)
         summary["after"]["domains"]["numbers"]["deferral"] = [  # agent 1 was never right at turn 1 in seed 0
-            {"turn": 2, "kept_when_right": [0.5 + seed / 10, None if seed == 0 else 0.6], "kept_when_wrong": [0.4, 0.5]}]
+            {"turn": 2, "kept_when_right": [0.5 + seed / 10, None if seed == 0 else 0.6],
+             "kept_when_wrong": [0.4, 0.5]}]
         (out / "summary.json").write_text(json.dumps(summary))
     results = reproduce.summarize()
     trained = results["conditions"]["unseen_domain"]

@@ -1,8 +1,8 @@
 import numpy as np
 
 from mapoco.evaluation.metrics import (
-    deferral,
     agent_turn_accuracy,
+    deferral,
     majority_credit,
     team_answer,
     transitions,
