@@ -30,6 +30,10 @@ from benchmarks.common import Figure, Result
 LEVELS = (1, 8, 32)
 TARGET = 0.7
 OVERRIDES = ["team=tiny2", "task=arithmetic", "turns=3"]
+# A team of real (small) LLMs: two SmolLM2-135M-Instruct agents, 2 turns of at most 64 new tokens. Its steps cost
+# generation, not bookkeeping, as a served team's do; 32 clients only (one request alone would take minutes).
+SMOLLM2 = ["team=smollm2x2", "task=arithmetic", "turns=2", "team.agents.0.sampling.max_new_tokens=64",
+           "team.agents.1.sampling.max_new_tokens=64"]
 
 
 def write_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
@@ -99,27 +103,33 @@ def _load(url: str, questions: list, clients: int, requests: int, stream: bool =
     return time.perf_counter() - start, latencies
 
 
-def run(levels: tuple[int, ...] = LEVELS, repeats: int = 2, batch: int = 32) -> list[Result]:
+def run(levels: tuple[int, ...] = LEVELS, repeats: int = 2, batch: int = 32, overrides: list[str] = OVERRIDES,
+        rounds: int = 4, name: str = "serve") -> list[Result]:
+    """``rounds``: requests per client at the top level (at least 16 requests per level)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        return _run(write_checkpoint(run_dir, OVERRIDES), levels, repeats, batch)
+        return _run(write_checkpoint(run_dir, overrides), levels, repeats, batch, rounds, name)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> list[Result]:
+def run_smollm2() -> list[Result]:
+    return run(levels=(32,), overrides=SMOLLM2, rounds=2, name="serve_smollm2")
+
+
+def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int, rounds: int, name: str) -> list[Result]:
     import ray
     from ray import serve
 
     from mapoco.rollout.discussion import Team, run_discussion
     from mapoco.serving.restore import load_config, push_checkpoint
-    from mapoco.serving.serve import APP_NAME, start
+    from mapoco.serving.serve import start
     from mapoco.serving.served_team import NullVerifier
     from mapoco.tasks import load_task
     from mapoco.training.learner import free_port
 
     cfg, path = load_config(str(run_dir), {"port": free_port(), "max_batch_size": batch})
-    sizes = {level: max(16, 4 * level) for level in levels}  # requests per level and repeat
+    sizes = {level: max(16, rounds * level) for level in levels}  # requests per level and repeat
     total = (sum(sizes.values()) + sizes[max(levels)]) * repeats + batch * repeats + 1
     # (Almost) every request a distinct question: up to 3 two-digit terms; one-digit pairs repeat after ~200.
     params = {**cfg.task.params, "max_digits": 2, "max_terms": 3}
@@ -143,7 +153,7 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> li
                 print(f"serve: {level} clients{' streamed' if stream else ''}: {sizes[level] / wall:.2f} req/s, "
                       f"p50 {figure['p50'][-1]:.3f}s p99 {figure['p99'][-1]:.3f}s", flush=True)
     finally:
-        serve.delete(APP_NAME)
+        serve.shutdown()  # the next run starts its own proxy, on its own port
     team = Team(cfg.team, cfg.seed)
     ceiling = []
     try:
@@ -165,10 +175,10 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int) -> li
     sizes = {"team": cfg.team.name, "turns": cfg.turns, "max_new_tokens": cfg.team.agents[0].sampling.max_new_tokens,
              "max_batch_size": batch, "levels": list(levels), "ray_cluster_cpus": ray.cluster_resources().get("CPU")}
     baseline = Figure(f"run_discussion, one call of {batch} questions", "questions/s", ceiling)
-    return [Result(name, Figure(f"served over HTTP, {top} concurrent clients{label}", "req/s", served), baseline,
+    return [Result(key, Figure(f"served over HTTP, {top} concurrent clients{label}", "req/s", served), baseline,
                    sizes=sizes, target=TARGET, ratios=[a / b for a, b in zip(served, ceiling)], extra=extra)
-            for name, label, served in (("serve", "", figures[(top, False)]["rps"]),
-                                        ("serve_stream", ", streamed", figures[(top, True)]["rps"]))]
+            for key, label, served in ((name, "", figures[(top, False)]["rps"]),
+                                       (f"{name}_stream", ", streamed", figures[(top, True)]["rps"]))]
 
 
 def main() -> None:

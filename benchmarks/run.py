@@ -94,12 +94,13 @@ BENCHMARKS = {
     "overlap": run_overlap,
     "scaling": lambda: [bench_scaling.run()],
     "serve": bench_serve.run,
+    "serve_smollm2": bench_serve.run_smollm2,
     "precision": run_precision,
     "lora": lambda: [*bench_lora.run_rollout(), bench_lora.run_sync()],
 }
-# Too long for make bench's budget: bf16 is emulated on AVX2 CPUs (its SmolLM2 learner alone takes minutes), and the
-# overlap's SmolLM2 team updates for ~50 s a step on CPU (13.5 min in all).
-OPT_IN = ("precision", "overlap", "lora")
+# Too long for make bench's budget: bf16 is emulated on AVX2 CPUs (its SmolLM2 learner alone takes minutes), the
+# overlap's SmolLM2 team updates for ~50 s a step on CPU (13.5 min in all), a served SmolLM2 discussion takes a minute.
+OPT_IN = ("precision", "overlap", "lora", "serve_smollm2")
 
 
 def write_readme_table() -> None:
