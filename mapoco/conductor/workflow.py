@@ -76,15 +76,13 @@ def pool_ids(workers: int | Sequence[int]) -> list[int]:
 def conductor_message(question: str, workers: int | Sequence[int], examples: Sequence[str] = (),
                       cards: Sequence[str] = ()) -> str:
     """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (or the pool's stable ids,
-    "Model 3, Model 1"; names hidden), then, where workers have cards (one per listed id), who holds each card
-    ("Cards: adds=Model 0, Model 2; multiplies=Model 1")."""
+    "Model 3, Model 1"; names hidden), then, where workers have cards (one per listed id), each carded worker's card
+    ("Cards: multiplies=Model 1; adds=Model 0; adds=Model 2"), in an order shuffled per question."""
     ids = pool_ids(workers)
     pool = ", ".join(f"Model {i}" for i in ids)
-    holders: dict[str, list[int]] = {}
-    for i, card in zip(ids, cards):
-        if card:
-            holders.setdefault(card, []).append(i)
-    listed = "; ".join(f"{card}=" + ", ".join(f"Model {i}" for i in ids) for card, ids in holders.items())
+    entries = [f"{card}=Model {i}" for i, card in zip(ids, cards) if card]
+    random.Random(question).shuffle(entries)  # no card or worker always first; one listing per question's samples
+    listed = "; ".join(entries)
     shots = "".join(f"Example:\n{example}\n\n" for example in examples)
     return (f"{shots}Question: {question}\nWorkers: {pool}\n" + (f"Cards: {listed}\n" if listed else "") +
             "Reason, then write the workflow as three Python lists of equal length, at most 5 steps: model_id "

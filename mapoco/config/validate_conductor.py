@@ -72,8 +72,8 @@ def _validate_prices(cfg: RunConfig) -> None:
 
 
 def _validate_cards(cfg: RunConfig) -> None:
-    """A worker's card sits in the conductor's "Cards: adds=Model 0, Model 2; multiplies=Model 1" line: one line
-    without the separators , ; ="""
+    """A worker's card sits in the conductor's "Cards: multiplies=Model 1; adds=Model 0" line: one line without the
+    separators , ; ="""
     cards = [(f"team.agents[{i}].description", a.description) for i, a in enumerate(cfg.team.agents)]
     cards += [(f"conductor.http_workers[{i}].description", h.description)
               for i, h in enumerate(cfg.conductor.http_workers)]

@@ -46,7 +46,9 @@ from mapoco.testbed.chat_data import (
     TRAIN_POOL,
     card_line,
     composition_step,
+    example_chat,
     operation_note,
+    whole_tokens,
 )
 from mapoco.testbed.probes import (
     NUM_EVAL,
@@ -80,6 +82,8 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
         workflow = (*workflow, operation_note(probe.question), CONDUCTOR_SUBTASKS)
     if spec.cards:
         workflow = (*workflow, conductor_message(probe.question, 2, cards=spec.cards), card_line("adds", 0))
+    if spec.stable_ids_of or spec.cards:  # the whole example format, reasoning lines in order, and the whole tokens
+        workflow = (*workflow, example_chat(probe, spec, random.Random(0), [probe]), whole_tokens(spec))
     if spec.stable_ids_of:
         workflow = (*workflow, conductor_message(probe.question, [3, 1]))
     if spec.replan_fraction:
@@ -102,7 +106,7 @@ def _initial_model(spec: TinyModelSpec, problems: list[Problem]) -> tuple[Any, A
     if spec.base_model:
         base = build_tiny_model(spec.base_model)
         return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), AutoTokenizer.from_pretrained(base)
-    tokenizer = train_tokenizer(spec.tokenizer, tokenizer_corpus(spec, problems))
+    tokenizer = train_tokenizer(spec.tokenizer, tokenizer_corpus(spec, problems), whole_tokens(spec))
     torch.manual_seed(spec.seed)
     return AutoModelForCausalLM.from_config(tiny_model_config(spec, tokenizer), dtype=torch.float32), tokenizer
 
@@ -120,6 +124,12 @@ def _build_tiny(spec: TinyModelSpec, out: Path) -> dict[str, Any]:
         model, tokenizer = _initial_model(spec, problems)
         config = model.config
         trained = train_warm_start(model, tokenizer, spec, problems)
+        if trained["validation_accuracy"] < spec.gate:
+            raise RuntimeError(
+                f"tiny model {spec.name!r}: its warm-start reached a validation score of "
+                f"{trained['validation_accuracy']:.3f} after {trained['steps']} steps, below the spec's gate of "
+                f"{spec.gate}; RL would start from a model that cannot do what its experiment assumes. Raise "
+                f"max_steps or change the warm-start in mapoco/models/specs.py, then rebuild")
         test = arithmetic_problems(spec.task, "test", NUM_EVAL)
         if spec.role == "conductor":
             scores = plan_stats(sample_plans(model, tokenizer, test, spec, seed=spec.seed))

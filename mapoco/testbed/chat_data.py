@@ -171,6 +171,33 @@ def operation_note(question: str) -> str:
     return f"The question {', then '.join(verbs) or 'asks'}."
 
 
+def worker_names(count: int) -> list[str]:
+    """Worker names as the conductor's prompt writes them ("Model 3")."""
+    return [f"Model {i}" for i in range(count)]
+
+
+def whole_tokens(spec: TinyModelSpec) -> list[str]:
+    """Words a conductor's tokenizer keeps whole: each worker's name ("Model 3") and each card entry of its listing
+    ("adds=Model 0"). Which workers a prompt lists, or which hold a card, is then which tokens it holds: a look-up
+    tiny models learn (a stable-id pool's listed ids: sampled parse rate 0.855 after 4,000 steps with name tokens,
+    0.74-0.78 without). Finding the worker after a card across several tokens ("adds", "=", "Model 0") is an
+    induction a tiny model did not learn in 4,000 steps (the worker it asked held the card it named 0.48 of the
+    time, 0.65 by chance; 0.50-0.70 in five earlier formats and sizes)."""
+    if not spec.stable_ids_of and not spec.cards:
+        return []  # the first conductors' tokenizers, as they were built
+    names = worker_names(spec.stable_ids_of or max(spec.pool_sizes))
+    return names + [f"{card}={name}" for card in spec.cards for name in names]
+
+
+def pool_line(ids: list[int], cards: list[str] = ()) -> str:
+    """A pool conductor's second reasoning line: what its prompt lists, sorted: the ids ("Listed: Model 1, Model 3.")
+    or the card entries ("Listed: adds=Model 2, multiplies=Model 0."). Each entry in it is a look-up in the prompt,
+    and the plan's pick then reads off the line above it: with it a stable-id conductor asked only listed workers
+    0.995 of the time after 3,000 steps, 0.855 without it after 4,000."""
+    entries = [f"{card}=Model {i}" for i, card in zip(ids, cards)] if cards else [f"Model {i}" for i in ids]
+    return "Listed: " + ", ".join(sorted(entries)) + "."
+
+
 def card_line(card: str, worker: int) -> str:
     """A carded conductor's second reasoning line: the card it wants, and the pool's worker that holds it."""
     return f"Ask the worker who {card}=Model {worker}."
@@ -183,20 +210,25 @@ def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -
     """A conductor prompt and a well-formed plan: a line that reads the question, then one step, sometimes a second
     that sees the first. Worker ids are uniform and independent of the question, so the plan's form is learnt but
     not whom to ask; each step position has one subtask, so whom to ask and how many steps are the only choices.
-    With ``spec.cards`` the pool's workers carry cards, and the plan names a card uniformly from the pool's and asks
-    its first holder (the prompt's "adds=Model 0"): reading the pool is learnt, which card a question needs is not.
+    With ``spec.stable_ids_of`` or ``spec.cards`` the reasoning first restates the pool (``pool_line``); with cards,
+    the plan then names a card uniformly from the pool's and asks one of its holders at random (the prompt's
+    "adds=Model 0"): reading the pool is learnt, which card a question needs is not.
 
     Why so focused: with subtasks worded at random (2.4 of a plan's 4 nats of entropy, against 0.7 for the worker
     id) and no line that reads the question, GRPO's signal drowned in the noise of the other tokens: 150 steps
     learnt routing in one build and seed (0.89) and collapsed onto one worker in others (0.48)."""
     size = rng.choice(spec.pool_sizes)
     count = 1 + (rng.random() < spec.two_step_fraction)
-    reasons = [operation_note(problem.question)]
     cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
     ids = rng.sample(range(spec.stable_ids_of), size) if spec.stable_ids_of else list(range(size))
+    # A pool's restated listing comes first: the choice RL shapes (the card, or the worker) then follows the line
+    # that reads the question, as in the first conductors' plans. After the listing the operation was two lines back,
+    # and a routing phase collapsed onto one worker for every question (0.495, the multiplier for 194 of 200).
+    reasons = [pool_line(ids, cards)] if spec.stable_ids_of or cards else []
+    reasons.append(operation_note(problem.question))
     if cards:
         card = rng.choice(sorted(set(cards)))
-        workers = [ids[cards.index(card)]] * count  # its first holder: the number after the card in the prompt
+        workers = [rng.choice([i for i, held in zip(ids, cards) if held == card])] * count  # a holder at random
         reasons.append(card_line(card, workers[-1]))
     else:
         workers = [ids[rng.randrange(size)] for _ in range(count)]

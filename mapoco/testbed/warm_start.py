@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,11 +22,11 @@ from mapoco.testbed.probes import plan_stats, sample_plans, turn1_accuracy
 NUM_VALIDATION = 100
 
 
-def train_tokenizer(spec: TokenizerSpec, corpus: list[str]) -> Any:
+def train_tokenizer(spec: TokenizerSpec, corpus: list[str], names: Sequence[str] = ()) -> Any:
     """A byte-level BPE with one token per digit (arithmetic is learnable digit by digit), wrapped as a
     ``PreTrainedTokenizerFast`` with its chat template and special tokens. ``vocab_size`` is an upper bound:
-    training stops early once every corpus word is a single token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    training stops early once every corpus word is a single token. ``names`` become whole tokens of their own."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -41,6 +41,7 @@ def train_tokenizer(spec: TokenizerSpec, corpus: list[str]) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens([AddedToken(name, normalized=False) for name in names])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=spec.bos,

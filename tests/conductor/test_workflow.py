@@ -290,9 +290,20 @@ def test_conductor_message_hides_names():
     assert conductor_message("What is 3 + 4?", 3, cards=["", "", ""]) == conductor_message("What is 3 + 4?", 3)
 
 
-def test_conductor_message_lists_who_holds_each_card():
-    message = conductor_message("What is 3 + 4?", 4, cards=["multiplies", "", "adds", "multiplies"])
-    assert "Workers: Model 0, Model 1, Model 2, Model 3\nCards: multiplies=Model 0, Model 3; adds=Model 2\n" in message
+def _cards_line(message: str) -> list[str]:
+    return message.split("\nCards: ")[1].split("\n")[0].split("; ")
+
+
+def test_conductor_message_lists_who_holds_each_card_in_an_order_shuffled_per_question():
+    """One entry per carded worker; which comes first depends on the question, not on the pool's order, and is the
+    same every time a question is asked (every sample of a GRPO group sees one prompt)."""
+    cards = ["multiplies", "", "adds", "multiplies"]
+    message = conductor_message("What is 3 + 4?", 4, cards=cards)
+    assert "Workers: Model 0, Model 1, Model 2, Model 3\nCards: " in message
+    entries = ["adds=Model 2", "multiplies=Model 0", "multiplies=Model 3"]
+    assert sorted(_cards_line(message)) == entries
+    assert conductor_message("What is 3 + 4?", 4, cards=cards) == message
+    assert {_cards_line(conductor_message(f"What is {i} + 4?", 4, cards=cards))[0] for i in range(30)} == set(entries)
 
 
 def test_a_replan_earns_what_it_changes_or_the_papers_discounted_share():
@@ -322,7 +333,8 @@ def test_stable_ids_list_the_pool_in_its_order_and_the_parser_takes_only_those()
     """A pool of workers 3 and 1 (the paper's way): the prompt lists their own numbers in the drawn order, their
     cards beside them; a plan may ask 3 or 1 and nothing else, not even an id a smaller pool would have had."""
     message = conductor_message("What is 3 + 4?", [3, 1], cards=["adds", "multiplies"])
-    assert "Workers: Model 3, Model 1\nCards: adds=Model 3; multiplies=Model 1\n" in message
+    assert "Workers: Model 3, Model 1\nCards: " in message
+    assert sorted(_cards_line(message)) == ["adds=Model 3", "multiplies=Model 1"]
     assert conductor_message("What is 3 + 4?", [0, 1, 2]) == conductor_message("What is 3 + 4?", 3)
     asks = [_reply(f"[{i}]", '["Solve the problem."]', "[[]]") for i in (3, 1, 0, 2)]
     assert [parse_workflow(text, [3, 1]).plan.steps[0].worker for text in asks[:2]] == [3, 1]
