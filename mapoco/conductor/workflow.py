@@ -73,14 +73,24 @@ def pool_ids(workers: int | Sequence[int]) -> list[int]:
     return list(range(workers)) if isinstance(workers, int) else list(workers)
 
 
+def worker_name(worker: int) -> str:
+    """What the conductor's prompt calls a worker ("Model 3")."""
+    return f"Model {worker}"
+
+
+def card_entry(card: str, worker: int) -> str:
+    """A worker's card as the prompt's "Cards:" line lists it ("adds=Model 3")."""
+    return f"{card}={worker_name(worker)}"
+
+
 def conductor_message(question: str, workers: int | Sequence[int], examples: Sequence[str] = (),
                       cards: Sequence[str] = ()) -> str:
     """The conductor's user message: the question and the pool as "Model 0 … Model k-1" (or the pool's stable ids,
     "Model 3, Model 1"; names hidden), then, where workers have cards (one per listed id), each carded worker's card
     ("Cards: multiplies=Model 1; adds=Model 0; adds=Model 2"), in an order shuffled per question."""
     ids = pool_ids(workers)
-    pool = ", ".join(f"Model {i}" for i in ids)
-    entries = [f"{card}=Model {i}" for i, card in zip(ids, cards) if card]
+    pool = ", ".join(worker_name(i) for i in ids)
+    entries = [card_entry(card, i) for i, card in zip(ids, cards) if card]
     random.Random(question).shuffle(entries)  # no card or worker always first; one listing per question's samples
     listed = "; ".join(entries)
     shots = "".join(f"Example:\n{example}\n\n" for example in examples)

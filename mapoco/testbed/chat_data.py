@@ -14,8 +14,10 @@ from mapoco.conductor.workflow import (
     SUBTASKS,
     Plan,
     Step,
+    card_entry,
     conductor_message,
     replan_message,
+    worker_name,
     worker_thread,
 )
 from mapoco.models.specs import (
@@ -171,36 +173,31 @@ def operation_note(question: str) -> str:
     return f"The question {', then '.join(verbs) or 'asks'}."
 
 
-def worker_names(count: int) -> list[str]:
-    """Worker names as the conductor's prompt writes them ("Model 3")."""
-    return [f"Model {i}" for i in range(count)]
-
-
 def whole_tokens(spec: TinyModelSpec) -> list[str]:
     """Words a conductor's tokenizer keeps whole: each worker's name ("Model 3") and each card entry of its listing
     ("adds=Model 0"). Which workers a prompt lists, or which hold a card, is then which tokens it holds: a look-up
     tiny models learn (a stable-id pool's listed ids: sampled parse rate 0.855 after 4,000 steps with name tokens,
     0.74-0.78 without). Finding the worker after a card across several tokens ("adds", "=", "Model 0") is an
-    induction a tiny model did not learn in 4,000 steps (the worker it asked held the card it named 0.48 of the
-    time, 0.65 by chance; 0.50-0.70 in five earlier formats and sizes)."""
+    induction the tiny models here did not learn (the worker asked held the card named 0.41-0.70 of the time in
+    seven formats and sizes, up to 4,000 steps; 0.65 by chance)."""
     if not spec.stable_ids_of and not spec.cards:
         return []  # the first conductors' tokenizers, as they were built
-    names = worker_names(spec.stable_ids_of or max(spec.pool_sizes))
-    return names + [f"{card}={name}" for card in spec.cards for name in names]
+    workers = range(spec.stable_ids_of or max(spec.pool_sizes))
+    return [worker_name(i) for i in workers] + [card_entry(card, i) for card in spec.cards for i in workers]
 
 
 def pool_line(ids: list[int], cards: list[str] = ()) -> str:
-    """A pool conductor's second reasoning line: what its prompt lists, sorted: the ids ("Listed: Model 1, Model 3.")
+    """A pool conductor's first reasoning line: what its prompt lists, sorted: the ids ("Listed: Model 1, Model 3.")
     or the card entries ("Listed: adds=Model 2, multiplies=Model 0."). Each entry in it is a look-up in the prompt,
-    and the plan's pick then reads off the line above it: with it a stable-id conductor asked only listed workers
-    0.995 of the time after 3,000 steps, 0.855 without it after 4,000."""
-    entries = [f"{card}=Model {i}" for i, card in zip(ids, cards)] if cards else [f"Model {i}" for i in ids]
+    and the plan's pick then reads off it: with it a stable-id conductor asked only listed workers 0.995 of the
+    time after 3,000 steps, 0.855 without it after 4,000."""
+    entries = [card_entry(card, i) for i, card in zip(ids, cards)] if cards else [worker_name(i) for i in ids]
     return "Listed: " + ", ".join(sorted(entries)) + "."
 
 
 def card_line(card: str, worker: int) -> str:
     """A carded conductor's second reasoning line: the card it wants, and the pool's worker that holds it."""
-    return f"Ask the worker who {card}=Model {worker}."
+    return f"Ask the worker who {card_entry(card, worker)}."
 
 
 CARD_LINE = re.compile(r"Ask the worker who (.+?)=Model \d+\.")
@@ -221,9 +218,9 @@ def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -
     count = 1 + (rng.random() < spec.two_step_fraction)
     cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
     ids = rng.sample(range(spec.stable_ids_of), size) if spec.stable_ids_of else list(range(size))
-    # A pool's restated listing comes first: the choice RL shapes (the card, or the worker) then follows the line
-    # that reads the question, as in the first conductors' plans. After the listing the operation was two lines back,
-    # and a routing phase collapsed onto one worker for every question (0.495, the multiplier for 194 of 200).
+    # A pool's restated listing comes first, so that the choice RL shapes (the card, or the worker) follows the line
+    # that reads the question, as in the first conductors' plans. It did not make RL learn routing (README: both
+    # orders collapsed onto the multiplier).
     reasons = [pool_line(ids, cards)] if spec.stable_ids_of or cards else []
     reasons.append(operation_note(problem.question))
     if cards:
