@@ -309,7 +309,8 @@ TINY_MODELS["card-conductor"] = replace(
 # question's), and a reasoning line restates the listed ids in increasing order ("Listed: Model 1, Model 3.": every
 # id in it a supervised look-up). Without them plans asked the four ids uniformly whatever the prompt listed
 # (sampled parse rate 0.74-0.78 after 1,200 or 2,400 steps, at this size and at card-conductor's: what ignoring
-# the list gives); with the tokens alone 0.855 after 4,000; with both 0.995 after 3,000.
+# the list gives); with the tokens alone 0.855 after 4,000; with both 0.995 after 3,000. The reasoning names its
+# pick right after the operation's word (``chat_data.pick_line``), and the plan asks the worker named.
 TINY_MODELS["pool-conductor"] = replace(
     TINY_MODELS["tiny-conductor"],
     name="pool-conductor",

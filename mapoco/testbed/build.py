@@ -44,7 +44,6 @@ from mapoco.testbed.cache import atomic_build, fingerprint
 from mapoco.testbed.chat_data import (
     CONDUCTOR_SUBTASKS,
     TRAIN_POOL,
-    card_line,
     composition_step,
     example_chat,
     operation_note,
@@ -81,7 +80,7 @@ def _tiny_fingerprint(spec: TinyModelSpec) -> str:
     if spec.role == "conductor":
         workflow = (*workflow, operation_note(probe.question), CONDUCTOR_SUBTASKS)
     if spec.cards:
-        workflow = (*workflow, conductor_message(probe.question, 2, cards=spec.cards), card_line("adds", 0))
+        workflow = (*workflow, conductor_message(probe.question, 2, cards=spec.cards))
     if spec.stable_ids_of or spec.cards:  # the whole example format, reasoning lines in order, and the whole tokens
         workflow = (*workflow, example_chat(probe, spec, random.Random(0), [probe]), whole_tokens(spec))
     if spec.stable_ids_of:

@@ -183,7 +183,10 @@ def whole_tokens(spec: TinyModelSpec) -> list[str]:
     if not spec.stable_ids_of and not spec.cards:
         return []  # the first conductors' tokenizers, as they were built
     workers = range(spec.stable_ids_of or max(spec.pool_sizes))
-    return [worker_name(i) for i in workers] + [card_entry(card, i) for card in spec.cards for i in workers]
+    names = [worker_name(i) for i in workers] + [card_entry(card, i) for card in spec.cards for i in workers]
+    # Each with the space before it (every one follows a space: ": Model 1", ", Model 1", "multiplies Model 1"), so
+    # the token that predicts a pick (``pick_line``) is the operation's own word.
+    return [" " + name for name in names]
 
 
 def pool_line(ids: list[int], cards: list[str] = ()) -> str:
@@ -195,21 +198,27 @@ def pool_line(ids: list[int], cards: list[str] = ()) -> str:
     return "Listed: " + ", ".join(sorted(entries)) + "."
 
 
-def card_line(card: str, worker: int) -> str:
-    """A carded conductor's second reasoning line: the card it wants, and the pool's worker that holds it."""
-    return f"Ask the worker who {card_entry(card, worker)}."
+# A pool conductor's pick (``pick_line``): the card named (None without cards) and the worker
+PICK_LINE = re.compile(r"^The question [a-z, ]+? (?:([a-z]+)=)?Model (\d+)\.$", re.M)
 
 
-CARD_LINE = re.compile(r"Ask the worker who (.+?)=Model \d+\.")
+def pick_line(question: str, worker: int, card: str = "") -> str:
+    """A pool conductor's second reasoning line: the operation, and right after its word the pick ("The question
+    multiplies Model 3.", with cards "The question adds adds=Model 1."). The token that predicts the pick is that
+    word, so what RL learns there depends on the question from its first step. With the pick a few tokens further
+    (in the plan, or on a line of its own), a tiny conductor trained to read the pick off the listing barely looked
+    at the question from there (attention 0.024), and RL pushed every question to the slightly better worker."""
+    return f"{operation_note(question).removesuffix('.')} {card_entry(card, worker) if card else worker_name(worker)}."
 
 
 def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -> list[dict]:
     """A conductor prompt and a well-formed plan: a line that reads the question, then one step, sometimes a second
     that sees the first. Worker ids are uniform and independent of the question, so the plan's form is learnt but
     not whom to ask; each step position has one subtask, so whom to ask and how many steps are the only choices.
-    With ``spec.stable_ids_of`` or ``spec.cards`` the reasoning first restates the pool (``pool_line``); with cards,
-    the plan then names a card uniformly from the pool's and asks one of its holders at random (the prompt's
-    "adds=Model 0"): reading the pool is learnt, which card a question needs is not.
+    With ``spec.stable_ids_of`` or ``spec.cards`` the reasoning first restates the pool (``pool_line``), then names
+    the pick right after the operation (``pick_line``): a listed worker, or with cards a card of the pool's drawn
+    uniformly and one of its holders at random (the prompt's "adds=Model 0"), which the plan asks. Reading the pool
+    is learnt, which worker or card a question needs is not.
 
     Why so focused: with subtasks worded at random (2.4 of a plan's 4 nats of entropy, against 0.7 for the worker
     id) and no line that reads the question, GRPO's signal drowned in the noise of the other tokens: 150 steps
@@ -219,16 +228,14 @@ def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -
     cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
     ids = rng.sample(range(spec.stable_ids_of), size) if spec.stable_ids_of else list(range(size))
     # A pool's restated listing comes first, so that the choice RL shapes (the card, or the worker) follows the line
-    # that reads the question, as in the first conductors' plans. It did not make RL learn routing (README: both
-    # orders collapsed onto the multiplier).
-    reasons = [pool_line(ids, cards)] if spec.stable_ids_of or cards else []
-    reasons.append(operation_note(problem.question))
+    # that reads the question, as in the first conductors' plans.
     if cards:
         card = rng.choice(sorted(set(cards)))
         workers = [rng.choice([i for i, held in zip(ids, cards) if held == card])] * count  # a holder at random
-        reasons.append(card_line(card, workers[-1]))
     else:
-        workers = [ids[rng.randrange(size)] for _ in range(count)]
+        card, workers = "", [ids[rng.randrange(size)] for _ in range(count)]
+    reasons = ([pool_line(ids, cards), pick_line(problem.question, workers[-1], card)] if spec.stable_ids_of or cards
+               else [operation_note(problem.question)])
     plan = Plan(tuple(Step(worker, CONDUCTOR_SUBTASKS[i], i > 0) for i, worker in enumerate(workers)))
     chat = [{"role": "user", "content": conductor_message(problem.question, ids, cards=cards)},
             {"role": "assistant", "content": "\n".join([*reasons, plan.lists()])}]

@@ -23,7 +23,7 @@ from mapoco.models.specs import (
 )
 from mapoco.rollout.prompts import first_turn_message
 from mapoco.tasks import Problem, TaskConfig, arithmetic_problems
-from mapoco.testbed.chat_data import CARD_LINE, composition_step, operands, prompt_ids
+from mapoco.testbed.chat_data import PICK_LINE, composition_step, operands, prompt_ids
 
 NUM_EVAL = 200
 PLAN_TOKENS = 64  # max_new_tokens for a conductor's plan (a two-step plan is well under it)
@@ -106,25 +106,31 @@ def sample_replies(model: Any, tokenizer: Any, threads: list[list[dict[str, str]
 
 def plan_stats(samples: list[tuple[list[int], list[str], str]]) -> dict[str, Any]:
     """Parse rate, and how often each listed position answers (the plan's last step) per pool size; with cards, how
-    often the answering worker holds the card the reply named."""
-    parsed = [(ids, cards, parse_workflow(text, ids), CARD_LINE.search(text)) for ids, cards, text in samples]
+    often the answering worker holds the card the reply named; where the reasoning names its pick (a pool conductor's
+    ``pick_line``), how often the plan asks the worker named."""
+    parsed = [(ids, cards, parse_workflow(text, ids), pick, pick and pick.group(1))
+              for ids, cards, text in samples for pick in [PICK_LINE.search(text)]]
     answering = {size: [0] * size for size in sorted({len(cards) for _, cards, _ in samples})}
     steps: dict[int, int] = {}
     carded = [0, 0]  # plans that name a card, and those whose answering worker holds it
-    for ids, cards, result, named in parsed:
+    copied = 0  # plans whose answering worker is the one the reasoning named
+    for ids, cards, result, pick, card in parsed:
         if result.plan is not None and result.plan.steps:
             answering_at = ids.index(result.plan.steps[-1].worker)
             answering[len(cards)][answering_at] += 1
             steps[len(result.plan.steps)] = steps.get(len(result.plan.steps), 0) + 1
-            if any(cards) and named:
+            if any(cards) and card:
                 carded[0] += 1
-                carded[1] += cards[answering_at] == named.group(1)
-    stats = {"parse_rate": sum(p.plan is not None for _, _, p, _ in parsed) / len(parsed),
+                carded[1] += cards[answering_at] == card
+            copied += bool(pick) and result.plan.steps[-1].worker == int(pick.group(2))
+    stats = {"parse_rate": sum(p.plan is not None for _, _, p, _, _ in parsed) / len(parsed),
              "answering_worker": {str(size): counts for size, counts in answering.items()},
              "plan_steps": {str(n): steps[n] for n in sorted(steps)}}
     if any(any(cards) for _, cards, _ in samples):
         stats["card_named_rate"] = carded[0] / len(parsed)
         stats["card_held_rate"] = carded[1] / max(carded[0], 1)
+    if any(pick for _, _, _, pick, _ in parsed):
+        stats["pick_copied_rate"] = copied / len(parsed)
     return stats
 
 

@@ -158,10 +158,11 @@ def _batches(examples: Iterator[Example], batch_size: int, rng: random.Random) -
 
 def _validation_score(model: Any, tokenizer: Any, spec: TinyModelSpec, problems: list[Problem]) -> float:
     """What the warm-start aims at: a solver's greedy turn-1 accuracy, a conductor's sampled parse rate (a carded
-    conductor's: the lower of that and how often it asks a worker holding the card it named)."""
+    conductor's: the lower of that and how often it asks a worker holding the card it named, and of how often it asks
+    the worker its reasoning named)."""
     if spec.role == "conductor":
         stats = plan_stats(sample_plans(model, tokenizer, problems, spec, seed=spec.seed))
-        return min(stats["parse_rate"], stats.get("card_held_rate", 1.0))
+        return min(stats["parse_rate"], stats.get("card_held_rate", 1.0), stats.get("pick_copied_rate", 1.0))
     return turn1_accuracy(model, tokenizer, problems)
 
 
