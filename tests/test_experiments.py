@@ -167,7 +167,7 @@ def test_recursion_shows_what_the_replan_round_did_beside_composition(conductor_
 
 @pytest.mark.parametrize("condition", conductor.POOL_CONDITIONS)
 def test_the_pools_experiment_holds_out_the_pools_the_results_call_held_out(tiny_models, conductor_models, condition):
-    """Both pools experiments ask the named pools the results name; the paper's way (stable ids, no cards) is a
+    """Every pools experiment asks the named pools the results name; the paper's way (stable ids, no cards) is a
     second phase from a routing conductor of the same model, the card variant numbers workers anew by their cards."""
     cfg = compose_config("command=train", *conductor.CONDITIONS[condition])
     con = cfg.conductor
@@ -179,7 +179,8 @@ def test_the_pools_experiment_holds_out_the_pools_the_results_call_held_out(tiny
     cards = condition == "heldout_pool_cards"
     assert all(bool(a.description) == cards for a in cfg.team.agents[1:])
     assert con.pool_ids == ("renumbered" if cards else "stable")
-    if not cards:
+    assert (condition in conductor.PHASES) == (condition == "heldout_pool")  # one_phase starts from the warm-start
+    if condition in conductor.PHASES:
         first = compose_config("command=train", *conductor.CONDITIONS[conductor.PHASES[condition]])
         assert first.team.agents[0].model == cfg.team.agents[0].model  # the phase starts from the same model
         assert [a.name for a in first.team.agents[1:]] == [a.name for a in cfg.team.agents[1:3]]  # ids 0 and 1
@@ -284,7 +285,8 @@ def test_only_names_conditions_or_groups_of_them():
     from experiments.runs import selected
 
     assert selected(["recursion", "pools"], list(conductor.CONDITIONS), conductor.GROUPS) == [
-        "recursion", "recursion_control", "recursion_discounted", "pools_routing", "heldout_pool", "heldout_pool_cards"]
+        "recursion", "recursion_control", "recursion_discounted", "pools_routing", "heldout_pool",
+        "heldout_pool_one_phase", "heldout_pool_cards"]
     assert selected(["composition", "composition"], list(conductor.CONDITIONS), conductor.GROUPS) == ["composition"]
     assert selected(None, list(conductor.CONDITIONS), conductor.GROUPS) == list(conductor.CONDITIONS)
     assert set(sum(conductor.GROUPS.values(), [])) <= set(conductor.CONDITIONS)

@@ -17,10 +17,11 @@ same questions).
 - ``cost_<w>``: a cheap `+` specialist (1 per call) and an expensive generalist (10 per call) on questions that are
   `+` three times in four, at `conductor.cost_weight=w`; results.json's ``cost`` has one entry per weight and
   cost.png the accuracy/cost trade-off.
-- ``pools_routing`` then ``heldout_pool`` (the paper's way): a routing conductor trained on the first pair
+- ``pools_routing`` then ``heldout_pool`` (the paper's recipe): a routing conductor trained on the first pair
   (``pool-conductor``, workers known by stable ids), then a second phase from it (``train.init_from``) on random
   subsets of four workers in random order, never both b-workers; evaluated on random training-like pools and on
   four named pools each beside its own baselines: the trained pair and the held-out b-pair, each in both orders.
+  ``heldout_pool_one_phase``: the second phase alone, from the warm-start.
 - ``heldout_pool_cards``: the same pools, renumbered, the workers known only by their cards (``card-conductor``).
 - ``recursion``: composition with an adder that fails 30% of its calls and up to two planning rounds: the conductor
   sees its workflow's answer and accepts it or writes a new workflow, earning what its re-plan changed;
@@ -57,6 +58,7 @@ CONDITIONS: dict[str, list[str]] = {
     **{f"cost_{w}": ["+experiment=cost", f"conductor.cost_weight={w}"] for w in COST_WEIGHTS},
     "pools_routing": ["+experiment=conductor", "team.agents.0.model=pool-conductor"],
     "heldout_pool": ["+experiment=pools_ids"],
+    "heldout_pool_one_phase": ["+experiment=pools_ids"],
     "heldout_pool_cards": ["+experiment=pools"],
     "recursion": ["+experiment=recursion"],
     "recursion_control": ["+experiment=recursion", "team.agents.2.fail_rate=0"],
@@ -65,11 +67,11 @@ CONDITIONS: dict[str, list[str]] = {
 # A condition that is a second training phase: it starts from the same seed's run of another (train.init_from)
 PHASES = {"heldout_pool": "pools_routing"}
 # --only pools recursion: the names stand for these conditions
-GROUPS = {"pools": ["pools_routing", "heldout_pool", "heldout_pool_cards"],
+GROUPS = {"pools": ["pools_routing", "heldout_pool", "heldout_pool_one_phase", "heldout_pool_cards"],
           "recursion": ["recursion", "recursion_control", "recursion_discounted"]}
 # experiment/pools.yaml's conductor.eval_pools, in order, as results.json names them
 NAMED_POOLS = ("trained_pool", "trained_pool_reversed", "heldout_pool", "heldout_pool_reversed")
-POOL_CONDITIONS = ("heldout_pool", "heldout_pool_cards")
+POOL_CONDITIONS = ("heldout_pool", "heldout_pool_one_phase", "heldout_pool_cards")
 SPECIALTY = {"adder": "+", "multiplier": "*", "adder_b": "+", "multiplier_b": "*"}  # team/conductor_pools*
 POOL_FIGURES = {"conductor_accuracy": lambda p: p["conductor_accuracy"],
                 "best_worker_accuracy": lambda p: max(p["worker_accuracy"]),
