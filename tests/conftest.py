@@ -148,13 +148,14 @@ class UpdateDirection:
 
     def assert_follows_advantages(self, what: str) -> None:
         """The update's direction on the sampled tokens, which no float32 summation order can flip (the changes are
-        orders of magnitude above rounding): the advantage-weighted logprob change is positive, and tokens with a
-        positive advantage gained more logprob than tokens with a negative one. (Not each side's own sign: a joint
-        update moves mass among tokens, and positive-advantage tokens that were already near-certain can lose a
-        little, measured -0.002 against -0.078 on the negative side.)"""
+        orders of magnitude above rounding): the advantage-weighted logprob change, the policy-gradient objective's
+        first-order change, is positive. (Not that positive-advantage tokens gain more on average than negative ones:
+        a joint update moves mass among tokens, Adam carries earlier batches' directions into later updates, and
+        near-certain tokens are many; on one AVX2 machine a LoRA agent's fourth update had its positive-advantage
+        tokens lose 0.044 on average against 0.024 for the negative ones, at an advantage-weighted change of +1.95.)"""
         up, down, gain = self.mean_change(+1), self.mean_change(-1), self.surrogate_gain()
-        assert gain > 0 and up > down, (what, f"positive-advantage tokens {up:+.3g}, negative {down:+.3g}, "
-                                              f"advantage-weighted change {gain:+.3g}")
+        assert gain > 0, (what, f"advantage-weighted change {gain:+.3g} (positive-advantage tokens {up:+.3g}, "
+                                f"negative {down:+.3g})")
 
 
 @dataclass
