@@ -151,7 +151,7 @@ class UpdateDirection:
         orders of magnitude above rounding): the advantage-weighted logprob change, the policy-gradient objective's
         first-order change, is positive. (Not that positive-advantage tokens gain more on average than negative ones:
         a joint update moves mass among tokens, Adam carries earlier batches' directions into later updates, and
-        near-certain tokens are many; on one AVX2 machine a LoRA agent's fourth update had its positive-advantage
+        near-certain tokens are many; on an AVX-512 (native bf16) machine a LoRA agent's fourth update had its positive-advantage
         tokens lose 0.044 on average against 0.024 for the negative ones, at an advantage-weighted change of +1.95.)"""
         up, down, gain = self.mean_change(+1), self.mean_change(-1), self.surrogate_gain()
         assert gain > 0, (what, f"advantage-weighted change {gain:+.3g} (positive-advantage tokens {up:+.3g}, "

@@ -227,8 +227,8 @@ def _conductor_chat(problem: Problem, spec: TinyModelSpec, rng: random.Random) -
     count = 1 + (rng.random() < spec.two_step_fraction)
     cards = [rng.choice(spec.cards) for _ in range(size)] if spec.cards else []
     ids = rng.sample(range(spec.stable_ids_of), size) if spec.stable_ids_of else list(range(size))
-    # A pool's restated listing comes first, so that the choice RL shapes (the card, or the worker) follows the line
-    # that reads the question, as in the first conductors' plans.
+    # A pool's restated listing comes first; the choice RL shapes (the card, or the worker) then follows the
+    # operation's word on the next line.
     if cards:
         card = rng.choice(sorted(set(cards)))
         workers = [rng.choice([i for i, held in zip(ids, cards) if held == card])] * count  # a holder at random
