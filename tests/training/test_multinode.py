@@ -120,8 +120,14 @@ def train(cluster: MultiNodeCluster, out: Path, *overrides: str, on: dict[str, C
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert not events, f"the run ended before its output matched {events[0][0]!r}: {log.read_text()[-3000:]}"
+    assert not events, f"the run ended before its output matched {events[0][0]!r}: {own_lines(log.read_text())}"
     return subprocess.CompletedProcess(command, proc.returncode, log.read_text(), "")
+
+
+def own_lines(output: str, chars: int = 4000) -> str:
+    """The run's own output for an assertion message, without the Ray node logs that a lost node floods it with."""
+    ray_log = re.compile(r"\(raylet\)|\(gcs_server\)|\[state-dump\]|^\s+\[\d{4}-\d\d-\d\d |^\s+\(\d\) ")
+    return "\n".join(line for line in output.splitlines() if not ray_log.search(line))[-chars:]
 
 
 def placement(out: Path) -> dict[str, list[dict]]:
@@ -134,8 +140,8 @@ def metrics(out: Path) -> list[dict]:
 
 def test_lost_nodes_move_a_replica_then_stop_the_run_and_resume_continues_with_checkpoints_intact(nodes, tmp_path):
     """One run through every way a node is lost. Learner ranks 0 and 1 run on nodes of their own, meeting at rank
-    0's address; two engine replicas on two of three engine nodes. Replica 1's node is lost after step 1: step 2's
-    rollout meets the dead replica, which restarts on the spare node, and the run goes on, every step's engines
+    0's address; two engine replicas on two of three engine nodes. Replica 1's node is lost after step 1: the next
+    call that meets the dead replica restarts it on the spare node, and the run goes on, every step's engines
     agreeing with the learners. Then replica 0's node is lost with nowhere to go: the run stops within the placement
     timeout, saying how to resume. Capacity returns and the same command resumes there, until learner rank 1's node
     is lost mid-run: that run stops as well, naming its last complete checkpoint, which both ranks wrote from their
@@ -166,10 +172,13 @@ def test_lost_nodes_move_a_replica_then_stop_the_run_and_resume_continues_with_c
         nodes.remove(node_of("team.agents[0].engine", index))
         lost_at.append(time.time())
 
+    # Replica 0's node goes once replica 1 has restarted and a step has run since (placement.json rewritten), not at
+    # a fixed step: the lost node's actor may serve a step or two before it notices its raylet is gone (a CI run lost
+    # both nodes before replica 1 ever failed a call).
     run = train(nodes, out, *overrides, on={rf"step 1/{steps}": lambda: lose_replica(1),
-                                            rf"step 3/{steps}": lambda: lose_replica(0)})
-    assert run.returncode == 1, run.stdout[-4000:]
-    assert re.search(r"engine replica 1 of .* restarted", run.stdout), run.stdout[-4000:]
+                                            rf"engine replica 1 of .* restarted[\s\S]*\nstep \d+/{steps}":
+                                                lambda: lose_replica(0)})
+    assert run.returncode == 1, own_lines(run.stdout)
     assert max(m.get("faults/engine_restarts", 0) for m in metrics(out)) >= 1
     ranks = seen[1]["team.agents[0].learner"]
     assert sorted(r["node_id"] for r in ranks) == sorted([nodes.node_id("a"), nodes.node_id("b")])
@@ -180,14 +189,14 @@ def test_lost_nodes_move_a_replica_then_stop_the_run_and_resume_continues_with_c
     assert "could not restart: no node could hold its bundle within 10s" in run.stdout and RESUME in run.stdout
     assert time.time() - lost_at[1] < 10 + 60, f"stopped {time.time() - lost_at[1]:.0f}s after the loss"
     resumed_at = checkpoint.read_state(checkpoint.complete_checkpoints(out)[-1])["step"]
-    assert resumed_at >= 3
+    assert resumed_at >= 2  # the step that restarted replica 1, at the earliest
 
     nodes.add("back", {"replica_slot": 1})  # capacity returns: the same command resumes on it
     resumed = train(nodes, out, *overrides, "train.resume=auto",
                     on={rf"step {resumed_at + 2}/{steps}": lambda: nodes.remove(node_of("team.agents[0].learner", 1))})
-    assert re.search(rf"resumed from .*step_0000\d\d at step {resumed_at}", resumed.stdout), resumed.stdout[-4000:]
+    assert re.search(rf"resumed from .*step_0000\d\d at step {resumed_at}", resumed.stdout), own_lines(resumed.stdout)
     assert nodes.node_id("back") in {r["node_id"] for r in placement(out)["team.agents[0].engine"]}
-    assert resumed.returncode == 1, resumed.stdout[-4000:]
+    assert resumed.returncode == 1, own_lines(resumed.stdout)
     assert "an actor died" in resumed.stdout and RESUME in resumed.stdout
     complete = checkpoint.complete_checkpoints(out)
     named = re.search(r"the last complete checkpoint is (\S+step_\d+)", resumed.stdout).group(1)
@@ -240,7 +249,7 @@ def test_plans_place_every_actor_on_gpus_of_the_cluster_and_size_each_gpu(nodes,
     env = {**os.environ, "RAY_ADDRESS": ""}
     run = subprocess.run([sys.executable, "-c", PLAN_DRIVER, json.dumps(PLANS), nodes.address], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, own_lines(run.stdout + run.stderr)
     plans = {line.split()[1]: json.loads(line.split(maxsplit=2)[2]) for line in run.stdout.splitlines()
              if line.startswith("PLAN ")}
     gpu_nodes = {nodes.node_id("g1"), nodes.node_id("g2")}
