@@ -66,11 +66,18 @@ def read_results(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def with_recorded(found: list[dict[str, Any]], recorded: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One condition's per-seed figures, by seed: those of its runs on disk, and for every seed without one what
+def with_recorded(found: list[dict[str, Any]], recorded: dict[str, Any] | None, name: str) -> list[dict[str, Any]]:
+    """Condition ``name``'s per-seed figures, by seed: those of its runs on disk, and for every seed without one what
     ``recorded`` (the condition in the last results.json) kept. A fresh clone holds results.json but no runs, so a
-    reproduction of one condition adds it to the table instead of erasing the others."""
+    reproduction of one condition adds it to the table instead of erasing the others. A kept seed must have the
+    figures the runs on disk have (it may come from an earlier setup of the condition: another team, other pools)."""
     seeds = {entry["seed"]: entry for entry in (recorded or {}).get("seeds", [])}
+    kept = set(seeds) - {entry["seed"] for entry in found}
+    if found and (stale := sorted(s for s in kept if seeds[s].keys() != found[0].keys())):
+        differ = sorted(seeds[stale[0]].keys() ^ found[0].keys())
+        raise ValueError(f"results.json's {name} seeds {stale} have other figures than its runs on disk (differing: "
+                         f"{', '.join(differ)}): they were recorded with another setup of {name}; run those seeds "
+                         f"again, or delete them from results.json's {name}")
     seeds.update({entry["seed"]: entry for entry in found})
     return [seeds[s] for s in sorted(seeds)]
 

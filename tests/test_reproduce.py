@@ -73,6 +73,17 @@ def test_recorded_seeds_stay_when_their_runs_are_gone_and_runs_on_disk_win(runs)
     assert reproduce.summarize()["conditions"]["cotrain"]["seeds"][1]["turn_accuracy"] == [0.47, 0.74]
 
 
+def test_a_recorded_seed_of_another_setup_is_named_not_merged(runs):
+    """A recorded seed whose figures differ from the runs on disk (the condition's team or pools changed since) fails
+    summarize with the condition, the seed and the way out, instead of a bare KeyError in the table code."""
+    recorded = reproduce.summarize()
+    del recorded["conditions"]["cotrain"]["seeds"][2]["transitions"]  # as an older setup recorded it
+    (runs / "results.json").write_text(json.dumps(recorded))
+    (reproduce.RUNS.dir("cotrain", 2) / "summary.json").unlink()
+    with pytest.raises(ValueError, match=r"cotrain seeds \[2\] .*differing: transitions.*delete them"):
+        reproduce.summarize()
+
+
 def test_claims_are_computed_from_the_figures(runs):
     claims = reproduce.summarize()["claims"]
     assert claims["collaboration_gain"] == pytest.approx(0.37)  # every seed gains 0.35, 0.37, 0.39 -> std 0.02

@@ -242,7 +242,7 @@ def summarize() -> dict[str, Any]:
     recorded_of = {**{n: recorded.get(n) for n in CONDITIONS},
                    **{f"cost_{w}": recorded.get("cost", {}).get(w) for w in COST_WEIGHTS}}
     found = {name: condition_figures(seeds) for name in CONDITIONS
-             if (seeds := with_recorded(run_figures(name), recorded_of[name]))}
+             if (seeds := with_recorded(run_figures(name), recorded_of[name], name))}
     conditions = {n: f for n, f in found.items() if not n.startswith("cost_")}
     cost = {n.removeprefix("cost_"): f for n, f in found.items() if n.startswith("cost_")}
     if "composition" in conditions:

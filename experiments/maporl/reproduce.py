@@ -113,7 +113,7 @@ def discussion_results(runs: RunSet, here: Path, names: Sequence[str], derived: 
     conditions = {}
     for name in names:
         found = seed_figures(runs.summaries(derived.get(name, name)), "before" if name in derived else "after")
-        if seeds := with_recorded(found, recorded.get(name)):
+        if seeds := with_recorded(found, recorded.get(name), name):
             conditions[name] = condition_figures(seeds)
     results = {"conditions": conditions, "claims": claims(conditions),
                "command": command, "date": dt.date.today().isoformat(),
