@@ -110,7 +110,8 @@ def _load(url: str, questions: list, clients: int, requests: int, stream: bool =
 def run(levels: tuple[int, ...] = LEVELS, repeats: int = 4, batch: int = 32, overrides: list[str] = OVERRIDES,
         rounds: int = 4, name: str = "serve") -> list[Result]:
     """``rounds``: requests per client at the top level (at least 16 requests per level). ``repeats``: 4 for the tiny
-    team, whose figures swing from run to run on a shared 2-core machine (0.57x to 0.77x in one day's runs)."""
+    team, whose figures swing from run to run on a shared 2-core machine (a repeat's ratio ran from 0.35x to 0.77x
+    in one day's runs)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
         return _run(write_checkpoint(run_dir, overrides), levels, repeats, batch, rounds, name)
@@ -125,7 +126,9 @@ def run_smollm2() -> list[Result]:
 def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int, rounds: int, name: str) -> list[Result]:
     """Each repeat serves every level, then measures the direct call on a fresh team: the two sides of a ratio run
     a minute apart, not the length of the whole benchmark (this machine's speed drifts: the direct call ran at 77 to
-    154 questions/s over one day's runs)."""
+    171 questions/s over one day's runs)."""
+    import ray
+
     from mapoco.serving.restore import load_config
     from mapoco.tasks import load_task
     from mapoco.training.learner import free_port
@@ -148,7 +151,7 @@ def _run(run_dir: Path, levels: tuple[int, ...], repeats: int, batch: int, round
         "p99_s": round(statistics.median(f["p99"]), 4), "requests": sizes[level]}
         for (level, stream), f in figures.items()}}
     sizes = {"team": cfg.team.name, "turns": cfg.turns, "max_new_tokens": cfg.team.agents[0].sampling.max_new_tokens,
-             "max_batch_size": batch, "levels": list(levels), "ray_cluster_cpus": _cluster_cpus()}
+             "max_batch_size": batch, "levels": list(levels), "ray_cluster_cpus": ray.cluster_resources().get("CPU")}
     baseline = Figure(f"run_discussion, one call of {batch} questions", "questions/s", ceiling)
     return [Result(key, Figure(f"served over HTTP, {top} concurrent clients{label}", "req/s", served), baseline,
                    sizes=sizes, target=TARGET, ratios=[a / b for a, b in zip(served, ceiling)], extra=extra)
@@ -197,12 +200,6 @@ def _direct(cfg: Any, path: Path, questions: list) -> float:
     rate = (len(questions) - half) / result.seconds["generate"]
     print(f"serve: run_discussion of {len(questions) - half} questions: {rate:.2f} questions/s", flush=True)
     return rate
-
-
-def _cluster_cpus() -> float | None:
-    import ray
-
-    return ray.cluster_resources().get("CPU")
 
 
 def main() -> None:
